@@ -1,0 +1,20 @@
+"""gunicorn settings shared by every service, in compose and in local mode.
+
+One worker process with threads: each service keeps its state (sessions, the
+balancer's view of the grid, the peer-balancing state machine) in memory, so a
+single process makes admission atomic under one lock and keeps the Prometheus
+metrics exact without multiprocess mode. Threads give the concurrency.
+"""
+import os
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+workers = 1
+worker_class = "gthread"
+threads = int(os.environ.get("THREADS", "16"))
+timeout = 30
+graceful_timeout = 5
+keepalive = 5
+# The services write their own access line with the request id; gunicorn's would repeat it.
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()

@@ -1,0 +1,36 @@
+"""The id of the request being served, readable without Flask.
+
+Set by the web layer for each incoming request; read by the log formatter and
+by outgoing HTTP calls so one id follows a charge request through every service.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from contextvars import ContextVar
+
+REQUEST_ID_HEADER = "X-Request-ID"
+
+_current_request_id: ContextVar[str] = ContextVar("request_id", default="-")
+
+# Ids passed in by clients end up in log lines: keep them short and printable.
+_ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def current_request_id() -> str:
+    return _current_request_id.get()
+
+
+def set_request_id(request_id: str) -> object:
+    return _current_request_id.set(request_id)
+
+
+def reset_request_id(token: object) -> None:
+    _current_request_id.reset(token)  # type: ignore[arg-type]
+
+
+def choose_request_id(incoming: str | None) -> str:
+    """Keep a caller's id when it is sane, otherwise make a new one."""
+    if incoming and _ACCEPTABLE_ID.match(incoming):
+        return incoming
+    return uuid.uuid4().hex

@@ -1,0 +1,162 @@
+"""Start the real services as gunicorn processes on free 127.0.0.1 ports.
+
+Tests never use the ports of ``make run``, so both can run at once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONF = "python:gridcommon.gunicorn_conf"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    last_error = "no answer yet"
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with code {process.returncode} before becoming healthy")
+        try:
+            if requests.get(url, timeout=1).ok:
+                return
+        except requests.RequestException as exc:
+            last_error = str(exc)
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not healthy after {timeout}s: {last_error}")
+
+
+@dataclass
+class Service:
+    """One service process; ``app`` is gunicorn's ``module:create_app()`` target."""
+
+    name: str
+    app: str
+    env: dict[str, str]
+    log_dir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.name}.log"
+
+    def start(self, wait: bool = True) -> "Service":
+        env = {**os.environ, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port)}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, self.app],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        if wait:
+            wait_until_healthy(f"{self.url}/health", self.process)
+        return self
+
+    def kill(self) -> None:
+        """Die at once, as a crashed container would."""
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, sig: int) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Stack:
+    substations: list[Service]
+    balancer: Service
+    charge: Service
+
+    @property
+    def services(self) -> list[Service]:
+        return [*self.substations, self.balancer, self.charge]
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+
+def start_stack(
+    log_dir: Path,
+    capacities: tuple[float, ...] = (100.0, 100.0, 100.0),
+    substation_env: dict[str, str] | None = None,
+    balancer_env: dict[str, str] | None = None,
+    charge_env: dict[str, str] | None = None,
+) -> Stack:
+    """Substations, then the balancer pointed at them, then the charge request service."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    substations = [
+        Service(
+            name=f"substation-{index}",
+            app="substation_service:create_app()",
+            env={
+                "SUBSTATION_ID": f"substation-{index}",
+                "CAPACITY_KW": str(capacity),
+                **(substation_env or {}),
+            },
+            log_dir=log_dir,
+        )
+        for index, capacity in enumerate(capacities, start=1)
+    ]
+    started: list[Service] = []
+    try:
+        for substation in substations:
+            started.append(substation.start())
+        balancer = Service(
+            name="load-balancer",
+            app="load_balancer:create_app()",
+            env={"SUBSTATIONS": ",".join(s.url for s in substations), **(balancer_env or {})},
+            log_dir=log_dir,
+        )
+        started.append(balancer.start())
+        charge = Service(
+            name="charge-request-service",
+            app="charge_request_service:create_app()",
+            env={"LOAD_BALANCER_URL": balancer.url, **(charge_env or {})},
+            log_dir=log_dir,
+        )
+        started.append(charge.start())
+    except Exception:
+        for service in reversed(started):
+            service.stop()
+        raise
+    return Stack(substations=substations, balancer=balancer, charge=charge)
