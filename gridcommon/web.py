@@ -17,6 +17,7 @@ from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from gridcommon.validation import ChargeRequest, ValidationError, parse_charge_request
 from gridcommon.request_context import (
     REQUEST_ID_HEADER,
     choose_request_id,
@@ -133,3 +134,12 @@ def json_object_body() -> dict[str, Any]:
 
 def metrics_response(registry: CollectorRegistry) -> Response:
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+def parse_charge_body(max_amount_kw: float, max_duration_seconds: float) -> ChargeRequest:
+    """The request's body as a validated charge request, or a 4xx ApiError naming the field."""
+    body = json_object_body()
+    try:
+        return parse_charge_request(body, max_amount_kw, max_duration_seconds)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid_field", exc.message, field=exc.field) from None

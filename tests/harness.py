@@ -49,22 +49,27 @@ class Service:
     env: dict[str, str]
     log_dir: Path
     port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"
+    netns: str | None = None  # run inside this network namespace, reachable at ``host``
     process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
         return self.log_dir / f"{self.name}.log"
 
     def start(self, wait: bool = True) -> "Service":
-        env = {**os.environ, **self.env, "HOST": "127.0.0.1", "PORT": str(self.port)}
+        env = {**os.environ, **self.env, "HOST": self.host, "PORT": str(self.port)}
         env.setdefault("PYTHONUNBUFFERED", "1")
+        command = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, self.app]
+        if self.netns:
+            command = ["ip", "netns", "exec", self.netns, *command]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, self.app],
+            command,
             cwd=REPO_ROOT,
             env=env,
             stdout=log,

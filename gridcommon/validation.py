@@ -1,0 +1,72 @@
+"""Validation of a charge request, shared by every service that receives one.
+
+The charge request service is the public gate; the balancer and the substations
+check again with the same rules, so none of them trusts its caller blindly.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+VEHICLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DEFAULT_MAX_AMOUNT_KW = 350.0
+DEFAULT_MAX_DURATION_SECONDS = 3600.0
+
+
+class ValidationError(ValueError):
+    """A field of the request is wrong; ``field`` names it for the client."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ChargeRequest:
+    vehicle_id: str
+    amount_kw: float
+    duration_seconds: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"vehicle_id": self.vehicle_id, "amount": self.amount_kw}
+        if self.duration_seconds is not None:
+            body["duration_seconds"] = self.duration_seconds
+        return body
+
+
+def _finite_number(value: Any) -> bool:
+    # bool is an int in Python, but `true` is not an amount of power.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_charge_request(
+    body: dict[str, Any],
+    max_amount_kw: float = DEFAULT_MAX_AMOUNT_KW,
+    max_duration_seconds: float = DEFAULT_MAX_DURATION_SECONDS,
+) -> ChargeRequest:
+    vehicle_id = body.get("vehicle_id")
+    if not isinstance(vehicle_id, str) or not VEHICLE_ID_PATTERN.match(vehicle_id):
+        raise ValidationError(
+            "vehicle_id",
+            "vehicle_id must be a string of 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'.",
+        )
+    amount = body.get("amount")
+    if not _finite_number(amount) or not 0 < amount <= max_amount_kw:
+        raise ValidationError(
+            "amount",
+            f"amount must be a number of kW greater than 0 and at most {max_amount_kw:g}.",
+        )
+    duration = body.get("duration_seconds")
+    if duration is not None and (not _finite_number(duration) or not 0 < duration <= max_duration_seconds):
+        raise ValidationError(
+            "duration_seconds",
+            f"duration_seconds, when given, must be a number greater than 0 and at most {max_duration_seconds:g}.",
+        )
+    return ChargeRequest(
+        vehicle_id=vehicle_id,
+        amount_kw=float(amount),
+        duration_seconds=None if duration is None else float(duration),
+    )
