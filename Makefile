@@ -7,7 +7,7 @@ PIP ?= $(PYTHON) -m pip
 RUN_DIR := .run
 STAMP := $(RUN_DIR)/installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test bench loadtest install install-test prometheus clean help
+.PHONY: run test bench loadtest install install-test prometheus grafana-schema clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -28,7 +28,18 @@ prometheus:
 		echo "Installing Prometheus and promtool from Debian's packages..."; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
-install-test: install prometheus
+# Grafana's dashboard schema and TypeScript, to type-check grafana/dashboards/*.json
+# (tests/test_grafana_dashboards.py); npm ci runs again only when the lock file changes.
+SCHEMA_CHECK := grafana/schema-check
+$(SCHEMA_CHECK)/node_modules/.package-lock.json: $(SCHEMA_CHECK)/package-lock.json
+	@command -v npm >/dev/null || { \
+		echo "Installing Node.js and npm from Debian's packages..."; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	npm ci --prefix $(SCHEMA_CHECK) --no-audit --no-fund --loglevel=error
+
+grafana-schema: $(SCHEMA_CHECK)/node_modules/.package-lock.json
+
+install-test: install prometheus grafana-schema
 
 test: install-test
 	$(PYTHON) -m pytest

@@ -18,3 +18,6 @@ keepalive = 5
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# gunicorn's control socket lives at one path per user: several services on one
+# machine would fight over it, and nothing here uses it.
+control_socket_disable = True

@@ -94,3 +94,14 @@ def _check_bounds(name: str, value: float, minimum: float | None, maximum: float
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
     if maximum is not None and value > maximum:
         raise SettingsError(f"{name} must be at most {maximum}, got {value}")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def env_log_level(env: Mapping[str, str]) -> str:
+    """LOG_LEVEL, shared with gunicorn (gridcommon.gunicorn_conf reads the same variable)."""
+    level = env_str(env, "LOG_LEVEL", "info").lower()
+    if level not in LOG_LEVELS:
+        raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}; got {level!r}")
+    return level

@@ -126,8 +126,12 @@ def start_stack(
     substation_env: dict[str, str] | None = None,
     balancer_env: dict[str, str] | None = None,
     charge_env: dict[str, str] | None = None,
+    peers: bool = False,
 ) -> Stack:
-    """Substations, then the balancer pointed at them, then the charge request service."""
+    """Substations, then the balancer pointed at them, then the charge request service.
+
+    ``peers`` lists every substation in each one's PEERS, so they balance power together.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     substations = [
         Service(
@@ -142,6 +146,9 @@ def start_stack(
         )
         for index, capacity in enumerate(capacities, start=1)
     ]
+    if peers:
+        for substation in substations:
+            substation.env.setdefault("PEERS", ",".join(peer.url for peer in substations))
     started: list[Service] = []
     try:
         for substation in substations:

@@ -1,0 +1,46 @@
+"""The charge request service's Flask application factory."""
+from __future__ import annotations
+
+import os
+
+from flask import Flask
+
+from charge_request_service.balancer import BalancerClient
+from charge_request_service.config import Settings
+from charge_request_service.metrics import ChargeMetrics
+from charge_request_service.routes import EXTENSION_KEY, SERVICE_NAME, ChargeService, blueprint
+from charge_request_service.sessions import Clock, SessionTracker, utc_now
+from gridcommon.httpclient import HttpClient
+from gridcommon.logs import configure_logging
+from gridcommon.web import install_common
+
+
+def create_app(settings: Settings | None = None, start_background: bool = True, *, clock: Clock = utc_now) -> Flask:
+    """Build the public charge API.
+
+    ``clock`` (an aware UTC ``datetime``) lets tests move time. ``start_background``
+    keeps the factory's signature the same as the other services'; this service
+    runs no background threads, since expired sessions are dropped when read.
+    """
+    settings = settings or Settings.from_env(os.environ)
+    configure_logging(SERVICE_NAME, settings.log_level)
+    app = Flask(__name__)
+    install_common(app)
+    app.extensions[EXTENSION_KEY] = build_service(settings, clock)
+    app.register_blueprint(blueprint)
+    return app
+
+
+def build_service(settings: Settings, clock: Clock) -> ChargeService:
+    tracker = SessionTracker(clock)
+    http = HttpClient(
+        f"{SERVICE_NAME}/1", timeout=(settings.connect_timeout_seconds, settings.request_timeout_seconds)
+    )
+    balancer = BalancerClient(
+        settings.load_balancer_url,
+        http,
+        health_timeout=(settings.connect_timeout_seconds, settings.health_timeout_seconds),
+    )
+    return ChargeService(
+        settings=settings, tracker=tracker, balancer=balancer, metrics=ChargeMetrics(tracker.active_count)
+    )

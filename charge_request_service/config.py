@@ -1,0 +1,59 @@
+"""Settings of the charge request service, read once from the environment.
+
+| Variable                  | Default                 | Meaning                                                       |
+|---------------------------|-------------------------|---------------------------------------------------------------|
+| `LOAD_BALANCER_URL`       | `http://127.0.0.1:5002` | Base URL of the load balancer that charge requests go to      |
+| `MAX_AMOUNT_KW`           | `350`                   | Largest `amount` (kW) a request may ask for                   |
+| `MAX_SESSION_SECONDS`     | `3600`                  | Longest `duration_seconds` a request may ask for              |
+| `CONNECT_TIMEOUT_SECONDS` | `1`                     | Time allowed to open a connection to the balancer             |
+| `REQUEST_TIMEOUT_SECONDS` | `10`                    | Time allowed for the balancer to answer a forwarded call      |
+| `HEALTH_TIMEOUT_SECONDS`  | `2`                     | Time allowed for the balancer's `/health` when `/status` asks |
+| `LOG_LEVEL`               | `info`                  | Python log level, shared with gunicorn                        |
+
+`HOST`, `PORT` and `THREADS` are gunicorn's (gridcommon/gunicorn_conf.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from gridcommon.settings import SettingsError, env_float, env_log_level, env_str
+from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
+
+
+@dataclass(frozen=True)
+class Settings:
+    load_balancer_url: str = "http://127.0.0.1:5002"
+    max_amount_kw: float = DEFAULT_MAX_AMOUNT_KW
+    max_session_seconds: float = DEFAULT_MAX_DURATION_SECONDS
+    connect_timeout_seconds: float = 1.0
+    request_timeout_seconds: float = 10.0
+    health_timeout_seconds: float = 2.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Settings":
+        """Read every setting; raises ``SettingsError`` naming the variable that is wrong."""
+        return cls(
+            load_balancer_url=_base_url(env, "LOAD_BALANCER_URL", cls.load_balancer_url),
+            max_amount_kw=env_float(env, "MAX_AMOUNT_KW", cls.max_amount_kw, minimum=0.001),
+            max_session_seconds=env_float(env, "MAX_SESSION_SECONDS", cls.max_session_seconds, minimum=1),
+            connect_timeout_seconds=_timeout(env, "CONNECT_TIMEOUT_SECONDS", cls.connect_timeout_seconds),
+            request_timeout_seconds=_timeout(env, "REQUEST_TIMEOUT_SECONDS", cls.request_timeout_seconds),
+            health_timeout_seconds=_timeout(env, "HEALTH_TIMEOUT_SECONDS", cls.health_timeout_seconds),
+            log_level=env_log_level(env),
+        )
+
+
+def _timeout(env: Mapping[str, str], name: str, default: float) -> float:
+    return env_float(env, name, default, minimum=0.01, maximum=300)
+
+
+def _base_url(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env_str(env, name, default).rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SettingsError(f"{name} must be an http(s) base URL such as http://load_balancer:5002; got {value!r}")
+    return value
+

@@ -1,0 +1,79 @@
+"""Settings of one substation, read once from the environment.
+
+| Variable              | Default                      | Meaning                                                        |
+|-----------------------|------------------------------|----------------------------------------------------------------|
+| `SUBSTATION_ID`       | `substation-1`               | Name in every answer and metric label (A-Z a-z 0-9 . _ -)      |
+| `CAPACITY_KW`         | `100`                        | Transformer capacity in kW (`total_capacity`)                  |
+| `SESSION_SECONDS`     | `60`                         | Length of a session whose request gives no `duration_seconds`  |
+| `MAX_SESSION_SECONDS` | `3600`                       | Longest `duration_seconds` a request may ask for               |
+| `MAX_AMOUNT_KW`       | `350`                        | Largest `amount` a request may ask for (a fast charger's peak)  |
+| `PUBLIC_URL`          | `http://127.0.0.1:$PORT`     | How peers and operators reach this substation (`/status` url)  |
+| `LOG_LEVEL`           | `info`                       | Python log level, shared with gunicorn                         |
+
+Peer balancing, local generation and storage have settings of their own
+(`PEERS`, `GENERATION_KW`, `STORAGE_KW`, `MIGRATION_STEP_KW`, ...), read into
+``Settings.peering``: their table is in ``substation_service/peering/config.py``.
+
+`PORT` (default 8000) is gunicorn's listening port, read here only to build
+the default `PUBLIC_URL`.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gridcommon.settings import SettingsError, env_float, env_int, env_str
+from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
+from substation_service.peering.config import PeeringSettings
+
+# The id travels in the balancer's URLs (DELETE /charge/<substation>/<session>) and in metric labels.
+SUBSTATION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class Settings:
+    substation_id: str = "substation-1"
+    capacity_kw: float = 100.0
+    session_seconds: float = 60.0
+    max_session_seconds: float = DEFAULT_MAX_DURATION_SECONDS
+    max_amount_kw: float = DEFAULT_MAX_AMOUNT_KW
+    public_url: str = "http://127.0.0.1:8000"
+    log_level: str = "info"
+    peering: PeeringSettings = field(default_factory=PeeringSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Settings":
+        """Read every setting; raises ``SettingsError`` naming the variable that is wrong."""
+        substation_id = env_str(env, "SUBSTATION_ID", cls.substation_id)
+        if not SUBSTATION_ID_PATTERN.match(substation_id):
+            raise SettingsError(
+                f"SUBSTATION_ID must be 1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-'; got {substation_id!r}"
+            )
+        max_session_seconds = env_float(env, "MAX_SESSION_SECONDS", cls.max_session_seconds, minimum=1)
+        session_seconds = env_float(env, "SESSION_SECONDS", cls.session_seconds, minimum=0.001)
+        if session_seconds > max_session_seconds:
+            raise SettingsError(
+                f"SESSION_SECONDS ({session_seconds:g}) must not be longer than MAX_SESSION_SECONDS "
+                f"({max_session_seconds:g}); lower one or raise the other."
+            )
+        port = env_int(env, "PORT", 8000, minimum=1, maximum=65535)
+        return cls(
+            substation_id=substation_id,
+            capacity_kw=env_float(env, "CAPACITY_KW", cls.capacity_kw, minimum=0),
+            session_seconds=session_seconds,
+            max_session_seconds=max_session_seconds,
+            max_amount_kw=env_float(env, "MAX_AMOUNT_KW", cls.max_amount_kw, minimum=0.001),
+            public_url=env_str(env, "PUBLIC_URL", f"http://127.0.0.1:{port}").rstrip("/"),
+            log_level=_log_level(env),
+            peering=PeeringSettings.from_env(env),
+        )
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    # gunicorn reads the same variable case-insensitively; accept what it accepts.
+    level = env_str(env, "LOG_LEVEL", Settings.log_level).lower()
+    if level not in LOG_LEVELS:
+        raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}; got {level!r}")
+    return level

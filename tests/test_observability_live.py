@@ -1,0 +1,204 @@
+"""The real proof: a real Prometheus, with the repository's scrape plan and rule files,
+scrapes a real local stack under load, and every dashboard panel, recording rule and alert
+reads data from it."""
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.harness import REPO_ROOT, Stack
+from tests.observability_support import (
+    DASHBOARD_FILES,
+    LOCAL_CONFIG,
+    RULE_FILES,
+    Prometheus,
+    iter_panels,
+    load_dashboard,
+    load_rules,
+    load_yaml,
+    substitute_variables,
+    vector_selectors,
+)
+
+pytestmark = pytest.mark.integration
+
+CAPACITY_KW = 10.0
+# Two sessions of 4.75 kW put a 10 kW substation at 95 %, over the critical line, and
+# leave 0.5 kW: every further 4.75 kW request is refused with 503.
+FILL_KW = 4.75
+FILLED_PERCENT = 95.0
+SUBSTATIONS = {"substation-1", "substation-2", "substation-3"}
+# With a 1 s scrape, four scrapes per rate window, as Grafana's $__rate_interval would give.
+INTERVALS = {"__rate_interval": "4s", "__interval": "1s", "__range": "1m"}
+# Alerts the load below must bring to firing: the grid full for their whole hold time.
+EXPECTED_FIRING = {"SubstationLoadCritical", "ChargingRejectedGridFull"}
+ALERT_DEADLINE_SECONDS = 40
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[], Prometheus]]:
+    started: list[Prometheus] = []
+
+    def factory() -> Prometheus:
+        workdir = tmp_path / f"prometheus-{len(started)}"
+        workdir.mkdir()
+        started.append(Prometheus(workdir))
+        return started[-1]
+
+    yield factory
+    for prometheus in started:
+        prometheus.stop()
+
+
+def config_for(stack: Stack, prometheus: Prometheus) -> dict:
+    """prometheus.local.yml with each `make run` port swapped for the test stack's port."""
+    ports = {
+        "5011": stack.substations[0].port,
+        "5012": stack.substations[1].port,
+        "5013": stack.substations[2].port,
+        "5002": stack.balancer.port,
+        "5000": stack.charge.port,
+        "9090": prometheus.port,
+    }
+    config = load_yaml(LOCAL_CONFIG)
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(path) for path in RULE_FILES]
+    for job in config["scrape_configs"]:
+        for static in job["static_configs"]:
+            static["targets"] = [f"127.0.0.1:{ports[target.rsplit(':', 1)[1]]}" for target in static["targets"]]
+    return config
+
+
+def charge(stack: Stack, vehicle: str, amount: float, duration_seconds: float) -> int:
+    response = requests.post(
+        f"{stack.charge.url}/charge",
+        json={"vehicle_id": vehicle, "amount": amount, "duration_seconds": duration_seconds},
+        timeout=10,
+    )
+    return response.status_code
+
+
+def wait_until_balancer_sees_no_load(stack: Stack, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(entry["load"] for entry in requests.get(f"{stack.balancer.url}/status", timeout=5).json()["substations"]):
+        assert time.monotonic() < deadline, "the short sessions did not end"
+        time.sleep(0.2)
+
+
+def drive_load(stack: Stack) -> None:
+    """Short sessions that finish (charging durations), a bad request, then a full grid."""
+    assert [charge(stack, f"ev-short-{i}", 1.0, 1) for i in range(3)] == [201] * 3
+    assert charge(stack, "", -1.0, 1) == 400
+    wait_until_balancer_sees_no_load(stack)  # the short sessions end before the grid fills up
+    statuses = [charge(stack, f"ev-fill-{i}", FILL_KW, 600) for i in range(7)]
+    assert statuses == [201] * 6 + [503], statuses
+
+
+def firing_alerts(prometheus: Prometheus) -> set[str]:
+    return {series["metric"]["alertname"] for series in prometheus.query('ALERTS{alertstate="firing"}')}
+
+
+def keep_grid_full_until_alerts_fire(stack: Stack, prometheus: Prometheus) -> None:
+    """Refused requests every half second until the expected alerts fire (bounded in time)."""
+    deadline = time.monotonic() + ALERT_DEADLINE_SECONDS
+    attempt = 0
+    while not EXPECTED_FIRING <= firing_alerts(prometheus):
+        assert time.monotonic() < deadline, f"only {firing_alerts(prometheus)} fire, want {EXPECTED_FIRING}"
+        attempt += 1
+        assert charge(stack, f"ev-refused-{attempt}", FILL_KW, 600) == 503
+        time.sleep(0.5)
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    return [
+        (f"{path.name} / {panel['title']}", substitute_variables(target["expr"], dashboard, INTERVALS))
+        for path in DASHBOARD_FILES
+        for dashboard in [load_dashboard(path)]
+        for panel in iter_panels(dashboard)
+        for target in panel["targets"]
+    ]
+
+
+def rule_queries() -> list[tuple[str, str]]:
+    """A recording rule's expression and its recorded series; the series an alert compares.
+
+    An alert's expression returns data only while its condition holds, so for alerts the
+    test runs the expression (it must not fail) and asks for every series it reads.
+    """
+    queries = []
+    for rule in load_rules():
+        if rule.is_alert:
+            queries += [(f"alert {rule.name}", selector) for selector in vector_selectors(rule.body["expr"])]
+        else:
+            labels = ",".join(f'{name}="{value}"' for name, value in rule.body.get("labels", {}).items())
+            queries += [(f"rule {rule.name}", rule.body["expr"]), (f"rule {rule.name}", f"{rule.name}{{{labels}}}")]
+    return queries
+
+
+def variable_values(prometheus: Prometheus) -> dict[str, set[str]]:
+    """What each `label_values(metric, label)` variable lists, asked as Grafana asks it."""
+    values = {}
+    for path in DASHBOARD_FILES:
+        for variable in load_dashboard(path).get("templating", {}).get("list", []):
+            metric, label = variable["query"].removeprefix("label_values(").removesuffix(")").split(", ")
+            values[f"{path.name} ${variable['name']}"] = set(
+                prometheus.api(f"label/{label}/values", **{"match[]": metric})
+            )
+    return values
+
+
+def test_every_panel_rule_and_alert_reads_data_from_the_live_stack(
+    stack_factory: Callable[..., Stack], prometheus_factory: Callable[[], Prometheus]
+) -> None:
+    # Peer balancing on, so the Peer balancing dashboard and its alerts have real series too.
+    # With no local generation no substation ever has power to spare: no migration changes
+    # the capacities the load below is computed against.
+    stack = stack_factory(
+        capacities=(CAPACITY_KW,) * 3, balancer_env={"POLL_INTERVAL_SECONDS": "1"}, peers=True
+    )
+    prometheus = prometheus_factory()
+    prometheus.start(config_for(stack, prometheus))
+    drive_load(stack)
+    keep_grid_full_until_alerts_fire(stack, prometheus)
+
+    targets = prometheus.api("targets")["activeTargets"]
+    assert len(targets) == 6 and {target["health"] for target in targets} == {"up"}, targets
+    assert {series["metric"]["substation"] for series in prometheus.query('up{job="substation"}')} == SUBSTATIONS
+    load = {series["metric"]["substation"]: float(series["value"][1]) for series in prometheus.query("substation:load:percent")}
+    assert load == pytest.approx(dict.fromkeys(SUBSTATIONS, FILLED_PERCENT))
+    variables = variable_values(prometheus)
+    assert variables and all(found == SUBSTATIONS for found in variables.values()), variables
+
+    for rule in load_rules():
+        prometheus.query(rule.body["expr"])  # raises with Prometheus's error if it cannot run
+    empty = [f"{where}: {expr}" for where, expr in panel_queries() + rule_queries() if not prometheus.query(expr)]
+    assert empty == [], "queries without data:\n" + "\n".join(empty)
+
+
+def test_procfile_prometheus_line_loads_the_local_config_and_rules(
+    prometheus_factory: Callable[[], Prometheus]
+) -> None:
+    """The exact command of `make run`, on a free port and a temporary data directory."""
+    line = next(
+        line for line in (REPO_ROOT / "Procfile").read_text().splitlines() if line.startswith("prometheus:")
+    )
+    command = shlex.split(line.removeprefix("prometheus:").split("&&")[-1])
+    assert command[0] == "prometheus"
+    args = [arg for arg in command[1:] if not arg.startswith(("--web.listen-address", "--storage.tsdb.path"))]
+    assert "--config.file=prometheus/prometheus.local.yml" in args
+
+    prometheus = prometheus_factory().run(args)
+    groups = prometheus.api("rules")["groups"]
+    loaded = {rule["name"] for group in groups for rule in group["rules"]}
+    assert loaded == {rule.name for rule in load_rules()}
+    expected = {f"http://127.0.0.1:{port}/metrics" for port in (5011, 5012, 5013, 5002, 5000, 9090)}
+    deadline = time.monotonic() + 10
+    # Scrape targets appear a moment after Prometheus reports ready.
+    while {target["scrapeUrl"] for target in prometheus.api("targets")["activeTargets"]} != expected:
+        assert time.monotonic() < deadline, prometheus.api("targets")["activeTargets"]
+        time.sleep(0.2)

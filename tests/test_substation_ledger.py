@@ -1,0 +1,373 @@
+"""Unit tests of the substation's admission ledger (no web framework, no processes)."""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from substation_service.ledger import (
+    CapacityExceeded,
+    Ledger,
+    Session,
+    UnknownSession,
+    steady_wall_clock,
+)
+from tests.substation_support import FakeClock, max_overlapping_load
+
+
+class FinishedSessions:
+    """Records what the ledger reports through ``on_session_finished``."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[Session, float]] = []
+
+    def __call__(self, session: Session, charged_seconds: float) -> None:
+        self.entries.append((session, charged_seconds))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def finished() -> FinishedSessions:
+    return FinishedSessions()
+
+
+@pytest.fixture
+def ledger(clock: FakeClock, finished: FinishedSessions) -> Ledger:
+    return Ledger(100.0, 60.0, clock=clock, on_session_finished=finished)
+
+
+def test_admits_up_to_exactly_the_capacity(ledger: Ledger) -> None:
+    ledger.admit("ev-1", 60.0)
+    admission = ledger.admit("ev-2", 40.0)
+
+    assert admission.snapshot.load_kw == 100.0
+    assert admission.snapshot.available_kw == 0.0
+    assert admission.snapshot.load_percentage == 100.0
+    assert admission.snapshot.active_chargers == 2
+
+
+def test_rejects_the_smallest_amount_past_capacity(ledger: Ledger) -> None:
+    ledger.admit("ev-1", 100.0)
+
+    with pytest.raises(CapacityExceeded) as rejected:
+        ledger.admit("ev-2", 0.001)
+
+    assert rejected.value.amount_kw == 0.001
+    assert rejected.value.snapshot.load_kw == 100.0
+    assert ledger.snapshot().active_chargers == 1
+
+
+def test_rejection_changes_nothing(ledger: Ledger) -> None:
+    ledger.admit("ev-1", 70.0)
+    before = ledger.snapshot()
+
+    with pytest.raises(CapacityExceeded):
+        ledger.admit("ev-2", 31.0)
+    with pytest.raises(CapacityExceeded):
+        ledger.admit("ev-3", 101.0)
+
+    after = ledger.snapshot()
+    assert (after.load_kw, after.active_chargers, after.state_version) == (
+        before.load_kw,
+        before.active_chargers,
+        before.state_version,
+    )
+
+
+def test_amounts_that_sum_to_capacity_in_binary_rounding_are_not_let_past(clock: FakeClock) -> None:
+    ledger = Ledger(0.3, 60.0, clock=clock)
+    ledger.admit("ev-1", 0.1)
+    ledger.admit("ev-2", 0.1)
+
+    # 0.1 + 0.1 + 0.1 is slightly more than 0.3 in binary floating point.
+    with pytest.raises(CapacityExceeded):
+        ledger.admit("ev-3", 0.1)
+
+
+def test_session_counts_until_just_before_ends_at(ledger: Ledger, clock: FakeClock) -> None:
+    session = ledger.admit("ev-1", 30.0, duration_seconds=10.0).session
+    assert session.ends_at == session.started_at + 10.0
+
+    clock.advance(9.999)
+    assert ledger.snapshot().load_kw == 30.0
+
+    clock.advance(0.001)
+    snapshot = ledger.snapshot()
+    assert snapshot.load_kw == 0.0
+    assert snapshot.active_chargers == 0
+    assert ledger.sessions() == []
+
+
+def test_expired_session_frees_its_power_for_the_next_admission(ledger: Ledger, clock: FakeClock) -> None:
+    ledger.admit("ev-1", 100.0, duration_seconds=5.0)
+    with pytest.raises(CapacityExceeded):
+        ledger.admit("ev-2", 100.0)
+
+    clock.advance(5.0)
+
+    assert ledger.admit("ev-2", 100.0).snapshot.load_kw == 100.0
+
+
+def test_expiry_reports_the_full_duration(ledger: Ledger, clock: FakeClock, finished: FinishedSessions) -> None:
+    session = ledger.admit("ev-1", 30.0, duration_seconds=10.0).session
+    clock.advance(25.0)
+
+    ledger.sessions()
+
+    assert finished.entries == [(session, 10.0)]
+
+
+def test_default_duration_applies_when_none_is_asked(ledger: Ledger) -> None:
+    assert ledger.admit("ev-1", 10.0).session.duration_seconds == 60.0
+
+
+def test_stop_early_frees_power_and_reports_time_charged(
+    ledger: Ledger, clock: FakeClock, finished: FinishedSessions
+) -> None:
+    session = ledger.admit("ev-1", 80.0, duration_seconds=60.0).session
+    ledger.admit("ev-2", 20.0)
+    clock.advance(3.5)
+
+    release = ledger.release(session.session_id)
+
+    assert release.session == session
+    assert release.ended_at == session.started_at + 3.5
+    assert release.snapshot.load_kw == 20.0
+    assert finished.entries == [(session, 3.5)]
+    assert ledger.admit("ev-3", 80.0).snapshot.load_kw == 100.0
+
+
+def test_stopping_an_unknown_or_ended_session_fails(ledger: Ledger, clock: FakeClock) -> None:
+    stopped = ledger.admit("ev-1", 10.0).session
+    expired = ledger.admit("ev-2", 10.0, duration_seconds=1.0).session
+    ledger.release(stopped.session_id)
+    clock.advance(1.0)
+
+    for session_id in (stopped.session_id, expired.session_id, "no-such-session"):
+        with pytest.raises(UnknownSession):
+            ledger.release(session_id)
+
+
+def test_a_stopped_session_is_not_reported_again_when_its_time_comes(
+    ledger: Ledger, clock: FakeClock, finished: FinishedSessions
+) -> None:
+    session = ledger.admit("ev-1", 10.0, duration_seconds=10.0).session
+    ledger.release(session.session_id)
+    clock.advance(20.0)
+
+    ledger.snapshot()
+
+    assert len(finished.entries) == 1
+
+
+def test_state_version_grows_with_every_change_and_only_then(ledger: Ledger, clock: FakeClock) -> None:
+    versions = [ledger.snapshot().state_version]
+    first = ledger.admit("ev-1", 50.0, duration_seconds=10.0)
+    versions.append(first.snapshot.state_version)
+    versions.append(ledger.admit("ev-2", 50.0, duration_seconds=20.0).snapshot.state_version)
+    with pytest.raises(CapacityExceeded) as rejected:
+        ledger.admit("ev-3", 1.0)
+    assert rejected.value.snapshot.state_version == versions[-1]
+    assert ledger.snapshot().state_version == versions[-1]
+    clock.advance(10.0)
+    versions.append(ledger.snapshot().state_version)  # ev-1 expired
+    versions.append(ledger.release(ledger.sessions()[0].session_id).snapshot.state_version)
+
+    assert versions == sorted(set(versions))
+    assert len(versions) == 5
+
+
+def test_every_expiry_counts_as_a_change(ledger: Ledger, clock: FakeClock) -> None:
+    for vehicle in ("ev-1", "ev-2", "ev-3"):
+        ledger.admit(vehicle, 10.0, duration_seconds=5.0)
+    before = ledger.snapshot().state_version
+    clock.advance(5.0)
+
+    assert ledger.snapshot().state_version == before + 3
+
+
+def test_extra_capacity_raises_and_lowers_the_headroom(clock: FakeClock) -> None:
+    extra = {"kw": 20.0}
+    ledger = Ledger(100.0, 60.0, clock=clock, extra_capacity=lambda: extra["kw"])
+
+    admission = ledger.admit("ev-1", 120.0)
+    assert admission.snapshot.admission_capacity_kw == 120.0
+    assert admission.snapshot.total_capacity_kw == 100.0
+    assert admission.snapshot.load_percentage == 100.0
+
+    extra["kw"] = -30.0
+    snapshot = ledger.snapshot()
+    assert snapshot.admission_capacity_kw == 70.0
+    assert snapshot.available_kw == 0.0  # the admitted 120 kW stay; nothing new fits
+    with pytest.raises(CapacityExceeded):
+        ledger.admit("ev-2", 1.0)
+
+
+def test_extra_capacity_is_read_at_every_decision(clock: FakeClock) -> None:
+    extra = {"kw": 0.0}
+    ledger = Ledger(50.0, 60.0, clock=clock, extra_capacity=lambda: extra["kw"])
+    ledger.admit("ev-1", 50.0)
+    with pytest.raises(CapacityExceeded):
+        ledger.admit("ev-2", 25.0)
+
+    extra["kw"] = 25.0
+
+    assert ledger.admit("ev-2", 25.0).snapshot.load_kw == 75.0
+
+
+def test_extra_capacity_may_read_the_ledger_itself(clock: FakeClock) -> None:
+    ledger: Ledger
+
+    def half_of_the_load_again() -> float:
+        return sum(session.amount_kw for session in ledger.sessions()) / 2
+
+    ledger = Ledger(100.0, 60.0, clock=clock, extra_capacity=half_of_the_load_again)
+    ledger.admit("ev-1", 100.0)
+
+    assert ledger.admit("ev-2", 50.0).snapshot.admission_capacity_kw == 150.0
+
+
+def test_extra_capacity_that_is_not_a_number_is_refused(clock: FakeClock) -> None:
+    ledger = Ledger(100.0, 60.0, clock=clock, extra_capacity=lambda: math.nan)
+
+    with pytest.raises(ValueError, match="finite"):
+        ledger.admit("ev-1", 1.0)
+
+
+def test_no_capacity_at_all_reads_as_full(clock: FakeClock) -> None:
+    snapshot = Ledger(0.0, 60.0, clock=clock).snapshot()
+
+    assert snapshot.load_percentage == 100.0
+    assert snapshot.available_kw == 0.0
+
+
+@pytest.mark.parametrize("amount", [0.0, -5.0, math.nan])
+def test_amount_must_be_positive(ledger: Ledger, amount: float) -> None:
+    with pytest.raises(ValueError):
+        ledger.admit("ev-1", amount)
+
+
+def test_retry_after_is_the_whole_seconds_until_the_earliest_end(ledger: Ledger, clock: FakeClock) -> None:
+    assert ledger.snapshot().seconds_until_next_end() == 1  # nothing charging: nothing to wait for
+    ledger.admit("ev-1", 10.0, duration_seconds=30.0)
+    stopped = ledger.admit("ev-2", 10.0, duration_seconds=5.0).session
+    ledger.admit("ev-3", 10.0, duration_seconds=12.5)
+
+    assert ledger.snapshot().seconds_until_next_end() == 5
+    ledger.release(stopped.session_id)
+    assert ledger.snapshot().seconds_until_next_end() == 13
+    clock.advance(12.2)
+    assert ledger.snapshot().seconds_until_next_end() == 1
+
+
+def test_sessions_are_listed_oldest_first(ledger: Ledger, clock: FakeClock) -> None:
+    first = ledger.admit("ev-1", 10.0).session
+    clock.advance(1.0)
+    second = ledger.admit("ev-2", 10.0).session
+
+    assert ledger.sessions() == [first, second]
+
+
+def test_steady_wall_clock_follows_wall_time_and_never_goes_back() -> None:
+    clock = steady_wall_clock()
+    readings = [clock() for _ in range(1000)]
+
+    assert readings == sorted(readings)
+    assert abs(readings[-1] - time.time()) < 1.0
+
+
+def test_concurrent_admissions_never_exceed_capacity() -> None:
+    capacity = 100.0
+    ticks = itertools.count()
+    # Each reading of the clock is one millisecond later, so sessions expire while the threads race.
+    ledger = Ledger(capacity, 0.05, clock=lambda: next(ticks) * 0.001)
+    intervals: list[tuple[float, float, float]] = []
+    intervals_lock = threading.Lock()
+    start = threading.Barrier(8)
+    rejections = []
+
+    def hammer(seed: int) -> None:
+        rng = random.Random(seed)
+        start.wait()
+        for _ in range(400):
+            try:
+                admission = ledger.admit(f"ev-{seed}", rng.choice([3.0, 7.5, 11.0, 22.0, 50.0]))
+            except CapacityExceeded as rejection:
+                rejections.append(rejection)
+                continue
+            assert admission.snapshot.load_kw <= capacity
+            session = admission.session
+            ended_at = session.ends_at
+            if rng.random() < 0.2:
+                try:
+                    ended_at = ledger.release(session.session_id).ended_at
+                except UnknownSession:
+                    pass  # its time ran out first: it ended at ends_at
+            with intervals_lock:
+                intervals.append((session.started_at, ended_at, session.amount_kw))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for worker in [pool.submit(hammer, seed) for seed in range(8)]:
+            worker.result(timeout=30)  # re-raises a failed assertion of the worker
+
+    assert rejections, "the threads asked for far more than the capacity, some must have been refused"
+    assert math.fsum(amount for _, _, amount in intervals) > 10 * capacity  # sessions did come and go
+    assert max_overlapping_load(intervals) <= capacity
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("admit"), st.floats(0.5, 60.0), st.floats(0.5, 30.0)),
+        st.tuples(st.just("stop"), st.integers(0, 50), st.just(0.0)),
+        st.tuples(st.just("wait"), st.floats(0.0, 20.0), st.just(0.0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations)
+def test_ledger_agrees_with_a_plain_model(steps: list[tuple[str, float, float]]) -> None:
+    """Any sequence of admissions, stops and waits: the ledger matches a list filtered by time."""
+    clock = FakeClock()
+    ledger = Ledger(100.0, 60.0, clock=clock)
+    model: dict[str, Session] = {}
+    admitted: list[str] = []
+    for action, value, duration in steps:
+        model = {key: s for key, s in model.items() if s.ends_at > clock.now}
+        if action == "admit":
+            fits = math.fsum([*(s.amount_kw for s in model.values()), value]) <= 100.0
+            try:
+                session = ledger.admit("ev", value, duration).session
+            except CapacityExceeded:
+                assert not fits
+            else:
+                assert fits
+                model[session.session_id] = session
+                admitted.append(session.session_id)
+        elif action == "stop" and admitted:
+            session_id = admitted[int(value) % len(admitted)]
+            if session_id in model:
+                ledger.release(session_id)
+                del model[session_id]
+            else:
+                with pytest.raises(UnknownSession):
+                    ledger.release(session_id)
+        elif action == "wait":
+            clock.advance(value)
+        model = {key: s for key, s in model.items() if s.ends_at > clock.now}
+        snapshot = ledger.snapshot()
+        assert snapshot.load_kw == pytest.approx(math.fsum(s.amount_kw for s in model.values()))
+        assert snapshot.load_kw <= 100.0
+        assert {s.session_id for s in ledger.sessions()} == set(model)
