@@ -1,0 +1,143 @@
+"""``python -m benchmarks``: admission and routing cost, hop overhead and memory, as ratios."""
+from __future__ import annotations
+
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from load_balancer.policies import POLICY_NAMES, make_policy
+from load_balancer.view import GridView, Observation
+from substation_service.ledger import Ledger
+from tests.harness import Service, start_stack
+
+LONG_SESSION_SECONDS = 3600.0
+
+
+def best_of(repeats: int, run: Callable[[], None]) -> float:
+    """Fastest of several timings: the least disturbed by the other core's work."""
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
+def admission_cost() -> None:
+    print("\n## Admission cost on one substation, by sessions already active")
+    admits = 2_000
+
+    baseline = None
+    for active in (0, 1_000, 10_000):
+        timings = []
+        for _ in range(3):
+            ledger = Ledger(capacity_kw=1e9, default_duration_seconds=LONG_SESSION_SECONDS)
+            for _ in range(active):
+                ledger.admit("EV-fill", 0.001, LONG_SESSION_SECONDS)
+            timings.append(best_of(1, lambda: [ledger.admit("EV-bench", 0.001) for _ in range(admits)]))
+        per_admit = min(timings) / admits
+        baseline = baseline or per_admit
+        print(f"  {active:>6} active: {per_admit / baseline:5.2f}x the cost with none active")
+
+
+def routing_cost() -> None:
+    print("\n## Routing decision (view + policy), relative to round_robin on 3 substations")
+    costs: dict[tuple[int, str], float] = {}
+    for count in (3, 30):
+        view = GridView()
+        for index in range(count):
+            url = f"http://substation-{index}.invalid"
+            view.add_url(url)
+            view.add_polled(url, f"substation-{index}", Observation(1, random.uniform(0, 80), 100.0, 100.0, 3))
+        for name in POLICY_NAMES:
+            policy = make_policy(name, random.Random(7))
+            costs[count, name] = best_of(3, lambda: [view.choose(5.0, policy) for _ in range(5_000)])
+    reference = costs[3, "round_robin"]
+    for (count, name), cost in costs.items():
+        print(f"  {count:>2} substations  {name:<18} {cost / reference:5.2f}x")
+
+
+def median_latency(url: str, body: Callable[[int], dict], count: int) -> float:
+    session = requests.Session()
+    latencies = []
+    for index in range(count):
+        started = time.perf_counter()
+        response = session.post(url, json=body(index), timeout=10)
+        latencies.append(time.perf_counter() - started)
+        response.raise_for_status()
+    return statistics.median(latencies)
+
+
+def hop_overhead(log_dir: Path) -> None:
+    print("\n## Latency of one charge request through each hop (median of 300), relative to a substation alone")
+    stack = start_stack(log_dir / "hops", capacities=(1e6, 1e6, 1e6))
+    try:
+        def body(index: int) -> dict:
+            return {"vehicle_id": f"EV-{index}", "amount": 1, "duration_seconds": 30}
+
+        direct = median_latency(f"{stack.substations[0].url}/charge", body, 300)
+        balancer = median_latency(f"{stack.balancer.url}/charge", body, 300)
+        public = median_latency(f"{stack.charge.url}/charge", body, 300)
+        print(f"  substation alone             1.00x")
+        print(f"  balancer -> substation       {balancer / direct:5.2f}x")
+        print(f"  charge API -> balancer -> ss {public / direct:5.2f}x")
+    finally:
+        stack.stop()
+
+
+def rss_kib(service: Service) -> int:
+    """Resident memory of the gunicorn master and its worker."""
+    assert service.process is not None
+    pids = [service.process.pid]
+    children = Path(f"/proc/{service.process.pid}/task/{service.process.pid}/children")
+    pids += [int(pid) for pid in children.read_text().split()]
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def memory(log_dir: Path) -> None:
+    print("\n## Substation memory with many active sessions, relative to idle")
+    substation = Service(
+        name="substation-memory",
+        app="substation_service:create_app()",
+        env={"SUBSTATION_ID": "substation-memory", "CAPACITY_KW": "1000000"},
+        log_dir=log_dir,
+    ).start()
+    try:
+        idle = rss_kib(substation)
+        url = f"{substation.url}/charge"
+        sessions = 5_000
+        with ThreadPoolExecutor(max_workers=8) as pool, requests.Session() as http:
+            list(pool.map(
+                lambda index: http.post(url, json={"vehicle_id": f"EV-{index}", "amount": 1,
+                                                   "duration_seconds": 600}, timeout=10).raise_for_status(),
+                range(sessions),
+            ))
+        loaded = rss_kib(substation)
+        print(f"  idle                 1.00x ({idle / 1024:.0f} MiB)")
+        print(f"  {sessions} sessions     {loaded / idle:5.2f}x ({(loaded - idle) / sessions:.2f} KiB per session)")
+    finally:
+        substation.stop()
+
+
+def main() -> None:
+    print("# Smart Grid Load Balancer benchmarks (ratios within this run)")
+    admission_cost()
+    routing_cost()
+    with tempfile.TemporaryDirectory(prefix="sglb-bench-") as tmp:
+        hop_overhead(Path(tmp))
+        memory(Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Keeping the view fresh: a background poll of every substation's /metrics, and
+an on-demand refresh for the routing path.
+
+The refresh is single-flight and rate-limited: when a request finds no room in
+the view, the view may just be old (sessions ended since the last poll, or the
+balancer has only just started). One refresh serves every request waiting at
+that moment, and at most one runs per REFRESH_MIN_INTERVAL_SECONDS, so a burst
+of rejected requests cannot turn into a burst of polls.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Callable
+
+import requests
+
+from gridcommon.httpclient import HttpClient
+from gridcommon.promtext import parse_metrics
+from load_balancer.view import GridView, Observation, SubstationConflict
+
+log = logging.getLogger(__name__)
+
+MAX_PARALLEL_POLLS = 32
+
+
+class PollError(Exception):
+    """A substation's /metrics could not be read; the message says why."""
+
+
+def describe_request_error(exc: requests.RequestException) -> str:
+    """A short human reason for a failed outgoing call (requests' own text is a wall of repr)."""
+    if isinstance(exc, requests.Timeout):
+        return "no answer within the timeout"
+    if isinstance(exc, requests.ConnectionError):
+        return "connection refused or broken (is it running?)"
+    return f"request failed ({type(exc).__name__})"
+
+
+def record_failure(view: GridView, url: str, reason: str) -> None:
+    """Count a failed poll or forward in the view; say so once when it marks the substation down."""
+    if view.record_failure(url, reason):
+        log.warning("substation at %s marked down; no requests go there until a poll succeeds: %s", url, reason)
+
+
+def read_substation_metrics(text: str) -> tuple[str, Observation]:
+    """The substation id and its state from a substation's /metrics page.
+
+    Raises ``ValueError`` when the page is not a substation's metrics page.
+    """
+    scrape = parse_metrics(text)
+    labels = scrape.labels_of("current_load") or {}
+    substation_id = labels.get("substation")
+    if not substation_id:
+        raise ValueError("it has no current_load{substation=...} sample")
+
+    def required(name: str) -> float:
+        value = scrape.value(name, substation=substation_id)
+        if value is None:
+            raise ValueError(f"it has no {name} sample")
+        return value
+
+    return substation_id, Observation(
+        state_version=int(required("substation_state_version")),
+        load_kw=required("current_load"),
+        capacity_kw=required("admission_capacity"),
+        total_capacity_kw=required("total_capacity"),
+        active_chargers=int(required("active_chargers")),
+    )
+
+
+class Poller:
+    """Polls every substation in the view, on a timer and on demand."""
+
+    def __init__(
+        self,
+        view: GridView,
+        client: HttpClient,
+        interval_seconds: float,
+        refresh_min_interval_seconds: float,
+        observe_duration: Callable[[float], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._view = view
+        self._client = client
+        self._interval = interval_seconds
+        self._refresh_min_interval = refresh_min_interval_seconds
+        self._observe_duration = observe_duration
+        self._clock = clock
+        connect_timeout, read_timeout = client.timeout
+        # requests' timeouts are per socket operation; this bounds a whole round.
+        self._round_timeout = connect_timeout + read_timeout + 0.5
+        self._executor = ThreadPoolExecutor(MAX_PARALLEL_POLLS, thread_name_prefix="poll")
+        self._cond = threading.Condition()
+        self._polling = False
+        self._rounds_done = 0
+        self._last_round_end: float | None = None
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # One substation ---------------------------------------------------------
+
+    def fetch(self, url: str) -> tuple[str, Observation]:
+        """Read one substation's id and state; raises :class:`PollError`."""
+        try:
+            response = self._client.get(f"{url}/metrics")
+        except requests.RequestException as exc:
+            raise PollError(f"polling {url}/metrics failed: {describe_request_error(exc)}") from None
+        if response.status_code != 200:
+            raise PollError(f"polling {url}/metrics failed: it answered HTTP {response.status_code}")
+        try:
+            return read_substation_metrics(response.text)
+        except ValueError as exc:
+            raise PollError(f"{url}/metrics is not a substation's metrics page: {exc}") from None
+
+    def _poll_one(self, url: str, marker: int) -> None:
+        try:
+            substation_id, observation = self.fetch(url)
+            came_up = self._view.record_poll(url, substation_id, observation, marker)
+        except (PollError, SubstationConflict) as exc:
+            record_failure(self._view, url, str(exc))
+            return
+        if came_up:
+            log.info("substation %s at %s is up and routable", substation_id, url)
+
+    # Every substation -------------------------------------------------------
+
+    def poll_all(self) -> None:
+        """Poll every substation at once and wait (bounded) for the answers."""
+        started = time.perf_counter()
+        targets = self._view.poll_targets()
+        futures = {self._executor.submit(self._poll_one, url, marker): url for url, marker in targets}
+        _, late = wait(futures, timeout=self._round_timeout)
+        for future in late:
+            url = futures[future]
+            record_failure(self._view, url, f"polling {url}/metrics took longer than {self._round_timeout:g}s")
+        self._observe_duration(time.perf_counter() - started)
+
+    def refresh(self) -> None:
+        """Bring the view up to date for a request that found no room in it.
+
+        Joins a poll already under way instead of starting another; does nothing
+        when the last poll ended less than REFRESH_MIN_INTERVAL_SECONDS ago.
+        """
+        self._single_flight(rate_limited=True)
+
+    def _single_flight(self, rate_limited: bool) -> None:
+        with self._cond:
+            if self._polling:
+                round_in_progress = self._rounds_done
+                self._cond.wait_for(lambda: self._rounds_done != round_in_progress, timeout=self._round_timeout)
+                return
+            if rate_limited and self._polled_recently():
+                return
+            self._polling = True
+        try:
+            self.poll_all()
+        finally:
+            with self._cond:
+                self._polling = False
+                self._rounds_done += 1
+                self._last_round_end = self._clock()
+                self._cond.notify_all()
+
+    def _polled_recently(self) -> bool:
+        return self._last_round_end is not None and self._clock() - self._last_round_end < self._refresh_min_interval
+
+    # Background thread ------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="substation-poller", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._single_flight(rate_limited=False)
+            except Exception:  # a bug in one round must not end polling for good
+                log.exception("polling round failed; trying again in %gs", self._interval)
+            self._stopped.wait(self._interval)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._round_timeout + 1)
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,259 @@
+"""Routing one charge request: try the policy's candidates until one admits it.
+
+201 ends the search. 409 means the view was behind: the answer updates it and
+the next candidate is tried. A connection error, timeout or 5xx marks the
+substation down and the next candidate is tried. When nothing admits the
+request, the view is refreshed once (single-flight, rate-limited) and the
+decision is made again before giving up with ``no_capacity``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import quote
+
+import requests
+
+from gridcommon.httpclient import HttpClient
+from gridcommon.validation import ChargeRequest
+from load_balancer.policies import Policy, make_policy
+from load_balancer.poller import describe_request_error, record_failure
+from load_balancer.view import GridView, Observation, SubstationSnapshot
+
+log = logging.getLogger(__name__)
+
+
+class ForwardError(Exception):
+    """A substation did not give a usable answer; the message says why."""
+
+
+class UnknownSubstation(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Admitted:
+    answer: Answer
+    substation_id: str
+    policy: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class NoCapacity:
+    retry_after_seconds: int
+    message: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The substation turned the request down as invalid (4xx other than 409): the client's to fix."""
+
+    answer: Answer
+    attempts: int
+
+
+RouteOutcome = Admitted | NoCapacity | Refused
+
+
+@dataclass
+class _Search:
+    request: ChargeRequest
+    # One request keeps one policy even if an admin switches it meanwhile.
+    policy: Policy
+    attempts: int = 0
+    retry_hints: list[float] = field(default_factory=list)
+
+
+def observation_from_answer(body: dict[str, Any]) -> Observation:
+    """The state a substation reports in its answer; ``ValueError`` if it is missing."""
+    try:
+        return Observation(
+            state_version=_whole(body["state_version"]),
+            load_kw=_number(body["load"]),
+            capacity_kw=_number(body["capacity"]),
+            total_capacity_kw=_optional(body.get("total_capacity"), _number),
+            active_chargers=_optional(body.get("active_chargers"), _whole),
+        )
+    except KeyError as exc:
+        raise ValueError(f"the answer has no {exc.args[0]!r} field") from None
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return value
+
+
+def _optional(value: Any, convert: Callable[[Any], Any]) -> Any:
+    return None if value is None else convert(value)
+
+
+def _retry_hint(body: dict[str, Any]) -> float | None:
+    """A 409's retry_after_seconds, when it is a usable positive number."""
+    try:
+        hint = _number(body.get("retry_after_seconds"))
+    except ValueError:
+        return None
+    return hint if hint > 0 else None
+
+
+def whole_seconds(seconds: float) -> int:
+    """Retry-After takes whole seconds; never tell a client to retry at once."""
+    return max(1, math.ceil(seconds))
+
+
+class Router:
+    def __init__(
+        self,
+        view: GridView,
+        client: HttpClient,
+        refresh: Callable[[], None],
+        policy: Policy,
+        poll_interval_seconds: float,
+        on_admitted: Callable[[str], None],
+        on_forward_failure: Callable[[str], None],
+    ) -> None:
+        self._view = view
+        self._client = client
+        self._refresh = refresh
+        self._policy = policy
+        self._poll_interval = poll_interval_seconds
+        self._on_admitted = on_admitted
+        self._on_forward_failure = on_forward_failure
+
+    @property
+    def policy_name(self) -> str:
+        return self._policy.name
+
+    def set_policy(self, name: str) -> str:
+        """Switch policy at run time; returns the previous one's name. ``ValueError`` if unknown."""
+        previous = self._policy.name
+        self._policy = make_policy(name)
+        log.info("routing policy changed from %s to %s", previous, name)
+        return previous
+
+    # Charge requests --------------------------------------------------------
+
+    def route(self, request: ChargeRequest) -> RouteOutcome:
+        search = _Search(request, self._policy)
+        outcome = self._try_candidates(search)
+        if outcome is None:
+            self._refresh()
+            outcome = self._try_candidates(search)
+        return outcome or self._no_capacity(search)
+
+    def _try_candidates(self, search: _Search) -> Admitted | Refused | None:
+        amount = search.request.amount_kw
+        for index, candidate in enumerate(self._view.choose(amount, search.policy)):
+            # The first candidate was reserved by choose(); later ones may have filled up since.
+            if index > 0 and not self._view.reserve(candidate.url, amount):
+                continue
+            outcome = self._forward(candidate, search)
+            if outcome is not None:
+                return outcome
+        return None
+
+    def _forward(self, candidate: SubstationSnapshot, search: _Search) -> Admitted | Refused | None:
+        search.attempts += 1
+        amount = search.request.amount_kw
+        try:
+            answer = self._call("POST", f"{candidate.url}/charge", json=search.request.as_json())
+            observation = observation_from_answer(answer.body) if answer.status in (201, 409) else None
+        except (ForwardError, ValueError) as exc:
+            # A timeout may hide an admission whose answer got lost; the next poll shows it.
+            self._view.release(candidate.url, amount)
+            self._mark_failed(candidate, f"forwarding to {candidate.url}/charge failed: {exc}")
+            return None
+        self._view.release(candidate.url, amount, observation, admitted=answer.status == 201)
+        if answer.status == 201:
+            substation_id = candidate.substation_id or candidate.url
+            self._on_admitted(substation_id)
+            log.info(
+                "%g kW for vehicle %s admitted at %s (attempt %d, policy %s)",
+                amount,
+                search.request.vehicle_id,
+                substation_id,
+                search.attempts,
+                search.policy.name,
+            )
+            return Admitted(answer, substation_id, search.policy.name, search.attempts)
+        if answer.status == 409:
+            hint = _retry_hint(answer.body)
+            if hint is not None:
+                search.retry_hints.append(hint)
+            return None
+        return Refused(answer, search.attempts)
+
+    def _no_capacity(self, search: _Search) -> NoCapacity:
+        retry_after = whole_seconds(min(search.retry_hints, default=self._poll_interval))
+        amount = search.request.amount_kw
+        if any(s.up for s in self._view.snapshots()):
+            message = (
+                f"No substation has {amount:g} kW free right now. "
+                f"Retry after {retry_after} s, or ask for less power."
+            )
+        else:
+            message = (
+                "No substation is reachable right now, so the request cannot be placed. "
+                f"Retry after {retry_after} s; GET /status on the load balancer shows each substation's state."
+            )
+        log.info("no room for %g kW for vehicle %s after %d attempts", amount, search.request.vehicle_id, search.attempts)
+        return NoCapacity(retry_after, message, search.attempts)
+
+    # Stopping a session -----------------------------------------------------
+
+    def stop_session(self, substation_id: str, session_id: str) -> Answer:
+        """Forward a stop to the substation that holds the session.
+
+        Raises :class:`UnknownSubstation` or :class:`ForwardError`.
+        """
+        substation = self._view.find(substation_id)
+        if substation is None:
+            raise UnknownSubstation(substation_id)
+        url = f"{substation.url}/charge/{quote(session_id, safe='')}"
+        try:
+            answer = self._call("DELETE", url)
+            if answer.status == 200:
+                self._view.observe(substation.url, observation_from_answer(answer.body))
+        except (ForwardError, ValueError) as exc:
+            self._mark_failed(substation, f"forwarding DELETE to {url} failed: {exc}")
+            raise ForwardError(str(exc)) from None
+        return answer
+
+    # Plumbing ---------------------------------------------------------------
+
+    def _call(self, method: str, url: str, **kwargs: Any) -> Answer:
+        try:
+            response = self._client.request(method, url, **kwargs)
+        except requests.RequestException as exc:
+            raise ForwardError(describe_request_error(exc)) from None
+        if response.status_code >= 500:
+            raise ForwardError(f"it answered HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise ForwardError(f"its HTTP {response.status_code} answer is not JSON") from None
+        if not isinstance(body, dict):
+            raise ForwardError(f"its HTTP {response.status_code} answer is not a JSON object")
+        return Answer(response.status_code, body)
+
+    def _mark_failed(self, substation: SubstationSnapshot, reason: str) -> None:
+        if substation.substation_id:
+            self._on_forward_failure(substation.substation_id)
+        record_failure(self._view, substation.url, reason)

@@ -1,0 +1,356 @@
+"""The balancer's picture of every substation, kept right between two polls.
+
+Polls arrive every few seconds, charge requests arrive all the time. Three rules
+keep the picture good enough to route on without overloading anyone:
+
+* Choosing a substation reserves the requested kW on it under the view's one
+  lock, so a burst of concurrent requests spreads out instead of herding onto
+  the substation that looked emptiest at the last poll.
+* Every answer of a substation (201, 409, 200 on a stop) carries its load,
+  capacity and ``state_version``; it updates the picture at once and releases
+  the reservation.
+* An observation only replaces the stored one when its ``state_version`` is not
+  older, because a poll sent before an answer can come back after it.
+* A 201 that arrives while other requests to the same substation are still on
+  their way does not replace the load: its reported load may already include
+  some of those requests, which are still counted as reservations. The admitted
+  amount is added instead and remembered with its version, so a later
+  observation replaces the load without losing it (see ``admissions_since_base``).
+
+A substation is routable only while it is up, and it only comes up through a
+successful poll: a new entry waits for its first poll, and one marked down by
+failures waits for the poll that finds it back.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from load_balancer.policies import Policy
+
+# Sums of floats differ in the last bits depending on their order; a request that
+# exactly fills a substation must still fit.
+FIT_TOLERANCE_KW = 1e-9
+
+
+class SubstationConflict(Exception):
+    """A substation reports an id that another registered URL already has, or a new one."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a substation said about itself at one ``state_version``.
+
+    Answers to charge requests carry no total capacity or charger count; ``None``
+    keeps the value from the last report that had one.
+    """
+
+    state_version: int
+    load_kw: float
+    capacity_kw: float
+    total_capacity_kw: float | None = None
+    active_chargers: int | None = None
+
+
+@dataclass(frozen=True)
+class SubstationSnapshot:
+    """One substation as the balancer sees it at one moment (immutable copy)."""
+
+    url: str
+    substation_id: str | None = None
+    up: bool = False
+    load_kw: float = 0.0
+    capacity_kw: float = 0.0
+    total_capacity_kw: float = 0.0
+    active_chargers: int = 0
+    state_version: int = -1
+    # (state_version, kW) of admissions answered after the observation at state_version:
+    # load_kw and active_chargers include them, and an observation older than one keeps it.
+    admissions_since_base: tuple[tuple[int, float], ...] = ()
+    reserved_kw: float = 0.0
+    in_flight: int = 0
+    last_poll_at: float | None = None
+    consecutive_failures: int = 0
+    last_error: str | None = None
+
+    @property
+    def committed_kw(self) -> float:
+        """Load the substation reported plus what requests on their way to it will add."""
+        return self.load_kw + self.reserved_kw
+
+    @property
+    def utilisation(self) -> float:
+        return self.committed_kw / self.capacity_kw if self.capacity_kw > 0 else math.inf
+
+    @property
+    def connections(self) -> int:
+        return self.active_chargers + self.in_flight
+
+    @property
+    def load_percentage(self) -> float:
+        return self.load_kw / self.capacity_kw * 100 if self.capacity_kw > 0 else 0.0
+
+    def fits(self, amount_kw: float) -> bool:
+        return self.up and self.committed_kw + amount_kw <= self.capacity_kw + FIT_TOLERANCE_KW
+
+    def as_status(self, now: float) -> dict[str, Any]:
+        """The entry of ``GET /status`` and ``GET /substations``."""
+        polled = self.last_poll_at is not None
+        return {
+            "id": self.substation_id,
+            "url": self.url,
+            "up": self.up,
+            "load": _kw(self.load_kw) if polled else None,
+            "capacity": _kw(self.capacity_kw) if polled else None,
+            "total_capacity": _kw(self.total_capacity_kw) if polled else None,
+            "load_percentage": round(self.load_percentage, 2) if polled and self.capacity_kw > 0 else None,
+            "available": _kw(self.capacity_kw - self.load_kw) if polled else None,
+            "active_chargers": self.active_chargers if polled else None,
+            "reserved_kw": _kw(self.reserved_kw),
+            "in_flight": self.in_flight,
+            "state_version": self.state_version if polled else None,
+            "last_poll_age_seconds": round(now - self.last_poll_at, 3) if polled else None,
+            "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error,
+        }
+
+
+def _kw(value: float) -> float:
+    return round(value, 3)
+
+
+def _rebased(current: SubstationSnapshot, observation: Observation, restarted: bool = False) -> SubstationSnapshot:
+    """``current`` with ``observation`` as its new base, keeping admissions it does not include yet."""
+    later = () if restarted else tuple(a for a in current.admissions_since_base if a[0] > observation.state_version)
+    return replace(
+        current,
+        state_version=observation.state_version,
+        load_kw=observation.load_kw + math.fsum(amount for _, amount in later),
+        capacity_kw=observation.capacity_kw,
+        total_capacity_kw=(
+            current.total_capacity_kw if observation.total_capacity_kw is None else observation.total_capacity_kw
+        ),
+        active_chargers=(
+            current.active_chargers if observation.active_chargers is None else observation.active_chargers + len(later)
+        ),
+        admissions_since_base=later,
+    )
+
+
+def _with_admission(current: SubstationSnapshot, answer: Observation, amount_kw: float) -> SubstationSnapshot:
+    return replace(
+        current,
+        load_kw=current.load_kw + amount_kw,
+        capacity_kw=answer.capacity_kw,
+        active_chargers=current.active_chargers + 1,
+        admissions_since_base=(*current.admissions_since_base, (answer.state_version, amount_kw)),
+    )
+
+
+class GridView:
+    """Thread-safe map of substation URL -> :class:`SubstationSnapshot`."""
+
+    def __init__(self, failure_threshold: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
+        if failure_threshold < 1:
+            raise ValueError("failure_threshold must be at least 1")
+        self._failure_threshold = failure_threshold
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._substations: dict[str, SubstationSnapshot] = {}
+        # How many observations were applied per URL: lets a poll tell "older than
+        # an answer that arrived meanwhile" from "the substation restarted".
+        self._applied: dict[str, int] = {}
+
+    def now(self) -> float:
+        return self._clock()
+
+    # Registry -------------------------------------------------------------
+
+    def add_url(self, url: str) -> None:
+        """Track a URL whose id is not known yet (it is learnt at its first poll)."""
+        with self._lock:
+            if url not in self._substations:
+                self._substations[url] = SubstationSnapshot(url=url)
+                self._applied[url] = 0
+
+    def add_polled(self, url: str, substation_id: str, observation: Observation) -> tuple[SubstationSnapshot, bool]:
+        """Register a substation that was just polled; ``(entry, created)``."""
+        with self._lock:
+            created = url not in self._substations
+            if created:
+                self._substations[url] = SubstationSnapshot(url=url)
+                self._applied[url] = 0
+            try:
+                self._record_poll_locked(url, substation_id, observation, accept_older=True)
+            except SubstationConflict:
+                if created:
+                    self._forget_locked(url)
+                raise
+            return self._substations[url], created
+
+    def remove(self, substation_id: str) -> SubstationSnapshot | None:
+        with self._lock:
+            entry = self._find_locked(substation_id)
+            if entry is not None:
+                self._forget_locked(entry.url)
+            return entry
+
+    def _forget_locked(self, url: str) -> None:
+        del self._substations[url]
+        del self._applied[url]
+
+    # Reading --------------------------------------------------------------
+
+    def snapshots(self) -> list[SubstationSnapshot]:
+        """Every entry, known ids first in id order, then URLs still waiting for their first poll."""
+        with self._lock:
+            entries = list(self._substations.values())
+        return sorted(entries, key=lambda s: (s.substation_id is None, s.substation_id or "", s.url))
+
+    def find(self, substation_id: str) -> SubstationSnapshot | None:
+        with self._lock:
+            return self._find_locked(substation_id)
+
+    def find_url(self, url: str) -> SubstationSnapshot | None:
+        with self._lock:
+            return self._substations.get(url)
+
+    def _find_locked(self, substation_id: str) -> SubstationSnapshot | None:
+        return next((s for s in self._substations.values() if s.substation_id == substation_id), None)
+
+    def poll_targets(self) -> list[tuple[str, int]]:
+        """``(url, marker)`` per entry; hand the marker back to :meth:`record_poll`."""
+        with self._lock:
+            return list(self._applied.items())
+
+    # Polls ----------------------------------------------------------------
+
+    def record_poll(self, url: str, substation_id: str, observation: Observation, marker: int) -> bool:
+        """Apply a successful poll; True when it brings the substation back up.
+
+        The poll's numbers are dropped when an answer with a newer state_version
+        arrived while the poll was under way. A lower version with no answer in
+        between means the substation restarted and counts from zero again.
+        """
+        with self._lock:
+            if url not in self._substations:
+                return False  # deregistered while the poll was under way
+            was_up = self._substations[url].up
+            self._record_poll_locked(url, substation_id, observation, accept_older=self._applied[url] == marker)
+            return not was_up
+
+    def _record_poll_locked(self, url: str, substation_id: str, observation: Observation, accept_older: bool) -> None:
+        entry = self._substations[url]
+        self._check_identity_locked(entry, substation_id)
+        if observation.state_version >= entry.state_version or accept_older:
+            entry = _rebased(entry, observation, restarted=observation.state_version < entry.state_version)
+            self._applied[url] += 1
+        self._substations[url] = replace(
+            entry,
+            substation_id=substation_id,
+            up=True,
+            last_poll_at=self._clock(),
+            consecutive_failures=0,
+            last_error=None,
+        )
+
+    def _check_identity_locked(self, entry: SubstationSnapshot, substation_id: str) -> None:
+        if entry.substation_id is not None and entry.substation_id != substation_id:
+            raise SubstationConflict(
+                f"{entry.url} now reports id {substation_id!r} but was registered as "
+                f"{entry.substation_id!r}; DELETE /substations/{entry.substation_id} and register it again"
+            )
+        owner = self._find_locked(substation_id)
+        if owner is not None and owner.url != entry.url:
+            raise SubstationConflict(
+                f"{entry.url} reports id {substation_id!r}, which {owner.url} already has; "
+                "give every substation its own SUBSTATION_ID"
+            )
+
+    def record_failure(self, url: str, reason: str) -> bool:
+        """Count a failed poll or forward; True when this failure marks the substation down."""
+        with self._lock:
+            entry = self._substations.get(url)
+            if entry is None:
+                return False
+            failures = entry.consecutive_failures + 1
+            down = entry.up and failures >= self._failure_threshold
+            self._substations[url] = replace(
+                entry,
+                up=entry.up and not down,
+                consecutive_failures=failures,
+                last_error=reason,
+            )
+            return down
+
+    # Routing --------------------------------------------------------------
+
+    def choose(self, amount_kw: float, policy: "Policy") -> list[SubstationSnapshot]:
+        """The policy's candidates for ``amount_kw``, with the amount reserved on the first.
+
+        Ranking and reserving under one lock is what makes concurrent requests
+        see each other's choices.
+        """
+        with self._lock:
+            candidates = policy.order(self._substations.values(), amount_kw)
+            if candidates:
+                self._reserve_locked(candidates[0].url, amount_kw)
+            return candidates
+
+    def reserve(self, url: str, amount_kw: float) -> bool:
+        """Reserve on a later candidate, if it is still up and the amount still fits."""
+        with self._lock:
+            entry = self._substations.get(url)
+            if entry is None or not entry.fits(amount_kw):
+                return False
+            self._reserve_locked(url, amount_kw)
+            return True
+
+    def _reserve_locked(self, url: str, amount_kw: float) -> None:
+        entry = self._substations[url]
+        self._substations[url] = replace(
+            entry, reserved_kw=entry.reserved_kw + amount_kw, in_flight=entry.in_flight + 1
+        )
+
+    def release(
+        self, url: str, amount_kw: float, answer: Observation | None = None, *, admitted: bool = False
+    ) -> None:
+        """The forward to ``url`` is over: drop its reservation and apply the answer, if any.
+
+        ``admitted`` says the answer is a 201 for ``amount_kw``.
+        """
+        with self._lock:
+            entry = self._substations.get(url)
+            if entry is None:
+                return
+            in_flight = max(0, entry.in_flight - 1)
+            entry = replace(
+                entry,
+                # With nothing left in flight the sum is exactly zero: float leftovers must not linger.
+                reserved_kw=max(0.0, entry.reserved_kw - amount_kw) if in_flight else 0.0,
+                in_flight=in_flight,
+            )
+            self._substations[url] = entry
+            if answer is not None:
+                self._apply_answer_locked(url, answer, amount_kw if admitted else None)
+
+    def observe(self, url: str, answer: Observation) -> None:
+        """Apply an answer that involved no reservation (e.g. a stopped session)."""
+        with self._lock:
+            if url in self._substations:
+                self._apply_answer_locked(url, answer, None)
+
+    def _apply_answer_locked(self, url: str, answer: Observation, admitted_kw: float | None) -> None:
+        entry = self._substations[url]
+        if admitted_kw is not None and entry.in_flight and answer.state_version > entry.state_version:
+            updated = _with_admission(entry, answer, admitted_kw)
+        elif answer.state_version >= entry.state_version:
+            updated = _rebased(entry, answer)
+        else:
+            return  # older than what is known, and an admission in it is already counted
+        self._substations[url] = updated
+        self._applied[url] += 1

@@ -1,0 +1,102 @@
+"""The same seeded run under each routing policy of the balancer, from an empty grid each time."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from load_tester.api import GridClient, StackError
+from load_tester.records import ADMITTED, RequestResult, parse_status
+from load_tester.report import RunReport
+
+POLICIES = ("least_loaded", "least_connections", "round_robin", "random", "power_of_two")
+# Parallel DELETEs when emptying the grid between runs: quick, without swamping the stack.
+CLEANUP_WORKERS = 8
+SETTLE_POLL_SECONDS = 0.2
+TOLERANCE_KW = 1e-6
+
+log = logging.getLogger(__name__)
+
+
+def compare_policies(
+    client: GridClient,
+    requested: Sequence[str] | None,
+    run_one: Callable[[str], RunReport],
+) -> list[RunReport]:
+    """Switch the balancer to each policy, run, then stop that run's sessions; restore the policy at the end.
+
+    ``requested`` None means every policy the balancer offers.
+    """
+    original, offered = client.policies()
+    policies = choose_policies(requested, offered or list(POLICIES))
+    baseline_kw = total_load_kw(client)
+    reports = []
+    try:
+        for policy in policies:
+            client.set_policy(policy)
+            report = run_one(policy)
+            reports.append(report)
+            stop_sessions(client, report.data.results)
+            if report.data.interrupted:
+                break
+            if not wait_for_load_at_most(client, baseline_kw, settle_timeout(client)):
+                log.warning(
+                    "The grid still carries more load than before the comparison; the next policy starts on "
+                    "a fuller grid. Other clients may be charging: compare on an otherwise idle stack."
+                )
+    finally:
+        client.set_policy(original)
+    return reports
+
+
+def choose_policies(requested: Sequence[str] | None, offered: Sequence[str]) -> list[str]:
+    if requested is None:
+        return list(offered)
+    unknown = [name for name in requested if name not in offered]
+    if unknown:
+        raise StackError(f"the balancer has no policy {', '.join(unknown)}; it offers {', '.join(offered)}.")
+    return list(requested)
+
+
+def stop_sessions(client: GridClient, results: Sequence[RequestResult]) -> None:
+    """Stop every session a run opened; those that cannot be stopped end by themselves."""
+    admitted = [r for r in results if r.outcome == ADMITTED and r.session_id]
+
+    def stop(result: RequestResult) -> bool:
+        try:
+            # 404: the session had already ended by itself, which is just as good.
+            return client.stop_session(result.session_id or "", f"{result.request_id}-stop") in (200, 404)
+        except requests.RequestException:
+            return False
+
+    with ThreadPoolExecutor(max_workers=CLEANUP_WORKERS, thread_name_prefix="cleanup") as pool:
+        failures = sum(1 for stopped in pool.map(stop, admitted) if not stopped)
+    if failures:
+        log.warning(
+            "%d of %d sessions could not be stopped; they end by themselves at ends_at.", failures, len(admitted)
+        )
+
+
+def total_load_kw(client: GridClient) -> float:
+    return sum(reading.load_kw for reading in parse_status(0.0, client.balancer_status()).substations)
+
+
+def settle_timeout(client: GridClient) -> float:
+    # The balancer's view may lag by a poll interval: allow two, and a little more.
+    interval = client.balancer_status().get("poll_interval_seconds")
+    return 2.0 * float(interval if isinstance(interval, (int, float)) else 5.0) + 2.0
+
+
+def wait_for_load_at_most(client: GridClient, limit_kw: float, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if total_load_kw(client) <= limit_kw + TOLERANCE_KW:
+                return True
+        except StackError:
+            pass  # a missed reading only delays the check until the next one
+        time.sleep(SETTLE_POLL_SECONDS)
+    return False

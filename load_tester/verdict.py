@@ -1,0 +1,68 @@
+"""Pass or fail, and what the user should know: plain Python, no network."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from load_tester.records import RunData
+from load_tester.stats import Summary
+from load_tester.violations import CapacityViolation
+
+# Python threads share one core (the GIL): near a full core the tool itself limits the load it makes.
+CPU_SATURATION_PERCENT = 90.0
+# An open-loop request started this late means the tool could not keep up with the arrival rate.
+LATE_START_MS = 250.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    problems: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def judge(
+    summary: Summary,
+    violations: Sequence[CapacityViolation],
+    data: RunData,
+    max_error_rate: float,
+    open_loop: bool,
+) -> Verdict:
+    problems = [violation.describe() for violation in violations]
+    if summary.error_rate > max_error_rate:
+        problems.append(
+            f"error rate {summary.error_rate:.1%} is above the allowed {max_error_rate:.1%} "
+            f"({summary.rejected} rejected for capacity, {summary.failed} failed, {summary.not_sent} not sent)"
+        )
+    if data.interrupted:
+        problems.append("the run was interrupted (Ctrl-C) before every request was answered")
+    return Verdict(problems=tuple(problems), warnings=tuple(_warnings(summary, data, open_loop)))
+
+
+def _warnings(summary: Summary, data: RunData, open_loop: bool) -> list[str]:
+    warnings = []
+    if summary.tool_cpu_percent >= CPU_SATURATION_PERCENT:
+        warnings.append(
+            f"the load tester used {summary.tool_cpu_percent:.0f}% of a CPU core: it may be the bottleneck. "
+            "Lower --concurrency or run it on a machine with spare CPU."
+        )
+    if open_loop and summary.max_schedule_lag_ms is not None and summary.max_schedule_lag_ms > LATE_START_MS:
+        warnings.append(
+            f"some requests started up to {summary.max_schedule_lag_ms:.0f} ms late: every worker was busy. "
+            "Raise --concurrency or lower --rate to hold the arrival rate."
+        )
+    if not data.samples:
+        warnings.append(
+            "no status sample could be read from the balancer: load figures and the load plot are missing. "
+            "Check --balancer."
+        )
+    elif data.sample_errors:
+        warnings.append(f"{data.sample_errors} status sample(s) of the balancer could not be read.")
+    if summary.not_sent and not data.interrupted:
+        warnings.append(
+            f"{summary.not_sent} request(s) were not sent before the time limit: raise --duration to send them all."
+        )
+    return warnings

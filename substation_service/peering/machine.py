@@ -1,0 +1,523 @@
+"""Peer-to-peer power balancing of one substation, as a plain state machine.
+
+After the Load Balancing module of the FREEDM DGI (Akella, "Distributed Load
+Balancing for FREEDM system"), itself a drafting algorithm (Ni, Xu and
+Gendreau, 1985). No web framework, no threads, no clock: the caller passes in
+the device readings, the phase and round, and every received message; the
+machine answers with the messages to send and changes its own state. The
+substation processes and the tests run this same code.
+
+Quantities, in kW:
+
+* net generation = generation + storage - load;
+* gateway = power this substation sends to its peers (+) or takes from them
+  (-): the sum of its exchanges with each peer (``PeerView.flow_kw``);
+* predicted gateway = gateway + the migrations it has offered as a supplier
+  and that are not yet answered. It is synchronised to the gateway at each
+  collected state (offers still unanswered then are released).
+
+State, with the migration step as hysteresis band: SUPPLY when
+``net >= gateway + step``, DEMAND when ``net <= gateway - step``, NORMAL
+otherwise.
+
+Each round (``begin_round``): read devices, update the state, announce DEMAND
+(and any change of state) to the group; a SUPPLY node that has this phase's
+collected state sends Draft Request to the peers it knows in DEMAND. After
+the request timeout (``close_draft``) it picks the greatest Draft Age and,
+if that is at least one step and it is still SUPPLY counting its unanswered
+offers, sends Draft Select(step) and raises its predicted gateway. The demand
+node takes the step only if it still needs it (Draft Accept, lowering its
+gateway), otherwise answers Too Late and the supplier drops its offer. The
+supplier's gateway rises when Draft Accept arrives: between the two halves
+the migration is "in flight", and at rest the gateways of a group sum to 0.
+
+Deviations from FREEDM, each for a reason:
+
+* A supplier does not offer a second step to a peer that has not answered
+  the first, so one silent (``malicious``) peer cannot absorb every offer.
+* Exchanges are kept per peer. When a peer leaves the group, the power
+  exchanged with it is released on this side (a receiver no longer counts on
+  a supplier that is gone, a supplier stops sending into the void) and its
+  open migrations are rolled back. The link then gets a new ``epoch``; every
+  message carries the sender's epoch for the receiver, and each side adopts
+  the larger one (from messages and from the peer's ``/metrics``), releasing
+  its own half of the older link. So both sides always forget the same
+  exchanges, even when only one of them saw the other leave, or a peer
+  restarted without being missed: a restarted node starts its links at its
+  start time, newer than anything it had before.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from substation_service.peering.messages import (
+    CollectedState,
+    DraftAccept,
+    DraftAge,
+    DraftRequest,
+    DraftSelect,
+    Message,
+    NodeState,
+    StateChange,
+    TooLate,
+)
+
+
+@dataclass(frozen=True)
+class Readings:
+    """What the devices of a substation read at one moment, kW."""
+
+    load_kw: float
+    generation_kw: float = 0.0
+    storage_kw: float = 0.0
+
+    @property
+    def net_generation_kw(self) -> float:
+        return self.generation_kw + self.storage_kw - self.load_kw
+
+
+@dataclass(frozen=True)
+class BalancingParams:
+    # FREEDM's documentation gives 2 kW, its code defaults to 1: the documented value is kept.
+    migration_step_kw: float = 2.0
+    # FREEDM's logger device `dgiEnable`: when off, compute and report but migrate nothing.
+    enabled: bool = True
+    # A demand node that silently drops every Draft Select (FREEDM's malicious flag), for experiments.
+    malicious: bool = False
+    # Off by default, as in FREEDM: when on, no migration starts once |imbalance + step| would exceed the limit.
+    invariant_check: bool = False
+    invariant_limit_kw: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.migration_step_kw > 0:
+            raise ValueError(f"migration_step_kw must be greater than 0, got {self.migration_step_kw}")
+        if self.invariant_limit_kw < self.migration_step_kw:
+            raise ValueError("invariant_limit_kw must be at least one migration step, or nothing could migrate")
+
+
+def classify(net_generation_kw: float, gateway_kw: float, step_kw: float) -> NodeState:
+    if net_generation_kw >= gateway_kw + step_kw:
+        return NodeState.SUPPLY
+    if net_generation_kw <= gateway_kw - step_kw:
+        return NodeState.DEMAND
+    return NodeState.NORMAL
+
+
+class Outcome(str, Enum):
+    """How a migration offered by this node (as supplier) ended."""
+
+    ACCEPTED = "accepted"
+    TOO_LATE = "too_late"
+    # The demand peer left the group (or reset the link) while the offer was open.
+    ROLLED_BACK = "rolled_back"
+    # No answer for a whole phase after the offer was released at a collected state.
+    DROPPED = "dropped"
+
+
+class Rejection(str, Enum):
+    """Why a received message was refused without being acted on."""
+
+    MALFORMED = "malformed"
+    UNKNOWN_SENDER = "unknown_sender"
+    # The sender still speaks for a link this node has since reset; it will learn the new epoch.
+    STALE_LINK = "stale_link"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    to: str
+    message: Message
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The result of handling one received message."""
+
+    outgoing: list[Outgoing] = field(default_factory=list)
+    rejected: Rejection | None = None
+    # Set when the message was valid but had nothing to act on (a late answer, a dropped select...).
+    ignored: str | None = None
+
+
+@dataclass
+class PeerView:
+    """What this node knows of one peer."""
+
+    epoch: float
+    member: bool = True
+    # As FREEDM, a peer counts as NORMAL until it says otherwise.
+    state: NodeState = NodeState.NORMAL
+    flow_kw: float = 0.0
+
+
+@dataclass(frozen=True)
+class Migration:
+    migration_id: str
+    peer: str
+    amount_kw: float
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    substation: str
+    member: bool
+    state: str | None
+    flow_kw: float
+    link_epoch: float
+
+
+@dataclass(frozen=True)
+class LoadTable:
+    """This node and its peers as it knows them: FREEDM's load table."""
+
+    substation: str
+    enabled: bool
+    state: str
+    phase: int
+    round: int
+    synchronized: bool
+    leader: str
+    migration_step_kw: float
+    load_kw: float
+    generation_kw: float
+    storage_kw: float
+    net_generation_kw: float
+    gateway_kw: float
+    predicted_gateway_kw: float
+    power_imbalance_kw: float
+    peers: tuple[PeerRow, ...]
+
+    def peers_signature(self) -> tuple:
+        return tuple((peer.substation, peer.member, peer.state, peer.flow_kw) for peer in self.peers)
+
+    def lines(self) -> list[str]:
+        rows = [f"({self.state.upper()}) {self.substation}"]
+        for peer in self.peers:
+            state = peer.state.upper() if peer.state else "GONE"
+            rows.append(f"({state}) {peer.substation} flow {peer.flow_kw:+.2f} kW")
+        return [
+            f"load table phase {self.phase} round {self.round}: load {self.load_kw:.2f}, "
+            f"generation {self.generation_kw:.2f}, storage {self.storage_kw:.2f}, "
+            f"net {self.net_generation_kw:.2f}, gateway {self.gateway_kw:.2f} "
+            f"(predicted {self.predicted_gateway_kw:.2f}) kW",
+            *rows,
+        ]
+
+
+class BalancingMachine:
+    """The peer-balancing state of one substation; see the module docstring."""
+
+    def __init__(self, node_id: str, params: BalancingParams, epoch_origin: float = 0.0) -> None:
+        self.node_id = node_id
+        self.params = params
+        # Links to peers first seen get this epoch: a restarted node's start time beats its old links.
+        self.epoch_origin = epoch_origin
+        self.state = NodeState.NORMAL
+        self.readings = Readings(load_kw=0.0)
+        self.phase = 0
+        self.round = 0
+        self.synced_phase: int | None = None
+        self.collected_total_kw = 0.0
+        self.peers: dict[str, PeerView] = {}
+        self._outstanding: dict[str, Migration] = {}
+        # Offers released at the last collected state; an answer may still come for them.
+        self._expired: dict[str, Migration] = {}
+        self._draft_ages: dict[str, float] | None = None
+        self._migrations_offered = 0
+        self.sent: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
+        self.rejected: Counter[Rejection] = Counter()
+        self.ignored: Counter[str] = Counter()
+        self.outcomes: Counter[Outcome] = Counter()
+        self.invariant_blocks = 0
+
+    # ----- what the node knows -------------------------------------------------------------
+
+    @property
+    def step_kw(self) -> float:
+        return self.params.migration_step_kw
+
+    @property
+    def gateway_kw(self) -> float:
+        return math.fsum(view.flow_kw for view in self.peers.values())
+
+    @property
+    def predicted_gateway_kw(self) -> float:
+        return self.gateway_kw + self._offered_kw
+
+    @property
+    def power_imbalance_kw(self) -> float:
+        """FREEDM's power differential: the collected sum of gateways plus this node's open offers."""
+        return self.collected_total_kw + self._offered_kw
+
+    @property
+    def _offered_kw(self) -> float:
+        return math.fsum(migration.amount_kw for migration in self._outstanding.values())
+
+    @property
+    def members(self) -> list[str]:
+        return sorted(peer for peer, view in self.peers.items() if view.member)
+
+    @property
+    def leader(self) -> str:
+        # Deterministic: every node that sees the same live members picks the same leader.
+        return min([self.node_id, *self.members])
+
+    @property
+    def synchronized(self) -> bool:
+        return self.synced_phase is not None and self.synced_phase >= self.phase
+
+    def open_migrations(self) -> list[Migration]:
+        return [*self._outstanding.values(), *self._expired.values()]
+
+    def load_table(self) -> LoadTable:
+        readings = self.readings
+        return LoadTable(
+            substation=self.node_id,
+            enabled=self.params.enabled,
+            state=self.state.value,
+            phase=self.phase,
+            round=self.round,
+            synchronized=self.synchronized,
+            leader=self.leader,
+            migration_step_kw=self.step_kw,
+            load_kw=readings.load_kw,
+            generation_kw=readings.generation_kw,
+            storage_kw=readings.storage_kw,
+            net_generation_kw=readings.net_generation_kw,
+            gateway_kw=self.gateway_kw,
+            predicted_gateway_kw=self.predicted_gateway_kw,
+            power_imbalance_kw=self.power_imbalance_kw,
+            peers=tuple(
+                PeerRow(peer, view.member, view.state.value if view.member else None, view.flow_kw, view.epoch)
+                for peer, view in sorted(self.peers.items())
+            ),
+        )
+
+    # ----- group membership ----------------------------------------------------------------
+
+    def peer_seen(self, peer_id: str, link_epoch: float | None = None) -> None:
+        """The peer answered; ``link_epoch`` is its epoch for the link to this node, if it has one."""
+        if peer_id == self.node_id:
+            return
+        view = self.peers.get(peer_id)
+        if view is None:
+            view = self.peers[peer_id] = PeerView(epoch=self.epoch_origin)
+        elif not view.member:
+            view.member = True
+            view.state = NodeState.NORMAL
+        if link_epoch is not None and link_epoch > view.epoch:
+            self._reset_link(peer_id, link_epoch)
+
+    def peer_lost(self, peer_id: str, now: float) -> None:
+        """The peer stopped answering: it leaves the group and the link to it is reset."""
+        view = self.peers.get(peer_id)
+        if view is None or not view.member:
+            return
+        view.member = False
+        self._reset_link(peer_id, max(view.epoch + 1.0, now))
+
+    def _reset_link(self, peer_id: str, epoch: float) -> None:
+        view = self.peers[peer_id]
+        view.epoch = epoch
+        view.flow_kw = 0.0
+        for store in (self._outstanding, self._expired):
+            for migration_id, migration in list(store.items()):
+                if migration.peer == peer_id:
+                    del store[migration_id]
+                    self.outcomes[Outcome.ROLLED_BACK] += 1
+        if self._draft_ages is not None:
+            self._draft_ages.pop(peer_id, None)
+
+    # ----- the rounds of a phase -----------------------------------------------------------
+
+    def collect_state(self, phase: int, gateways: Mapping[str, float]) -> list[Outgoing]:
+        """As leader at the start of a phase: sum the members' gateways and send the total to all."""
+        if self.synced_phase is not None and phase <= self.synced_phase:
+            return []
+        total = math.fsum([self.gateway_kw, *(kw for peer, kw in gateways.items() if peer in self.members)])
+        self._synchronize(phase, total)
+        return self._broadcast(lambda header: CollectedState(**header, gateway_total_kw=total), phase=phase, round_=0)
+
+    def begin_round(self, phase: int, round_: int, readings: Readings) -> list[Outgoing]:
+        """Steps 2 to 7 of a round: read devices, update the state, announce, request drafts."""
+        self.phase, self.round = phase, round_
+        self.readings = readings
+        # An offer round not closed by now is abandoned: its ages are a round old.
+        self._draft_ages = None
+        previous = self.state
+        self.state = classify(readings.net_generation_kw, self.gateway_kw, self.step_kw)
+        if not self.params.enabled:
+            return []
+        outgoing: list[Outgoing] = []
+        if self.state is NodeState.DEMAND or self.state is not previous:
+            state = self.state
+            outgoing += self._broadcast(lambda header: StateChange(**header, state=state))
+        if self.state is NodeState.SUPPLY and self.synchronized:
+            outgoing += self._draft_request()
+        return outgoing
+
+    def close_draft(self, readings: Readings) -> list[Outgoing]:
+        """After the request timeout: select the neediest demand peer and offer it one step."""
+        ages, self._draft_ages = self._draft_ages, None
+        if ages is None:
+            return []
+        self.readings = readings
+        for peer, age in ages.items():
+            if age == 0 and self.peers[peer].member:
+                self.peers[peer].state = NodeState.NORMAL
+        busy = {migration.peer for migration in self.open_migrations()}
+        candidates = sorted(
+            (-age, peer)
+            for peer, age in ages.items()
+            if age >= self.step_kw and self.peers[peer].member and peer not in busy
+        )
+        if not candidates or not self._still_supply() or not self._invariant_allows():
+            return []
+        peer = candidates[0][1]
+        self._migrations_offered += 1
+        migration = Migration(f"{self.node_id}:{self._migrations_offered}", peer, self.step_kw)
+        self._outstanding[migration.migration_id] = migration
+        return [self._to(peer, lambda h: DraftSelect(**h, migration=migration.migration_id, amount=migration.amount_kw))]
+
+    def _still_supply(self) -> bool:
+        # Counting the offers still open, so a supplier never promises itself into deficit.
+        predicted = classify(self.readings.net_generation_kw, self.predicted_gateway_kw, self.step_kw)
+        return self.params.enabled and predicted is NodeState.SUPPLY
+
+    def _draft_request(self) -> list[Outgoing]:
+        demand = [peer for peer in self.members if self.peers[peer].state is NodeState.DEMAND]
+        if not demand or not self._invariant_allows():
+            return []
+        self._draft_ages = {}
+        return [self._to(peer, lambda header: DraftRequest(**header)) for peer in demand]
+
+    def _invariant_allows(self) -> bool:
+        if not self.params.invariant_check:
+            return True
+        if abs(self.power_imbalance_kw + self.step_kw) <= self.params.invariant_limit_kw:
+            return True
+        self.invariant_blocks += 1
+        return False
+
+    def _synchronize(self, phase: int, total_kw: float) -> None:
+        self.outcomes[Outcome.DROPPED] += len(self._expired)
+        self._expired, self._outstanding = self._outstanding, {}
+        self.collected_total_kw = total_kw
+        self.synced_phase = phase
+
+    # ----- received messages ---------------------------------------------------------------
+
+    def reject_malformed(self) -> None:
+        self.rejected[Rejection.MALFORMED] += 1
+
+    def handle(self, message: Message, readings: Readings) -> Delivery:
+        view = self.peers.get(message.sender)
+        if view is None or not view.member:
+            self.rejected[Rejection.UNKNOWN_SENDER] += 1
+            return Delivery(rejected=Rejection.UNKNOWN_SENDER)
+        if message.epoch < view.epoch:
+            self.rejected[Rejection.STALE_LINK] += 1
+            return Delivery(rejected=Rejection.STALE_LINK)
+        if message.epoch > view.epoch:
+            self._reset_link(message.sender, message.epoch)
+        self.received[message.type] += 1
+        self.readings = readings
+        delivery = self._HANDLERS[message.type](self, message, view)
+        if delivery.ignored:
+            self.ignored[delivery.ignored] += 1
+        return delivery
+
+    def _on_state_change(self, message: StateChange, view: PeerView) -> Delivery:
+        view.state = message.state
+        return Delivery()
+
+    def _on_draft_request(self, message: DraftRequest, view: PeerView) -> Delivery:
+        view.state = NodeState.SUPPLY
+        age = 0.0
+        state_now = classify(self.readings.net_generation_kw, self.gateway_kw, self.step_kw)
+        if self.params.enabled and state_now is NodeState.DEMAND:
+            age = self.gateway_kw - self.readings.net_generation_kw
+        return Delivery([self._to(message.sender, lambda header: DraftAge(**header, age=age))])
+
+    def _on_draft_age(self, message: DraftAge, view: PeerView) -> Delivery:
+        if self._draft_ages is None:
+            return Delivery(ignored="no_open_request")
+        self._draft_ages[message.sender] = message.age
+        return Delivery()
+
+    def _on_draft_select(self, message: DraftSelect, view: PeerView) -> Delivery:
+        if self.params.malicious:
+            return Delivery(ignored="dropped_by_malicious_flag")
+        amount = message.amount
+        answer = {"migration": message.migration, "amount": amount}
+        still_needed = self.readings.net_generation_kw <= self.predicted_gateway_kw - amount
+        if self.params.enabled and still_needed:
+            view.flow_kw -= amount
+            return Delivery([self._to(message.sender, lambda header: DraftAccept(**header, **answer))])
+        return Delivery([self._to(message.sender, lambda header: TooLate(**header, **answer))])
+
+    def _on_draft_accept(self, message: DraftAccept, view: PeerView) -> Delivery:
+        migration = self._resolve(message)
+        if migration is None:
+            return Delivery(ignored="unknown_migration")
+        view.flow_kw += migration.amount_kw
+        self.outcomes[Outcome.ACCEPTED] += 1
+        return Delivery()
+
+    def _on_too_late(self, message: TooLate, view: PeerView) -> Delivery:
+        if self._resolve(message) is None:
+            return Delivery(ignored="unknown_migration")
+        self.outcomes[Outcome.TOO_LATE] += 1
+        return Delivery()
+
+    def _on_collected_state(self, message: CollectedState, view: PeerView) -> Delivery:
+        if self.synced_phase is not None and message.phase <= self.synced_phase:
+            return Delivery(ignored="already_synchronized")
+        if message.phase < self.phase:
+            return Delivery(ignored="old_phase")
+        self._synchronize(message.phase, message.gateway_total_kw)
+        return Delivery()
+
+    _HANDLERS: dict[str, Callable[["BalancingMachine", Message, PeerView], Delivery]] = {
+        "StateChange": _on_state_change,
+        "DraftRequest": _on_draft_request,
+        "DraftAge": _on_draft_age,
+        "DraftSelect": _on_draft_select,
+        "DraftAccept": _on_draft_accept,
+        "TooLate": _on_too_late,
+        "CollectedState": _on_collected_state,
+    }  # type: ignore[dict-item]
+
+    def _resolve(self, message: DraftAccept | TooLate) -> Migration | None:
+        """The open offer this answer is about, removed from the open ones; None if there is none."""
+        for store in (self._outstanding, self._expired):
+            migration = store.get(message.migration)
+            if migration is not None and migration.peer == message.sender:
+                del store[message.migration]
+                return migration
+        return None
+
+    # ----- sending ---------------------------------------------------------------------------
+
+    def _to(
+        self, peer: str, build: Callable[[dict], Message], phase: int | None = None, round_: int | None = None
+    ) -> Outgoing:
+        header = {
+            "sender": self.node_id,
+            "phase": self.phase if phase is None else phase,
+            "round": self.round if round_ is None else round_,
+            "epoch": self.peers[peer].epoch,
+        }
+        message = build(header)
+        self.sent[message.type] += 1
+        return Outgoing(peer, message)
+
+    def _broadcast(
+        self, build: Callable[[dict], Message], phase: int | None = None, round_: int | None = None
+    ) -> list[Outgoing]:
+        return [self._to(peer, build, phase, round_) for peer in self.members]

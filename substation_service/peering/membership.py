@@ -1,0 +1,74 @@
+"""The group of a substation: its configured peers that answer, kept current by polling.
+
+A peer that leaves unanswered ``missed_polls`` polls in a row leaves the
+group; one that answers again rejoins. Peers are configured by URL and known
+by id: the id is read from the ``substation`` label of the peer's /metrics.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from substation_service.peering.node import PeeringNode
+from substation_service.peering.transport import PeerReport, PeerUnreachable
+
+log = logging.getLogger("peering.membership")
+
+Scraper = Callable[[Iterable[str]], dict[str, PeerReport | PeerUnreachable]]
+
+
+class Membership:
+    def __init__(self, node: PeeringNode, peer_urls: Iterable[str], scrape_all: Scraper, missed_polls: int) -> None:
+        self._node = node
+        self._urls = list(peer_urls)
+        self._scrape_all = scrape_all
+        self._missed_polls = missed_polls
+        self._lock = threading.Lock()
+        self._id_by_url: dict[str, str] = {}
+        self._misses: Counter[str] = Counter()
+
+    def poll_once(self) -> None:
+        for url, result in self._scrape_all(self._urls).items():
+            if isinstance(result, PeerReport):
+                self._answered(url, result)
+            else:
+                self._unanswered(url, result)
+
+    def url_of(self, peer_id: str) -> str | None:
+        with self._lock:
+            return next((url for url, known in self._id_by_url.items() if known == peer_id), None)
+
+    def directory(self) -> dict[str, str | None]:
+        """Every configured URL and the id answering there (None until one has)."""
+        with self._lock:
+            return {url: self._id_by_url.get(url) for url in self._urls}
+
+    def _answered(self, url: str, report: PeerReport) -> None:
+        with self._lock:
+            if report.substation == self._node.node_id:
+                # PEERS may list every substation, this one included.
+                self._urls.remove(url)
+                return
+            previous = self._id_by_url.get(url)
+            self._id_by_url[url] = report.substation
+            self._misses[url] = 0
+        if previous is not None and previous != report.substation:
+            log.warning("%s now answers as %s instead of %s; %s leaves the group", url, report.substation,
+                        previous, previous)
+            self._node.peer_lost(previous)
+        if self._node.peer_seen(report.substation, report.link_epoch):
+            log.info("%s at %s joined the peer-balancing group", report.substation, url)
+
+    def _unanswered(self, url: str, error: PeerUnreachable) -> None:
+        with self._lock:
+            self._misses[url] += 1
+            misses = self._misses[url]
+            peer_id = self._id_by_url.get(url)
+        if peer_id is not None and misses == self._missed_polls:
+            log.warning("%s at %s has not answered %d polls (%s): it leaves the peer-balancing group until it "
+                        "answers again", peer_id, url, misses, error)
+            self._node.peer_lost(peer_id)
+        elif peer_id is None and misses == self._missed_polls:
+            log.warning("peer %s does not answer (%s); check PEERS and that the substation runs", url, error)

@@ -1,0 +1,153 @@
+"""One substation's balancing machine, shared safely by the round runner, the
+membership poller, the HTTP handlers and the admission ledger.
+
+Lock order: the ledger may call ``extra_capacity_kw`` (which takes this
+node's lock) while asking for its own state, so this node never holds its
+lock while it reads the ledger: readings are taken first, then the lock.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from substation_service.peering.machine import BalancingMachine, Delivery, LoadTable, Outgoing, Readings
+from substation_service.peering.messages import parse_message
+from substation_service.peering.power import LocalPower
+
+log = logging.getLogger("peering")
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """Everything the load table, the JSON view and the metrics show, taken at one instant."""
+
+    table: LoadTable
+    sent: dict[str, int]
+    received: dict[str, int]
+    rejected: dict[str, int]
+    ignored: dict[str, int]
+    outcomes: dict[str, int]
+    invariant_blocks: int
+    send_failures: dict[str, int]
+
+
+class PeeringNode:
+    def __init__(
+        self,
+        machine: BalancingMachine,
+        power: LocalPower,
+        load_kw: Callable[[], float],
+        clock: Callable[[], float],
+    ) -> None:
+        self._machine = machine
+        self._power = power
+        self._load_kw = load_kw
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._send_failures: Counter[str] = Counter()
+        self._last_logged_table: tuple | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self._machine.node_id
+
+    def readings(self) -> Readings:
+        """Step 2 of a round: what the load, generation and storage devices read now."""
+        return Readings(
+            load_kw=self._load_kw(),
+            generation_kw=self._power.generation_at(self._clock()),
+            storage_kw=self._power.storage_kw,
+        )
+
+    def extra_capacity_kw(self) -> float:
+        """What generation, storage and the gateway add to the transformer for admission.
+
+        Power received from peers (gateway < 0) relieves the transformer; power sent
+        or already offered to a peer (the larger of gateway and predicted gateway)
+        is not handed out to local chargers as well.
+        """
+        with self._lock:
+            committed = max(self._machine.gateway_kw, self._machine.predicted_gateway_kw)
+        return self._power.generation_at(self._clock()) + self._power.storage_kw - committed
+
+    def begin_round(self, phase: int, round_: int) -> list[Outgoing]:
+        readings = self.readings()
+        with self._lock:
+            outgoing = self._machine.begin_round(phase, round_, readings)
+            table = self._machine.load_table()
+        self._log_load_table(table)
+        return outgoing
+
+    def close_draft(self) -> list[Outgoing]:
+        readings = self.readings()
+        with self._lock:
+            return self._machine.close_draft(readings)
+
+    def collect_state(self, phase: int, gateways: Mapping[str, float]) -> list[Outgoing]:
+        with self._lock:
+            return self._machine.collect_state(phase, gateways)
+
+    def receive(self, document: Any) -> Delivery:
+        """Handle one received JSON document; raises ``ValidationError`` when it is not a valid message."""
+        try:
+            message = parse_message(document)
+        except ValueError:
+            self.count_malformed()
+            raise
+        readings = self.readings()
+        with self._lock:
+            return self._machine.handle(message, readings)
+
+    def count_malformed(self) -> None:
+        with self._lock:
+            self._machine.reject_malformed()
+
+    def peer_seen(self, peer_id: str, link_epoch: float | None) -> bool:
+        """Record a peer that answered; True when it (re)joined the group just now."""
+        with self._lock:
+            was_member = peer_id in self._machine.members
+            self._machine.peer_seen(peer_id, link_epoch)
+            return not was_member and peer_id in self._machine.members
+
+    def peer_lost(self, peer_id: str) -> None:
+        with self._lock:
+            self._machine.peer_lost(peer_id, self._clock())
+
+    def is_leader(self) -> bool:
+        with self._lock:
+            return self._machine.leader == self.node_id
+
+    def members(self) -> list[str]:
+        with self._lock:
+            return self._machine.members
+
+    def record_send_failure(self, message_type: str) -> None:
+        with self._lock:
+            self._send_failures[message_type] += 1
+
+    def report(self) -> NodeReport:
+        with self._lock:
+            machine = self._machine
+            return NodeReport(
+                table=machine.load_table(),
+                sent=dict(machine.sent),
+                received=dict(machine.received),
+                rejected={reason.value: count for reason, count in machine.rejected.items()},
+                ignored=dict(machine.ignored),
+                outcomes={outcome.value: count for outcome, count in machine.outcomes.items()},
+                invariant_blocks=machine.invariant_blocks,
+                send_failures=dict(self._send_failures),
+            )
+
+    def _log_load_table(self, table: LoadTable) -> None:
+        # Step 4: the table every round at DEBUG; at INFO only when a state, a member or a flow changed.
+        signature = (table.state, table.gateway_kw, table.peers_signature())
+        changed = signature != self._last_logged_table
+        self._last_logged_table = signature
+        level = logging.INFO if changed else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(level, "\n    ".join(table.lines()))

@@ -1,0 +1,149 @@
+"""Helpers shared by the load tester's tests: hand-made records and checks of its output files."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from matplotlib import image
+
+from load_tester.records import ADMITTED, RequestResult, StatusSample, SubstationReading
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BASE_TIME = datetime(2026, 11, 21, 14, 30, tzinfo=timezone.utc)
+
+
+def iso(seconds: float) -> str:
+    moment = BASE_TIME + timedelta(seconds=seconds)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def admitted(
+    index: int,
+    substation: str,
+    amount: float,
+    start: float,
+    duration: float,
+    capacity: float,
+    *,
+    load: float | None = None,
+    state_version: int | None = None,
+    latency_ms: float = 10.0,
+) -> RequestResult:
+    """An admission at ``start`` seconds after BASE_TIME (the substation's clock), lasting ``duration``."""
+    return RequestResult(
+        index=index,
+        request_id=f"test-{index:05d}",
+        vehicle_id=f"ev-test-{index:05d}",
+        amount_kw=amount,
+        duration_seconds=duration,
+        scheduled_offset=0.0,
+        outcome=ADMITTED,
+        sent_offset=0.0,
+        latency_ms=latency_ms,
+        status=201,
+        substation=substation,
+        session_id=f"session-{index}",
+        started_at=iso(start),
+        ends_at=iso(start + duration),
+        load_kw=load,
+        capacity_kw=capacity,
+        load_percentage=None if load is None else load / capacity * 100.0,
+        state_version=state_version,
+    )
+
+
+def sample(t: float, *readings: tuple[str, float, float], policy: str = "least_loaded") -> StatusSample:
+    """A status sample from ``(substation, load_kw, capacity_kw)`` triples."""
+    return StatusSample(
+        t=t,
+        policy=policy,
+        substations=tuple(SubstationReading(name, load, cap, load / cap * 100.0, True) for name, load, cap in readings),
+    )
+
+
+def assert_png(path: Path) -> None:
+    """A real PNG: the signature, and matplotlib can decode it into a non-empty image."""
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, f"{path} does not start with the PNG signature"
+    pixels = image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100, pixels.shape
+    # A blank canvas would be one colour: a drawn figure has many.
+    assert pixels.reshape(-1, pixels.shape[2]).std(axis=0).max() > 0.05
+
+
+def markdown_rows(text: str, first_header: str) -> list[list[str]]:
+    """The body rows of the Markdown table whose first header cell is ``first_header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def one_decimal(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def assert_report_agrees_with_results(folder: Path) -> dict[str, Any]:
+    """report.md shows the figures of results.json, and those figures follow from its request records."""
+    results = json.loads((folder / "results.json").read_text())
+    summary = results["summary"]
+    requests = results["requests"]
+    outcomes = [r["outcome"] for r in requests]
+    assert summary["planned"] == len(requests)
+    for outcome in ("admitted", "rejected", "failed", "not_sent"):
+        assert summary[outcome] == outcomes.count(outcome), outcome
+    assert summary["sent"] == len(requests) - outcomes.count("not_sent")
+    assert abs(summary["error_rate"] - (1 - outcomes.count("admitted") / len(requests))) < 1e-9
+    answered = [r["latency_ms"] for r in requests if r["status"] is not None]
+    if answered:
+        assert abs(summary["latency"]["max"] - max(answered)) < 1e-6
+        assert abs(summary["latency"]["mean"] - sum(answered) / len(answered)) < 1e-6
+    for substation in summary["substations"]:
+        mine = [r for r in requests if r["outcome"] == "admitted" and r["substation"] == substation["substation"]]
+        assert substation["admitted"] == len(mine)
+        assert abs(substation["admitted_kw"] - sum(r["amount_kw"] for r in mine)) < 1e-6
+    assert summary["capacity_violations"] == len(results["capacity_violations"])
+
+    report = (folder / "report.md").read_text()
+    figures = dict(markdown_rows(report, "Figure"))
+    latency = summary["latency"] or {}
+    expected = {
+        "Requests planned": str(summary["planned"]),
+        "Requests sent": str(summary["sent"]),
+        "Admitted": str(summary["admitted"]),
+        "Rejected for capacity": str(summary["rejected"]),
+        "Failed": str(summary["failed"]),
+        "Not sent (time limit or interrupted)": str(summary["not_sent"]),
+        "Error rate (%)": one_decimal(summary["error_rate"] * 100),
+        "Latency mean (ms)": one_decimal(latency.get("mean")),
+        "Latency median (ms)": one_decimal(latency.get("median")),
+        "Latency p95 (ms)": one_decimal(latency.get("p95")),
+        "Latency p99 (ms)": one_decimal(latency.get("p99")),
+        "Latency max (ms)": one_decimal(latency.get("max")),
+        "Throughput (answers/s)": one_decimal(summary["throughput_rps"]),
+        "Spread at end (points of load %)": one_decimal(summary["spread_end"]),
+        "Largest spread (points of load %)": one_decimal(summary["spread_peak"]),
+        "Capacity violations": str(summary["capacity_violations"]),
+    }
+    for label, value in expected.items():
+        assert figures[label] == value, f"report.md shows {label} = {figures[label]}, results.json {value}"
+    table = {row[0]: row[1:] for row in markdown_rows(report, "Substation")}
+    assert sorted(table) == sorted(s["substation"] for s in summary["substations"])
+    for s in summary["substations"]:
+        assert table[s["substation"]] == [
+            str(s["admitted"]),
+            one_decimal(s["admitted_kw"]),
+            one_decimal(s["capacity_kw"]),
+            one_decimal(s["end_load_percentage"]),
+            one_decimal(s["peak_load_percentage"]),
+        ]
+    assert "![Load per substation over time](load.png)" in report
+    assert "![Latency distribution](latency.png)" in report
+    assert_png(folder / "load.png")
+    assert_png(folder / "latency.png")
+    return results

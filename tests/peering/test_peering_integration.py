@@ -1,0 +1,153 @@
+"""Three real substation processes balancing power over HTTP on loopback."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import requests
+
+from gridcommon.promtext import parse_metrics
+from tests.harness import Service, wait_until_healthy
+
+pytestmark = pytest.mark.integration
+
+# Short phases and rounds keep the tests fast; polls often enough that a death is noticed in half a second.
+FAST = {
+    "PHASE_SECONDS": "1",
+    "ROUND_SECONDS": "0.2",
+    "REQUEST_TIMEOUT_SECONDS": "0.08",
+    "MEMBERSHIP_POLL_SECONDS": "0.2",
+    "PEER_TIMEOUT_SECONDS": "0.5",
+    "PEER_MISSED_POLLS": "2",
+    "MIGRATION_STEP_KW": "4",
+}
+# substation-3 generates; the others have none.
+GENERATION = {3: {"GENERATION_KW": "30"}}
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+def start_group(tmp_path: Path) -> Iterator[Callable[..., list[Service]]]:
+    started: list[Service] = []
+
+    def start(extra_env: dict[int, dict[str, str]] = GENERATION) -> list[Service]:
+        services = [
+            Service(name=f"substation-{index}", app="substation_service:create_app()", env={}, log_dir=tmp_path)
+            for index in (1, 2, 3)
+        ]
+        peers = ",".join(service.url for service in services)
+        for index, service in enumerate(services, start=1):
+            service.env.update(
+                FAST,
+                SUBSTATION_ID=f"substation-{index}",
+                CAPACITY_KW="100",
+                PUBLIC_URL=service.url,
+                PEERS=peers,
+                **extra_env.get(index, {}),
+            )
+        for service in services:
+            started.append(service.start(wait=False))
+        for service in services:
+            wait_until_healthy(f"{service.url}/health", service.process)
+        wait_for(lambda: all(len(members(service)) == 2 for service in services), "the group to form")
+        return services
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+def wait_for(check: Callable[[], T], what: str, timeout: float = 15.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def table(service: Service) -> dict[str, Any]:
+    response = requests.get(f"{service.url}/peer-balancing", timeout=2)
+    assert response.status_code == 200
+    return response.json()
+
+
+def members(service: Service) -> list[str]:
+    return [peer["substation"] for peer in table(service)["peers"] if peer["member"]]
+
+
+def gateways(services: list[Service]) -> list[float]:
+    return [table(service)["gateway_kw"] for service in services]
+
+
+def charge(service: Service, amount: float) -> requests.Response:
+    body = {"vehicle_id": f"ev-{amount:g}", "amount": amount, "duration_seconds": 600}
+    return requests.post(f"{service.url}/charge", json=body, timeout=2)
+
+
+def metric(service: Service, name: str, **labels: str) -> float | None:
+    scrape = parse_metrics(requests.get(f"{service.url}/metrics", timeout=2).text)
+    return scrape.value(name, **labels)
+
+
+def test_three_substations_converge_from_an_unbalanced_start(start_group) -> None:
+    s1, s2, s3 = start_group()
+    assert charge(s1, 20).status_code == 201  # substation-1: 20 kW of load, no generation
+
+    wait_for(lambda: gateways([s1, s2, s3]) == [-20.0, 0.0, 20.0], "substation-3 to send 20 kW to substation-1")
+    # FREEDM's end state, once every node has run a round with its new gateway: no supply and demand at once.
+    wait_for(lambda: [table(service)["state"] for service in (s1, s2, s3)] == ["normal", "normal", "supply"],
+             "the states to settle")
+    # Power received from a peer relieves substation-1's transformer; what substation-3 sends is gone from its own.
+    assert requests.get(f"{s1.url}/status", timeout=2).json()["capacity"] == 120.0
+    assert requests.get(f"{s3.url}/status", timeout=2).json()["capacity"] == 100.0 + 30.0 - 20.0
+    assert charge(s1, 95).status_code == 201  # 115 kW on a 100 kW transformer, thanks to the peer
+
+    assert metric(s3, "peer_migrations_total", substation="substation-3", outcome="accepted") == 5
+    assert metric(s1, "peer_messages_received_total", substation="substation-1", type="DraftSelect") >= 5
+    assert metric(s3, "peer_state", substation="substation-3") in {0, 1}
+    load_table = table(s1)["load_table"]
+    assert any(line.startswith("(SUPPLY) substation-3 flow -") for line in load_table), load_table
+    for service in (s1, s2, s3):
+        assert table(service)["leader"] == "substation-1"
+
+
+def test_a_killed_peer_leaves_the_group_and_the_others_carry_on(start_group) -> None:
+    s1, s2, s3 = start_group()
+    s1.kill()  # the leader
+
+    for survivor in (s2, s3):
+        wait_for(lambda: members(survivor) == ["substation-3" if survivor is s2 else "substation-2"],
+                 f"{survivor.name} to drop substation-1")
+        wait_for(lambda: table(survivor)["leader"] == "substation-2", "substation-2 to lead")
+    assert "substation-1" in s2.log_text() and "leaves the peer-balancing group" in s2.log_text()
+    phase = table(s2)["phase"]
+    wait_for(lambda: table(s3)["phase"] >= phase + 2 and table(s3)["synchronized"], "phases to go on")
+
+    assert charge(s2, 12).status_code == 201
+    wait_for(lambda: gateways([s2, s3]) == [-12.0, 12.0], "substation-3 to supply substation-2")
+
+    s1.start()  # it answers again: it rejoins and, lowest id, leads again
+    wait_for(lambda: all(len(members(service)) == 2 for service in (s1, s2, s3)), "substation-1 to rejoin")
+    wait_for(lambda: table(s3)["leader"] == "substation-1", "substation-1 to lead again")
+    assert gateways([s1, s2, s3]) == [0.0, -12.0, 12.0]
+
+
+def test_power_from_a_killed_supplier_is_released(start_group) -> None:
+    s1, s2, s3 = start_group()
+    assert charge(s1, 20).status_code == 201
+    wait_for(lambda: gateways([s1, s3]) == [-20.0, 20.0], "substation-3 to supply substation-1")
+
+    s3.kill()
+
+    # substation-1 no longer counts on power from a substation that is gone.
+    wait_for(lambda: table(s1)["gateway_kw"] == 0.0, "substation-1 to release the power of substation-3")
+    assert requests.get(f"{s1.url}/status", timeout=2).json()["capacity"] == 100.0
+    wait_for(lambda: table(s1)["state"] == "demand", "substation-1's next round to find it in demand")
+    assert table(s2)["gateway_kw"] == 0.0

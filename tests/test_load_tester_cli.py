@@ -1,0 +1,95 @@
+"""Options of the load tester: scenario presets, overrides, and clear errors before anything is sent."""
+from __future__ import annotations
+
+import pytest
+
+from load_tester.cli import EXIT_USAGE, build_parser, main, resolve_plan
+from load_tester.config import Defaults
+from load_tester.scenarios import MAX_REQUESTS
+from tests.harness import free_port
+
+
+def plan_of(*argv: str):
+    parser = build_parser(Defaults())
+    return resolve_plan(parser, parser.parse_args(argv))
+
+
+def usage_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        plan_of(*argv)
+    assert exit_info.value.code == EXIT_USAGE
+    return capsys.readouterr().err
+
+
+def test_a_scenario_sets_the_shape_and_explicit_options_override_it():
+    plan = plan_of("--scenario", "high")
+    assert (plan.requests, plan.concurrency, plan.ramp_up_seconds, plan.open_loop) == (500, 50, 120.0, False)
+    plan = plan_of(
+        "--scenario", "high", "--requests", "20", "--ramp-up", "1", "--amount-range", "1", "2", "--seed", "9"
+    )  # fmt: skip
+    assert (plan.requests, plan.concurrency, plan.ramp_up_seconds) == (20, 50, 1.0)
+    assert (plan.amount_min_kw, plan.amount_max_kw, plan.seed) == (1.0, 2.0, 9)
+
+
+def test_rush_hour_is_the_default_and_without_a_seed_one_is_chosen_and_kept():
+    plan = plan_of()
+    assert (plan.scenario, plan.requests, plan.concurrency, plan.ramp_up_seconds) == ("rush-hour", 100, 100, 0.0)
+    assert (plan.amount_min_kw, plan.amount_max_kw, plan.session_seconds) == (5.0, 20.0, 60.0)
+    assert isinstance(plan.seed, int) and plan.seed >= 0
+
+
+def test_sustained_is_open_loop_at_the_given_rate():
+    plan = plan_of("--scenario", "sustained", "--rate", "7.5", "--duration", "30")
+    assert (plan.open_loop, plan.arrival_rate, plan.duration_seconds, plan.requests) == (True, 7.5, 30.0, MAX_REQUESTS)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--rate", "3"), "--rate applies only to --scenario sustained"),
+        (("--scenario", "sustained", "--ramp-up", "3"), "--ramp-up does not apply to --scenario sustained"),
+        (("--amount-range", "20", "5"), "the minimum 20 is above the maximum 5"),
+        (("--amount-range", "0", "5"), "0 is outside the allowed range (0, 350]"),
+        (("--concurrency", "0"), "0 is outside the allowed range [1, 1000]"),
+        (("--requests", "many"), "'many' is not a whole number"),
+        (("--max-error-rate", "1.5"), "1.5 is outside the allowed range [0, 1]"),
+        (("--session-duration", "nan"), "nan is outside the allowed range"),
+        (("--scenario", "lunch"), "invalid choice: 'lunch'"),
+    ],
+)
+def test_bad_options_are_refused_with_a_sentence_that_names_them(capsys, argv, message):
+    assert message in usage_error(capsys, *argv)
+
+
+def test_the_environment_sets_the_defaults_and_options_win():
+    environ = {"LOADTEST_TARGET_URL": "http://charge:5000", "LOADTEST_BALANCER_URL": "http://lb:5002",
+               "LOADTEST_OUTPUT_DIR": "/results", "ADMIN_TOKEN": "t"}  # fmt: skip
+    parser = build_parser(Defaults.from_env(environ))
+    args = parser.parse_args([])
+    assert (args.target, args.balancer, str(args.output)) == ("http://charge:5000", "http://lb:5002", "/results")
+    assert parser.parse_args(["--target", "http://127.0.0.1:5000"]).target == "http://127.0.0.1:5000"
+    assert Defaults.from_env(environ).admin_token == "t"
+    assert Defaults.from_env({}) == Defaults()
+
+
+def test_an_unreachable_target_is_a_clear_error_and_nothing_is_written(tmp_path, capsys):
+    target = f"http://127.0.0.1:{free_port()}"
+    code = main(["--target", target, "--output", str(tmp_path / "out"), "--no-progress"], environ={})
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"cannot reach the charge request service at {target}" in err and "--target" in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_compare_policies_without_an_admin_token_says_which_variable_to_set(tmp_path, capsys):
+    code = main(["--compare-policies", "--output", str(tmp_path)], environ={})
+    assert code == EXIT_USAGE
+    assert "set ADMIN_TOKEN" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_created_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main(["--output", str(blocker / "results")], environ={})
+    assert code == EXIT_USAGE
+    assert f"cannot create the output folder {blocker / 'results'}" in capsys.readouterr().err

@@ -1,0 +1,184 @@
+"""The load tester against the real stack (gunicorn processes on 127.0.0.1), run as users run it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+
+from load_tester.api import USER_AGENT, GridClient
+from tests.harness import REPO_ROOT, Stack
+from tests.load_tester_support import assert_png, assert_report_agrees_with_results, markdown_rows
+
+pytestmark = pytest.mark.integration
+
+ADMIN_TOKEN = "load-tester-test-token"
+TIMEOUT = 10
+# Each run is a few seconds at most; this only stops a hung run from hanging the suite.
+RUN_TIMEOUT = 90
+
+
+def load_tester(
+    stack: Stack, output: Path, *options: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "load_tester",
+        "--target", stack.charge.url, "--balancer", stack.balancer.url, "--output", str(output),
+        "--sample-interval", "0.1", *options,
+    ]  # fmt: skip
+    return subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT, env={**_base_env(), **(env or {})}
+    )
+
+
+def _base_env() -> dict[str, str]:
+    # The token is given only to the tests that mean to use it.
+    return {key: value for key, value in os.environ.items() if key != "ADMIN_TOKEN"}
+
+
+def balancer_status(stack: Stack) -> dict:
+    return requests.get(f"{stack.balancer.url}/status", timeout=TIMEOUT).json()
+
+
+def test_rush_hour_admits_every_request_when_the_grid_has_room(stack_factory, tmp_path):
+    # 100 EVs of up to 20 kW need up to 2000 kW: 3 x 700 kW always has room.
+    stack = stack_factory(capacities=(700, 700, 700))
+    run = load_tester(stack, tmp_path, "--scenario", "rush-hour", "--session-duration", "30", "--seed", "11")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "100/100" in run.stderr  # the progress bar reached the end
+    assert re.search(r"^Admitted +100$", run.stdout, re.MULTILINE) and run.stdout.rstrip().splitlines()[-3] == "PASSED"
+
+    results = assert_report_agrees_with_results(tmp_path)
+    summary = results["summary"]
+    assert (summary["admitted"], summary["rejected"], summary["failed"]) == (100, 0, 0)
+    assert summary["capacity_violations"] == 0
+    by_substation = {s["substation"]: s for s in summary["substations"]}
+    assert sorted(by_substation) == ["substation-1", "substation-2", "substation-3"]
+    # Least-loaded routing shares the rush hour out: roughly a third each, as in the design documents.
+    assert all(25 <= s["admitted"] <= 42 for s in by_substation.values()), by_substation
+    # One run, one id prefix: "loadtest-<run>-<index>".
+    assert len({r["request_id"].rsplit("-", 1)[0] for r in results["requests"]}) == 1
+
+    # The last status sample is the grid as the run left it: exactly the sessions the run opened.
+    last = {r["substation"]: r for r in results["status_samples"][-1]["substations"]}
+    for name, figures in by_substation.items():
+        assert last[name]["load_kw"] == pytest.approx(figures["admitted_kw"], abs=0.01)
+        assert figures["end_load_percentage"] == pytest.approx(figures["admitted_kw"] / 7.0, abs=0.01)
+    live = {s["id"]: s["load"] for s in balancer_status(stack)["substations"]}
+    assert live == pytest.approx({name: s["admitted_kw"] for name, s in by_substation.items()}, abs=0.01)
+
+    # Every request carried its id through the stack.
+    some_id = results["requests"][57]["request_id"]
+    assert f"[{some_id}]" in stack.charge.log_text()
+    assert f"[{some_id}]" in stack.balancer.log_text()
+
+
+def test_the_exit_code_follows_the_error_threshold(stack_factory, tmp_path):
+    # A tiny grid: 3 x 10 kW holds at most two 5-8 kW sessions per substation.
+    stack = stack_factory(capacities=(10, 10, 10))
+    common = ("--scenario", "burst", "--amount-range", "5", "8", "--session-duration", "60", "--no-progress")
+    first = load_tester(stack, tmp_path / "first", *common, "--requests", "20", "--max-error-rate", "0.5")
+    assert first.returncode == 1, first.stdout + first.stderr
+    results = assert_report_agrees_with_results(tmp_path / "first")
+    summary = results["summary"]
+    assert summary["admitted"] <= 6 and summary["rejected"] == 20 - summary["admitted"]
+    assert (summary["failed"], summary["capacity_violations"]) == (0, 0)
+    assert results["passed"] is False and "is above the allowed 50.0%" in first.stdout
+
+    # The grid is now full for a minute: every further request is rejected, an error rate of exactly 100 %.
+    strict = load_tester(stack, tmp_path / "strict", *common, "--requests", "4", "--max-error-rate", "0.99")
+    assert strict.returncode == 1, strict.stdout + strict.stderr
+    lenient = load_tester(stack, tmp_path / "lenient", *common, "--requests", "4", "--max-error-rate", "1")
+    assert lenient.returncode == 0, lenient.stdout + lenient.stderr
+    assert json.loads((tmp_path / "lenient" / "results.json").read_text())["summary"]["rejected"] == 4
+
+
+def test_nothing_is_sent_after_the_time_limit(stack_factory, tmp_path):
+    stack = stack_factory(capacities=(100, 100, 100))
+    # Ten requests due every 2 s, but a 1 s limit: only the first is due in time.
+    run = load_tester(
+        stack, tmp_path, "--scenario", "normal", "--requests", "10", "--ramp-up", "20", "--duration", "1",
+        "--session-duration", "5", "--max-error-rate", "1", "--no-progress",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = assert_report_agrees_with_results(tmp_path)["summary"]
+    assert (summary["sent"], summary["admitted"], summary["not_sent"]) == (1, 1, 9)
+    assert summary["wall_seconds"] < 3
+    assert "9 request(s) were not sent before the time limit" in run.stdout
+
+
+def test_compare_policies_runs_each_policy_from_an_empty_grid_and_restores_the_policy(stack_factory, tmp_path):
+    stack = stack_factory(capacities=(80, 100, 120), balancer_env={"ADMIN_TOKEN": ADMIN_TOKEN})
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    policy_url = f"{stack.balancer.url}/admin/policy"
+    put = requests.put(policy_url, json={"policy": "round_robin"}, headers=admin, timeout=TIMEOUT)
+    assert put.status_code == 200, put.text
+    offered = put.json()["available"]
+
+    # 20 requests of 5-10 kW: at most 200 kW, which fits the 300 kW grid once but not twice.
+    run = load_tester(
+        stack, tmp_path, "--compare-policies", "--scenario", "burst", "--requests", "20", "--concurrency", "10",
+        "--amount-range", "5", "10", "--session-duration", "60", "--seed", "3", "--no-progress",
+        env={"ADMIN_TOKEN": ADMIN_TOKEN},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    comparison = json.loads((tmp_path / "comparison.json").read_text())["policies"]
+    assert [row["policy"] for row in comparison] == offered
+    table = markdown_rows((tmp_path / "comparison.md").read_text(), "Policy")
+    assert [row[0] for row in table] == offered
+    assert_png(tmp_path / "comparison.png")
+    amounts = None
+    for policy in offered:
+        results = assert_report_agrees_with_results(tmp_path / policy)
+        # Each run happened under its policy, with the same seeded requests, on an emptied grid.
+        assert {s["policy"] for s in results["status_samples"]} == {policy}
+        assert results["summary"]["admitted"] == 20, (policy, results["summary"])
+        run_amounts = [r["amount_kw"] for r in results["requests"]]
+        assert amounts in (None, run_amounts)
+        amounts = run_amounts
+
+    admin_policy = requests.get(policy_url, headers=admin, timeout=TIMEOUT).json()
+    assert admin_policy["policy"] == "round_robin"
+    assert all(s["load"] == 0 for s in balancer_status(stack)["substations"])
+    assert requests.get(f"{stack.charge.url}/sessions", timeout=TIMEOUT).json()["sessions"] == []
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    seen: list[dict[str, str]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (the name http.server calls)
+        self.seen.append(dict(self.headers))
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"error": "no_capacity", "message": "full"}).encode()
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+def test_requests_name_the_tool_and_carry_their_request_id():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = GridClient(f"http://127.0.0.1:{server.server_port}", "http://127.0.0.1:1", read_timeout=5)
+    try:
+        response = client.charge({"vehicle_id": "ev-1", "amount": 5.0}, "loadtest-abc-00001")
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+    assert response.status_code == 503
+    [headers] = _Recorder.seen
+    assert headers["X-Request-ID"] == "loadtest-abc-00001"
+    assert headers["User-Agent"] == USER_AGENT
