@@ -1,6 +1,7 @@
 # Smart Grid Load Balancer — every command a user needs.
 #   make run    start the whole stack as local processes (no Docker needed)
 #   make test   install what the tests need, then run the whole suite
+#   make loadtest  rush hour against the running stack, report in loadtest-results/
 #   make bench  print benchmark figures
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
@@ -54,6 +55,10 @@ run: install
 		echo "Charge API http://127.0.0.1:5000  balancer :5002  substations :5011-5013 (prometheus not installed: 'make prometheus' adds it)"; \
 		exec honcho -f Procfile start $(LOCAL_SERVICES); \
 	fi
+
+# Rush hour against `make run`; extra options: make loadtest LOADTEST_ARGS="--scenario burst"
+loadtest: install
+	$(PYTHON) -m load_tester --scenario rush-hour --output loadtest-results --observe 10 $(LOADTEST_ARGS)
 
 bench: install
 	$(PYTHON) -m benchmarks

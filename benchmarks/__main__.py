@@ -84,7 +84,7 @@ def hop_overhead(log_dir: Path) -> None:
         direct = median_latency(f"{stack.substations[0].url}/charge", body, 300)
         balancer = median_latency(f"{stack.balancer.url}/charge", body, 300)
         public = median_latency(f"{stack.charge.url}/charge", body, 300)
-        print(f"  substation alone             1.00x")
+        print("  substation alone             1.00x")
         print(f"  balancer -> substation       {balancer / direct:5.2f}x")
         print(f"  charge API -> balancer -> ss {public / direct:5.2f}x")
     finally:

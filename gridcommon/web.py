@@ -61,7 +61,11 @@ _HTTP_ERROR_MESSAGES = {
 }
 
 
-def install_common(app: Flask) -> None:
+# Scraped or called every few seconds: their access lines only appear at DEBUG level.
+ROUTINE_PATHS = frozenset({"/metrics", "/health"})
+
+
+def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) -> None:
     """Attach request ids, access logging, JSON errors and the body size limit."""
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # keep fields in the order the code builds them
@@ -78,8 +82,10 @@ def install_common(app: Flask) -> None:
         if request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
         started = g.get("started")
-        if started is not None and request.path not in {"/metrics", "/health"}:
-            access_log.info(
+        if started is not None:
+            level = logging.DEBUG if request.path in routine_paths else logging.INFO
+            access_log.log(
+                level,
                 "%s %s -> %s in %.1f ms",
                 request.method,
                 request.path,

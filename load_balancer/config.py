@@ -20,12 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from gridcommon.settings import SettingsError, env_choice, env_float, env_int, env_list, env_str
+from gridcommon.settings import SettingsError, env_choice, env_float, env_int, env_list, env_str, env_log_level
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
 from load_balancer.policies import DEFAULT_POLICY, POLICY_NAMES
 from load_balancer.registry import normalise_substation_url
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class Settings:
     admin_token: str = ""
     max_amount_kw: float = DEFAULT_MAX_AMOUNT_KW
     max_session_seconds: float = DEFAULT_MAX_DURATION_SECONDS
-    log_level: str = "INFO"
+    log_level: str = "info"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -59,16 +58,8 @@ class Settings:
             max_session_seconds=env_float(
                 env, "MAX_SESSION_SECONDS", DEFAULT_MAX_DURATION_SECONDS, minimum=0.001
             ),
-            log_level=_log_level(env),
+            log_level=env_log_level(env),
         )
-
-
-def _log_level(env: Mapping[str, str]) -> str:
-    # gunicorn reads the same variable in lower case, so accept either.
-    level = env_str(env, "LOG_LEVEL", "INFO").upper()
-    if level not in LOG_LEVELS:
-        raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}; got {level!r}")
-    return level
 
 
 def _substation_urls(env: Mapping[str, str]) -> tuple[str, ...]:

@@ -8,11 +8,12 @@ from collections.abc import Callable
 from flask import Flask
 
 from gridcommon.logs import configure_logging
-from gridcommon.web import install_common
+from gridcommon.web import ROUTINE_PATHS, install_common
 from substation_service.config import Settings
 from substation_service.ledger import Clock, Ledger
 from substation_service.metrics import SubstationMetrics
 from substation_service.peering import build_peering, install_peering
+from substation_service.peering.transport import MESSAGES_PATH
 from substation_service.routes import EXTENSION_KEY, Substation, blueprint
 
 
@@ -34,7 +35,7 @@ def create_app(
     settings = settings or Settings.from_env(os.environ)
     configure_logging(settings.substation_id, settings.log_level)
     app = Flask(__name__)
-    install_common(app)
+    install_common(app, routine_paths=ROUTINE_PATHS | {MESSAGES_PATH})
     # The ledger asks the peering node for extra capacity and the node reads the ledger's load:
     # each reaches the other through a function that is first called once both exist.
     peering = build_peering(

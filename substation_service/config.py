@@ -23,13 +23,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gridcommon.settings import SettingsError, env_float, env_int, env_str
+from gridcommon.settings import SettingsError, env_float, env_int, env_str, env_log_level
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
 from substation_service.peering.config import PeeringSettings
 
 # The id travels in the balancer's URLs (DELETE /charge/<substation>/<session>) and in metric labels.
 SUBSTATION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True)
@@ -66,14 +65,6 @@ class Settings:
             max_session_seconds=max_session_seconds,
             max_amount_kw=env_float(env, "MAX_AMOUNT_KW", cls.max_amount_kw, minimum=0.001),
             public_url=env_str(env, "PUBLIC_URL", f"http://127.0.0.1:{port}").rstrip("/"),
-            log_level=_log_level(env),
+            log_level=env_log_level(env),
             peering=PeeringSettings.from_env(env),
         )
-
-
-def _log_level(env: Mapping[str, str]) -> str:
-    # gunicorn reads the same variable case-insensitively; accept what it accepts.
-    level = env_str(env, "LOG_LEVEL", Settings.log_level).lower()
-    if level not in LOG_LEVELS:
-        raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}; got {level!r}")
-    return level

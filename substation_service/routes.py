@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify
 
+from gridcommon.timefmt import format_time
 from gridcommon.web import ApiError, metrics_response, parse_charge_body
 from substation_service.config import Settings
 from substation_service.ledger import CapacityExceeded, Ledger, Session, Snapshot, UnknownSession
@@ -32,19 +32,14 @@ def substation() -> Substation:
     return current_app.extensions[EXTENSION_KEY]
 
 
-def iso_utc(epoch_seconds: float) -> str:
-    moment = datetime.fromtimestamp(epoch_seconds, tz=timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def session_json(session: Session) -> dict[str, Any]:
     return {
         "session_id": session.session_id,
         "substation": substation().settings.substation_id,
         "vehicle_id": session.vehicle_id,
         "amount": session.amount_kw,
-        "started_at": iso_utc(session.started_at),
-        "ends_at": iso_utc(session.ends_at),
+        "started_at": format_time(session.started_at),
+        "ends_at": format_time(session.ends_at),
         "duration_seconds": session.duration_seconds,
     }
 
@@ -120,7 +115,7 @@ def stop_charging(session_id: str) -> Response:
         ) from None
     log.info("stopped session %s early (load now %g kW)", session_id, release.snapshot.load_kw)
     return jsonify(
-        {**session_json(release.session), "ended_at": iso_utc(release.ended_at), **capacity_json(release.snapshot)}
+        {**session_json(release.session), "ended_at": format_time(release.ended_at), **capacity_json(release.snapshot)}
     )
 
 

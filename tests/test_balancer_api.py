@@ -219,7 +219,7 @@ def test_settings_from_env_normalise_urls_and_read_every_value() -> None:
     assert settings.routing_policy == "round_robin"
     assert settings.poll_interval_seconds == 1.5
     assert settings.failure_threshold == 2
-    assert settings.log_level == "DEBUG"
+    assert settings.log_level == "debug"
     assert Settings.from_env({}) == Settings()
 
 

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.integration
 SUBSTATION = "substation-p"
 CAPACITY_KW = 100.0
 WORKERS = 16
-REQUESTS_PER_WORKER = 40
-HAMMER_SECONDS = 4.0
+REQUESTS_PER_WORKER = 250
+HAMMER_SECONDS = 3.0  # the bound that ends the hammer: sessions come and go several times meanwhile
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from gridcommon.validation import ValidationError
 from gridcommon.web import ApiError, json_object_body
 from substation_service.peering.machine import Outcome, Rejection
 from substation_service.peering.service import PeeringService
+from substation_service.peering.transport import MESSAGES_PATH
 
 EXTENSION_KEY = "substation_peering"
 
@@ -56,7 +57,7 @@ def load_table() -> Response:
     )
 
 
-@blueprint.post("/peer-balancing/messages")
+@blueprint.post(MESSAGES_PATH)
 def receive_message() -> tuple[Response, int]:
     service = peering()
     try:
