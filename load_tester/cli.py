@@ -1,8 +1,6 @@
 """Command line of the load tester: ``python -m load_tester --help``.
 
-Exit codes: 0 the run passed; 1 the error rate went above --max-error-rate or a
-substation carried more than its capacity; 2 bad options or the stack cannot be
-reached; 130 interrupted.
+Exit codes: see EXIT_STATUS_HELP (also at the end of --help).
 """
 from __future__ import annotations
 
@@ -39,8 +37,20 @@ from load_tester.scenarios import (
     LoadPlan,
     generate_requests,
 )
+from load_tester.verdict import Limits
 
 EXIT_PASSED, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_STATUS_HELP = f"""\
+exit status:
+  {EXIT_PASSED}    passed
+  {EXIT_FAILED}    the error rate went above --max-error-rate, the rejection rate above
+       --max-rejection-rate, or a substation carried more than its capacity
+  {EXIT_USAGE}    bad options, or the stack cannot be reached
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+
+error rate: share of requests that failed (any answer but 201 or a capacity
+rejection, a timeout, a connection error) or were not sent. rejection rate:
+share rejected for capacity (503 no_capacity): the grid protecting itself."""
 CONNECT_TIMEOUT_SECONDS = 2.0
 
 
@@ -79,7 +89,7 @@ def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m load_tester",
         description="Send charge requests to the Smart Grid Load Balancer and report what the grid did with them.",
-        epilog=f"scenarios (options given explicitly override the scenario's):\n{scenarios}",
+        epilog=f"scenarios (options given explicitly override the scenario's):\n{scenarios}\n\n{EXIT_STATUS_HELP}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
@@ -105,8 +115,11 @@ def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
         help="random seed: the same seed sends the same requests")
     add("--output", type=Path, default=Path(defaults.output_dir), metavar="DIR",
         help="output folder (default: %(default)s)")
-    add("--max-error-rate", type=_bounded(float, 0, 1), default=0.0, metavar="FRACTION",
-        help="highest share of requests not admitted (rejected, failed, not sent) for exit code 0 (default: 0)")
+    add("--max-error-rate", type=_bounded(float, 0, 1), default=Limits.max_error_rate, metavar="FRACTION",
+        help="highest share of requests failed or not sent for exit code 0 (default: %(default)g)")
+    add("--max-rejection-rate", type=_bounded(float, 0, 1), default=Limits.max_rejection_rate, metavar="FRACTION",
+        help="highest share of requests rejected for capacity for exit code 0; "
+             "0 demands every EV admitted (default: %(default)g, rejections allowed)")
     add("--compare-policies", action="store_true",
         help="run the same seeded scenario under each routing policy (needs ADMIN_TOKEN) and compare")
     add("--policies", type=_policy_list, metavar="LIST",
@@ -162,6 +175,7 @@ def run_settings(plan: LoadPlan, args: argparse.Namespace) -> dict[str, Any]:
         "session_seconds": plan.session_seconds,
         "seed": plan.seed,
         "max_error_rate": args.max_error_rate,
+        "max_rejection_rate": args.max_rejection_rate,
         "sample_interval_seconds": args.sample_interval,
         "observe_seconds": args.observe,
         "timeout_seconds": args.timeout,
@@ -216,7 +230,8 @@ def _run(
         client, plan, generate_requests(plan), sample_interval=args.sample_interval,
         label=title, observe_seconds=args.observe, progress=not args.no_progress,
     )
-    report = assemble(title, settings, data, args.max_error_rate, plan.open_loop)
+    limits = Limits(max_error_rate=args.max_error_rate, max_rejection_rate=args.max_rejection_rate)
+    report = assemble(title, settings, data, limits, plan.open_loop)
     write_run(folder, report)
     return report
 

@@ -6,7 +6,6 @@ with hand-made bodies.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from typing import Any
 
 from load_tester.scenarios import PlannedRequest
@@ -184,11 +183,6 @@ class RunData:
     finished_at: str
     interrupted: bool
     sample_errors: int
-
-
-def parse_time(value: str) -> datetime:
-    """ISO 8601 as the services write it (``2026-11-21T14:30:00.123Z``)."""
-    return datetime.fromisoformat(value)
 
 
 def _text(value: Any) -> str | None:

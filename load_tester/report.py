@@ -14,7 +14,7 @@ from typing import Any
 from load_tester.plots import write_comparison_plot, write_latency_plot, write_load_plot
 from load_tester.records import RunData
 from load_tester.stats import Summary, summarise
-from load_tester.verdict import Verdict, judge
+from load_tester.verdict import Limits, Verdict, judge
 from load_tester.violations import CapacityViolation, find_violations
 
 RESULTS_FILE = "results.json"
@@ -58,10 +58,10 @@ class RunReport:
         }
 
 
-def assemble(title: str, settings: dict[str, Any], data: RunData, max_error_rate: float, open_loop: bool) -> RunReport:
+def assemble(title: str, settings: dict[str, Any], data: RunData, limits: Limits, open_loop: bool) -> RunReport:
     violations = tuple(find_violations(data.results, data.samples))
     summary = summarise(data.results, data.samples, violations, data.timing)
-    verdict = judge(summary, violations, data, max_error_rate, open_loop)
+    verdict = judge(summary, violations, data, limits, open_loop)
     return RunReport(title, settings, data, summary, violations, verdict)
 
 
@@ -71,16 +71,16 @@ def _number(value: float | None, digits: int = 1) -> str:
 
 def summary_rows(summary: Summary) -> list[tuple[str, str]]:
     latency = summary.latency
-    failed_by = ", ".join(f"{key}: {count}" for key, count in summary.failed_by_status.items()) or "none"
     return [
         ("Requests planned", str(summary.planned)),
         ("Requests sent", str(summary.sent)),
         ("Admitted", str(summary.admitted)),
         ("Rejected for capacity", str(summary.rejected)),
         ("Failed", str(summary.failed)),
-        ("Failed by status", failed_by),
+        ("Failed by status", summary.failure_causes() or "none"),
         ("Not sent (time limit or interrupted)", str(summary.not_sent)),
         ("Error rate (%)", _number(summary.error_rate * 100.0)),
+        ("Rejection rate (%)", _number(summary.rejection_rate * 100.0)),
         ("Latency mean (ms)", _number(latency.mean if latency else None)),
         ("Latency median (ms)", _number(latency.median if latency else None)),
         ("Latency p95 (ms)", _number(latency.p95 if latency else None)),
@@ -94,6 +94,13 @@ def summary_rows(summary: Summary) -> list[tuple[str, str]]:
         ("Load tester CPU (% of a core)", _number(summary.tool_cpu_percent)),
     ]
 
+
+RATES_EXPLAINED = (
+    "Error rate: share of requests that failed (any answer but 201 or a capacity rejection, a timeout, "
+    "a connection error) or were not sent. Rejection rate: share refused for lack of capacity "
+    "(503 `no_capacity`), the grid protecting its substations: correct behaviour, judged on its own "
+    "(`max_rejection_rate` in the settings below)."
+)
 
 SUBSTATION_HEADER = ("Substation", "Admitted", "Admitted kW", "Capacity kW", "Load % at end", "Peak load %")
 
@@ -151,6 +158,8 @@ def _markdown(report: RunReport) -> str:
         "## Summary",
         "",
         markdown_table(("Figure", "Value"), summary_rows(report.summary)),
+        "",
+        RATES_EXPLAINED,
         "",
         "## Substations",
         "",

@@ -17,12 +17,12 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from datetime import datetime, timezone
 from functools import partial
 
 import requests
 from tqdm import tqdm
 
+from gridcommon.timefmt import format_time, utc_now
 from load_tester.api import GridClient, StackError
 from load_tester.records import (
     RequestResult,
@@ -40,10 +40,6 @@ from load_tester.scenarios import LoadPlan, PlannedRequest
 MAX_SAMPLES = 100_000
 # Extra time, beyond the run's duration and one HTTP timeout, before the run gives up waiting.
 GRACE_SECONDS = 5.0
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class StatusSampler:
@@ -95,7 +91,7 @@ def run_load(
     # Ids name the run, so log lines of two runs with the same seed stay apart.
     run_token = secrets.token_hex(4)
     request_ids = [f"loadtest-{run_token}-{p.index:05d}" for p in planned]
-    started_at = utc_now()
+    started_at = format_time(utc_now())
     start = time.monotonic()
     cpu_start = time.process_time()
     stop = threading.Event()
@@ -122,7 +118,7 @@ def run_load(
         samples=tuple(sampler.samples),
         timing=timing,
         started_at=started_at,
-        finished_at=utc_now(),
+        finished_at=format_time(utc_now()),
         interrupted=interrupted,
         sample_errors=sampler.errors,
     )

@@ -41,8 +41,11 @@ class Summary:
     failed: int
     not_sent: int
     failed_by_status: dict[str, int]
-    # Share of planned requests that did not end in an admission (rejected, failed or never sent).
+    # Shares of planned requests. A capacity rejection is the grid protecting itself, a correct answer:
+    # it counts in rejection_rate only. error_rate is what went wrong: failed (any other answer than 201
+    # or a capacity rejection, a timeout, a connection error) or never sent.
     error_rate: float
+    rejection_rate: float
     latency: Latency | None
     wall_seconds: float
     throughput_rps: float
@@ -57,6 +60,10 @@ class Summary:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def failure_causes(self) -> str:
+        """``"502: 3, timeout: 1"``; empty when nothing failed."""
+        return ", ".join(f"{cause}: {count}" for cause, count in self.failed_by_status.items())
 
 
 def summarise(
@@ -78,7 +85,8 @@ def summarise(
         failed=outcomes[FAILED],
         not_sent=outcomes[NOT_SENT],
         failed_by_status=dict(sorted(Counter(r.failure for r in results if r.outcome == FAILED).items())),
-        error_rate=(len(results) - outcomes[ADMITTED]) / len(results) if results else 0.0,
+        error_rate=_share(outcomes[FAILED] + outcomes[NOT_SENT], len(results)),
+        rejection_rate=_share(outcomes[REJECTED], len(results)),
         latency=latency(answered),
         wall_seconds=timing.wall_seconds,
         throughput_rps=len(answered) / timing.wall_seconds if timing.wall_seconds > 0 else 0.0,
@@ -90,6 +98,10 @@ def summarise(
         tool_cpu_percent=timing.cpu_seconds / timing.wall_seconds * 100.0 if timing.wall_seconds > 0 else 0.0,
         max_schedule_lag_ms=max(lags) if lags else None,
     )
+
+
+def _share(count: int, total: int) -> float:
+    return count / total if total else 0.0
 
 
 def percentile(values: Sequence[float], percent: int) -> float:

@@ -15,6 +15,19 @@ LATE_START_MS = 250.0
 
 
 @dataclass(frozen=True)
+class Limits:
+    """The highest shares of requests a passing run may have: failed or not sent, and rejected for capacity.
+
+    By default no request may fail, while any number may be rejected: a rejection is the grid
+    refusing power it does not have, which is correct. ``max_rejection_rate=0`` demands that every
+    EV is admitted.
+    """
+
+    max_error_rate: float = 0.0
+    max_rejection_rate: float = 1.0
+
+
+@dataclass(frozen=True)
 class Verdict:
     problems: tuple[str, ...]
     warnings: tuple[str, ...]
@@ -28,18 +41,31 @@ def judge(
     summary: Summary,
     violations: Sequence[CapacityViolation],
     data: RunData,
-    max_error_rate: float,
+    limits: Limits,
     open_loop: bool,
 ) -> Verdict:
     problems = [violation.describe() for violation in violations]
-    if summary.error_rate > max_error_rate:
+    if summary.error_rate > limits.max_error_rate:
+        problems.append(_error_rate_problem(summary, limits.max_error_rate))
+    if summary.rejection_rate > limits.max_rejection_rate:
         problems.append(
-            f"error rate {summary.error_rate:.1%} is above the allowed {max_error_rate:.1%} "
-            f"({summary.rejected} rejected for capacity, {summary.failed} failed, {summary.not_sent} not sent)"
+            f"rejection rate {summary.rejection_rate:.1%} is above the allowed {limits.max_rejection_rate:.1%} "
+            f"({summary.rejected} of {summary.planned} requests rejected for capacity): the grid had no room "
+            "for them. Lower the load or add capacity, or allow rejections with --max-rejection-rate."
         )
     if data.interrupted:
         problems.append("the run was interrupted (Ctrl-C) before every request was answered")
     return Verdict(problems=tuple(problems), warnings=tuple(_warnings(summary, data, open_loop)))
+
+
+def _error_rate_problem(summary: Summary, max_error_rate: float) -> str:
+    causes = summary.failure_causes()
+    failed = f"{summary.failed} failed ({causes})" if causes else f"{summary.failed} failed"
+    return (
+        f"error rate {summary.error_rate:.1%} is above the allowed {max_error_rate:.1%} "
+        f"({failed}, {summary.not_sent} not sent). The requests and their errors are in results.json; "
+        "the services' logs tell why they failed."
+    )
 
 
 def _warnings(summary: Summary, data: RunData, open_loop: bool) -> list[str]:

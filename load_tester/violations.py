@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from load_tester.records import ADMITTED, RequestResult, StatusSample, parse_time
+from gridcommon.timefmt import parse_time
+from load_tester.records import ADMITTED, RequestResult, StatusSample
 
 # Amounts are sums of floats: forgive rounding noise, nothing more.
 TOLERANCE_KW = 1e-6

@@ -98,7 +98,9 @@ def assert_report_agrees_with_results(folder: Path) -> dict[str, Any]:
     for outcome in ("admitted", "rejected", "failed", "not_sent"):
         assert summary[outcome] == outcomes.count(outcome), outcome
     assert summary["sent"] == len(requests) - outcomes.count("not_sent")
-    assert abs(summary["error_rate"] - (1 - outcomes.count("admitted") / len(requests))) < 1e-9
+    errors = outcomes.count("failed") + outcomes.count("not_sent")
+    assert abs(summary["error_rate"] - errors / len(requests)) < 1e-9
+    assert abs(summary["rejection_rate"] - outcomes.count("rejected") / len(requests)) < 1e-9
     answered = [r["latency_ms"] for r in requests if r["status"] is not None]
     if answered:
         assert abs(summary["latency"]["max"] - max(answered)) < 1e-6
@@ -120,6 +122,7 @@ def assert_report_agrees_with_results(folder: Path) -> dict[str, Any]:
         "Failed": str(summary["failed"]),
         "Not sent (time limit or interrupted)": str(summary["not_sent"]),
         "Error rate (%)": one_decimal(summary["error_rate"] * 100),
+        "Rejection rate (%)": one_decimal(summary["rejection_rate"] * 100),
         "Latency mean (ms)": one_decimal(latency.get("mean")),
         "Latency median (ms)": one_decimal(latency.get("median")),
         "Latency p95 (ms)": one_decimal(latency.get("p95")),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from load_tester.cli import EXIT_USAGE, build_parser, main, resolve_plan
+from load_tester.cli import EXIT_USAGE, build_parser, main, resolve_plan, run_settings
 from load_tester.config import Defaults
 from load_tester.scenarios import MAX_REQUESTS
 from tests.harness import free_port
@@ -53,12 +53,22 @@ def test_sustained_is_open_loop_at_the_given_rate():
         (("--concurrency", "0"), "0 is outside the allowed range [1, 1000]"),
         (("--requests", "many"), "'many' is not a whole number"),
         (("--max-error-rate", "1.5"), "1.5 is outside the allowed range [0, 1]"),
+        (("--max-rejection-rate", "-0.1"), "-0.1 is outside the allowed range [0, 1]"),
         (("--session-duration", "nan"), "nan is outside the allowed range"),
         (("--scenario", "lunch"), "invalid choice: 'lunch'"),
     ],
 )
 def test_bad_options_are_refused_with_a_sentence_that_names_them(capsys, argv, message):
     assert message in usage_error(capsys, *argv)
+
+
+def test_by_default_no_request_may_fail_and_any_may_be_rejected_for_capacity():
+    parser = build_parser(Defaults())
+    args = parser.parse_args([])
+    assert (args.max_error_rate, args.max_rejection_rate) == (0.0, 1.0)
+    args = parser.parse_args(["--max-error-rate", "0.05", "--max-rejection-rate", "0"])
+    settings = run_settings(resolve_plan(parser, args), args)
+    assert (settings["max_error_rate"], settings["max_rejection_rate"]) == (0.05, 0.0)
 
 
 def test_the_environment_sets_the_defaults_and_options_win():

@@ -18,7 +18,7 @@ from load_tester.records import (
 )
 from load_tester.scenarios import PlannedRequest
 from load_tester.stats import percentile, summarise
-from load_tester.verdict import judge
+from load_tester.verdict import Limits, judge
 from load_tester.violations import find_violations, session_violations, status_violations
 from tests.load_tester_support import admitted, iso, sample
 
@@ -176,7 +176,10 @@ def test_the_summary_counts_outcomes_latency_and_load_per_substation():
         7, 6, 3, 1, 2, 1,
     )  # fmt: skip
     assert summary.failed_by_status == {"502": 1, "timeout": 1}
-    assert summary.error_rate == pytest.approx(4 / 7)
+    assert summary.failure_causes() == "502: 1, timeout: 1"
+    # Errors are the two failures and the request never sent; the capacity rejection is not one of them.
+    assert summary.error_rate == pytest.approx(3 / 7)
+    assert summary.rejection_rate == pytest.approx(1 / 7)
     # Latency over answered requests only: the timeout got no answer.
     answered = [10.0, 20.0, 30.0, 40.0, 50.0]
     assert summary.latency.mean == pytest.approx(30.0)
@@ -204,20 +207,62 @@ def test_without_samples_the_peak_comes_from_the_admissions_and_there_is_no_spre
 # Verdict ---------------------------------------------------------------------------------------------------------
 
 
-def _verdict(results, samples=(), max_error_rate=0.0, cpu=0.5, interrupted=False, open_loop=False):
+def _verdict(results, samples=(), cpu=0.5, interrupted=False, open_loop=False, **limits):
     data = _run(results, samples, cpu=cpu, interrupted=interrupted)
     violations = find_violations(data.results, data.samples)
     summary = summarise(data.results, data.samples, violations, data.timing)
-    return judge(summary, violations, data, max_error_rate, open_loop)
+    return judge(summary, violations, data, Limits(**limits), open_loop)
 
 
-def test_the_run_fails_when_the_error_rate_is_above_the_maximum_and_passes_at_it():
+def _three_admitted_and(*others):
     results = [admitted(i, "substation-1", 1.0, start=0, duration=60, capacity=100.0) for i in range(3)]
-    results.append(classify_response(PLANNED, "r", 0.1, 5.0, 503, {"error": "no_capacity"}))
-    samples = [sample(0.1, ("substation-1", 3.0, 100.0))]
+    return results + list(others), [sample(0.1, ("substation-1", 3.0, 100.0))]
+
+
+def test_capacity_rejections_pass_by_default_and_fail_only_above_the_allowed_rejection_rate():
+    # Five of eight rejected: a grid too small for the crowd, refusing power it does not have.
+    results, samples = _three_admitted_and(
+        *(classify_response(PLANNED, f"r{i}", 0.1, 5.0, 503, {"error": "no_capacity"}) for i in range(5))
+    )
+    default = _verdict(results, samples)
+    assert default.passed and default.problems == ()
+    assert _verdict(results, samples, max_rejection_rate=0.625).passed
+    strict = _verdict(results, samples, max_rejection_rate=0.6)
+    assert not strict.passed
+    [problem] = strict.problems
+    assert "rejection rate 62.5% is above the allowed 60.0% (5 of 8 requests rejected for capacity)" in problem
+    assert "--max-rejection-rate" in problem
+    assert not _verdict(results, samples, max_rejection_rate=0.0).passed
+
+
+def test_a_failed_request_fails_the_run_by_default_and_passes_at_the_allowed_error_rate():
+    results, samples = _three_admitted_and(
+        classify_response(PLANNED, "r", 0.1, 5.0, 502, {"error": "load_balancer_unavailable"})
+    )
+    [problem] = _verdict(results, samples).problems
+    assert problem.startswith("error rate 25.0% is above the allowed 0.0% (1 failed (502: 1), 0 not sent)")
     assert _verdict(results, samples, max_error_rate=0.25).passed
-    failed = _verdict(results, samples, max_error_rate=0.2)
-    assert not failed.passed and "error rate 25.0% is above the allowed 20.0%" in failed.problems[0]
+    assert not _verdict(results, samples, max_error_rate=0.2).passed
+    # Failures do not count as rejections: demanding no rejection changes nothing here.
+    assert _verdict(results, samples, max_error_rate=0.25, max_rejection_rate=0.0).passed
+
+
+def test_timeouts_and_requests_never_sent_are_errors_too():
+    results, samples = _three_admitted_and(
+        transport_failure(PLANNED, "r", 0.1, 1000.0, "timeout", "read timed out"), not_sent(PLANNED, "r2")
+    )
+    [problem] = _verdict(results, samples, max_error_rate=0.3).problems
+    assert "error rate 40.0% is above the allowed 30.0% (1 failed (timeout: 1), 1 not sent)" in problem
+    assert _verdict(results, samples, max_error_rate=0.4).passed
+
+
+def test_both_limits_are_judged_and_each_names_its_own_problem():
+    results, samples = _three_admitted_and(
+        classify_response(PLANNED, "r", 0.1, 5.0, 503, {"error": "no_capacity"}),
+        classify_response(PLANNED, "r2", 0.1, 5.0, 500, "not json"),
+    )
+    problems = _verdict(results, samples, max_rejection_rate=0.1).problems
+    assert [p.split(" is above")[0] for p in problems] == ["error rate 20.0%", "rejection rate 20.0%"]
 
 
 def test_a_capacity_violation_fails_the_run_whatever_the_error_rate():

@@ -80,24 +80,54 @@ def test_rush_hour_admits_every_request_when_the_grid_has_room(stack_factory, tm
     assert f"[{some_id}]" in stack.balancer.log_text()
 
 
-def test_the_exit_code_follows_the_error_threshold(stack_factory, tmp_path):
-    # A tiny grid: 3 x 10 kW holds at most two 5-8 kW sessions per substation.
+def test_capacity_rejections_pass_by_default_and_fail_above_the_allowed_rejection_rate(stack_factory, tmp_path):
+    # A tiny grid: 3 x 10 kW holds at most two 5-8 kW sessions per substation, so most requests are refused.
     stack = stack_factory(capacities=(10, 10, 10))
-    common = ("--scenario", "burst", "--amount-range", "5", "8", "--session-duration", "60", "--no-progress")
-    first = load_tester(stack, tmp_path / "first", *common, "--requests", "20", "--max-error-rate", "0.5")
-    assert first.returncode == 1, first.stdout + first.stderr
-    results = assert_report_agrees_with_results(tmp_path / "first")
+    common = ("--scenario", "burst", "--session-duration", "60", "--no-progress")
+    crowd = load_tester(stack, tmp_path / "crowd", *common, "--requests", "20", "--amount-range", "5", "8")
+    assert crowd.returncode == 0, crowd.stdout + crowd.stderr
+    results = assert_report_agrees_with_results(tmp_path / "crowd")
     summary = results["summary"]
-    assert summary["admitted"] <= 6 and summary["rejected"] == 20 - summary["admitted"]
-    assert (summary["failed"], summary["capacity_violations"]) == (0, 0)
-    assert results["passed"] is False and "is above the allowed 50.0%" in first.stdout
+    assert 3 <= summary["admitted"] <= 6 and summary["rejected"] == 20 - summary["admitted"]
+    assert (summary["failed"], summary["error_rate"], summary["capacity_violations"]) == (0, 0.0, 0)
+    assert summary["rejection_rate"] == summary["rejected"] / 20
+    assert results["passed"] is True and results["problems"] == []
+    assert results["settings"]["max_rejection_rate"] == 1.0
+    assert re.search(r"^Rejection rate \(%\) +\d+\.\d$", crowd.stdout, re.MULTILINE)
 
-    # The grid is now full for a minute: every further request is rejected, an error rate of exactly 100 %.
-    strict = load_tester(stack, tmp_path / "strict", *common, "--requests", "4", "--max-error-rate", "0.99")
+    # Each substation now carries at least 5 kW for a minute: nothing above 5 kW fits, a rejection rate
+    # of exactly 100 %, which fails a run that allows less.
+    strict = load_tester(
+        stack, tmp_path / "strict", *common, "--requests", "4", "--amount-range", "6", "8",
+        "--max-rejection-rate", "0.99",
+    )  # fmt: skip
     assert strict.returncode == 1, strict.stdout + strict.stderr
-    lenient = load_tester(stack, tmp_path / "lenient", *common, "--requests", "4", "--max-error-rate", "1")
+    results = json.loads((tmp_path / "strict" / "results.json").read_text())
+    assert (results["summary"]["rejected"], results["summary"]["rejection_rate"]) == (4, 1.0)
+    [problem] = results["problems"]
+    assert problem.startswith("rejection rate 100.0% is above the allowed 99.0% (4 of 4 requests rejected")
+    assert f"PROBLEM: {problem}" in strict.stdout
+
+
+def test_failed_requests_fail_the_run_by_default_and_pass_at_the_allowed_error_rate(stack_factory, tmp_path):
+    stack = stack_factory(capacities=(100,))
+    # The charge API stays up but cannot reach the balancer: every request gets a 502, a real error.
+    stack.balancer.stop()
+    common = ("--scenario", "burst", "--requests", "4", "--no-progress")
+    default = load_tester(stack, tmp_path / "default", *common)
+    assert default.returncode == 1, default.stdout + default.stderr
+    results = assert_report_agrees_with_results(tmp_path / "default")
+    summary = results["summary"]
+    assert (summary["failed"], summary["failed_by_status"], summary["rejected"]) == (4, {"502": 4}, 0)
+    assert (summary["error_rate"], summary["rejection_rate"]) == (1.0, 0.0)
+    [problem] = results["problems"]
+    assert problem.startswith("error rate 100.0% is above the allowed 0.0% (4 failed (502: 4), 0 not sent)")
+    assert f"PROBLEM: {problem}" in default.stdout
+    assert "cannot reach the balancer" in default.stderr  # no load samples, said once up front
+
+    lenient = load_tester(stack, tmp_path / "lenient", *common, "--max-error-rate", "1")
     assert lenient.returncode == 0, lenient.stdout + lenient.stderr
-    assert json.loads((tmp_path / "lenient" / "results.json").read_text())["summary"]["rejected"] == 4
+    assert json.loads((tmp_path / "lenient" / "results.json").read_text())["summary"]["failed"] == 4
 
 
 def test_nothing_is_sent_after_the_time_limit(stack_factory, tmp_path):

@@ -14,6 +14,7 @@ from load_tester.report import (
     write_run,
 )
 from load_tester.scenarios import PlannedRequest
+from load_tester.verdict import Limits
 from tests.load_tester_support import (
     admitted,
     assert_png,
@@ -43,7 +44,7 @@ def _data(extra_load: float = 0.0) -> RunData:
 
 
 def test_a_run_writes_results_plots_and_a_report_that_agree(tmp_path):
-    report = assemble("Load test: rush-hour (seed 7)", SETTINGS, _data(), max_error_rate=0.5, open_loop=False)
+    report = assemble("Load test: rush-hour (seed 7)", SETTINGS, _data(), Limits(max_error_rate=0.1), open_loop=False)
     write_run(tmp_path, report)
     results = assert_report_agrees_with_results(tmp_path)
     assert results["passed"] is True and results["summary"]["failed_by_status"] == {"timeout": 1}
@@ -51,11 +52,15 @@ def test_a_run_writes_results_plots_and_a_report_that_agree(tmp_path):
     assert results["requests"][10]["failure"] == "timeout"
     assert results["status_sample_errors"] == 1
     assert "1 status sample(s) of the balancer could not be read." in results["warnings"]
-    assert "**Result: PASSED**" in (tmp_path / "report.md").read_text()
+    # One timeout and one capacity rejection in eleven requests, each in its own rate.
+    assert results["summary"]["error_rate"] == results["summary"]["rejection_rate"] == 1 / 11
+    text = (tmp_path / "report.md").read_text()
+    assert "**Result: PASSED**" in text
+    assert "Rejection rate: share refused for lack of capacity" in text
 
 
 def test_a_violation_shows_in_the_report_and_fails_the_run(tmp_path):
-    report = assemble("overloaded", SETTINGS, _data(extra_load=70.0), max_error_rate=1.0, open_loop=False)
+    report = assemble("overloaded", SETTINGS, _data(extra_load=70.0), Limits(max_error_rate=1.0), open_loop=False)
     write_run(tmp_path, report)
     results = assert_report_agrees_with_results(tmp_path)
     assert results["passed"] is False
@@ -69,22 +74,27 @@ def test_a_run_without_samples_or_answers_still_writes_readable_plots(tmp_path):
         (transport_failure(PLANNED, "r", 0.0, 5.0, "connection_error", "refused"),), (), RunTiming(1.0, 0.1),
         iso(0), iso(1), False, 3,
     )  # fmt: skip
-    write_run(tmp_path, assemble("nothing answered", SETTINGS, data, 0.0, False))
+    write_run(tmp_path, assemble("nothing answered", SETTINGS, data, Limits(), False))
     assert_report_agrees_with_results(tmp_path)
-    assert dict(summary_rows(assemble("x", SETTINGS, data, 0.0, False).summary))["Latency p95 (ms)"] == "-"
+    assert dict(summary_rows(assemble("x", SETTINGS, data, Limits(), False).summary))["Latency p95 (ms)"] == "-"
 
 
 def test_the_console_text_shows_the_same_rows_and_the_verdict():
-    report = assemble("Load test", SETTINGS, _data(), max_error_rate=0.0, open_loop=False)
+    # One timeout and one capacity rejection in eleven: the timeout alone is above the default limits.
+    report = assemble("Load test", SETTINGS, _data(), Limits(), open_loop=False)
     text = console_text(report)
     for label, value in summary_rows(report.summary):
         assert any(line.startswith(label) and line.rstrip().endswith(value) for line in text.splitlines()), label
-    assert text.rstrip().endswith("FAILED") and "PROBLEM: error rate 18.2% is above the allowed 0.0%" in text
+    rows = dict(summary_rows(report.summary))
+    assert (rows["Error rate (%)"], rows["Rejection rate (%)"]) == ("9.1", "9.1")
+    [problem] = [line for line in text.splitlines() if line.startswith("PROBLEM")]
+    assert problem.startswith("PROBLEM: error rate 9.1% is above the allowed 0.0% (1 failed (timeout: 1), 0 not sent)")
+    assert text.rstrip().endswith("FAILED")
 
 
 def test_a_comparison_has_one_row_per_policy_and_one_figure(tmp_path):
     reports = [
-        assemble(f"under {policy}", {**SETTINGS, "policy": policy}, _data(extra_load=shift), 1.0, False)
+        assemble(f"under {policy}", {**SETTINGS, "policy": policy}, _data(extra_load=shift), Limits(1.0), False)
         for policy, shift in (("least_loaded", 0.0), ("round_robin", 10.0), ("random", 20.0))
     ]
     write_comparison(tmp_path, "Routing policies compared", reports)
