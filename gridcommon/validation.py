@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 VEHICLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SESSION_ID_PATTERN = VEHICLE_ID_PATTERN
 DEFAULT_MAX_AMOUNT_KW = 350.0
 DEFAULT_MAX_DURATION_SECONDS = 3600.0
 
@@ -29,11 +30,16 @@ class ChargeRequest:
     vehicle_id: str
     amount_kw: float
     duration_seconds: float | None = None
+    # Chosen by the balancer, never by the public: the same id on a retried forward makes the
+    # substation answer with the session it already admitted instead of admitting it twice.
+    session_id: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"vehicle_id": self.vehicle_id, "amount": self.amount_kw}
         if self.duration_seconds is not None:
             body["duration_seconds"] = self.duration_seconds
+        if self.session_id is not None:
+            body["session_id"] = self.session_id
         return body
 
 
@@ -46,7 +52,9 @@ def parse_charge_request(
     body: dict[str, Any],
     max_amount_kw: float = DEFAULT_MAX_AMOUNT_KW,
     max_duration_seconds: float = DEFAULT_MAX_DURATION_SECONDS,
+    accept_session_id: bool = False,
 ) -> ChargeRequest:
+    """The validated request; ``session_id`` is read only where ``accept_session_id`` (internal hops)."""
     vehicle_id = body.get("vehicle_id")
     if not isinstance(vehicle_id, str) or not VEHICLE_ID_PATTERN.match(vehicle_id):
         raise ValidationError(
@@ -65,8 +73,15 @@ def parse_charge_request(
             "duration_seconds",
             f"duration_seconds, when given, must be a number greater than 0 and at most {max_duration_seconds:g}.",
         )
+    session_id = body.get("session_id") if accept_session_id else None
+    if session_id is not None and (not isinstance(session_id, str) or not SESSION_ID_PATTERN.match(session_id)):
+        raise ValidationError(
+            "session_id",
+            "session_id, when given, must be a string of 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'.",
+        )
     return ChargeRequest(
         vehicle_id=vehicle_id,
         amount_kw=float(amount),
         duration_seconds=None if duration is None else float(duration),
+        session_id=session_id,
     )

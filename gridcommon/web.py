@@ -142,10 +142,12 @@ def metrics_response(registry: CollectorRegistry) -> Response:
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 
-def parse_charge_body(max_amount_kw: float, max_duration_seconds: float) -> ChargeRequest:
+def parse_charge_body(
+    max_amount_kw: float, max_duration_seconds: float, accept_session_id: bool = False
+) -> ChargeRequest:
     """The request's body as a validated charge request, or a 4xx ApiError naming the field."""
     body = json_object_body()
     try:
-        return parse_charge_request(body, max_amount_kw, max_duration_seconds)
+        return parse_charge_request(body, max_amount_kw, max_duration_seconds, accept_session_id)
     except ValidationError as exc:
         raise ApiError(400, "invalid_field", exc.message, field=exc.field) from None

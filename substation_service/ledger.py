@@ -89,6 +89,8 @@ class Snapshot:
 class Admission:
     session: Session
     snapshot: Snapshot
+    # True when the session was already active under the requested id: nothing new was admitted.
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,17 @@ class CapacityExceeded(Exception):
         )
         self.amount_kw = amount_kw
         self.snapshot = snapshot
+
+
+class SessionIdInUse(Exception):
+    """An active session already has the requested id, for another vehicle or amount."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(
+            f"session id {session.session_id!r} is in use by vehicle {session.vehicle_id} "
+            f"({session.amount_kw:g} kW); choose another id or leave it out"
+        )
+        self.session = session
 
 
 class UnknownSession(KeyError):
@@ -156,8 +169,19 @@ class Ledger:
         # Sessions ended under the lock, reported once it is released.
         self._unreported: list[tuple[Session, float]] = []
 
-    def admit(self, vehicle_id: str, amount_kw: float, duration_seconds: float | None = None) -> Admission:
-        """Start a session if the amount fits, else raise ``CapacityExceeded``."""
+    def admit(
+        self,
+        vehicle_id: str,
+        amount_kw: float,
+        duration_seconds: float | None = None,
+        session_id: str | None = None,
+    ) -> Admission:
+        """Start a session if the amount fits, else raise ``CapacityExceeded``.
+
+        Asking again with the ``session_id`` of an active session for the same
+        vehicle and amount returns that session (``replayed``): a caller whose
+        answer got lost can safely ask again.
+        """
         if not amount_kw > 0:
             raise ValueError(f"amount_kw must be greater than 0, got {amount_kw}")
         duration = self.default_duration_seconds if duration_seconds is None else duration_seconds
@@ -165,16 +189,25 @@ class Ledger:
             raise ValueError(f"duration_seconds must be greater than 0, got {duration}")
         admission_capacity = self._admission_capacity()
         with self._current() as now:
+            if session_id is not None and session_id in self._sessions:
+                return self._replay(self._sessions[session_id], vehicle_id, amount_kw, now, admission_capacity)
             # fsum: the exact sum of the amounts, so rounding can never let a session slip past capacity.
             load_after = math.fsum([*self._amounts(), amount_kw])
             if load_after > admission_capacity:
                 raise CapacityExceeded(amount_kw, self._snapshot(now, admission_capacity))
-            session = Session(uuid.uuid4().hex, vehicle_id, amount_kw, now, now + duration)
+            session = Session(session_id or uuid.uuid4().hex, vehicle_id, amount_kw, now, now + duration)
             self._sessions[session.session_id] = session
             heapq.heappush(self._ends, (session.ends_at, session.session_id))
             self._load_kw = load_after
             self._state_version += 1
             return Admission(session, self._snapshot(now, admission_capacity))
+
+    def _replay(
+        self, session: Session, vehicle_id: str, amount_kw: float, now: float, admission_capacity: float
+    ) -> Admission:
+        if (session.vehicle_id, session.amount_kw) != (vehicle_id, amount_kw):
+            raise SessionIdInUse(session)
+        return Admission(session, self._snapshot(now, admission_capacity), replayed=True)
 
     def release(self, session_id: str) -> Release:
         """Stop an active session early; raises ``UnknownSession`` if there is none with this id."""

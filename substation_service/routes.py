@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, jsonify
 from gridcommon.timefmt import format_time
 from gridcommon.web import ApiError, metrics_response, parse_charge_body
 from substation_service.config import Settings
-from substation_service.ledger import CapacityExceeded, Ledger, Session, Snapshot, UnknownSession
+from substation_service.ledger import CapacityExceeded, Ledger, Session, SessionIdInUse, Snapshot, UnknownSession
 from substation_service.metrics import SubstationMetrics
 
 EXTENSION_KEY = "substation_service"
@@ -49,8 +49,9 @@ def capacity_json(snapshot: Snapshot) -> dict[str, Any]:
         "load": snapshot.load_kw,
         "capacity": snapshot.admission_capacity_kw,
         "total_capacity": snapshot.total_capacity_kw,
-        "load_percentage": snapshot.load_percentage,
-        "available": snapshot.available_kw,
+        # Rounded for people reading the JSON; the decision used the exact figures.
+        "load_percentage": round(snapshot.load_percentage, 2),
+        "available": round(snapshot.available_kw, 3),
         "active_chargers": snapshot.active_chargers,
         "state_version": snapshot.state_version,
     }
@@ -79,15 +80,25 @@ def capacity_exceeded(rejection: CapacityExceeded) -> ApiError:
 @blueprint.post("/charge")
 def start_charging() -> tuple[Response, int]:
     current = substation()
-    charge = parse_charge_body(current.settings.max_amount_kw, current.settings.max_session_seconds)
+    charge = parse_charge_body(
+        current.settings.max_amount_kw, current.settings.max_session_seconds, accept_session_id=True
+    )
     try:
-        admission = current.ledger.admit(charge.vehicle_id, charge.amount_kw, charge.duration_seconds)
+        admission = current.ledger.admit(
+            charge.vehicle_id, charge.amount_kw, charge.duration_seconds, charge.session_id
+        )
     except CapacityExceeded as rejection:
         current.metrics.rejected.inc()
         log.info("rejected %g kW for vehicle %s: %s", charge.amount_kw, charge.vehicle_id, rejection)
         raise capacity_exceeded(rejection) from None
-    current.metrics.admitted.inc()
+    except SessionIdInUse as conflict:
+        raise ApiError(409, "session_id_in_use", str(conflict), session_id=conflict.session.session_id) from None
     session = admission.session
+    if admission.replayed:
+        log.info("session %s asked for again: answering with the session already admitted", session.session_id)
+        body = {**session_json(session), **capacity_json(admission.snapshot), "replayed": True}
+        return jsonify(body), 201
+    current.metrics.admitted.inc()
     log.info(
         "admitted session %s: vehicle %s, %g kW for %g s (load now %g of %g kW)",
         session.session_id,

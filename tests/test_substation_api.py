@@ -387,3 +387,31 @@ def test_settings_from_env() -> None:
 def test_bad_settings_name_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         Settings.from_env(env)
+
+
+def test_a_repeated_session_id_answers_with_the_admitted_session(client: FlaskClient) -> None:
+    first = charge(client, 30, session_id="fwd-1")
+    again = charge(client, 30, session_id="fwd-1")
+
+    assert first.status_code == again.status_code == 201
+    assert first.get_json()["session_id"] == "fwd-1"
+    assert again.get_json()["replayed"] is True
+    assert again.get_json()["load"] == 30
+    assert scrape(client).value("charging_requests_total", outcome="admitted") == 1
+
+
+def test_a_session_id_in_use_by_another_vehicle_is_409(client: FlaskClient) -> None:
+    charge(client, 30, session_id="fwd-1")
+
+    response = charge(client, 30, vehicle_id="ev-2", session_id="fwd-1")
+
+    assert response.status_code == 409
+    assert response.get_json()["error"] == "session_id_in_use"
+
+
+@pytest.mark.parametrize("session_id", ["", "has space", "x" * 65, 7])
+def test_a_malformed_session_id_is_400(client: FlaskClient, session_id: object) -> None:
+    response = charge(client, 30, session_id=session_id)
+
+    assert response.status_code == 400
+    assert response.get_json()["field"] == "session_id"

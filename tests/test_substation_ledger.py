@@ -16,6 +16,7 @@ from substation_service.ledger import (
     CapacityExceeded,
     Ledger,
     Session,
+    SessionIdInUse,
     UnknownSession,
     steady_wall_clock,
 )
@@ -371,3 +372,31 @@ def test_ledger_agrees_with_a_plain_model(steps: list[tuple[str, float, float]])
         assert snapshot.load_kw == pytest.approx(math.fsum(s.amount_kw for s in model.values()))
         assert snapshot.load_kw <= 100.0
         assert {s.session_id for s in ledger.sessions()} == set(model)
+
+
+def test_asking_again_with_an_active_session_id_admits_nothing_new(ledger: Ledger) -> None:
+    first = ledger.admit("ev-1", 30.0, session_id="s-1")
+    again = ledger.admit("ev-1", 30.0, session_id="s-1")
+
+    assert first.session.session_id == "s-1"
+    assert again.replayed and again.session == first.session
+    assert again.snapshot.load_kw == 30.0
+    assert again.snapshot.state_version == first.snapshot.state_version
+
+
+def test_an_active_session_id_for_another_vehicle_is_refused(ledger: Ledger) -> None:
+    ledger.admit("ev-1", 30.0, session_id="s-1")
+
+    with pytest.raises(SessionIdInUse):
+        ledger.admit("ev-2", 30.0, session_id="s-1")
+    assert ledger.snapshot().load_kw == 30.0
+
+
+def test_the_id_of_an_ended_session_starts_a_new_one(ledger: Ledger, clock: FakeClock) -> None:
+    ledger.admit("ev-1", 30.0, duration_seconds=10, session_id="s-1")
+    clock.advance(10)
+
+    again = ledger.admit("ev-1", 30.0, duration_seconds=10, session_id="s-1")
+
+    assert not again.replayed
+    assert again.snapshot.load_kw == 30.0
