@@ -2,9 +2,11 @@
 
 201 ends the search. 409 means the view was behind: the answer updates it and
 the next candidate is tried. A connection error, timeout or 5xx marks the
-substation down and the next candidate is tried. When nothing admits the
-request, the view is refreshed once (single-flight, rate-limited) and the
-decision is made again before giving up with ``no_capacity``.
+substation down and the next candidate is tried (a pooled connection that
+breaks before any answer is first replaced and the request sent once more).
+When nothing admits the request, the view is refreshed once (single-flight,
+rate-limited) and the decision is made again before giving up with
+``no_capacity``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 import requests
+from urllib3.exceptions import ProtocolError
 
 from gridcommon.httpclient import HttpClient
 from gridcommon.validation import ChargeRequest
@@ -240,7 +243,7 @@ class Router:
 
     def _call(self, method: str, url: str, **kwargs: Any) -> Answer:
         try:
-            response = self._client.request(method, url, **kwargs)
+            response = self._send(method, url, **kwargs)
         except requests.RequestException as exc:
             raise ForwardError(describe_request_error(exc)) from None
         if response.status_code >= 500:
@@ -252,6 +255,24 @@ class Router:
         if not isinstance(body, dict):
             raise ForwardError(f"its HTTP {response.status_code} answer is not a JSON object")
         return Answer(response.status_code, body)
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """Send the request; once more, on a new connection, if the connection broke before any answer.
+
+        A pooled connection may be closed at the substation's end already: its
+        keep-alive ran out, perhaps while a network cut swallowed the FIN. The
+        request then never reached the substation, which must not be marked down
+        for it. A timeout is not sent again: the substation may have the request.
+        """
+        try:
+            return self._client.request(method, url, **kwargs)
+        except requests.ConnectionError as exc:
+            # requests wraps urllib3's error; ProtocolError: reset or closed before the answer's headers.
+            if not (exc.args and isinstance(exc.args[0], ProtocolError)):
+                raise
+            log.info("connection to %s broke before an answer; sending the request again on a new one", url)
+            # urllib3 put a fresh slot in place of the broken connection, on top of its LIFO pool.
+            return self._client.request(method, url, **kwargs)
 
     def _mark_failed(self, substation: SubstationSnapshot, reason: str) -> None:
         if substation.substation_id:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,16 @@ def wait_until_healthy(url: str, process: subprocess.Popen | None = None, timeou
             last_error = str(exc)
         time.sleep(0.1)
     raise RuntimeError(f"{url} not healthy after {timeout}s: {last_error}")
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> float:
+    """Seconds until ``condition()`` held; fails naming ``what`` after ``timeout`` seconds."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout:g} s")
 
 
 @dataclass
@@ -103,6 +114,15 @@ class Service:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def start_all(services: list[Service]) -> list[Service]:
+    """Start the services at once, then wait until every one is healthy: faster than one after another."""
+    for service in services:
+        service.start(wait=False)
+    for service in services:
+        wait_until_healthy(f"{service.url}/health", service.process)
+    return services
 
 
 @dataclass
