@@ -10,6 +10,7 @@ from gridcommon.httpclient import HttpClient
 from gridcommon.logs import configure_logging
 from gridcommon.web import install_common
 from load_balancer.config import Settings
+from load_balancer.lost_answers import LostAnswers
 from load_balancer.metrics import BalancerMetrics
 from load_balancer.policies import make_policy
 from load_balancer.poller import Poller
@@ -39,21 +40,27 @@ class Balancer:
 def build_balancer(settings: Settings) -> Balancer:
     view = GridView(failure_threshold=settings.failure_threshold)
     metrics = BalancerMetrics(view.snapshots, view.now, settings.poll_interval_seconds)
+    # The router refreshes through the poller, and the poller frees lost sessions through the
+    # router: each reaches the other through a function first called once both exist.
+    router = Router(
+        view,
+        HttpClient(USER_AGENT, timeout=(settings.connect_timeout_seconds, settings.forward_timeout_seconds)),
+        refresh=lambda: poller.refresh(),
+        policy=make_policy(settings.routing_policy),
+        poll_interval_seconds=settings.poll_interval_seconds,
+        on_admitted=metrics.count_admission,
+        on_forward_failure=metrics.count_forward_failure,
+        lost_answers=LostAnswers(),
+        on_lost_session_freed=metrics.count_lost_session_freed,
+        longest_session_seconds=settings.max_session_seconds,
+    )
     poller = Poller(
         view,
         HttpClient(USER_AGENT, timeout=(settings.connect_timeout_seconds, settings.poll_timeout_seconds)),
         interval_seconds=settings.poll_interval_seconds,
         refresh_min_interval_seconds=settings.refresh_min_interval_seconds,
         observe_duration=metrics.polling_duration.observe,
-    )
-    router = Router(
-        view,
-        HttpClient(USER_AGENT, timeout=(settings.connect_timeout_seconds, settings.forward_timeout_seconds)),
-        refresh=poller.refresh,
-        policy=make_policy(settings.routing_policy),
-        poll_interval_seconds=settings.poll_interval_seconds,
-        on_admitted=metrics.count_admission,
-        on_forward_failure=metrics.count_forward_failure,
+        after_successful_poll=router.free_lost_sessions,
     )
     registry = SubstationRegistry(view, poller, on_removed=metrics.forget_substation)
     registry.add_configured(settings.substations)

@@ -5,6 +5,7 @@
 | load_balancer_requests_total             | counter   | outcome    | Charge requests: routed, no_capacity, invalid, error |
 | routing_decisions_total                  | counter   | substation | Charge requests admitted at each substation          |
 | forward_failures_total                   | counter   | substation | Forwards that failed (connection, timeout, 5xx)      |
+| lost_sessions_freed_total                | counter   | substation | Sessions admitted whose answer was lost, then freed  |
 | substation_load_kw                       | gauge     | substation | Load in the balancer's view                          |
 | substation_capacity_kw                   | gauge     | substation | Admission capacity in the balancer's view            |
 | substation_load_percentage               | gauge     | substation | Load / admission capacity * 100                      |
@@ -68,6 +69,12 @@ class BalancerMetrics:
             ["substation"],
             registry=self.registry,
         )
+        self.lost_sessions_freed = Counter(
+            "lost_sessions_freed",
+            "Sessions a substation admitted although their answer was lost, freed after a later poll.",
+            ["substation"],
+            registry=self.registry,
+        )
         self.polling_duration = Histogram(
             "polling_duration_seconds",
             "Seconds one poll of every substation took.",
@@ -85,10 +92,14 @@ class BalancerMetrics:
     def count_forward_failure(self, substation_id: str) -> None:
         self.forward_failures.labels(substation_id).inc()
 
+    def count_lost_session_freed(self, substation_id: str) -> None:
+        self.lost_sessions_freed.labels(substation_id).inc()
+
     def forget_substation(self, substation_id: str) -> None:
         """Drop a deregistered substation's series."""
         self.routing_decisions.remove(substation_id)
         self.forward_failures.remove(substation_id)
+        self.lost_sessions_freed.remove(substation_id)
 
     def _view_gauges(self) -> Iterator[Metric]:
         now = self._clock()

@@ -81,9 +81,11 @@ class Poller:
         interval_seconds: float,
         refresh_min_interval_seconds: float,
         observe_duration: Callable[[float], None],
+        after_successful_poll: Callable[[str], None] = lambda url: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._view = view
+        self._after_successful_poll = after_successful_poll
         self._client = client
         self._interval = interval_seconds
         self._refresh_min_interval = refresh_min_interval_seconds
@@ -124,6 +126,8 @@ class Poller:
             return
         if came_up:
             log.info("substation %s at %s is up and routable", substation_id, url)
+        # Outside this round, which must stay bounded by the poll timeout.
+        self._executor.submit(self._after_successful_poll, url)
 
     # Every substation -------------------------------------------------------
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -21,6 +22,7 @@ from urllib3.exceptions import ProtocolError
 
 from gridcommon.httpclient import HttpClient
 from gridcommon.validation import ChargeRequest
+from load_balancer.lost_answers import LostAnswers
 from load_balancer.policies import Policy, make_policy
 from load_balancer.poller import describe_request_error, record_failure
 from load_balancer.view import GridView, Observation, SubstationSnapshot
@@ -75,6 +77,9 @@ class _Search:
     policy: Policy
     attempts: int = 0
     retry_hints: list[float] = field(default_factory=list)
+    # Substations whose answer never came: each may hold this request's session.
+    unanswered: list[SubstationSnapshot] = field(default_factory=list)
+    admitted_at: str | None = None
 
 
 def observation_from_answer(body: dict[str, Any]) -> Observation:
@@ -131,8 +136,14 @@ class Router:
         poll_interval_seconds: float,
         on_admitted: Callable[[str], None],
         on_forward_failure: Callable[[str], None],
+        lost_answers: LostAnswers,
+        on_lost_session_freed: Callable[[str], None],
+        longest_session_seconds: float,
     ) -> None:
         self._view = view
+        self._lost_answers = lost_answers
+        self._on_lost_session_freed = on_lost_session_freed
+        self._longest_session = longest_session_seconds
         self._client = client
         self._refresh = refresh
         self._policy = policy
@@ -154,12 +165,23 @@ class Router:
     # Charge requests --------------------------------------------------------
 
     def route(self, request: ChargeRequest) -> RouteOutcome:
-        search = _Search(request, self._policy)
+        search = _Search(replace(request, session_id=uuid.uuid4().hex), self._policy)
         outcome = self._try_candidates(search)
         if outcome is None:
             self._refresh()
             outcome = self._try_candidates(search)
+        self._remember_unanswered(search)
         return outcome or self._no_capacity(search)
+
+    def _remember_unanswered(self, search: _Search) -> None:
+        # Only once the request is finished: no later attempt can still be admitted under its id.
+        assert search.request.session_id is not None
+        lifetime = search.request.duration_seconds or self._longest_session
+        for substation in search.unanswered:
+            if substation.url != search.admitted_at:
+                self._lost_answers.remember(
+                    substation.url, substation.substation_id, search.request.session_id, lifetime
+                )
 
     def _try_candidates(self, search: _Search) -> Admitted | Refused | None:
         amount = search.request.amount_kw
@@ -179,12 +201,14 @@ class Router:
             answer = self._call("POST", f"{candidate.url}/charge", json=search.request.as_json())
             observation = observation_from_answer(answer.body) if answer.status in (201, 409) else None
         except (ForwardError, ValueError) as exc:
-            # A timeout may hide an admission whose answer got lost; the next poll shows it.
+            # A timeout may hide an admission whose answer got lost: it is freed after a later poll.
+            search.unanswered.append(candidate)
             self._view.release(candidate.url, amount)
             self._mark_failed(candidate, f"forwarding to {candidate.url}/charge failed: {exc}")
             return None
         self._view.release(candidate.url, amount, observation, admitted=answer.status == 201)
         if answer.status == 201:
+            search.admitted_at = candidate.url
             substation_id = candidate.substation_id or candidate.url
             self._on_admitted(substation_id)
             log.info(
@@ -218,6 +242,32 @@ class Router:
             )
         log.info("no room for %g kW for vehicle %s after %d attempts", amount, search.request.vehicle_id, search.attempts)
         return NoCapacity(retry_after, message, search.attempts)
+
+    # Lost answers -----------------------------------------------------------
+
+    def free_lost_sessions(self, url: str) -> None:
+        """Stop the sessions ``url`` may have admitted for forwards whose answer was lost.
+
+        Called after a successful poll of ``url``, when it is reachable again.
+        """
+        for entry in self._lost_answers.pending(url):
+            target = f"{url}/charge/{quote(entry.session_id, safe='')}"
+            try:
+                answer = self._call("DELETE", target)
+                if answer.status == 200:
+                    self._view.observe(url, observation_from_answer(answer.body))
+            except (ForwardError, ValueError) as exc:
+                log.info("could not check %s for a lost session yet (%s); trying again after the next poll", url, exc)
+                return
+            if answer.status == 200:
+                self._on_lost_session_freed(entry.substation_id or url)
+                log.warning(
+                    "freed session %s at %s: it was admitted but its answer was lost, "
+                    "and the request was answered without it",
+                    entry.session_id,
+                    entry.substation_id or url,
+                )
+            self._lost_answers.resolve(entry)
 
     # Stopping a session -----------------------------------------------------
 

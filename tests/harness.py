@@ -99,6 +99,16 @@ class Service:
     def stop(self) -> None:
         self._signal(signal.SIGTERM)
 
+    def suspend(self) -> None:
+        """Freeze the processes (SIGSTOP): the kernel still accepts connections and takes in
+        requests, but nothing answers them until ``resume()``."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)
+
     def _signal(self, sig: int) -> None:
         if self.process is None or self.process.poll() is not None:
             return

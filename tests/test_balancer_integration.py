@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from gridcommon.promtext import Scrape, parse_metrics
-from tests.harness import Service, wait_until_healthy
+from tests.harness import Service, start_all, wait_for
 from tests.substation_support import epoch_of, max_overlapping_load
 
 pytestmark = pytest.mark.integration
@@ -32,11 +32,8 @@ def launch(tmp_path: Path) -> Iterator[Launcher]:
             Service(name=env.get("SUBSTATION_ID", "load-balancer"), app=app, env=env, log_dir=tmp_path)
             for env in envs
         ]
-        for service in services:
-            started.append(service.start(wait=False))
-        for service in services:
-            wait_until_healthy(f"{service.url}/health", service.process)
-        return services
+        started.extend(services)
+        return start_all(services)
 
     yield launch_services
     for service in reversed(started):
@@ -79,16 +76,6 @@ def sessions_at(substation: Service) -> list[dict]:
     response = requests.get(f"{substation.url}/sessions", timeout=5)
     response.raise_for_status()
     return response.json()["sessions"]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until ``condition`` held; fails the test after ``timeout``."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.05)
-    pytest.fail(f"{what}: not within {timeout} s")
 
 
 def assert_no_traceback(service: Service) -> None:
@@ -304,3 +291,38 @@ def test_bad_input_gets_json_errors_and_the_balancer_stays_healthy(launch: Launc
     assert requests.get(f"{lb.url}/health", timeout=5).json()["status"] == "ok"
     assert charge(lb, "ev-after", 10.0).status_code == 201
     assert_no_traceback(lb)
+
+
+# A lost answer ----------------------------------------------------------------------
+
+
+def test_a_session_admitted_behind_a_lost_answer_is_freed_once_the_substation_answers_again(
+    launch: Launcher,
+) -> None:
+    grid = substations(launch, 100, 100)
+    lb = balancer(launch, grid, POLL_INTERVAL_SECONDS="1", FORWARD_TIMEOUT_SECONDS="1", POLL_TIMEOUT_SECONDS="0.5")
+    wait_for(lambda: len(status_of(lb)) == 2, 5, "the balancer to poll both substations")
+    slow = grid[0]  # least_loaded breaks ties by id: an empty grid sends the first request to substation-1
+
+    slow.suspend()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(charge, lb, "ev-lost", 7.0)
+            # The forward is in substation-1's socket; it admits once thawed, after the balancer gave up.
+            wait_for(lambda: not status_of(lb)["substation-1"]["up"], 5, "the balancer to give up on substation-1")
+            response = answer.result(timeout=15)
+    finally:
+        slow.resume()
+
+    assert response.status_code == 201, response.text
+    assert response.json()["substation"] == "substation-2" and response.json()["routing"]["attempts"] == 2
+    # Thawed, substation-1 admitted the forward nobody waits for any more; the next poll finds it again.
+    wait_for(
+        lambda: scrape(lb).value("lost_sessions_freed_total", substation="substation-1") == 1,
+        10,
+        "the balancer to free the session whose answer was lost",
+    )
+    assert sessions_at(slow) == []
+    assert [s["session_id"] for s in sessions_at(grid[1])] == [response.json()["session_id"]]
+    assert status_of(lb)["substation-1"]["load"] == 0
+    assert "answer was lost" in lb.log_text()
