@@ -13,7 +13,9 @@ worker_class = "gthread"
 threads = int(os.environ.get("THREADS", "16"))
 timeout = 30
 graceful_timeout = 5
-keepalive = 5
+# Longer than the balancer's and Prometheus's 5 s polls: a connection closed just as the next
+# poll reuses it would read as a failed poll and mark a healthy substation down.
+keepalive = 15
 # The services write their own access line with the request id; gunicorn's would repeat it.
 accesslog = None
 errorlog = "-"

@@ -18,7 +18,6 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 import requests
-from urllib3.exceptions import ProtocolError
 
 from gridcommon.httpclient import HttpClient
 from gridcommon.validation import ChargeRequest
@@ -293,7 +292,8 @@ class Router:
 
     def _call(self, method: str, url: str, **kwargs: Any) -> Answer:
         try:
-            response = self._send(method, url, **kwargs)
+            # Every forward carries the request's session id: sending it twice admits it once.
+            response = self._client.request(method, url, resend_if_broken=True, **kwargs)
         except requests.RequestException as exc:
             raise ForwardError(describe_request_error(exc)) from None
         if response.status_code >= 500:
@@ -305,24 +305,6 @@ class Router:
         if not isinstance(body, dict):
             raise ForwardError(f"its HTTP {response.status_code} answer is not a JSON object")
         return Answer(response.status_code, body)
-
-    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
-        """Send the request; once more, on a new connection, if the connection broke before any answer.
-
-        A pooled connection may be closed at the substation's end already: its
-        keep-alive ran out, perhaps while a network cut swallowed the FIN. The
-        request then never reached the substation, which must not be marked down
-        for it. A timeout is not sent again: the substation may have the request.
-        """
-        try:
-            return self._client.request(method, url, **kwargs)
-        except requests.ConnectionError as exc:
-            # requests wraps urllib3's error; ProtocolError: reset or closed before the answer's headers.
-            if not (exc.args and isinstance(exc.args[0], ProtocolError)):
-                raise
-            log.info("connection to %s broke before an answer; sending the request again on a new one", url)
-            # urllib3 put a fresh slot in place of the broken connection, on top of its LIFO pool.
-            return self._client.request(method, url, **kwargs)
 
     def _mark_failed(self, substation: SubstationSnapshot, reason: str) -> None:
         if substation.substation_id:
