@@ -15,12 +15,11 @@ from gridcommon.logs import configure_logging
 from gridcommon.web import install_common
 
 
-def create_app(settings: Settings | None = None, start_background: bool = True, *, clock: Clock = utc_now) -> Flask:
+def create_app(settings: Settings | None = None, *, clock: Clock = utc_now) -> Flask:
     """Build the public charge API.
 
-    ``clock`` (an aware UTC ``datetime``) lets tests move time. ``start_background``
-    keeps the factory's signature the same as the other services'; this service
-    runs no background threads, since expired sessions are dropped when read.
+    ``clock`` (an aware UTC ``datetime``) lets tests move time. The service runs no
+    background threads: expired sessions are dropped whenever the tracker is read.
     """
     settings = settings or Settings.from_env(os.environ)
     configure_logging(SERVICE_NAME, settings.log_level)

@@ -62,7 +62,7 @@ class ShiftedClock:
 def make_client(balancer_url: str, clock: Callable[[], datetime] = utc_now, **settings: float) -> FlaskClient:
     timeouts = {"request_timeout_seconds": 3, "health_timeout_seconds": 1}
     app = create_app(
-        Settings(load_balancer_url=balancer_url, **{**timeouts, **settings}), start_background=False, clock=clock
+        Settings(load_balancer_url=balancer_url, **{**timeouts, **settings}), clock=clock
     )
     return app.test_client()
 
