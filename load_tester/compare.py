@@ -17,6 +17,8 @@ POLICIES = ("least_loaded", "least_connections", "round_robin", "random", "power
 CLEANUP_WORKERS = 8
 SETTLE_POLL_SECONDS = 0.2
 TOLERANCE_KW = 1e-6
+# Sessions last 60 s by default: wait that long, and a poll interval more, for a busy grid to empty.
+EMPTY_GRID_TIMEOUT_SECONDS = 70.0
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ def compare_policies(
     """
     original, offered = client.policies()
     policies = choose_policies(requested, offered or list(POLICIES))
-    baseline_kw = total_load_kw(client)
+    baseline_kw = start_from_an_empty_grid(client)
     reports = []
     try:
         for policy in policies:
@@ -78,6 +80,31 @@ def stop_sessions(client: GridClient, results: Sequence[RequestResult]) -> None:
         log.warning(
             "%d of %d sessions could not be stopped; they end by themselves at ends_at.", failures, len(admitted)
         )
+
+
+def start_from_an_empty_grid(client: GridClient) -> float:
+    """Wait (bounded) for sessions already charging to end; the load the comparison starts from.
+
+    Policies are only comparable on the same grid: a first run on a grid that is
+    still full from an earlier test would admit nothing and look worst.
+    """
+    load_kw = total_load_kw(client)
+    if load_kw <= TOLERANCE_KW:
+        return 0.0
+    log.warning(
+        "The grid already carries %.1f kW; waiting up to %.0f s for those sessions to end before comparing.",
+        load_kw,
+        EMPTY_GRID_TIMEOUT_SECONDS,
+    )
+    if wait_for_load_at_most(client, 0.0, EMPTY_GRID_TIMEOUT_SECONDS):
+        return 0.0
+    load_kw = total_load_kw(client)
+    log.warning(
+        "The grid still carries %.1f kW: other clients may be charging. Every policy starts from that load; "
+        "compare on an otherwise idle stack for a fair picture.",
+        load_kw,
+    )
+    return load_kw
 
 
 def total_load_kw(client: GridClient) -> float:

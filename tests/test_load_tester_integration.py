@@ -151,6 +151,12 @@ def test_compare_policies_runs_each_policy_from_an_empty_grid_and_restores_the_p
     put = requests.put(policy_url, json={"policy": "round_robin"}, headers=admin, timeout=TIMEOUT)
     assert put.status_code == 200, put.text
     offered = put.json()["available"]
+    # The grid is still full from an earlier run: the comparison waits for it to empty rather than
+    # let the first policy admit nothing and look worst.
+    for capacity in (120, 100, 80):
+        body = {"vehicle_id": f"ev-earlier-{capacity}", "amount": capacity, "duration_seconds": 2}
+        earlier = requests.post(f"{stack.charge.url}/charge", json=body, timeout=TIMEOUT)
+        assert earlier.status_code == 201, earlier.text
 
     # 20 requests of 5-10 kW: at most 200 kW, which fits the 300 kW grid once but not twice.
     run = load_tester(
@@ -159,6 +165,7 @@ def test_compare_policies_runs_each_policy_from_an_empty_grid_and_restores_the_p
         env={"ADMIN_TOKEN": ADMIN_TOKEN},
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
+    assert "The grid already carries 300.0 kW; waiting" in run.stderr
 
     comparison = json.loads((tmp_path / "comparison.json").read_text())["policies"]
     assert [row["policy"] for row in comparison] == offered
