@@ -1,7 +1,7 @@
 """Calls from the charge request service to the load balancer.
 
-Every answer is checked before anyone uses it: a status the balancer's
-contract does not allow, a body that is not a JSON object, or an error without
+Every answer is checked before anyone uses it: a status the balancer's API
+does not give, a body that is not a JSON object, or an error without
 ``error`` and ``message`` all count as the balancer being unavailable, so the
 client gets one clear 502 instead of whatever came back.
 """
@@ -16,7 +16,7 @@ import requests
 from gridcommon.httpclient import HttpClient
 from gridcommon.validation import ChargeRequest
 
-# Used when a 503 arrives without the header; the contract says whole seconds >= 1.
+# Used when a 503 arrives without the header; Retry-After is whole seconds >= 1.
 DEFAULT_RETRY_AFTER = "1"
 
 
@@ -45,9 +45,20 @@ class BalancerClient:
         return reply
 
     def stop_charge(self, substation: str, session_id: str) -> BalancerReply:
-        """DELETE /charge/<substation>/<session_id>: 200 stopped, 404 the substation no longer has it."""
+        """DELETE /charge/<substation>/<session_id>: 200 stopped, 404 the substation no longer has it.
+
+        A 404 because the balancer no longer knows the substation (deregistered)
+        says nothing about the session, which may still be charging there: that
+        is ``BalancerUnavailable``, not a 404.
+        """
         path = f"/charge/{quote(substation, safe='')}/{quote(session_id, safe='')}"
-        return self._call("DELETE", path, expected={200, 404})
+        reply = self._call("DELETE", path, expected={200, 404})
+        if reply.status == 404 and reply.body.get("error") != "session_not_found":
+            raise BalancerUnavailable(
+                f"the load balancer cannot reach substation {substation} to stop the session "
+                f"({reply.body.get('message', reply.body.get('error'))})"
+            )
+        return reply
 
     def is_healthy(self) -> bool:
         try:

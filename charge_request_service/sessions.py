@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from gridcommon.timefmt import format_time, parse_time, utc_now
+from gridcommon.validation import finite_number
 
 Clock = Callable[[], datetime]
 
@@ -73,10 +74,10 @@ def _text(body: Mapping[str, Any], name: str) -> str:
 
 
 def _number(body: Mapping[str, Any], name: str) -> float:
-    value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidAdmission(f"{name} is missing or not a number")
-    return float(value)
+    value = finite_number(body.get(name))
+    if value is None:
+        raise InvalidAdmission(f"{name} is missing or not a finite number")
+    return value
 
 
 @dataclass(frozen=True)

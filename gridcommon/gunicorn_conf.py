@@ -7,10 +7,12 @@ metrics exact without multiprocess mode. Threads give the concurrency.
 """
 import os
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+from gridcommon.settings import env_int, env_log_level, env_str
+
+bind = f"{env_str(os.environ, 'HOST', '0.0.0.0')}:{env_int(os.environ, 'PORT', 8000, minimum=1, maximum=65535)}"
 workers = 1
 worker_class = "gthread"
-threads = int(os.environ.get("THREADS", "16"))
+threads = env_int(os.environ, "THREADS", 16, minimum=1, maximum=256)
 timeout = 30
 graceful_timeout = 5
 # Longer than the balancer's and Prometheus's 5 s polls: a connection closed just as the next
@@ -19,7 +21,7 @@ keepalive = 15
 # The services write their own access line with the request id; gunicorn's would repeat it.
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = env_log_level(os.environ)
 # gunicorn's control socket lives at one path per user: several services on one
 # machine would fight over it, and nothing here uses it.
 control_socket_disable = True

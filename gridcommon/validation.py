@@ -43,9 +43,19 @@ class ChargeRequest:
         return body
 
 
-def _finite_number(value: Any) -> bool:
-    # bool is an int in Python, but `true` is not an amount of power.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite JSON number, else None.
+
+    bool is an int in Python, but ``true`` is not an amount of power; and an
+    integer too large for a float (JSON allows 400 digits) is not one either.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def parse_charge_request(
@@ -61,14 +71,15 @@ def parse_charge_request(
             "vehicle_id",
             "vehicle_id must be a string of 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'.",
         )
-    amount = body.get("amount")
-    if not _finite_number(amount) or not 0 < amount <= max_amount_kw:
+    amount = finite_number(body.get("amount"))
+    if amount is None or not 0 < amount <= max_amount_kw:
         raise ValidationError(
             "amount",
             f"amount must be a number of kW greater than 0 and at most {max_amount_kw:g}.",
         )
-    duration = body.get("duration_seconds")
-    if duration is not None and (not _finite_number(duration) or not 0 < duration <= max_duration_seconds):
+    raw_duration = body.get("duration_seconds")
+    duration = finite_number(raw_duration)
+    if raw_duration is not None and (duration is None or not 0 < duration <= max_duration_seconds):
         raise ValidationError(
             "duration_seconds",
             f"duration_seconds, when given, must be a number greater than 0 and at most {max_duration_seconds:g}.",
@@ -81,7 +92,7 @@ def parse_charge_request(
         )
     return ChargeRequest(
         vehicle_id=vehicle_id,
-        amount_kw=float(amount),
-        duration_seconds=None if duration is None else float(duration),
+        amount_kw=amount,
+        duration_seconds=duration,
         session_id=session_id,
     )

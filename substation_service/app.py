@@ -53,12 +53,15 @@ def create_app(
 
 
 def build_substation(settings: Settings, clock: Clock | None, extra_capacity: Callable[[], float]) -> Substation:
-    metrics = SubstationMetrics(settings.substation_id)
+    # The gauges read the ledger at scrape time; the ledger reports finished sessions to the metrics.
+    metrics = SubstationMetrics(settings.substation_id, snapshot=lambda: ledger.snapshot())
     ledger = Ledger(
         settings.capacity_kw,
         settings.session_seconds,
         clock=clock,
         extra_capacity=extra_capacity,
         on_session_finished=metrics.session_finished,
+        # The longest a session can last: a late copy of a request is refused for at least that long.
+        retire_ids_for_seconds=settings.max_session_seconds,
     )
     return Substation(settings=settings, ledger=ledger, metrics=metrics)

@@ -17,6 +17,7 @@ import math
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,6 +124,45 @@ class SessionIdInUse(Exception):
         self.session = session
 
 
+class SessionIdRetired(Exception):
+    """The requested id belongs to a session that ended or was asked to stop: it is not used again."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session id {session_id!r} belongs to a session that already ended or was stopped; "
+            "a late copy of its request is not admitted again"
+        )
+        self.session_id = session_id
+
+
+class RetiredIds:
+    """Ids of sessions that ended, were stopped, or were asked to stop before they existed.
+
+    A copy of a request can arrive late (a resend after a lost answer, packets
+    held up by a network cut), even after the balancer asked to stop the
+    session it might have created. Remembering the id for as long as a session
+    can last means such a copy is refused instead of charging a vehicle twice.
+    Not thread-safe: the ledger calls it under its lock.
+    """
+
+    def __init__(self, keep_seconds: float, limit: int = 100_000) -> None:
+        self._keep_seconds = keep_seconds
+        self._limit = limit
+        self._forget_at: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, session_id: str, now: float) -> None:
+        self._forget_at.pop(session_id, None)
+        self._forget_at[session_id] = now + self._keep_seconds
+        while len(self._forget_at) > self._limit:
+            self._forget_at.popitem(last=False)
+
+    def holds(self, session_id: str, now: float) -> bool:
+        # Entries were added in time order, so the expired ones are at the front.
+        while self._forget_at and next(iter(self._forget_at.values())) <= now:
+            self._forget_at.popitem(last=False)
+        return session_id in self._forget_at
+
+
 class UnknownSession(KeyError):
     """No active session has this id: it never existed, already ended or was stopped."""
 
@@ -150,6 +190,7 @@ class Ledger:
         clock: Clock | None = None,
         extra_capacity: Callable[[], float] = no_extra_capacity,
         on_session_finished: SessionFinished | None = None,
+        retire_ids_for_seconds: float = 3600.0,
     ) -> None:
         if capacity_kw < 0:
             raise ValueError(f"capacity_kw must be at least 0, got {capacity_kw}")
@@ -166,6 +207,7 @@ class Ledger:
         self._ends: list[tuple[float, str]] = []
         self._load_kw = 0.0
         self._state_version = 0
+        self._retired = RetiredIds(retire_ids_for_seconds)
         # Sessions ended under the lock, reported once it is released.
         self._unreported: list[tuple[Session, float]] = []
 
@@ -180,7 +222,8 @@ class Ledger:
 
         Asking again with the ``session_id`` of an active session for the same
         vehicle and amount returns that session (``replayed``): a caller whose
-        answer got lost can safely ask again.
+        answer got lost can safely ask again. The id of a session that ended or
+        was asked to stop raises ``SessionIdRetired``.
         """
         if not amount_kw > 0:
             raise ValueError(f"amount_kw must be greater than 0, got {amount_kw}")
@@ -191,6 +234,8 @@ class Ledger:
         with self._current() as now:
             if session_id is not None and session_id in self._sessions:
                 return self._replay(self._sessions[session_id], vehicle_id, amount_kw, now, admission_capacity)
+            if session_id is not None and self._retired.holds(session_id, now):
+                raise SessionIdRetired(session_id)
             # fsum: the exact sum of the amounts, so rounding can never let a session slip past capacity.
             load_after = math.fsum([*self._amounts(), amount_kw])
             if load_after > admission_capacity:
@@ -210,13 +255,17 @@ class Ledger:
         return Admission(session, self._snapshot(now, admission_capacity), replayed=True)
 
     def release(self, session_id: str) -> Release:
-        """Stop an active session early; raises ``UnknownSession`` if there is none with this id."""
+        """Stop an active session early; raises ``UnknownSession`` if there is none with this id.
+
+        Either way the id is retired: a request with it that arrives later is refused.
+        """
         admission_capacity = self._admission_capacity()
         with self._current() as now:
             session = self._sessions.get(session_id)
             if session is None:
+                self._retired.add(session_id, now)
                 raise UnknownSession(session_id)
-            self._finish(session, charged_seconds=now - session.started_at)
+            self._finish(session, charged_seconds=now - session.started_at, now=now)
             return Release(session, now, self._snapshot(now, admission_capacity))
 
     def snapshot(self) -> Snapshot:
@@ -255,10 +304,11 @@ class Ledger:
             _, session_id = heapq.heappop(self._ends)
             session = self._sessions.get(session_id)
             if session is not None:
-                self._finish(session, charged_seconds=session.duration_seconds)
+                self._finish(session, charged_seconds=session.duration_seconds, now=now)
 
-    def _finish(self, session: Session, charged_seconds: float) -> None:
+    def _finish(self, session: Session, charged_seconds: float, now: float) -> None:
         del self._sessions[session.session_id]
+        self._retired.add(session.session_id, now)
         self._load_kw = math.fsum(self._amounts())
         self._state_version += 1
         self._unreported.append((session, charged_seconds))

@@ -10,7 +10,15 @@ from flask import Blueprint, Response, current_app, jsonify
 from gridcommon.timefmt import format_time
 from gridcommon.web import ApiError, metrics_response, parse_charge_body
 from substation_service.config import Settings
-from substation_service.ledger import CapacityExceeded, Ledger, Session, SessionIdInUse, Snapshot, UnknownSession
+from substation_service.ledger import (
+    CapacityExceeded,
+    Ledger,
+    Session,
+    SessionIdInUse,
+    SessionIdRetired,
+    Snapshot,
+    UnknownSession,
+)
 from substation_service.metrics import SubstationMetrics
 
 EXTENSION_KEY = "substation_service"
@@ -93,6 +101,9 @@ def start_charging() -> tuple[Response, int]:
         raise capacity_exceeded(rejection) from None
     except SessionIdInUse as conflict:
         raise ApiError(409, "session_id_in_use", str(conflict), session_id=conflict.session.session_id) from None
+    except SessionIdRetired as retired:
+        log.info("refused a late copy of the request for session %s: %s", retired.session_id, retired)
+        raise ApiError(409, "session_id_retired", str(retired), session_id=retired.session_id) from None
     session = admission.session
     if admission.replayed:
         log.info("session %s asked for again: answering with the session already admitted", session.session_id)
@@ -156,6 +167,4 @@ def health() -> Response:
 
 @blueprint.get("/metrics")
 def metrics() -> Response:
-    current = substation()
-    current.metrics.refresh(current.ledger.snapshot())
-    return metrics_response(current.metrics.registry)
+    return metrics_response(substation().metrics.registry)

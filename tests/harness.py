@@ -110,11 +110,20 @@ class Service:
             os.killpg(self.process.pid, signal.SIGCONT)
 
     def _signal(self, sig: int) -> None:
+        self.send_signal(sig)
+        self.wait_stopped()
+
+    def send_signal(self, sig: int) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         try:
             os.killpg(self.process.pid, sig)
         except ProcessLookupError:
+            pass
+
+    def wait_stopped(self) -> None:
+        """Wait for the process to end; kill it if it takes longer than a graceful stop should."""
+        if self.process is None:
             return
         try:
             self.process.wait(timeout=10)
@@ -146,8 +155,15 @@ class Stack:
         return [*self.substations, self.balancer, self.charge]
 
     def stop(self) -> None:
-        for service in reversed(self.services):
-            service.stop()
+        stop_all(list(reversed(self.services)))
+
+
+def stop_all(services: list[Service]) -> None:
+    """Ask every service to stop at once, then wait: each takes a moment to close its connections."""
+    for service in services:
+        service.send_signal(signal.SIGTERM)
+    for service in services:
+        service.wait_stopped()
 
 
 def start_stack(

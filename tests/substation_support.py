@@ -6,12 +6,12 @@ import re
 from collections.abc import Iterable
 from datetime import datetime
 
-# The contract's time format: ISO 8601, UTC, milliseconds, "Z".
+# The API's time format: ISO 8601, UTC, milliseconds, "Z" (gridcommon.timefmt).
 ISO_UTC_MILLIS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
 
 def epoch_of(text: str) -> float:
-    """Seconds since the epoch of a time in the contract's format; fails on any other format."""
+    """Seconds since the epoch of a time in the API's format; fails on any other format."""
     assert ISO_UTC_MILLIS.match(text), f"not an ISO 8601 UTC time with milliseconds and Z: {text!r}"
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 

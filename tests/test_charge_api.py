@@ -463,3 +463,15 @@ def test_each_app_has_its_own_metrics(closed_port_url):
     first.test_client().post("/charge", json={"amount": 1})
     assert charge_count(first.test_client(), 400) == 1
     assert charge_count(second.test_client(), 400) == 0
+
+
+def test_stopping_a_session_at_a_substation_the_balancer_no_longer_knows_keeps_it_tracked(grid):
+    client = make_client(grid.balancer.url)
+    now = utc_now()
+    # Tracked here, but at a substation that is not (or no longer) registered at the balancer.
+    track(client, ChargeSession("s-gone", "EV-001", "substation-gone", 5.0, now, now + timedelta(minutes=5)))
+
+    error = assert_json_error(client.delete("/sessions/s-gone"), 502, "load_balancer_unavailable")
+
+    assert "substation-gone" in error["message"]
+    assert client.get("/sessions/s-gone").status_code == 200

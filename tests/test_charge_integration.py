@@ -101,6 +101,7 @@ BAD_INPUTS = [
     ("negative amount", json.dumps({"vehicle_id": "EV-1", "amount": -3}), "application/json", 400, "amount"),
     ("amount over the limit", json.dumps({"vehicle_id": "EV-1", "amount": 351}), "application/json", 400, "amount"),
     ("boolean amount", json.dumps({"vehicle_id": "EV-1", "amount": True}), "application/json", 400, "amount"),
+    ("400-digit amount", '{"vehicle_id": "EV-1", "amount": 1' + "0" * 400 + "}", "application/json", 400, "amount"),
     ("string amount", json.dumps({"vehicle_id": "EV-1", "amount": "22"}), "application/json", 400, "amount"),
     ("NaN amount", '{"vehicle_id": "EV-1", "amount": NaN}', "application/json", 400, "amount"),
     ("duration too long", json.dumps({"vehicle_id": "EV-1", "amount": 5, "duration_seconds": 3601}),

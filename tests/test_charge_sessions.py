@@ -234,7 +234,7 @@ def test_concurrent_records_and_forgets_keep_exact_counts():
 # --- settings ----------------------------------------------------------------------------------
 
 
-def test_settings_defaults_follow_the_contract():
+def test_settings_defaults_are_the_documented_ones():
     assert asdict(Settings.from_env({})) == {
         "load_balancer_url": "http://127.0.0.1:5002",
         "max_amount_kw": 350.0,

@@ -25,7 +25,7 @@ from docker.utils.build import exclude_paths
 from tests.harness import REPO_ROOT, free_port, wait_until_healthy
 
 PUBLISHED_PORTS = {"charge_request_service": 5000, "prometheus": 9090, "grafana": 3000}
-# Each service's own port inside the compose network, as the contract fixes them.
+# Each service's own port inside the compose network, as the README documents them.
 SERVICE_PORTS = {
     "charge_request_service": 5000,
     "load_balancer": 5002,
@@ -90,7 +90,7 @@ def test_compose_file_is_valid(profile_args):
     assert result.stderr == ""
 
 
-def test_compose_has_the_contracts_services():
+def test_compose_has_the_documented_services():
     assert set(services()) == {*SERVICE_PORTS, "load_tester"}
 
 

@@ -34,6 +34,8 @@ def test_an_internal_hop_passes_the_session_id_on() -> None:
         ({"vehicle_id": "EV-1", "amount": True}, "amount"),
         ({"vehicle_id": "EV-1", "amount": math.nan}, "amount"),
         ({"vehicle_id": "EV-1", "amount": "11"}, "amount"),
+        ({"vehicle_id": "EV-1", "amount": 10**400}, "amount"),
+        ({"vehicle_id": "EV-1", "amount": 11, "duration_seconds": 10**400}, "duration_seconds"),
         ({"vehicle_id": "EV-1", "amount": 0}, "amount"),
         ({"vehicle_id": "EV-1", "amount": 350.01}, "amount"),
         ({"vehicle_id": "EV-1", "amount": 11, "duration_seconds": 0}, "duration_seconds"),

@@ -22,7 +22,7 @@ from tests.observability_support import (
     vector_selectors,
 )
 
-# The contract's compose service names and their internal ports.
+# The compose service names and their internal ports (README, "Architecture").
 COMPOSE_TARGETS = {
     "substation": {"substation_1:5011", "substation_2:5012", "substation_3:5013"},
     "load_balancer": {"load_balancer:5002"},

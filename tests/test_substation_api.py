@@ -415,3 +415,13 @@ def test_a_malformed_session_id_is_400(client: FlaskClient, session_id: object) 
 
     assert response.status_code == 400
     assert response.get_json()["field"] == "session_id"
+
+
+def test_a_request_that_arrives_after_its_stop_is_refused(client: FlaskClient) -> None:
+    stopped = client.delete("/charge/late-1")
+    late = charge(client, 30, session_id="late-1")
+
+    assert stopped.status_code == 404
+    assert late.status_code == 409
+    assert late.get_json()["error"] == "session_id_retired"
+    assert client.get("/status").get_json()["load"] == 0

@@ -17,6 +17,7 @@ from substation_service.ledger import (
     Ledger,
     Session,
     SessionIdInUse,
+    SessionIdRetired,
     UnknownSession,
     steady_wall_clock,
 )
@@ -392,11 +393,32 @@ def test_an_active_session_id_for_another_vehicle_is_refused(ledger: Ledger) -> 
     assert ledger.snapshot().load_kw == 30.0
 
 
-def test_the_id_of_an_ended_session_starts_a_new_one(ledger: Ledger, clock: FakeClock) -> None:
-    ledger.admit("ev-1", 30.0, duration_seconds=10, session_id="s-1")
+def test_the_id_of_an_ended_or_stopped_session_is_not_admitted_again(ledger: Ledger, clock: FakeClock) -> None:
+    ledger.admit("ev-1", 30.0, duration_seconds=10, session_id="ended")
+    ledger.admit("ev-2", 30.0, session_id="stopped")
+    ledger.release("stopped")
     clock.advance(10)
 
-    again = ledger.admit("ev-1", 30.0, duration_seconds=10, session_id="s-1")
+    for session_id in ("ended", "stopped"):
+        with pytest.raises(SessionIdRetired):
+            ledger.admit("ev-1", 30.0, session_id=session_id)
+    assert ledger.snapshot().load_kw == 0.0
 
-    assert not again.replayed
-    assert again.snapshot.load_kw == 30.0
+
+def test_a_request_arriving_after_its_stop_is_refused(ledger: Ledger) -> None:
+    with pytest.raises(UnknownSession):
+        ledger.release("not-yet-arrived")
+
+    with pytest.raises(SessionIdRetired):
+        ledger.admit("ev-1", 30.0, session_id="not-yet-arrived")
+    assert ledger.snapshot().load_kw == 0.0
+
+
+def test_retired_ids_are_forgotten_once_no_session_could_still_last(clock: FakeClock) -> None:
+    ledger = Ledger(100.0, 60.0, clock=clock, retire_ids_for_seconds=600)
+    with pytest.raises(UnknownSession):
+        ledger.release("s-1")
+
+    clock.advance(600)
+
+    assert ledger.admit("ev-1", 30.0, session_id="s-1").session.session_id == "s-1"
