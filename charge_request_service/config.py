@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-from gridcommon.settings import SettingsError, env_float, env_log_level, env_str
+from gridcommon.settings import env_base_url, env_float, env_log_level
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
 
 
@@ -36,7 +35,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
         """Read every setting; raises ``SettingsError`` naming the variable that is wrong."""
         return cls(
-            load_balancer_url=_base_url(env, "LOAD_BALANCER_URL", cls.load_balancer_url),
+            load_balancer_url=env_base_url(env, "LOAD_BALANCER_URL", cls.load_balancer_url),
             max_amount_kw=env_float(env, "MAX_AMOUNT_KW", cls.max_amount_kw, minimum=0.001),
             max_session_seconds=env_float(env, "MAX_SESSION_SECONDS", cls.max_session_seconds, minimum=1),
             connect_timeout_seconds=_timeout(env, "CONNECT_TIMEOUT_SECONDS", cls.connect_timeout_seconds),
@@ -48,12 +47,3 @@ class Settings:
 
 def _timeout(env: Mapping[str, str], name: str, default: float) -> float:
     return env_float(env, name, default, minimum=0.01, maximum=300)
-
-
-def _base_url(env: Mapping[str, str], name: str, default: str) -> str:
-    value = env_str(env, name, default).rstrip("/")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise SettingsError(f"{name} must be an http(s) base URL such as http://load_balancer:5002; got {value!r}")
-    return value
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from typing import Mapping
+from urllib.parse import urlsplit
 
 
 class SettingsError(ValueError):
@@ -105,3 +106,39 @@ def env_log_level(env: Mapping[str, str]) -> str:
     if level not in LOG_LEVELS:
         raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}; got {level!r}")
     return level
+
+
+def normalise_base_url(raw: object, example: str) -> str:
+    """``http(s)://host[:port][/prefix]`` without a trailing slash; ``ValueError`` saying what is wrong.
+
+    ``example`` completes the message, e.g. ``"http://127.0.0.1:5011"``.
+    """
+    hint = f"for example {example}"
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"a base URL must be a non-empty string, {hint}")
+    text = raw.strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ValueError:
+        raise ValueError(f"{text!r} is not a valid URL; use {hint}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text!r} must start with http:// or https:// and name a host, {hint}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{text!r} must be a plain base URL without credentials, query or fragment, {hint}")
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def env_base_url(env: Mapping[str, str], name: str, default: str) -> str:
+    try:
+        return normalise_base_url(env_str(env, name, default), example=default)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
+
+
+def env_base_urls(env: Mapping[str, str], name: str, example: str) -> tuple[str, ...]:
+    """A comma-separated list of base URLs, each normalised."""
+    try:
+        return tuple(normalise_base_url(url, example) for url in env_list(env, name))
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
