@@ -6,7 +6,15 @@ import math
 import pytest
 
 from gridcommon.promtext import parse_metrics
-from gridcommon.settings import SettingsError, env_bool, env_float, env_list, env_log_level
+from gridcommon.settings import (
+    SettingsError,
+    env_base_url,
+    env_base_urls,
+    env_bool,
+    env_float,
+    env_list,
+    env_log_level,
+)
 from gridcommon.timefmt import format_time, parse_time
 from gridcommon.validation import ValidationError, parse_charge_request
 
@@ -76,3 +84,12 @@ def test_metrics_are_read_with_their_labels() -> None:
 
     assert scrape.value("current_load", substation="substation-2") == 7.0
     assert scrape.value("missing", default=-1.0) == -1.0
+
+
+def test_base_urls_are_normalised_and_bad_ones_named() -> None:
+    env = {"LB": "http://load_balancer:5002/", "PEERS": "http://a:1, https://b:2/x/"}
+    assert env_base_url(env, "LB", "http://127.0.0.1:5002") == "http://load_balancer:5002"
+    assert env_base_urls(env, "PEERS", "http://substation_2:5012") == ("http://a:1", "https://b:2/x")
+    for bad in ("load_balancer:5002", "http://:5002", "http://u:p@host:1", "http://host:99999", "http://h/?q=1"):
+        with pytest.raises(SettingsError, match="LB"):
+            env_base_url({"LB": bad}, "LB", "http://127.0.0.1:5002")
