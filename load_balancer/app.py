@@ -41,11 +41,19 @@ def build_balancer(settings: Settings) -> Balancer:
     view = GridView(failure_threshold=settings.failure_threshold)
     metrics = BalancerMetrics(view.snapshots, view.now, settings.poll_interval_seconds)
     # The router refreshes through the poller, and the poller frees lost sessions through the
-    # router: each reaches the other through a function first called once both exist.
+    # router: the poller reaches the router through a function first called once both exist.
+    poller = Poller(
+        view,
+        HttpClient(USER_AGENT, timeout=(settings.connect_timeout_seconds, settings.poll_timeout_seconds)),
+        interval_seconds=settings.poll_interval_seconds,
+        refresh_min_interval_seconds=settings.refresh_min_interval_seconds,
+        observe_duration=metrics.polling_duration.observe,
+        after_successful_poll=lambda url: router.free_lost_sessions(url),
+    )
     router = Router(
         view,
         HttpClient(USER_AGENT, timeout=(settings.connect_timeout_seconds, settings.forward_timeout_seconds)),
-        refresh=lambda: poller.refresh(),
+        refresh=poller.refresh,
         policy=make_policy(settings.routing_policy),
         poll_interval_seconds=settings.poll_interval_seconds,
         on_admitted=metrics.count_admission,
@@ -53,14 +61,8 @@ def build_balancer(settings: Settings) -> Balancer:
         lost_answers=LostAnswers(),
         on_lost_session_freed=metrics.count_lost_session_freed,
         longest_session_seconds=settings.max_session_seconds,
-    )
-    poller = Poller(
-        view,
-        HttpClient(USER_AGENT, timeout=(settings.connect_timeout_seconds, settings.poll_timeout_seconds)),
-        interval_seconds=settings.poll_interval_seconds,
-        refresh_min_interval_seconds=settings.refresh_min_interval_seconds,
-        observe_duration=metrics.polling_duration.observe,
-        after_successful_poll=router.free_lost_sessions,
+        deadline_seconds=settings.route_deadline_seconds,
+        refresh_seconds=poller.round_timeout,
     )
     registry = SubstationRegistry(view, poller, on_removed=metrics.forget_substation)
     registry.add_configured(settings.substations)

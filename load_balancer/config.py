@@ -7,6 +7,8 @@
 | POLL_TIMEOUT_SECONDS           | 2              | Read timeout of one poll.                                      |
 | CONNECT_TIMEOUT_SECONDS        | 1              | Connect timeout of every outgoing call.                        |
 | FORWARD_TIMEOUT_SECONDS        | 5              | Read timeout of a forwarded charge request.                    |
+| ROUTE_DEADLINE_SECONDS         | 8              | Most time spent routing one charge request, retries included;  |
+|                                |                | keep it below the charge API's REQUEST_TIMEOUT_SECONDS (10).   |
 | ROUTING_POLICY                 | least_loaded   | least_loaded, least_connections, round_robin, random, power_of_two. |
 | REFRESH_MIN_INTERVAL_SECONDS   | 0.5            | Least time between two on-demand refreshes of the view.        |
 | FAILURE_THRESHOLD              | 1              | Failed polls or forwards in a row that mark a substation down. |
@@ -24,7 +26,7 @@ from gridcommon.settings import SettingsError, env_choice, env_float, env_int, e
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
 from load_balancer.policies import DEFAULT_POLICY, POLICY_NAMES
 from load_balancer.registry import normalise_substation_url
-
+from load_balancer.router import shortest_forward_seconds
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Settings:
     poll_timeout_seconds: float = 2.0
     connect_timeout_seconds: float = 1.0
     forward_timeout_seconds: float = 5.0
+    route_deadline_seconds: float = 8.0
     routing_policy: str = DEFAULT_POLICY
     refresh_min_interval_seconds: float = 0.5
     failure_threshold: int = 1
@@ -44,12 +47,15 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
+        connect_timeout = env_float(env, "CONNECT_TIMEOUT_SECONDS", 1.0, minimum=0.05)
+        forward_timeout = env_float(env, "FORWARD_TIMEOUT_SECONDS", 5.0, minimum=0.05)
         return cls(
             substations=_substation_urls(env),
             poll_interval_seconds=env_float(env, "POLL_INTERVAL_SECONDS", 5.0, minimum=0.05),
             poll_timeout_seconds=env_float(env, "POLL_TIMEOUT_SECONDS", 2.0, minimum=0.05),
-            connect_timeout_seconds=env_float(env, "CONNECT_TIMEOUT_SECONDS", 1.0, minimum=0.05),
-            forward_timeout_seconds=env_float(env, "FORWARD_TIMEOUT_SECONDS", 5.0, minimum=0.05),
+            connect_timeout_seconds=connect_timeout,
+            forward_timeout_seconds=forward_timeout,
+            route_deadline_seconds=_route_deadline(env, connect_timeout, forward_timeout),
             routing_policy=env_choice(env, "ROUTING_POLICY", DEFAULT_POLICY, POLICY_NAMES),
             refresh_min_interval_seconds=env_float(env, "REFRESH_MIN_INTERVAL_SECONDS", 0.5, minimum=0.0),
             failure_threshold=env_int(env, "FAILURE_THRESHOLD", 1, minimum=1),
@@ -60,6 +66,17 @@ class Settings:
             ),
             log_level=env_log_level(env),
         )
+
+
+def _route_deadline(env: Mapping[str, str], connect_timeout: float, forward_timeout: float) -> float:
+    deadline = env_float(env, "ROUTE_DEADLINE_SECONDS", 8.0, minimum=0.05)
+    shortest = shortest_forward_seconds(connect_timeout, forward_timeout)
+    if deadline < shortest:
+        raise SettingsError(
+            f"ROUTE_DEADLINE_SECONDS ({deadline:g}) leaves no time for a single forward: give it at least "
+            f"{shortest:g} s (CONNECT_TIMEOUT_SECONDS plus a moment for the answer)"
+        )
+    return deadline
 
 
 def _substation_urls(env: Mapping[str, str]) -> tuple[str, ...]:

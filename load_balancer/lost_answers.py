@@ -9,14 +9,17 @@ Every forward carries a session id the balancer chose, so a lost one can be
 found again: once the request is finished, its unanswered forwards are
 remembered here, and after the next successful poll of that substation the
 balancer asks it to stop them (``DELETE /charge/<session_id>``). A 404 means
-the request never arrived; a 200 means a lost session was freed.
+the request never arrived; a 200 means a lost session was freed. Each DELETE
+may wait out a timeout, so a sweep can outlast the next poll: one sweep per
+substation runs at a time.
 """
 from __future__ import annotations
 
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 # Beyond this many unresolved forwards the oldest are given up: their sessions end by themselves.
@@ -26,7 +29,7 @@ MAX_REMEMBERED = 10_000
 @dataclass(frozen=True)
 class UnansweredForward:
     url: str
-    substation_id: str | None
+    substation_id: str
     session_id: str
     # After this moment (the balancer's clock) the session has ended by itself if it ever existed.
     relevant_until: float
@@ -40,8 +43,9 @@ class LostAnswers:
         self._limit = limit
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, str], UnansweredForward] = OrderedDict()
+        self._sweeping: set[str] = set()
 
-    def remember(self, url: str, substation_id: str | None, session_id: str, lifetime_seconds: float) -> None:
+    def remember(self, url: str, substation_id: str, session_id: str, lifetime_seconds: float) -> None:
         entry = UnansweredForward(url, substation_id, session_id, self._clock() + lifetime_seconds)
         with self._lock:
             self._entries[url, session_id] = entry
@@ -55,6 +59,21 @@ class LostAnswers:
             for key in [key for key, entry in self._entries.items() if entry.relevant_until <= now]:
                 del self._entries[key]
             return [entry for (entry_url, _), entry in self._entries.items() if entry_url == url]
+
+    @contextmanager
+    def sweep(self, url: str) -> Iterator[list[UnansweredForward]]:
+        """``url``'s pending entries for one clean-up; none while another clean-up of ``url`` is under way."""
+        with self._lock:
+            busy = url in self._sweeping
+            self._sweeping.add(url)
+        if busy:
+            yield []
+            return
+        try:
+            yield self.pending(url)
+        finally:
+            with self._lock:
+                self._sweeping.discard(url)
 
     def resolve(self, entry: UnansweredForward) -> None:
         with self._lock:

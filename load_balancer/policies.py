@@ -30,7 +30,7 @@ class Policy(ABC):
 
 
 def _by_id(substation: SubstationSnapshot) -> str:
-    return substation.substation_id or substation.url
+    return substation.polled_id
 
 
 def _by_utilisation(substation: SubstationSnapshot) -> float:

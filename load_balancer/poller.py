@@ -102,6 +102,11 @@ class Poller:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def round_timeout(self) -> float:
+        """The longest one poll of every substation, and so one refresh, takes."""
+        return self._round_timeout
+
     # One substation ---------------------------------------------------------
 
     def fetch(self, url: str) -> tuple[str, Observation]:

@@ -7,11 +7,18 @@ breaks before any answer is first replaced and the request sent once more).
 When nothing admits the request, the view is refreshed once (single-flight,
 rate-limited) and the decision is made again before giving up with
 ``no_capacity``.
+
+The whole search ends by ROUTE_DEADLINE_SECONDS, kept below the caller's own
+timeout: a request still searching after its caller gave up would be admitted
+somewhere with nobody told of it. No forward and no refresh starts without
+time for a useful attempt after it, and each forward's read timeout is cut to
+the time left.
 """
 from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -21,12 +28,21 @@ import requests
 
 from gridcommon.httpclient import HttpClient
 from gridcommon.validation import ChargeRequest
-from load_balancer.lost_answers import LostAnswers
+from load_balancer.lost_answers import LostAnswers, UnansweredForward
 from load_balancer.policies import Policy, make_policy
 from load_balancer.poller import describe_request_error, record_failure
 from load_balancer.view import GridView, Observation, SubstationSnapshot
 
 log = logging.getLogger(__name__)
+
+# A substation answers within milliseconds; less time than this for its answer is not worth a
+# forward, whose session would most likely be admitted only after the request was answered.
+SHORTEST_ANSWER_WAIT_SECONDS = 0.5
+
+
+def shortest_forward_seconds(connect_timeout_seconds: float, forward_timeout_seconds: float) -> float:
+    """The least time left worth starting a forward with: time to connect and a moment for the answer."""
+    return connect_timeout_seconds + min(forward_timeout_seconds, SHORTEST_ANSWER_WAIT_SECONDS)
 
 
 class ForwardError(Exception):
@@ -74,11 +90,15 @@ class _Search:
     request: ChargeRequest
     # One request keeps one policy even if an admin switches it meanwhile.
     policy: Policy
+    # When the search must be over, on the router's clock.
+    deadline: float
     attempts: int = 0
     retry_hints: list[float] = field(default_factory=list)
     # Substations whose answer never came: each may hold this request's session.
     unanswered: list[SubstationSnapshot] = field(default_factory=list)
     admitted_at: str | None = None
+    # The deadline cut the search short: a forward or a refresh was left out for lack of time.
+    out_of_time: bool = False
 
 
 def observation_from_answer(body: dict[str, Any]) -> Observation:
@@ -138,8 +158,15 @@ class Router:
         lost_answers: LostAnswers,
         on_lost_session_freed: Callable[[str], None],
         longest_session_seconds: float,
+        deadline_seconds: float,
+        refresh_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``refresh_seconds`` is the longest ``refresh`` takes; ``client.timeout`` bounds each forward."""
         self._view = view
+        self._deadline = deadline_seconds
+        self._refresh_seconds = refresh_seconds
+        self._clock = clock
         self._lost_answers = lost_answers
         self._on_lost_session_freed = on_lost_session_freed
         self._longest_session = longest_session_seconds
@@ -164,13 +191,35 @@ class Router:
     # Charge requests --------------------------------------------------------
 
     def route(self, request: ChargeRequest) -> RouteOutcome:
-        search = _Search(replace(request, session_id=uuid.uuid4().hex), self._policy)
+        search = _Search(
+            replace(request, session_id=uuid.uuid4().hex), self._policy, deadline=self._clock() + self._deadline
+        )
         outcome = self._try_candidates(search)
-        if outcome is None:
-            self._refresh()
+        if outcome is None and self._refreshed_in_time(search):
             outcome = self._try_candidates(search)
         self._remember_unanswered(search)
         return outcome or self._no_capacity(search)
+
+    def _refreshed_in_time(self, search: _Search) -> bool:
+        """Refresh the view if the deadline leaves time for the refresh and a forward after it."""
+        connect_timeout, forward_timeout = self._client.timeout
+        needed = self._refresh_seconds + shortest_forward_seconds(connect_timeout, forward_timeout)
+        if search.out_of_time or self._time_left(search) < needed:
+            search.out_of_time = True
+            return False
+        self._refresh()
+        return True
+
+    def _time_left(self, search: _Search) -> float:
+        return search.deadline - self._clock()
+
+    def _forward_timeout(self, search: _Search) -> tuple[float, float] | None:
+        """``(connect, read)`` timeouts of a forward that ends by the deadline; None if too little time is left."""
+        connect_timeout, forward_timeout = self._client.timeout
+        left = self._time_left(search)
+        if left < shortest_forward_seconds(connect_timeout, forward_timeout):
+            return None
+        return connect_timeout, min(forward_timeout, left - connect_timeout)
 
     def _remember_unanswered(self, search: _Search) -> None:
         # Only once the request is finished: no later attempt can still be admitted under its id.
@@ -179,7 +228,7 @@ class Router:
         for substation in search.unanswered:
             if substation.url != search.admitted_at:
                 self._lost_answers.remember(
-                    substation.url, substation.substation_id, search.request.session_id, lifetime
+                    substation.url, substation.polled_id, search.request.session_id, lifetime
                 )
 
     def _try_candidates(self, search: _Search) -> Admitted | Refused | None:
@@ -188,16 +237,23 @@ class Router:
             # The first candidate was reserved by choose(); later ones may have filled up since.
             if index > 0 and not self._view.reserve(candidate.url, amount):
                 continue
-            outcome = self._forward(candidate, search)
+            timeout = self._forward_timeout(search)
+            if timeout is None:
+                self._view.release(candidate.url, amount)
+                search.out_of_time = True
+                return None
+            outcome = self._forward(candidate, search, timeout)
             if outcome is not None:
                 return outcome
         return None
 
-    def _forward(self, candidate: SubstationSnapshot, search: _Search) -> Admitted | Refused | None:
+    def _forward(
+        self, candidate: SubstationSnapshot, search: _Search, timeout: tuple[float, float]
+    ) -> Admitted | Refused | None:
         search.attempts += 1
         amount = search.request.amount_kw
         try:
-            answer = self._call("POST", f"{candidate.url}/charge", json=search.request.as_json())
+            answer = self._call("POST", f"{candidate.url}/charge", json=search.request.as_json(), timeout=timeout)
             observation = observation_from_answer(answer.body) if answer.status in (201, 409) else None
         except (ForwardError, ValueError) as exc:
             # A timeout may hide an admission whose answer got lost: it is freed after a later poll.
@@ -208,7 +264,7 @@ class Router:
         self._view.release(candidate.url, amount, observation, admitted=answer.status == 201)
         if answer.status == 201:
             search.admitted_at = candidate.url
-            substation_id = candidate.substation_id or candidate.url
+            substation_id = candidate.polled_id
             self._on_admitted(substation_id)
             log.info(
                 "%g kW for vehicle %s admitted at %s (attempt %d, policy %s)",
@@ -228,19 +284,31 @@ class Router:
 
     def _no_capacity(self, search: _Search) -> NoCapacity:
         retry_after = whole_seconds(min(search.retry_hints, default=self._poll_interval))
-        amount = search.request.amount_kw
+        log.info(
+            "no room for %g kW for vehicle %s after %d attempts%s",
+            search.request.amount_kw,
+            search.request.vehicle_id,
+            search.attempts,
+            f" (gave up at the {self._deadline:g} s routing deadline)" if search.out_of_time else "",
+        )
+        return NoCapacity(retry_after, self._no_capacity_message(search, retry_after), search.attempts)
+
+    def _no_capacity_message(self, search: _Search, retry_after: int) -> str:
+        see_status = "GET /status on the load balancer shows each substation's state."
+        if search.out_of_time:
+            return (
+                f"No substation could be reached in time: they were too slow to answer within "
+                f"{self._deadline:g} s. Retry after {retry_after} s; {see_status}"
+            )
         if any(s.up for s in self._view.snapshots()):
-            message = (
-                f"No substation has {amount:g} kW free right now. "
+            return (
+                f"No substation has {search.request.amount_kw:g} kW free right now. "
                 f"Retry after {retry_after} s, or ask for less power."
             )
-        else:
-            message = (
-                "No substation is reachable right now, so the request cannot be placed. "
-                f"Retry after {retry_after} s; GET /status on the load balancer shows each substation's state."
-            )
-        log.info("no room for %g kW for vehicle %s after %d attempts", amount, search.request.vehicle_id, search.attempts)
-        return NoCapacity(retry_after, message, search.attempts)
+        return (
+            "No substation is reachable right now, so the request cannot be placed. "
+            f"Retry after {retry_after} s; {see_status}"
+        )
 
     # Lost answers -----------------------------------------------------------
 
@@ -248,25 +316,32 @@ class Router:
         """Stop the sessions ``url`` may have admitted for forwards whose answer was lost.
 
         Called after a successful poll of ``url``, when it is reachable again.
+        While one call works through ``url``'s entries, another finds none.
         """
-        for entry in self._lost_answers.pending(url):
-            target = f"{url}/charge/{quote(entry.session_id, safe='')}"
-            try:
-                answer = self._call("DELETE", target)
-                if answer.status == 200:
-                    self._view.observe(url, observation_from_answer(answer.body))
-            except (ForwardError, ValueError) as exc:
-                log.info("could not check %s for a lost session yet (%s); trying again after the next poll", url, exc)
-                return
-            if answer.status == 200:
-                self._on_lost_session_freed(entry.substation_id or url)
-                log.warning(
-                    "freed session %s at %s: it was admitted but its answer was lost, "
-                    "and the request was answered without it",
-                    entry.session_id,
-                    entry.substation_id or url,
-                )
-            self._lost_answers.resolve(entry)
+        with self._lost_answers.sweep(url) as entries:
+            for entry in entries:
+                if not self._free_lost_session(entry):
+                    return  # unreachable again: the sweep after the next poll asks about the rest
+
+    def _free_lost_session(self, entry: UnansweredForward) -> bool:
+        """Stop one session behind a lost answer, if it exists; False when the substation could not be asked."""
+        try:
+            answer = self._delete_session(entry.url, entry.session_id)
+        except ForwardError as exc:
+            log.info(
+                "could not check %s for a lost session yet (%s); trying again after the next poll", entry.url, exc
+            )
+            return False
+        if answer.status == 200:
+            self._on_lost_session_freed(entry.substation_id)
+            log.warning(
+                "freed session %s at %s: it was admitted but its answer was lost, "
+                "and the request was answered without it",
+                entry.session_id,
+                entry.substation_id,
+            )
+        self._lost_answers.resolve(entry)
+        return True
 
     # Stopping a session -----------------------------------------------------
 
@@ -278,14 +353,20 @@ class Router:
         substation = self._view.find(substation_id)
         if substation is None:
             raise UnknownSubstation(substation_id)
-        url = f"{substation.url}/charge/{quote(session_id, safe='')}"
         try:
-            answer = self._call("DELETE", url)
-            if answer.status == 200:
-                self._view.observe(substation.url, observation_from_answer(answer.body))
-        except (ForwardError, ValueError) as exc:
-            self._mark_failed(substation, f"forwarding DELETE to {url} failed: {exc}")
-            raise ForwardError(str(exc)) from None
+            return self._delete_session(substation.url, session_id)
+        except ForwardError as exc:
+            self._mark_failed(substation, f"stopping session {session_id} at {substation.url} failed: {exc}")
+            raise
+
+    def _delete_session(self, url: str, session_id: str) -> Answer:
+        """``DELETE /charge/<session_id>`` at ``url``; a 200 updates the view. Raises :class:`ForwardError`."""
+        answer = self._call("DELETE", f"{url}/charge/{quote(session_id, safe='')}")
+        if answer.status == 200:
+            try:
+                self._view.observe(url, observation_from_answer(answer.body))
+            except ValueError as exc:
+                raise ForwardError(f"its answer to the stop is unusable: {exc}") from None
         return answer
 
     # Plumbing ---------------------------------------------------------------
@@ -307,6 +388,5 @@ class Router:
         return Answer(response.status_code, body)
 
     def _mark_failed(self, substation: SubstationSnapshot, reason: str) -> None:
-        if substation.substation_id:
-            self._on_forward_failure(substation.substation_id)
+        self._on_forward_failure(substation.polled_id)
         record_failure(self._view, substation.url, reason)

@@ -61,6 +61,7 @@ class SubstationSnapshot:
     """One substation as the balancer sees it at one moment (immutable copy)."""
 
     url: str
+    # Learnt at the first successful poll, which is also what first brings an entry up.
     substation_id: str | None = None
     up: bool = False
     load_kw: float = 0.0
@@ -76,6 +77,13 @@ class SubstationSnapshot:
     last_poll_at: float | None = None
     consecutive_failures: int = 0
     last_error: str | None = None
+
+    @property
+    def polled_id(self) -> str:
+        """The id of an entry that was polled; every entry that is, or once was, routable has one."""
+        if self.substation_id is None:
+            raise LookupError(f"{self.url} has not been polled yet, so its substation id is unknown")
+        return self.substation_id
 
     @property
     def committed_kw(self) -> float:
@@ -214,10 +222,6 @@ class GridView:
     def find(self, substation_id: str) -> SubstationSnapshot | None:
         with self._lock:
             return self._find_locked(substation_id)
-
-    def find_url(self, url: str) -> SubstationSnapshot | None:
-        with self._lock:
-            return self._substations.get(url)
 
     def _find_locked(self, substation_id: str) -> SubstationSnapshot | None:
         return next((s for s in self._substations.values() if s.substation_id == substation_id), None)

@@ -193,7 +193,7 @@ def test_health_and_status(client: FlaskClient) -> None:
     }
 
 
-def test_metrics_page_has_the_contract_metrics(client: FlaskClient) -> None:
+def test_metrics_page_has_the_documented_metrics(client: FlaskClient) -> None:
     scrape = parse_metrics(client.get("/metrics").get_data(as_text=True))
     for outcome in ("routed", "no_capacity", "invalid", "error"):
         assert scrape.value("load_balancer_requests_total", outcome=outcome) == 0
@@ -212,6 +212,7 @@ def test_settings_from_env_normalise_urls_and_read_every_value() -> None:
             "ROUTING_POLICY": "round_robin",
             "POLL_INTERVAL_SECONDS": "1.5",
             "FAILURE_THRESHOLD": "2",
+            "ROUTE_DEADLINE_SECONDS": "4.5",
             "LOG_LEVEL": "debug",
         }
     )
@@ -219,6 +220,7 @@ def test_settings_from_env_normalise_urls_and_read_every_value() -> None:
     assert settings.routing_policy == "round_robin"
     assert settings.poll_interval_seconds == 1.5
     assert settings.failure_threshold == 2
+    assert settings.route_deadline_seconds == 4.5
     assert settings.log_level == "debug"
     assert Settings.from_env({}) == Settings()
 
@@ -230,6 +232,9 @@ def test_settings_from_env_normalise_urls_and_read_every_value() -> None:
         ({"ROUTING_POLICY": "fastest"}, "ROUTING_POLICY"),
         ({"POLL_INTERVAL_SECONDS": "soon"}, "POLL_INTERVAL_SECONDS"),
         ({"FAILURE_THRESHOLD": "0"}, "FAILURE_THRESHOLD"),
+        ({"ROUTE_DEADLINE_SECONDS": "never"}, "ROUTE_DEADLINE_SECONDS"),
+        # No time for even one forward: connecting may take 1 s, and the answer needs a moment.
+        ({"ROUTE_DEADLINE_SECONDS": "1.2"}, "ROUTE_DEADLINE_SECONDS"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
     ],
 )

@@ -326,3 +326,65 @@ def test_a_session_admitted_behind_a_lost_answer_is_freed_once_the_substation_an
     assert [s["session_id"] for s in sessions_at(grid[1])] == [response.json()["session_id"]]
     assert status_of(lb)["substation-1"]["load"] == 0
     assert "answer was lost" in lb.log_text()
+
+
+# A deadline on routing ----------------------------------------------------------------
+
+
+# A forward to a frozen substation takes 3 s; the 4 s deadline leaves a second one 0.5 s, and no third.
+ROUTE_DEADLINE_SECONDS = 4.0
+DEADLINE_TIMINGS = {
+    "ROUTE_DEADLINE_SECONDS": str(ROUTE_DEADLINE_SECONDS),
+    "FORWARD_TIMEOUT_SECONDS": "3",
+    "CONNECT_TIMEOUT_SECONDS": "0.5",
+    "POLL_INTERVAL_SECONDS": "1",
+    "POLL_TIMEOUT_SECONDS": "0.5",
+    # Failed polls leave frozen substations up in the view, so the request goes to each in turn.
+    "FAILURE_THRESHOLD": "100",
+}
+# Scheduling on a busy two-core machine.
+SLACK_SECONDS = 1.0
+
+
+def test_routing_ends_by_its_deadline_and_leaves_no_session_behind(launch: Launcher) -> None:
+    grid = substations(launch, 100, 100, 100)
+    lb = balancer(launch, grid, **DEADLINE_TIMINGS)
+    wait_for(lambda: len(status_of(lb)) == 3, 5, "the balancer to poll every substation")
+    frozen = grid[:2]  # least_loaded tries an empty grid in id order: substation-1, -2, then -3
+    ids = [substation.env["SUBSTATION_ID"] for substation in grid]
+
+    for substation in frozen:
+        substation.suspend()
+    try:
+        started = time.monotonic()
+        response = charge(lb, "ev-late", 7.0)
+        took = time.monotonic() - started
+    finally:
+        for substation in frozen:
+            substation.resume()
+
+    # Without the deadline, each frozen substation would take a full forward timeout (6 s in all), and the
+    # third would admit the request after the caller's own time limit.
+    assert took <= ROUTE_DEADLINE_SECONDS + SLACK_SECONDS, f"answered after {took:.2f} s"
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "no_capacity"
+    assert "could be reached in time" in response.json()["message"]
+    assert int(response.headers["Retry-After"]) >= 1
+
+    def counted(metric: str, substation_id: str) -> float:
+        return scrape(lb).value(metric, substation=substation_id) or 0
+
+    # Thawed, a frozen substation admits the forward nobody waits for; its next poll frees that session.
+    assert counted("forward_failures_total", "substation-1") == 1
+    wait_for(
+        lambda: all(
+            counted("lost_sessions_freed_total", s) == counted("forward_failures_total", s) for s in ids
+        ),
+        10,
+        "the balancer to free every session admitted behind a timed-out forward",
+    )
+    assert [sessions_at(substation) for substation in grid] == [[], [], []]
+    assert scrape(grid[2]).value("charging_requests_total", outcome="admitted") == 0, (
+        "nothing was sent to the third substation once the deadline was near"
+    )
+    assert_no_traceback(lb)

@@ -1,6 +1,8 @@
 """The memory of forwards whose answer never came (no network)."""
 from __future__ import annotations
 
+import pytest
+
 from load_balancer.lost_answers import LostAnswers
 from tests.substation_support import FakeClock
 
@@ -35,3 +37,30 @@ def test_the_oldest_entries_give_way_beyond_the_limit() -> None:
         lost.remember("http://a", "substation-1", f"s-{number}", lifetime_seconds=60)
 
     assert [entry.session_id for entry in lost.pending("http://a")] == ["s-1", "s-2"]
+
+
+def test_one_sweep_per_substation_at_a_time() -> None:
+    lost = LostAnswers(clock=FakeClock())
+    lost.remember("http://a", "substation-1", "s-1", lifetime_seconds=60)
+    lost.remember("http://b", "substation-2", "s-2", lifetime_seconds=60)
+
+    with lost.sweep("http://a") as first:
+        assert [entry.session_id for entry in first] == ["s-1"]
+        with lost.sweep("http://a") as overlapping:
+            assert overlapping == [], "a second sweep of the same substation finds nothing to do"
+        with lost.sweep("http://b") as other:
+            assert [entry.session_id for entry in other] == ["s-2"], "other substations are swept meanwhile"
+
+    with lost.sweep("http://a") as later:
+        assert [entry.session_id for entry in later] == ["s-1"], "unresolved entries wait for the next sweep"
+
+
+def test_a_sweep_that_fails_does_not_block_the_next() -> None:
+    lost = LostAnswers(clock=FakeClock())
+    lost.remember("http://a", "substation-1", "s-1", lifetime_seconds=60)
+
+    with pytest.raises(RuntimeError), lost.sweep("http://a"):
+        raise RuntimeError("a bug in the middle of a sweep")
+
+    with lost.sweep("http://a") as entries:
+        assert len(entries) == 1

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,6 +11,7 @@ from load_balancer.poller import Poller, read_substation_metrics
 from load_balancer.view import GridView
 from substation_service import create_app as create_substation_app
 from substation_service.config import Settings as SubstationSettings
+from tests.harness import wait_for
 
 
 class FakeClock:
@@ -60,6 +60,19 @@ def test_unparseable_text_is_refused() -> None:
         read_substation_metrics("<html>not metrics</html>")
 
 
+class WaiterCountingCondition(threading.Condition):
+    """A condition that knows which threads have waited on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters: set[int] = set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        # Called with the lock held, which wait() gives up only once the thread can be notified.
+        self.waiters.add(threading.get_ident())
+        return super().wait(timeout)
+
+
 class CountingPoller(Poller):
     """A poller whose round is a countable, blockable stand-in for the network."""
 
@@ -75,11 +88,13 @@ class CountingPoller(Poller):
         self.rounds = 0
         self.release = threading.Event()
         self.started = threading.Event()
+        # Requests that find a round under way wait on the poller's condition for its end.
+        self._cond = self.joined = WaiterCountingCondition()
 
     def poll_all(self) -> None:
         self.rounds += 1
         self.started.set()
-        self.release.wait(timeout=5)
+        self.release.wait(timeout=10)
 
 
 def test_concurrent_refreshes_share_one_poll() -> None:
@@ -88,9 +103,9 @@ def test_concurrent_refreshes_share_one_poll() -> None:
         first = pool.submit(poller.refresh)
         assert poller.started.wait(timeout=5)
         others = [pool.submit(poller.refresh) for _ in range(9)]
-        # Give the nine time to arrive while the first round is still running; with no
-        # rate limit, any of them arriving later would start a second round and fail the test.
-        time.sleep(0.5)
+        # All nine wait for the round under way before it ends; with no rate limit, one
+        # arriving later would start a second round.
+        wait_for(lambda: len(poller.joined.waiters) == 9, timeout=5, what="nine refreshes joining the round")
         poller.release.set()
         for future in [first, *others]:
             future.result(timeout=5)

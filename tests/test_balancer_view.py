@@ -179,9 +179,11 @@ def test_a_new_url_is_not_routable_until_polled() -> None:
     view.add_url(URL_A)
     (entry,) = view.snapshots()
     assert entry.substation_id is None and not entry.up
+    with pytest.raises(LookupError, match=URL_A):
+        entry.polled_id  # noqa: B018 - the property raises
     assert view.choose(1.0, LeastLoaded()) == []
     assert poll(view, URL_A, "a", observed(1)), "the first successful poll brings it up"
-    assert [c.substation_id for c in view.choose(1.0, LeastLoaded())] == ["a"]
+    assert [c.polled_id for c in view.choose(1.0, LeastLoaded())] == ["a"]
 
 
 def test_one_failure_marks_a_substation_down_by_default() -> None:
