@@ -3,28 +3,15 @@ ones registered and deregistered at run time."""
 from __future__ import annotations
 
 from typing import Callable
-from urllib.parse import urlsplit
 
+from gridcommon.settings import normalise_base_url
 from load_balancer.poller import Poller
 from load_balancer.view import GridView, SubstationSnapshot
 
 
 def normalise_substation_url(raw: object) -> str:
-    """``http(s)://host[:port][/prefix]`` without a trailing slash; ``ValueError`` otherwise."""
-    example = "for example http://127.0.0.1:5011"
-    if not isinstance(raw, str) or not raw.strip():
-        raise ValueError(f"a substation URL must be a non-empty string, {example}")
-    text = raw.strip()
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
-    except ValueError:
-        raise ValueError(f"{text!r} is not a valid URL; use {example}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{text!r} must start with http:// or https:// and name a host, {example}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError(f"{text!r} must be a plain base URL without credentials, query or fragment, {example}")
-    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+    """A substation's base URL, normalised; ``ValueError`` saying what is wrong."""
+    return normalise_base_url(raw, example="http://127.0.0.1:5011")
 
 
 class SubstationRegistry:

@@ -27,7 +27,7 @@ from urllib.parse import quote
 import requests
 
 from gridcommon.httpclient import HttpClient
-from gridcommon.validation import ChargeRequest
+from gridcommon.validation import ChargeRequest, finite_number
 from load_balancer.lost_answers import LostAnswers, UnansweredForward
 from load_balancer.policies import Policy, make_policy
 from load_balancer.poller import describe_request_error, record_failure
@@ -116,9 +116,10 @@ def observation_from_answer(body: dict[str, Any]) -> Observation:
 
 
 def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"expected a number, got {value!r}")
-    return float(value)
+    number = finite_number(value)
+    if number is None:
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
 
 
 def _whole(value: Any) -> int:
