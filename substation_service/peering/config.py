@@ -1,23 +1,23 @@
 """Peer-balancing settings of a substation, part of its ``Settings``.
 
-| Variable                   | Default  | Meaning                                                                  |
-|----------------------------|----------|--------------------------------------------------------------------------|
-| `PEERS`                    | (empty)  | Comma-separated base URLs of the peer substations; this substation's own `PUBLIC_URL` may be listed and is skipped. Empty: no peer balancing |
-| `PEER_BALANCING_ENABLED`   | `true`   | FREEDM's `dgiEnable`: `false` computes and reports but migrates nothing  |
-| `GENERATION_KW`            | `0`      | Local generation, kW                                                     |
-| `GENERATION_PROFILE`       | (empty)  | `hour:kW,...` step profile over a day; replaces `GENERATION_KW` when set |
-| `PROFILE_DAY_SECONDS`      | `86400`  | Length of the profile's day (600 plays a day in ten minutes)             |
-| `STORAGE_KW`               | `0`      | Power the local storage supplies, kW                                     |
-| `MIGRATION_STEP_KW`        | `2`      | Power moved per migration, and the hysteresis band of the states         |
-| `PHASE_SECONDS`            | `4`      | Length of a phase: one collected state, then rounds                      |
-| `ROUND_SECONDS`            | `0.4`    | Time between rounds inside a phase                                       |
-| `REQUEST_TIMEOUT_SECONDS`  | `0.15`   | How long a supplier collects Draft Age answers                           |
-| `MEMBERSHIP_POLL_SECONDS`  | `1`      | How often each peer's `/metrics` is polled                               |
-| `PEER_TIMEOUT_SECONDS`     | `0.5`    | Connect and read timeout of every call to a peer                         |
-| `PEER_MISSED_POLLS`        | `2`      | Unanswered polls in a row after which a peer leaves the group            |
-| `INVARIANT_CHECK`          | `false`  | Stop migrations while the power imbalance (with unanswered offers) would pass `INVARIANT_LIMIT_KW` |
-| `INVARIANT_LIMIT_KW`       | `5`      | Bound of the invariant check, kW (at least one step)                     |
-| `MALICIOUS`                | `false`  | Drop every Draft Select silently (FREEDM's experiment flag)              |
+| Variable                        | Default | Meaning                                                                  |
+|---------------------------------|---------|--------------------------------------------------------------------------|
+| `PEERS`                         | (empty) | Comma-separated base URLs of the peer substations; this substation's own `PUBLIC_URL` may be listed and is skipped. Empty: no peer balancing |
+| `PEER_BALANCING_ENABLED`        | `true`  | FREEDM's `dgiEnable`: `false` computes and reports but migrates nothing  |
+| `GENERATION_KW`                 | `0`     | Local generation, kW                                                     |
+| `GENERATION_PROFILE`            | (empty) | `hour:kW,...` step profile over a day; replaces `GENERATION_KW` when set |
+| `PROFILE_DAY_SECONDS`           | `86400` | Length of the profile's day (600 plays a day in ten minutes)             |
+| `STORAGE_KW`                    | `0`     | Power the local storage supplies, kW                                     |
+| `MIGRATION_STEP_KW`             | `2`     | Power moved per migration, and the hysteresis band of the states         |
+| `PHASE_SECONDS`                 | `4`     | Length of a phase: one collected state, then rounds                      |
+| `ROUND_SECONDS`                 | `0.4`   | Time between rounds inside a phase                                       |
+| `DRAFT_REQUEST_TIMEOUT_SECONDS` | `0.15`  | How long a supplier collects Draft Age answers                           |
+| `MEMBERSHIP_POLL_SECONDS`       | `1`     | How often each peer's `/metrics` is polled                               |
+| `PEER_TIMEOUT_SECONDS`          | `0.5`   | Connect and read timeout of every call to a peer                         |
+| `PEER_MISSED_POLLS`             | `2`     | Unanswered polls in a row after which a peer leaves the group            |
+| `INVARIANT_CHECK`               | `false` | Stop migrations while the power imbalance (with unanswered offers) would pass `INVARIANT_LIMIT_KW` |
+| `INVARIANT_LIMIT_KW`            | `5`     | Bound of the invariant check, kW (at least one step)                     |
+| `MALICIOUS`                     | `false` | Drop every Draft Select silently (FREEDM's experiment flag)              |
 
 The migration step follows FREEDM's documentation (2 kW); its code defaults to 1.
 """
@@ -39,7 +39,7 @@ class PeeringSettings:
     balancing: BalancingParams = field(default_factory=BalancingParams)
     power: LocalPower = field(default_factory=LocalPower)
     schedule: PhaseSchedule = field(default_factory=lambda: PhaseSchedule(phase_seconds=4.0, round_seconds=0.4))
-    request_timeout_seconds: float = 0.15
+    draft_request_timeout_seconds: float = 0.15
     membership_poll_seconds: float = 1.0
     peer_timeout_seconds: float = 0.5
     peer_missed_polls: int = 2
@@ -52,7 +52,7 @@ class PeeringSettings:
             balancing=_balancing(env, defaults.balancing),
             power=_power(env),
             schedule=_schedule(env, defaults.schedule),
-            request_timeout_seconds=_request_timeout(env, defaults),
+            draft_request_timeout_seconds=_draft_request_timeout(env, defaults),
             membership_poll_seconds=env_float(
                 env, "MEMBERSHIP_POLL_SECONDS", defaults.membership_poll_seconds, minimum=0.05
             ),
@@ -102,12 +102,14 @@ def _schedule(env: Mapping[str, str], defaults: PhaseSchedule) -> PhaseSchedule:
     return PhaseSchedule(phase_seconds=phase, round_seconds=round_seconds)
 
 
-def _request_timeout(env: Mapping[str, str], defaults: PeeringSettings) -> float:
+def _draft_request_timeout(env: Mapping[str, str], defaults: PeeringSettings) -> float:
     round_seconds = env_float(env, "ROUND_SECONDS", defaults.schedule.round_seconds, minimum=0.01)
-    timeout = env_float(env, "REQUEST_TIMEOUT_SECONDS", defaults.request_timeout_seconds, minimum=0.001)
+    timeout = env_float(
+        env, "DRAFT_REQUEST_TIMEOUT_SECONDS", defaults.draft_request_timeout_seconds, minimum=0.001
+    )
     if timeout >= round_seconds:
         raise SettingsError(
-            f"REQUEST_TIMEOUT_SECONDS ({timeout:g}) must be shorter than ROUND_SECONDS ({round_seconds:g}): "
-            "a supplier decides on the Draft Age answers within its round"
+            f"DRAFT_REQUEST_TIMEOUT_SECONDS ({timeout:g}) must be shorter than ROUND_SECONDS "
+            f"({round_seconds:g}): a supplier decides on the Draft Age answers within its round"
         )
     return timeout

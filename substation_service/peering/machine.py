@@ -45,6 +45,19 @@ Deviations from FREEDM, each for a reason:
   exchanges, even when only one of them saw the other leave, or a peer
   restarted without being missed: a restarted node starts its links at its
   start time, newer than anything it had before.
+* The two sides of a link are checked against each other. FREEDM trusts
+  every Draft Accept to arrive; over HTTP one can be lost (a failed POST, a
+  cut shorter than the missed polls that keep a peer in the group), and the
+  receiver then counts on a step the supplier never sends, for good. So the
+  membership poll, which reads the peer's ``/metrics`` anyway, compares this
+  side's flow with the peer's ``peer_flow_kw`` for this node (``reconcile``):
+  the same disagreement on two polls in a row is no answer still on its way,
+  and the link is reset. A supplier that receives a Draft Accept for an offer
+  it no longer has (dropped a phase after its release) resets the link too,
+  instead of ignoring it. A reset releases the whole exchange on the link,
+  not only the missing step: the epochs make both sides agree without either
+  knowing which step went missing, and the next phases migrate the power
+  again. A needless reset (an answer slower than two polls) costs only that.
 """
 from __future__ import annotations
 
@@ -107,6 +120,10 @@ def classify(net_generation_kw: float, gateway_kw: float, step_kw: float) -> Nod
     return NodeState.NORMAL
 
 
+# Flows are sums of the same steps on both sides; the tolerance only absorbs float rounding.
+FLOW_TOLERANCE_KW = 1e-6
+
+
 class Outcome(str, Enum):
     """How a migration offered by this node (as supplier) ended."""
 
@@ -116,6 +133,19 @@ class Outcome(str, Enum):
     ROLLED_BACK = "rolled_back"
     # No answer for a whole phase after the offer was released at a collected state.
     DROPPED = "dropped"
+
+
+class LinkReset(str, Enum):
+    """Why this node reset a link: released every exchange with the peer and moved to a newer epoch.
+
+    The peer follows when it sees the newer epoch; following is not counted as a reset of its own.
+    """
+
+    PEER_LOST = "peer_lost"
+    # This side and the peer's /metrics disagreed on the power exchanged, on two polls in a row.
+    FLOWS_DISAGREE = "flows_disagree"
+    # A Draft Accept came for an offer this node no longer had: the receiver takes power nobody sends.
+    LATE_ACCEPT = "late_accept"
 
 
 class Rejection(str, Enum):
@@ -141,6 +171,7 @@ class Delivery:
     rejected: Rejection | None = None
     # Set when the message was valid but had nothing to act on (a late answer, a dropped select...).
     ignored: str | None = None
+    link_reset: LinkReset | None = None
 
 
 @dataclass
@@ -152,6 +183,8 @@ class PeerView:
     # As FREEDM, a peer counts as NORMAL until it says otherwise.
     state: NodeState = NodeState.NORMAL
     flow_kw: float = 0.0
+    # (this side's flow, the peer's flow to this node) when the last poll found them not opposite.
+    disagreement: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +266,7 @@ class BalancingMachine:
         self.rejected: Counter[Rejection] = Counter()
         self.ignored: Counter[str] = Counter()
         self.outcomes: Counter[Outcome] = Counter()
+        self.link_resets: Counter[LinkReset] = Counter()
         self.invariant_blocks = 0
 
     # ----- what the node knows -------------------------------------------------------------
@@ -319,12 +353,43 @@ class BalancingMachine:
         if view is None or not view.member:
             return
         view.member = False
-        self._reset_link(peer_id, max(view.epoch + 1.0, now))
+        self._bump_link(peer_id, LinkReset.PEER_LOST, now)
+
+    def reconcile(self, peer_id: str, link_epoch: float | None, peer_flow_kw: float | None, now: float) -> bool:
+        """Compare this side of the link with the peer's, as a poll of its /metrics found them.
+
+        ``link_epoch`` and ``peer_flow_kw`` are the peer's epoch of, and flow on, its link to this
+        node. At rest the two flows are opposite. A disagreement on one poll may be an answer on its
+        way; the same one on the next poll is a lost message, and the link is reset (True).
+        """
+        view = self.peers.get(peer_id)
+        if view is None:
+            return False
+        agree = (
+            not view.member
+            or link_epoch != view.epoch  # the older side adopts the newer epoch first
+            or peer_flow_kw is None
+            or math.isclose(view.flow_kw, -peer_flow_kw, abs_tol=FLOW_TOLERANCE_KW)
+        )
+        sides = (view.flow_kw, peer_flow_kw)
+        if agree or view.disagreement != sides:
+            view.disagreement = None if agree else sides
+            return False
+        self._bump_link(peer_id, LinkReset.FLOWS_DISAGREE, now)
+        return True
+
+    def _bump_link(self, peer_id: str, reason: LinkReset, now: float | None = None) -> None:
+        """Reset the link at a newer epoch: past ``now`` when the caller reads a clock."""
+        view = self.peers[peer_id]
+        epoch = view.epoch + 1.0 if now is None else max(view.epoch + 1.0, now)
+        self.link_resets[reason] += 1
+        self._reset_link(peer_id, epoch)
 
     def _reset_link(self, peer_id: str, epoch: float) -> None:
         view = self.peers[peer_id]
         view.epoch = epoch
         view.flow_kw = 0.0
+        view.disagreement = None
         for store in (self._outstanding, self._expired):
             for migration_id, migration in list(store.items()):
                 if migration.peer == peer_id:
@@ -464,7 +529,9 @@ class BalancingMachine:
     def _on_draft_accept(self, message: DraftAccept, view: PeerView) -> Delivery:
         migration = self._resolve(message)
         if migration is None:
-            return Delivery(ignored="unknown_migration")
+            # The receiver has taken a step this node does not send; ignoring it would leave it so for good.
+            self._bump_link(message.sender, LinkReset.LATE_ACCEPT)
+            return Delivery(link_reset=LinkReset.LATE_ACCEPT)
         view.flow_kw += migration.amount_kw
         self.outcomes[Outcome.ACCEPTED] += 1
         return Delivery()

@@ -1,8 +1,10 @@
 """The group of a substation: its configured peers that answer, kept current by polling.
 
 A peer that leaves unanswered ``missed_polls`` polls in a row leaves the
-group; one that answers again rejoins. Peers are configured by URL and known
-by id: the id is read from the ``substation`` label of the peer's /metrics.
+group; one that answers again rejoins, and its answer is checked against
+this node's side of the link (``BalancingMachine.reconcile``). Peers are
+configured by URL and known by id: the id is read from the ``substation``
+label of the peer's /metrics.
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ class Membership:
             self._node.peer_lost(previous)
         if self._node.peer_seen(report.substation, report.link_epoch):
             log.info("%s at %s joined the peer-balancing group", report.substation, url)
+        self._node.reconcile(report.substation, report.link_epoch, report.flow_kw)
 
     def _unanswered(self, url: str, error: PeerUnreachable) -> None:
         with self._lock:

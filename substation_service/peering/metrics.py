@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from substation_service.peering.machine import Outcome, Rejection
+from substation_service.peering.machine import LinkReset, Outcome, Rejection
 from substation_service.peering.messages import MESSAGE_TYPES, NodeState
 from substation_service.peering.node import NodeReport, PeeringNode
 
@@ -84,6 +84,8 @@ class PeeringCollector(Collector):
                        substation, "reason", [reason.value for reason in Rejection], report.rejected)
         yield _counter("peer_migrations", "Migrations this substation offered as supplier, by outcome.", substation,
                        "outcome", [outcome.value for outcome in Outcome], report.outcomes)
+        yield _counter("peer_link_resets", "Links reset (the exchange with the peer released), by reason.",
+                       substation, "reason", [reason.value for reason in LinkReset], report.link_resets)
         blocked = CounterMetricFamily("peer_invariant_blocks", "Migrations held back by the invariant check.",
                                       labels=["substation"])
         blocked.add_metric([substation], report.invariant_blocks)

@@ -14,8 +14,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from substation_service.peering.machine import BalancingMachine, Delivery, LoadTable, Outgoing, Readings
-from substation_service.peering.messages import parse_message
+from substation_service.peering.machine import (
+    BalancingMachine,
+    Delivery,
+    LinkReset,
+    LoadTable,
+    Outgoing,
+    Readings,
+)
+from substation_service.peering.messages import DraftAccept, parse_message
 from substation_service.peering.power import LocalPower
 
 log = logging.getLogger("peering")
@@ -31,6 +38,7 @@ class NodeReport:
     rejected: dict[str, int]
     ignored: dict[str, int]
     outcomes: dict[str, int]
+    link_resets: dict[str, int]
     invariant_blocks: int
     send_failures: dict[str, int]
 
@@ -100,7 +108,14 @@ class PeeringNode:
             raise
         readings = self.readings()
         with self._lock:
-            return self._machine.handle(message, readings)
+            delivery = self._machine.handle(message, readings)
+        if delivery.link_reset is LinkReset.LATE_ACCEPT and isinstance(message, DraftAccept):
+            log.warning(
+                "%s accepted migration %s, which %s no longer offers (the answer came after the offer was "
+                "dropped): the link is reset so both release the power between them; balancing moves it again",
+                message.sender, message.migration, self.node_id,
+            )
+        return delivery
 
     def count_malformed(self) -> None:
         with self._lock:
@@ -112,6 +127,21 @@ class PeeringNode:
             was_member = peer_id in self._machine.members
             self._machine.peer_seen(peer_id, link_epoch)
             return not was_member and peer_id in self._machine.members
+
+    def reconcile(self, peer_id: str, link_epoch: float | None, peer_flow_kw: float | None) -> bool:
+        """Check this side of the link against the peer's /metrics; True when the link was reset."""
+        with self._lock:
+            view = self._machine.peers.get(peer_id)
+            own_flow_kw = view.flow_kw if view else 0.0
+            reset = self._machine.reconcile(peer_id, link_epoch, peer_flow_kw, self._clock())
+        if reset:
+            log.warning(
+                "%s counts %+.2f kW exchanged with %s, which counts %+.2f kW, on two polls in a row: a "
+                "peer-balancing message between them was lost. The link is reset so both release the power "
+                "between them; balancing moves it again",
+                self.node_id, own_flow_kw, peer_id, peer_flow_kw,
+            )
+        return reset
 
     def peer_lost(self, peer_id: str) -> None:
         with self._lock:
@@ -139,6 +169,7 @@ class PeeringNode:
                 rejected={reason.value: count for reason, count in machine.rejected.items()},
                 ignored=dict(machine.ignored),
                 outcomes={outcome.value: count for outcome, count in machine.outcomes.items()},
+                link_resets={reason.value: count for reason, count in machine.link_resets.items()},
                 invariant_blocks=machine.invariant_blocks,
                 send_failures=dict(self._send_failures),
             )

@@ -51,7 +51,7 @@ def load_table() -> Response:
                 "phase_seconds": schedule.phase_seconds,
                 "round_seconds": schedule.round_seconds,
                 "rounds_per_phase": schedule.rounds_per_phase,
-                "request_timeout_seconds": service.settings.request_timeout_seconds,
+                "draft_request_timeout_seconds": service.settings.draft_request_timeout_seconds,
             },
         }
     )

@@ -88,7 +88,7 @@ class PeeringService:
         if slot.round == 0 and self.node.is_leader():
             self._dispatch(self.node.collect_state(slot.phase, self._gather_gateways()))
         self._dispatch(self.node.begin_round(slot.phase, slot.round))
-        if self._stop.wait(self.settings.request_timeout_seconds):
+        if self._stop.wait(self.settings.draft_request_timeout_seconds):
             return
         self._dispatch(self.node.close_draft())
 

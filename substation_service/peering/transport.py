@@ -31,6 +31,26 @@ class PeerReport:
     gateway_kw: float | None
     # The peer's epoch for its link to the polling node; None until it has seen the poller.
     link_epoch: float | None
+    # What the peer sends to (+) or takes from (-) the polling node, kW; None until it has seen the poller.
+    flow_kw: float | None
+
+
+def peer_report(source: str, metrics_text: str, own_id: str) -> PeerReport:
+    """What a peer's /metrics page (read from ``source``) tells the node ``own_id``."""
+    try:
+        scrape = parse_metrics(metrics_text)
+    except ValueError as exc:
+        raise PeerUnreachable(f"{source}: {exc}") from None
+    labels = scrape.labels_of(ID_METRIC)
+    if not labels or "substation" not in labels:
+        raise PeerUnreachable(f"{source} has no {ID_METRIC}{{substation=...}}: is it a substation?")
+    peer_id = labels["substation"]
+    return PeerReport(
+        substation=peer_id,
+        gateway_kw=scrape.value("peer_gateway_kw", substation=peer_id),
+        link_epoch=scrape.value("peer_link_epoch", substation=peer_id, peer=own_id),
+        flow_kw=scrape.value("peer_flow_kw", substation=peer_id, peer=own_id),
+    )
 
 
 class PeerTransport:
@@ -52,18 +72,9 @@ class PeerTransport:
         try:
             response = self._client.get(f"{url}/metrics")
             response.raise_for_status()
-            scrape = parse_metrics(response.text)
-        except (requests.RequestException, ValueError) as exc:
+        except requests.RequestException as exc:
             raise PeerUnreachable(f"{url}/metrics: {exc}") from None
-        labels = scrape.labels_of(ID_METRIC)
-        if not labels or "substation" not in labels:
-            raise PeerUnreachable(f"{url}/metrics has no {ID_METRIC}{{substation=...}}: is it a substation?")
-        peer_id = labels["substation"]
-        return PeerReport(
-            substation=peer_id,
-            gateway_kw=scrape.value("peer_gateway_kw", substation=peer_id),
-            link_epoch=scrape.value("peer_link_epoch", substation=peer_id, peer=self._own_id),
-        )
+        return peer_report(f"{url}/metrics", response.text, self._own_id)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

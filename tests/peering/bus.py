@@ -2,12 +2,15 @@
 
 The machines are the ones the substations run; only the network is replaced:
 messages go into a queue and are delivered, in order or in an order a
-``random.Random`` picks, until none is left. A killed node's messages are lost.
+``random.Random`` picks, until none is left. A killed node's messages are lost;
+so are the next messages of a type named in ``lose_next``, and each message
+with the probability ``loss_rate``, while the peers stay in the group.
 """
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Iterable
 
 from substation_service.peering.machine import BalancingMachine, BalancingParams, Outgoing, Readings, classify
@@ -21,6 +24,7 @@ class Bus:
         params: BalancingParams | None = None,
         overrides: dict[str, BalancingParams] | None = None,
         shuffle: random.Random | None = None,
+        loss_seed: int = 0,
     ) -> None:
         params = params or BalancingParams()
         overrides = overrides or {}
@@ -29,6 +33,10 @@ class Bus:
         self.alive = set(self.nodes)
         self.queue: list[Outgoing] = []
         self.delivered: list[Outgoing] = []
+        self.lost: list[Outgoing] = []
+        self.lose_next: Counter[str] = Counter()
+        self.loss_rate = 0.0
+        self._losses = random.Random(loss_seed)
         self._shuffle = shuffle
         self.phase = 0
         self.clock = 1000.0
@@ -37,11 +45,14 @@ class Bus:
     # ----- membership ---------------------------------------------------------------------
 
     def connect(self) -> None:
-        """Every live node sees every other live node answer its poll."""
-        for node in self.alive:
-            for peer in self.alive - {node}:
+        """One membership poll: every live node reads every other live node's /metrics, which tell the
+        peer's epoch of and flow on its link to the poller."""
+        for node in sorted(self.alive):
+            for peer in sorted(self.alive - {node}):
                 their_view = self.nodes[peer].peers.get(node)
-                self.nodes[node].peer_seen(peer, their_view.epoch if their_view else None)
+                epoch, flow = (their_view.epoch, their_view.flow_kw) if their_view else (None, None)
+                self.nodes[node].peer_seen(peer, epoch)
+                self.nodes[node].reconcile(peer, epoch, flow, self.clock)
 
     def kill(self, node: str) -> None:
         """The process dies: it stops handling messages; its peers notice only at ``notice_losses``."""
@@ -64,10 +75,19 @@ class Bus:
                 return
             index = self._shuffle.randrange(len(self.queue)) if self._shuffle else 0
             item = self.queue.pop(index)
+            if self._is_lost(item):
+                self.lost.append(item)
+                continue
             self.delivered.append(item)
             if item.to in self.alive:
                 self.post(self.nodes[item.to].handle(item.message, self.readings[item.to]).outgoing)
         raise AssertionError(f"messages still flowing after {limit} deliveries")
+
+    def _is_lost(self, item: Outgoing) -> bool:
+        if self.lose_next[item.message.type] > 0:
+            self.lose_next[item.message.type] -= 1
+            return True
+        return self.loss_rate > 0 and self._losses.random() < self.loss_rate
 
     def leaders(self) -> set[str]:
         return {node for node in self.alive if self.nodes[node].leader == node}
@@ -91,10 +111,12 @@ class Bus:
         self.deliver_all()
 
     def run_round(self, round_: int) -> None:
+        """A round, then a membership poll (the substations poll alongside their rounds)."""
         if round_ == 0:
             self.collect_state(self.phase)
         self.begin_round(round_)
         self.close_draft()
+        self.connect()
 
     def run_phase(self, rounds: int = 5) -> None:
         for round_ in range(rounds):
@@ -124,6 +146,15 @@ class Bus:
         """FREEDM's end state: no SUPPLY and DEMAND node at the same time."""
         states = set(self.states_now().values())
         return not {NodeState.SUPPLY, NodeState.DEMAND} <= states
+
+    def links_agree(self) -> bool:
+        """Both sides of every link between live nodes count the same power, on the same epoch."""
+        for node in self.alive:
+            for peer in self.alive - {node}:
+                mine, theirs = self.nodes[node].peers[peer], self.nodes[peer].peers[node]
+                if mine.epoch != theirs.epoch or not math.isclose(mine.flow_kw, -theirs.flow_kw, abs_tol=1e-9):
+                    return False
+        return True
 
     def sent(self, message_type: str) -> list[Outgoing]:
         return [item for item in self.delivered if item.message.type == message_type]

@@ -8,6 +8,7 @@ import pytest
 from substation_service.peering.machine import (
     BalancingMachine,
     BalancingParams,
+    LinkReset,
     Outcome,
     Readings,
     Rejection,
@@ -332,9 +333,84 @@ def test_late_accept_after_the_offer_was_released_still_counts() -> None:
     # b has taken the step, so a must send it: the group's gateways still sum to 0.
     assert machine.gateway_kw == STEP
     assert machine.outcomes[Outcome.ACCEPTED] == 1
-    unknown = DraftAccept(sender="b", phase=1, round=0, epoch=0, migration=migration, amount=STEP)
-    assert machine.handle(unknown, supply()).ignored == "unknown_migration"
-    assert machine.gateway_kw == STEP
+    assert machine.link_resets == {}
+
+
+def test_a_lost_draft_accept_is_found_by_the_poll_and_the_link_reset() -> None:
+    bus = Bus({"a": supply(10.0), "b": demand(10.0)})
+    bus.lose_next["DraftAccept"] = 1
+    bus.run_round(0)
+    bus.run_round(1)  # b takes the step, but its Draft Accept never reaches a (a failed POST)
+    assert [item.message.type for item in bus.lost] == ["DraftAccept"]
+    # b counts on power nobody sends. The poll after the round saw it once: it could be an answer on its way.
+    assert bus.gateway("a") == 0 and bus.gateway("b") == -STEP
+
+    bus.run_round(2)  # ... and its poll sees the same disagreement again: the link is reset on both sides
+
+    assert bus.total_gateway() == 0 and bus.links_agree()
+    assert bus.gateway("b") == 0
+    # One side resets the link, the other follows the newer epoch.
+    resets = bus.nodes["a"].link_resets + bus.nodes["b"].link_resets
+    assert resets == {LinkReset.FLOWS_DISAGREE: 1}
+    # a's unanswered offer goes with the link, so a does not keep promising power it never sends.
+    assert bus.nodes["a"].outcomes[Outcome.ROLLED_BACK] == 1
+    assert bus.nodes["a"].predicted_gateway_kw == 0
+
+    for round_ in (3, 4):
+        bus.run_round(round_)
+    bus.phase += 1
+    bus.run_phases(2)
+    assert bus.gateway("a") == 10.0 and bus.gateway("b") == -10.0
+    assert bus.balanced() and bus.links_agree()
+
+
+def test_an_accept_for_an_offer_already_dropped_resets_the_link() -> None:
+    bus = Bus({"a": supply(), "b": demand()})
+    bus.collect_state(0)
+    bus.begin_round(0)
+    bus.lose_next["DraftAccept"] = 1
+    bus.begin_round(1)
+    bus.close_draft()
+    # a releases the unanswered offer at the next collected state and drops it at the one after.
+    bus.collect_state(1)
+    bus.collect_state(2)
+    supplier = bus.nodes["a"]
+    assert supplier.outcomes[Outcome.DROPPED] == 1
+
+    [late] = bus.lost
+    bus.post([late])
+    bus.deliver_all()
+
+    # Ignoring it would leave b taking a step nobody sends; a resets the link instead ...
+    assert supplier.link_resets[LinkReset.LATE_ACCEPT] == 1 and supplier.ignored == {}
+    assert supplier.gateway_kw == 0 and supplier.peers["b"].epoch > late.message.epoch
+    # ... and b drops its half when its next poll shows the newer epoch.
+    bus.connect()
+    assert bus.gateway("b") == 0 and bus.nodes["b"].peers["a"].epoch == supplier.peers["b"].epoch
+    assert bus.total_gateway() == 0 and bus.links_agree()
+
+
+def test_reconcile_resets_only_a_disagreement_seen_twice_on_the_same_link() -> None:
+    machine = BalancingMachine("b", BalancingParams())
+    machine.peer_seen("a")
+    machine.peers["a"].flow_kw = -4.0
+
+    assert not machine.reconcile("a", 0.0, 2.0, now=100.0)  # seen once: an answer may be on its way
+    assert not machine.reconcile("a", 0.0, 4.0, now=101.0)  # it arrived: the two sides agree
+    assert not machine.reconcile("a", 0.0, 2.0, now=102.0)
+    assert not machine.reconcile("a", 0.0, 0.0, now=103.0)  # another disagreement: the link is still moving
+    assert not machine.reconcile("a", None, None, now=104.0)  # a restarted and has not seen b yet
+    assert not machine.reconcile("a", 0.0, 0.0, now=105.0)
+    assert machine.link_resets == {}
+
+    assert machine.reconcile("a", 0.0, 0.0, now=106.0)
+
+    assert machine.link_resets == {LinkReset.FLOWS_DISAGREE: 1}
+    assert machine.peers["a"].flow_kw == 0 and machine.peers["a"].epoch == 106.0
+    # a still speaks for the old link: b waits for a to adopt the new epoch instead of resetting again.
+    assert not machine.reconcile("a", 0.0, 4.0, now=107.0)
+    assert not machine.reconcile("a", 0.0, 4.0, now=108.0)
+    assert not machine.reconcile("unknown", 0.0, 4.0, now=109.0)
 
 
 def test_leader_is_the_lowest_live_id_and_is_replaced_when_it_dies() -> None:

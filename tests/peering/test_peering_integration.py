@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 FAST = {
     "PHASE_SECONDS": "1",
     "ROUND_SECONDS": "0.2",
-    "REQUEST_TIMEOUT_SECONDS": "0.08",
+    "DRAFT_REQUEST_TIMEOUT_SECONDS": "0.08",
     "MEMBERSHIP_POLL_SECONDS": "0.2",
     "PEER_TIMEOUT_SECONDS": "0.5",
     "PEER_MISSED_POLLS": "2",
@@ -96,6 +96,16 @@ def metric(service: Service, name: str, **labels: str) -> float | None:
     return scrape.value(name, **labels)
 
 
+def link_epoch(service: Service, peer: str) -> float | None:
+    return metric(service, "peer_link_epoch", substation=service.name, peer=peer)
+
+
+def agreed_epoch(one: Service, other: Service) -> float | None:
+    """The epoch both ends of the link speak for, once they agree on it."""
+    mine, theirs = link_epoch(one, other.name), link_epoch(other, one.name)
+    return mine if mine is not None and mine == theirs else None
+
+
 def test_three_substations_converge_from_an_unbalanced_start(start_group) -> None:
     s1, s2, s3 = start_group()
     assert charge(s1, 20).status_code == 201  # substation-1: 20 kW of load, no generation
@@ -151,3 +161,25 @@ def test_power_from_a_killed_supplier_is_released(start_group) -> None:
     assert requests.get(f"{s1.url}/status", timeout=2).json()["capacity"] == 100.0
     wait_for(lambda: table(s1)["state"] == "demand", "substation-1's next round to find it in demand")
     assert table(s2)["gateway_kw"] == 0.0
+
+
+def test_a_step_that_no_supplier_sends_is_released_on_both_sides(start_group) -> None:
+    s1, s2, s3 = start_group(extra_env={})  # no generation anywhere: nobody supplies
+    assert charge(s1, 20).status_code == 201
+    wait_for(lambda: table(s1)["state"] == "demand", "substation-1 to be in demand")
+    # The newer process's start time wins a link's epoch at the polls after the group forms.
+    epoch = wait_for(lambda: agreed_epoch(s1, s2), "substation-1 and substation-2 to agree on their link's epoch")
+    # A Draft Select substation-2 no longer knows of, as when its Draft Accept came after the offer was dropped.
+    select = {"type": "DraftSelect", "sender": "substation-2", "phase": table(s1)["phase"], "round": 0,
+              "epoch": epoch, "migration": "substation-2:1000", "amount": 4}
+    response = requests.post(f"{s1.url}/peer-balancing/messages", json=select, timeout=2)
+    assert response.status_code == 202 and response.json() == {"status": "accepted"}
+
+    wait_for(lambda: metric(s2, "peer_link_resets_total", substation="substation-2", reason="late_accept") == 1,
+             "substation-2 to reset the link to substation-1")
+    wait_for(lambda: gateways([s1, s2, s3]) == [0.0, 0.0, 0.0], "substation-1 to release the step")
+    new_epoch = link_epoch(s2, "substation-1")
+    assert new_epoch > epoch
+    wait_for(lambda: link_epoch(s1, "substation-2") == new_epoch, "substation-1 to follow the new epoch")
+    assert requests.get(f"{s1.url}/status", timeout=2).json()["capacity"] == 100.0
+    assert "no longer offers" in s2.log_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from gridcommon.settings import SettingsError
+from substation_service.config import Settings
 from substation_service.peering.config import PeeringSettings
 from substation_service.peering.power import LocalPower, parse_profile
 from substation_service.peering.schedule import PhaseSchedule, Slot
@@ -74,7 +75,13 @@ def test_settings_defaults() -> None:
     assert settings.balancing.enabled and not settings.balancing.malicious
     assert not settings.balancing.invariant_check
     assert settings.schedule == PhaseSchedule(4.0, 0.4)
-    assert settings.request_timeout_seconds < settings.schedule.round_seconds
+    assert settings.draft_request_timeout_seconds < settings.schedule.round_seconds
+
+
+def test_the_charge_services_request_timeout_leaves_the_substations_alone() -> None:
+    # make run and compose give every service one environment; REQUEST_TIMEOUT_SECONDS is the charge service's.
+    settings = Settings.from_env({"REQUEST_TIMEOUT_SECONDS": "20"})
+    assert settings.peering.draft_request_timeout_seconds == PeeringSettings().draft_request_timeout_seconds
 
 
 def test_settings_from_env() -> None:
@@ -88,7 +95,7 @@ def test_settings_from_env() -> None:
             "MIGRATION_STEP_KW": "1",
             "PHASE_SECONDS": "1",
             "ROUND_SECONDS": "0.2",
-            "REQUEST_TIMEOUT_SECONDS": "0.05",
+            "DRAFT_REQUEST_TIMEOUT_SECONDS": "0.05",
             "INVARIANT_CHECK": "yes",
             "INVARIANT_LIMIT_KW": "3",
             "MALICIOUS": "on",
@@ -98,15 +105,15 @@ def test_settings_from_env() -> None:
     assert not settings.balancing.enabled and settings.balancing.malicious and settings.balancing.invariant_check
     assert settings.balancing.invariant_limit_kw == 3 and settings.balancing.migration_step_kw == 1
     assert settings.power.storage_kw == 15 and settings.power.profile is not None
-    assert settings.schedule.rounds_per_phase == 4 and settings.request_timeout_seconds == 0.05
+    assert settings.schedule.rounds_per_phase == 4 and settings.draft_request_timeout_seconds == 0.05
 
 
 @pytest.mark.parametrize(
     ("env", "variable"),
     [
         ({"PEERS": "substation_2:5012"}, "PEERS"),
-        ({"ROUND_SECONDS": "0.1"}, "REQUEST_TIMEOUT_SECONDS"),
-        ({"PHASE_SECONDS": "1", "ROUND_SECONDS": "2", "REQUEST_TIMEOUT_SECONDS": "0.1"}, "ROUND_SECONDS"),
+        ({"ROUND_SECONDS": "0.1"}, "DRAFT_REQUEST_TIMEOUT_SECONDS"),
+        ({"PHASE_SECONDS": "1", "ROUND_SECONDS": "2", "DRAFT_REQUEST_TIMEOUT_SECONDS": "0.1"}, "ROUND_SECONDS"),
         ({"MIGRATION_STEP_KW": "6"}, "INVARIANT_LIMIT_KW"),
         ({"MIGRATION_STEP_KW": "0"}, "MIGRATION_STEP_KW"),
         ({"GENERATION_KW": "-3"}, "GENERATION_KW"),
