@@ -13,8 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
+
+from gridcommon.promtext import Scrape, parse_metrics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = "python:gridcommon.gunicorn_conf"
@@ -49,6 +52,33 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> floa
             return time.monotonic() - started
         time.sleep(0.05)
     raise AssertionError(f"{what}: not within {timeout:g} s")
+
+
+def get_json(url: str, timeout: float = 5.0) -> Any:
+    response = requests.get(url, timeout=timeout)
+    response.raise_for_status()
+    return response.json()
+
+
+def scrape(service: "Service") -> Scrape:
+    """The service's /metrics page, parsed."""
+    response = requests.get(f"{service.url}/metrics", timeout=5)
+    response.raise_for_status()
+    return parse_metrics(response.text)
+
+
+def sessions_at(substation: "Service") -> list[dict[str, Any]]:
+    return get_json(f"{substation.url}/sessions")["sessions"]
+
+
+def logged_within(service: "Service", text: str, timeout: float = 5.0) -> bool:
+    """Whether ``text`` shows up in the service's log within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in service.log_text():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @dataclass

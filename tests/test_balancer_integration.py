@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from gridcommon.promtext import Scrape, parse_metrics
-from tests.harness import Service, start_all, wait_for
+from tests.harness import Service, scrape, sessions_at, start_all, wait_for
 from tests.substation_support import epoch_of, max_overlapping_load
 
 pytestmark = pytest.mark.integration
@@ -66,16 +65,8 @@ def status_of(service: Service) -> dict[str, dict]:
     return {entry["id"]: entry for entry in response.json()["substations"]}
 
 
-def scrape(service: Service) -> Scrape:
-    response = requests.get(f"{service.url}/metrics", timeout=5)
-    response.raise_for_status()
-    return parse_metrics(response.text)
 
 
-def sessions_at(substation: Service) -> list[dict]:
-    response = requests.get(f"{substation.url}/sessions", timeout=5)
-    response.raise_for_status()
-    return response.json()["sessions"]
 
 
 def assert_no_traceback(service: Service) -> None:

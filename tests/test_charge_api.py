@@ -27,7 +27,7 @@ from charge_request_service.routes import EXTENSION_KEY
 from charge_request_service.sessions import ChargeSession, utc_now
 from gridcommon.promtext import Scrape, parse_metrics
 from gridcommon.web import MAX_BODY_BYTES
-from tests.harness import Stack, free_port, start_stack
+from tests.harness import Stack, free_port, logged_within, start_stack
 
 SUBSTATION_CAPACITY_KW = 60.0
 BALANCER_MAX_AMOUNT_KW = 100.0
@@ -115,14 +115,6 @@ def substation_session_ids(grid: Stack) -> set[str]:
     return ids
 
 
-def wait_for_log(service, text: str, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = service.log_text()
-        if text in log:
-            return log
-        time.sleep(0.05)
-    return service.log_text()
 
 
 # --- validation: nothing invalid is forwarded ----------------------------------------------------
@@ -269,7 +261,7 @@ def test_admitted_request_returns_the_balancers_201_and_is_tracked(grid, grid_cl
     assert metrics.value("charge_requests_total", status="201") == 1
     assert metrics.value("requests_duration_seconds_count") == 1
     # The id given here travelled with the forwarded call.
-    assert "[api-admit-1]" in wait_for_log(grid.balancer, "[api-admit-1]")
+    assert logged_within(grid.balancer, "[api-admit-1]")
     grid_client.delete(f"/sessions/{body['session_id']}")
 
 

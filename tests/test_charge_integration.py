@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-import time
 
 import pytest
 import requests
 
 from gridcommon.web import MAX_BODY_BYTES
-from tests.harness import REPO_ROOT, Service, Stack
+from tests.harness import REPO_ROOT, Service, Stack, logged_within
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +27,6 @@ def readme_curl(base_url: str) -> list[str]:
     return [*words, "-w", "\n%{http_code}"]
 
 
-def wait_for_log(service: Service, text: str, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in service.log_text():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def substation_by_id(stack: Stack, substation_id: str) -> Service:
@@ -79,7 +71,7 @@ def test_request_id_follows_a_charge_through_all_three_services(stack_factory):
     assert response.headers["X-Request-ID"] == "trace-it-0001"
     admitting = substation_by_id(stack, response.json()["substation"])
     for service in (stack.charge, stack.balancer, admitting):
-        assert wait_for_log(service, "[trace-it-0001]"), f"{service.name} never logged the request id"
+        assert logged_within(service, "[trace-it-0001]"), f"{service.name} never logged the request id"
 
     # Without one, the charge API makes an id, answers with it and passes it on.
     generated = requests.post(
@@ -87,7 +79,7 @@ def test_request_id_follows_a_charge_through_all_three_services(stack_factory):
     )
     request_id = generated.headers["X-Request-ID"]
     assert request_id and request_id != "trace-it-0001"
-    assert wait_for_log(substation_by_id(stack, generated.json()["substation"]), f"[{request_id}]")
+    assert logged_within(substation_by_id(stack, generated.json()["substation"]), f"[{request_id}]")
 
 
 OVERSIZED = '{"vehicle_id": "EV-001", "amount": 22, "note": "' + "x" * MAX_BODY_BYTES + '"}'

@@ -39,8 +39,7 @@ from typing import Any, Self
 import pytest
 import requests
 
-from gridcommon.promtext import Scrape, parse_metrics
-from tests.harness import Service, start_all, wait_for
+from tests.harness import Service, get_json, scrape, sessions_at, start_all, wait_for
 from tests.netns import LanHost, VirtualLan, virtual_lan
 
 pytestmark = pytest.mark.integration
@@ -139,20 +138,10 @@ def frozen(service: Service) -> Iterator[None]:
         service.resume()
 
 
-def get_json(url: str) -> dict[str, Any]:
-    response = requests.get(url, timeout=3)
-    response.raise_for_status()
-    return response.json()
 
 
-def scrape(service: Service) -> Scrape:
-    response = requests.get(f"{service.url}/metrics", timeout=3)
-    response.raise_for_status()
-    return parse_metrics(response.text)
 
 
-def sessions_at(service: Service) -> list[dict[str, Any]]:
-    return get_json(f"{service.url}/sessions")["sessions"]
 
 
 def post_charge(service: Service, vehicle_id: str, amount: float) -> requests.Response:

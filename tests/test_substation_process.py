@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from gridcommon.promtext import Scrape, parse_metrics
-from tests.harness import Service
+from tests.harness import Service, scrape
 from tests.substation_support import epoch_of, max_overlapping_load
 
 pytestmark = pytest.mark.integration
@@ -38,10 +37,6 @@ def substation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     service.stop()
 
 
-def scrape(service: Service) -> Scrape:
-    response = requests.get(f"{service.url}/metrics", timeout=5)
-    response.raise_for_status()
-    return parse_metrics(response.text)
 
 
 def metric(service: Service, name: str, **labels: str) -> float:
