@@ -3,31 +3,46 @@
 #   make test   install what the tests need, then run the whole suite
 #   make loadtest  rush hour against the running stack, report in loadtest-results/
 #   make bench  print benchmark figures
-PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
-RUN_DIR := .run
-STAMP := $(RUN_DIR)/installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# Everything Python runs from a virtual environment of the project's own, so no system
+# Python is changed (Debian's refuses pip installs anyway, PEP 668).
+BOOTSTRAP_PYTHON ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+# gunicorn, honcho, docker-compose and hadolint are called by name: the venv's come first.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+STAMP := $(VENV)/installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: run test bench loadtest install install-test prometheus grafana-schema clean help
+.PHONY: run test bench loadtest install install-test prometheus iproute2 grafana-schema clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
-$(RUN_DIR):
-	mkdir -p $(RUN_DIR)
+$(VENV)/bin/python:
+	$(BOOTSTRAP_PYTHON) -m venv $(VENV) || { \
+		echo "Installing python3-venv from Debian's packages..."; \
+		apt-get update -qq && $(APT_INSTALL) python3-venv >/dev/null && $(BOOTSTRAP_PYTHON) -m venv $(VENV); }
 
 # pip is slow even when nothing changes: install again only when pyproject.toml does.
-$(STAMP): pyproject.toml | $(RUN_DIR)
-	$(PIP) install --quiet -e '.[test]'
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PYTHON) -m pip install --quiet -e '.[test]'
 	touch $@
 
 install: $(STAMP)
 
-# Debian's package brings prometheus and promtool; the suite runs both for real.
+# Debian's package brings prometheus and promtool; the suite runs both for real. On a host
+# with systemd the package also starts its own server on :9090, which `make run` needs: stop it.
 prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 		echo "Installing Prometheus and promtool from Debian's packages..."; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+		apt-get update -qq && $(APT_INSTALL) prometheus >/dev/null; \
+		{ systemctl disable --now prometheus 2>/dev/null || true; }; }
+
+# The network-partition tests build their test hosts with ip (network namespaces, a bridge).
+iproute2:
+	@command -v ip >/dev/null || { \
+		echo "Installing iproute2 from Debian's packages..."; \
+		apt-get update -qq && $(APT_INSTALL) iproute2 >/dev/null; }
 
 # Grafana's dashboard schema and TypeScript, to type-check grafana/dashboards/*.json
 # (tests/test_grafana_dashboards.py); npm ci runs again only when the lock file changes.
@@ -35,12 +50,12 @@ SCHEMA_CHECK := grafana/schema-check
 $(SCHEMA_CHECK)/node_modules/.package-lock.json: $(SCHEMA_CHECK)/package-lock.json
 	@command -v npm >/dev/null || { \
 		echo "Installing Node.js and npm from Debian's packages..."; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+		apt-get update -qq && $(APT_INSTALL) nodejs npm >/dev/null; }
 	npm ci --prefix $(SCHEMA_CHECK) --no-audit --no-fund --loglevel=error
 
 grafana-schema: $(SCHEMA_CHECK)/node_modules/.package-lock.json
 
-install-test: install prometheus grafana-schema
+install-test: install prometheus iproute2 grafana-schema
 
 test: install-test
 	$(PYTHON) -m pytest
@@ -64,4 +79,4 @@ bench: install
 	$(PYTHON) -m benchmarks
 
 clean:
-	rm -rf $(RUN_DIR) .pytest_cache .hypothesis loadtest-results
+	rm -rf $(VENV) .run .pytest_cache .hypothesis loadtest-results
