@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from charge_request_service.metrics import DURATION_BUCKETS
 from tests.observability_support import (
     COMPOSE_CONFIG,
     DASHBOARD_FILES,
@@ -99,6 +100,14 @@ def test_alert_is_unit_tested_firing_and_not_firing(alert) -> None:
     assert any(not case.get("exp_alerts") for case in cases), f"no test shows {alert.name} not firing"
 
 
+def test_latency_limit_is_a_bucket_boundary_of_the_charge_histogram() -> None:
+    """Between two buckets histogram_quantile interpolates: with the limit inside a bucket,
+    requests all well under it can still give a p95 above it."""
+    alert = next(rule for rule in ALERTS if rule.name == "ChargeRequestLatencyHigh")
+    limit_seconds = float(alert.body["expr"].rsplit(">", 1)[1])
+    assert limit_seconds in DURATION_BUCKETS
+
+
 def test_every_recording_rule_is_read_by_a_dashboard_or_an_alert() -> None:
     readers = [rule.body["expr"] for rule in load_rules()] + [
         target["expr"]
@@ -161,6 +170,10 @@ def test_local_config_is_the_compose_plan_on_loopback() -> None:
     [
         ('sum(rate(x_total{outcome="no_capacity"}[1m])) > 0', ['x_total{outcome="no_capacity"}']),
         ("a > on (job, instance) group_left () (3 * b)", ["a", "b"]),
+        (
+            '(sum(a and b == 1) / sum(c and b == 1) > 0.8) and on () sum(increase(x{o="n"}[15s])) > 0',
+            ["a", "b", "c", "b", 'x{o="n"}'],
+        ),
         ('max by (substation) (load{substation=~"$s"}) / ignoring(le) c:d:e', ['load{substation=~"$s"}', "c:d:e"]),
         ("(sum(rate(y[1m])) or vector(0)) / histogram_quantile(0.9, z_bucket)", ["y", "z_bucket"]),
     ],
