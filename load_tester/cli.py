@@ -28,30 +28,33 @@ from load_tester.report import (
     write_comparison,
     write_run,
 )
-from load_tester.runner import run_load
+from load_tester.runner import GRACE_SECONDS, run_load
 from load_tester.scenarios import (
     MAX_AMOUNT_KW,
     MAX_REQUESTS,
     MAX_SESSION_SECONDS,
     SCENARIOS,
     LoadPlan,
+    PlannedRequest,
     generate_requests,
 )
 from load_tester.verdict import Limits
 
 EXIT_PASSED, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+CONNECT_TIMEOUT_SECONDS = 2.0
 EXIT_STATUS_HELP = f"""\
 exit status:
   {EXIT_PASSED}    passed
   {EXIT_FAILED}    the error rate went above --max-error-rate, the rejection rate above
-       --max-rejection-rate, or a substation carried more than its capacity
+       --max-rejection-rate, a substation carried more than its capacity, or
+       requests were still unanswered at the time limit (--duration +
+       --timeout + {CONNECT_TIMEOUT_SECONDS + GRACE_SECONDS:g} s)
   {EXIT_USAGE}    bad options, or the stack cannot be reached
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); the results so far are written
 
 error rate: share of requests that failed (any answer but 201 or a capacity
 rejection, a timeout, a connection error) or were not sent. rejection rate:
 share rejected for capacity (503 no_capacity): the grid protecting itself."""
-CONNECT_TIMEOUT_SECONDS = 2.0
 
 
 class CannotStart(RuntimeError):
@@ -143,6 +146,8 @@ def resolve_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> L
         parser.error("--rate applies only to --scenario sustained (the open-loop one)")
     if scenario.arrival_rate is not None and args.ramp_up is not None:
         parser.error("--ramp-up does not apply to --scenario sustained: arrivals follow --rate from the start")
+    if args.policies is not None and not args.compare_policies:
+        parser.error("--policies chooses the policies of --compare-policies: add --compare-policies, or drop it")
     return LoadPlan(
         scenario=scenario.name,
         requests=_pick(args.requests, scenario.requests),
@@ -161,12 +166,14 @@ def _pick(given: Any, preset: Any) -> Any:
     return preset if given is None else given
 
 
-def run_settings(plan: LoadPlan, args: argparse.Namespace) -> dict[str, Any]:
+def run_settings(plan: LoadPlan, planned: Sequence[PlannedRequest], args: argparse.Namespace) -> dict[str, Any]:
     return {
         "scenario": plan.scenario,
         "target": args.target,
         "balancer": args.balancer,
-        "requests": plan.requests,
+        # Open loop: the arrivals drawn for the duration; --requests only caps them.
+        "requests": len(planned),
+        "max_requests": plan.requests if plan.open_loop else None,
         "concurrency": plan.concurrency,
         "ramp_up_seconds": plan.ramp_up_seconds,
         "duration_seconds": plan.duration_seconds,
@@ -224,10 +231,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _run(
-    client: GridClient, plan: LoadPlan, args: argparse.Namespace, settings: dict[str, Any], title: str, folder: Path
+    client: GridClient,
+    plan: LoadPlan,
+    planned: Sequence[PlannedRequest],
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    title: str,
+    folder: Path,
 ) -> RunReport:
     data = run_load(
-        client, plan, generate_requests(plan), sample_interval=args.sample_interval,
+        client, plan, planned, sample_interval=args.sample_interval,
         label=title, observe_seconds=args.observe, progress=not args.no_progress,
     )
     limits = Limits(max_error_rate=args.max_error_rate, max_rejection_rate=args.max_rejection_rate)
@@ -242,7 +255,8 @@ def _single_run(client: GridClient, plan: LoadPlan, args: argparse.Namespace) ->
     except StackError as exc:
         print(f"warning: {exc} The run goes on without load samples.", file=sys.stderr)
     title = f"Load test: {plan.scenario} (seed {plan.seed})"
-    report = _run(client, plan, args, run_settings(plan, args), title, args.output)
+    planned = generate_requests(plan)
+    report = _run(client, plan, planned, args, run_settings(plan, planned, args), title, args.output)
     print(console_text(report))
     print(f"\nReport: {args.output / REPORT_FILE}")
     if report.data.interrupted:
@@ -252,13 +266,18 @@ def _single_run(client: GridClient, plan: LoadPlan, args: argparse.Namespace) ->
 
 def _compare(client: GridClient, plan: LoadPlan, args: argparse.Namespace) -> int:
     client.check_reachable("balancer", client.balancer, "--balancer")
-    settings = run_settings(plan, args)
+    planned = generate_requests(plan)
+    settings = run_settings(plan, planned, args)
 
     def run_one(policy: str) -> RunReport:
         title = f"Load test: {plan.scenario} (seed {plan.seed}) under {policy}"
-        return _run(client, plan, args, {**settings, "policy": policy}, title, args.output / policy)
+        return _run(client, plan, planned, args, {**settings, "policy": policy}, title, args.output / policy)
 
-    reports = compare_policies(client, args.policies, run_one)
+    comparison = compare_policies(client, args.policies, run_one)
+    reports = comparison.reports
+    if not reports:
+        print("interrupted before the first policy's run was written: nothing to compare", file=sys.stderr)
+        return EXIT_INTERRUPTED
     title = f"Routing policies compared: {plan.scenario} (seed {plan.seed})"
     write_comparison(args.output, title, reports)
     print(title)
@@ -267,6 +286,7 @@ def _compare(client: GridClient, plan: LoadPlan, args: argparse.Namespace) -> in
         for line in report.verdict.problems:
             print(f"PROBLEM ({report.settings['policy']}): {line}")
     print(f"\nReport: {args.output / COMPARISON_REPORT}")
-    if any(report.data.interrupted for report in reports):
+    if comparison.interrupted:
+        print(f"interrupted: the comparison covers {len(reports)} policy run(s)", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_PASSED if all(report.verdict.passed for report in reports) else EXIT_FAILED

@@ -5,6 +5,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import requests
 
@@ -23,11 +24,19 @@ EMPTY_GRID_TIMEOUT_SECONDS = 70.0
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Comparison:
+    """The runs done so far, one per policy; ``interrupted`` when Ctrl-C ended the comparison early."""
+
+    reports: list[RunReport] = field(default_factory=list)
+    interrupted: bool = False
+
+
 def compare_policies(
     client: GridClient,
     requested: Sequence[str] | None,
     run_one: Callable[[str], RunReport],
-) -> list[RunReport]:
+) -> Comparison:
     """Switch the balancer to each policy, run, then stop that run's sessions; restore the policy at the end.
 
     ``requested`` None means every policy the balancer offers.
@@ -35,23 +44,27 @@ def compare_policies(
     original, offered = client.policies()
     policies = choose_policies(requested, offered or list(POLICIES))
     baseline_kw = start_from_an_empty_grid(client)
-    reports = []
+    comparison = Comparison()
     try:
         for policy in policies:
             client.set_policy(policy)
             report = run_one(policy)
-            reports.append(report)
+            comparison.reports.append(report)
             stop_sessions(client, report.data.results)
             if report.data.interrupted:
+                comparison.interrupted = True
                 break
             if not wait_for_load_at_most(client, baseline_kw, settle_timeout(client)):
                 log.warning(
                     "The grid still carries more load than before the comparison; the next policy starts on "
                     "a fuller grid. Other clients may be charging: compare on an otherwise idle stack."
                 )
+    except KeyboardInterrupt:
+        # Between two runs (or while one is written): the runs done so far are still compared.
+        comparison.interrupted = True
     finally:
         client.set_policy(original)
-    return reports
+    return comparison
 
 
 def choose_policies(requested: Sequence[str] | None, offered: Sequence[str]) -> list[str]:

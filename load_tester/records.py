@@ -6,7 +6,7 @@ with hand-made bodies.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from load_tester.scenarios import PlannedRequest
 
@@ -14,6 +14,15 @@ ADMITTED = "admitted"
 REJECTED = "rejected"
 FAILED = "failed"
 NOT_SENT = "not_sent"
+
+# The failure of a request that was sent but never answered: the run stopped waiting for it.
+UNANSWERED = "unanswered"
+
+# Why a run stopped before every request was answered: the user pressed Ctrl-C, or the run's time
+# limit (its duration plus one HTTP timeout and a grace) passed with requests still open.
+StopReason = Literal["interrupt", "time_limit"]
+INTERRUPT: StopReason = "interrupt"
+TIME_LIMIT: StopReason = "time_limit"
 
 # The error codes with which the stack says "no room on the grid": a correct answer, not a fault.
 CAPACITY_ERRORS = frozenset({"no_capacity", "capacity_exceeded"})
@@ -85,6 +94,16 @@ def transport_failure(
         latency_ms=elapsed_ms,
         failure=failure,
         error=message,
+    )
+
+
+def unanswered(planned: PlannedRequest, request_id: str, sent_offset: float) -> RequestResult:
+    return RequestResult(
+        **_planned_fields(planned, request_id),
+        outcome=FAILED,
+        sent_offset=sent_offset,
+        failure=UNANSWERED,
+        error="no answer before the run stopped waiting",
     )
 
 
@@ -181,8 +200,17 @@ class RunData:
     timing: RunTiming
     started_at: str
     finished_at: str
-    interrupted: bool
+    # None when every request was answered (or never due before the time limit).
+    stopped_by: StopReason | None
     sample_errors: int
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped_by == INTERRUPT
+
+    @property
+    def unanswered(self) -> int:
+        return sum(1 for result in self.results if result.failure == UNANSWERED)
 
 
 def _text(value: Any) -> str | None:

@@ -46,7 +46,7 @@ class RunReport:
             "policy": self.policy,
             "started_at": self.data.started_at,
             "finished_at": self.data.finished_at,
-            "interrupted": self.data.interrupted,
+            "stopped_by": self.data.stopped_by,
             "passed": self.verdict.passed,
             "problems": list(self.verdict.problems),
             "warnings": list(self.verdict.warnings),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from load_tester.records import RunData
+from load_tester.records import INTERRUPT, TIME_LIMIT, RunData
 from load_tester.stats import Summary
 from load_tester.violations import CapacityViolation
 
@@ -53,8 +53,14 @@ def judge(
             f"({summary.rejected} of {summary.planned} requests rejected for capacity): the grid had no room "
             "for them. Lower the load or add capacity, or allow rejections with --max-rejection-rate."
         )
-    if data.interrupted:
-        problems.append("the run was interrupted (Ctrl-C) before every request was answered")
+    if data.stopped_by == INTERRUPT:
+        problems.append("the run was interrupted (Ctrl-C): its figures cover only what happened before")
+    elif data.stopped_by == TIME_LIMIT:
+        problems.append(
+            f"{data.unanswered} request(s) still unanswered at the time limit (the duration plus one --timeout "
+            "and a grace): the stack kept them open well past --timeout. Their request ids are in results.json "
+            "(failure \"unanswered\"); the services' logs tell where they got stuck."
+        )
     return Verdict(problems=tuple(problems), warnings=tuple(_warnings(summary, data, open_loop)))
 
 
@@ -87,7 +93,7 @@ def _warnings(summary: Summary, data: RunData, open_loop: bool) -> list[str]:
         )
     elif data.sample_errors:
         warnings.append(f"{data.sample_errors} status sample(s) of the balancer could not be read.")
-    if summary.not_sent and not data.interrupted:
+    if summary.not_sent and data.stopped_by != INTERRUPT:
         warnings.append(
             f"{summary.not_sent} request(s) were not sent before the time limit: raise --duration to send them all."
         )

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import threading
+import time
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +155,99 @@ def assert_report_agrees_with_results(folder: Path) -> dict[str, Any]:
     assert_png(folder / "load.png")
     assert_png(folder / "latency.png")
     return results
+
+
+def start_interruptible(
+    command: list[str], cwd: Path, logs: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Start ``command`` with its output in ``logs``/stdout.txt and stderr.txt, so that SIGINT is a Ctrl-C."""
+    logs.mkdir(parents=True, exist_ok=True)
+    with (logs / "stdout.txt").open("w") as out, (logs / "stderr.txt").open("w") as err:
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, text=True, stdout=out, stderr=err,
+            # A shell without job control starts background commands ignoring SIGINT: undo that, as a terminal would.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+
+
+# A held request never waits longer than this, whatever the test does.
+HOLD_LIMIT_SECONDS = 20.0
+
+
+class HoldingStack(ThreadingHTTPServer):
+    """Stands in for the charge API and the balancer on 127.0.0.1, holding every charge request until released.
+
+    Held requests are answered 503 ``no_capacity``; the headers of each are kept in ``charge_headers``.
+
+    ``trickle`` keeps a held answer coming one byte at a time, so a per-read timeout never ends it.
+    The real stack answers at once: requests held for seconds are what only a stand-in can make happen.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, trickle: bool = False) -> None:
+        super().__init__(("127.0.0.1", 0), _HoldingHandler)
+        self.trickle = trickle
+        self.release = threading.Event()
+        self.charge_headers: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self.serve_forever, name="holding-stack", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    def held(self) -> int:
+        with self._lock:
+            return len(self.charge_headers)
+
+    def record_charge(self, headers: dict[str, str]) -> None:
+        with self._lock:
+            self.charge_headers.append(headers)
+
+    def __enter__(self) -> HoldingStack:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _HoldingHandler(BaseHTTPRequestHandler):
+    server: HoldingStack
+
+    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+        self._answer(200, {"status": "ok", "policy": "least_loaded", "substations": []})
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.record_charge(dict(self.headers))
+        if self.server.trickle:
+            self._trickle()
+        else:
+            self.server.release.wait(HOLD_LIMIT_SECONDS)
+            self._answer(503, {"error": "no_capacity", "message": "full"})
+
+    def _trickle(self) -> None:
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        deadline = time.monotonic() + HOLD_LIMIT_SECONDS
+        while not self.server.release.wait(0.05) and time.monotonic() < deadline:
+            self.wfile.write(b" ")
+            self.wfile.flush()
+        self.close_connection = True
+
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        return

@@ -5,7 +5,7 @@ import pytest
 
 from load_tester.cli import EXIT_USAGE, build_parser, main, resolve_plan, run_settings
 from load_tester.config import Defaults
-from load_tester.scenarios import MAX_REQUESTS
+from load_tester.scenarios import MAX_REQUESTS, generate_requests
 from tests.harness import free_port
 
 
@@ -56,6 +56,7 @@ def test_sustained_is_open_loop_at_the_given_rate():
         (("--max-rejection-rate", "-0.1"), "-0.1 is outside the allowed range [0, 1]"),
         (("--session-duration", "nan"), "nan is outside the allowed range"),
         (("--scenario", "lunch"), "invalid choice: 'lunch'"),
+        (("--policies", "round_robin"), "--policies chooses the policies of --compare-policies"),
     ],
 )
 def test_bad_options_are_refused_with_a_sentence_that_names_them(capsys, argv, message):
@@ -67,8 +68,28 @@ def test_by_default_no_request_may_fail_and_any_may_be_rejected_for_capacity():
     args = parser.parse_args([])
     assert (args.max_error_rate, args.max_rejection_rate) == (0.0, 1.0)
     args = parser.parse_args(["--max-error-rate", "0.05", "--max-rejection-rate", "0"])
-    settings = run_settings(resolve_plan(parser, args), args)
+    plan = resolve_plan(parser, args)
+    settings = run_settings(plan, generate_requests(plan), args)
     assert (settings["max_error_rate"], settings["max_rejection_rate"]) == (0.05, 0.0)
+    assert (settings["requests"], settings["max_requests"]) == (100, None)
+
+
+def test_the_settings_of_a_sustained_run_name_the_arrivals_planned_and_the_cap_apart():
+    parser = build_parser(Defaults())
+    args = parser.parse_args(["--scenario", "sustained", "--rate", "5", "--duration", "4", "--seed", "12"])
+    plan = resolve_plan(parser, args)
+    planned = generate_requests(plan)
+    settings = run_settings(plan, planned, args)
+    # About 5/s for 4 s: the arrivals drawn, not the cap of 100,000.
+    assert settings["requests"] == len(planned) and 5 <= len(planned) <= 40
+    assert settings["max_requests"] == MAX_REQUESTS
+
+
+def test_policies_are_accepted_with_compare_policies():
+    parser = build_parser(Defaults())
+    args = parser.parse_args(["--compare-policies", "--policies", "round_robin, least_loaded"])
+    resolve_plan(parser, args)
+    assert args.policies == ("round_robin", "least_loaded")
 
 
 def test_the_environment_sets_the_defaults_and_options_win():

@@ -8,13 +8,16 @@ import pytest
 from load_tester.records import (
     ADMITTED,
     FAILED,
+    INTERRUPT,
     REJECTED,
+    TIME_LIMIT,
     RunData,
     RunTiming,
     classify_response,
     not_sent,
     parse_status,
     transport_failure,
+    unanswered,
 )
 from load_tester.scenarios import PlannedRequest
 from load_tester.stats import percentile, summarise
@@ -151,8 +154,8 @@ def test_percentiles_interpolate_between_the_nearest_values():
     assert percentile([7.0], 99) == 7.0
 
 
-def _run(results, samples=(), wall=2.0, cpu=0.5, interrupted=False):
-    return RunData(tuple(results), tuple(samples), RunTiming(wall, cpu), iso(0), iso(2), interrupted, 0)
+def _run(results, samples=(), wall=2.0, cpu=0.5, stopped_by=None):
+    return RunData(tuple(results), tuple(samples), RunTiming(wall, cpu), iso(0), iso(2), stopped_by, 0)
 
 
 def test_the_summary_counts_outcomes_latency_and_load_per_substation():
@@ -207,8 +210,8 @@ def test_without_samples_the_peak_comes_from_the_admissions_and_there_is_no_spre
 # Verdict ---------------------------------------------------------------------------------------------------------
 
 
-def _verdict(results, samples=(), cpu=0.5, interrupted=False, open_loop=False, **limits):
-    data = _run(results, samples, cpu=cpu, interrupted=interrupted)
+def _verdict(results, samples=(), cpu=0.5, stopped_by=None, open_loop=False, **limits):
+    data = _run(results, samples, cpu=cpu, stopped_by=stopped_by)
     violations = find_violations(data.results, data.samples)
     summary = summarise(data.results, data.samples, violations, data.timing)
     return judge(summary, violations, data, Limits(**limits), open_loop)
@@ -274,17 +277,31 @@ def test_a_capacity_violation_fails_the_run_whatever_the_error_rate():
 
 def test_warnings_name_a_saturated_tool_missing_samples_and_an_interruption_is_a_problem():
     results = [admitted(0, "substation-1", 1.0, start=0, duration=60, capacity=100.0)]
-    verdict = _verdict(results, (), cpu=1.9, interrupted=True)
+    verdict = _verdict(results, (), cpu=1.9, stopped_by=INTERRUPT)
     assert any("95% of a CPU core" in w for w in verdict.warnings)
     assert any("no status sample" in w for w in verdict.warnings)
-    assert any("interrupted" in p for p in verdict.problems)
+    assert verdict.problems == ("the run was interrupted (Ctrl-C): its figures cover only what happened before",)
+
+
+def test_requests_still_open_at_the_time_limit_fail_the_run_and_are_not_called_an_interruption():
+    results, samples = _three_admitted_and(unanswered(PLANNED, "r1", 0.5), unanswered(PLANNED, "r2", 0.6))
+    data = _run(results, samples, stopped_by=TIME_LIMIT)
+    assert (data.unanswered, data.interrupted) == (2, False)
+    assert summarise(data.results, data.samples, [], data.timing).failed_by_status == {"unanswered": 2}
+    # However many failures are allowed, requests the run gave up on fail it.
+    verdict = _verdict(results, samples, stopped_by=TIME_LIMIT, max_error_rate=1)
+    [problem] = verdict.problems
+    assert problem.startswith("2 request(s) still unanswered at the time limit")
+    assert "interrupted" not in problem and 'failure "unanswered"' in problem
+    # The same records from a run that ended by itself: only the error rate judges them.
+    assert _verdict(results, samples, max_error_rate=1).passed
 
 
 def test_requests_cut_off_by_the_time_limit_are_a_warning_unless_the_user_interrupted():
     results = [admitted(0, "substation-1", 1.0, start=0, duration=60, capacity=100.0), not_sent(PLANNED, "r")]
     samples = [sample(0.1, ("substation-1", 1.0, 100.0))]
     assert any("raise --duration" in w for w in _verdict(results, samples, max_error_rate=1).warnings)
-    interrupted = _verdict(results, samples, max_error_rate=1, interrupted=True)
+    interrupted = _verdict(results, samples, max_error_rate=1, stopped_by=INTERRUPT)
     assert not any("raise --duration" in w for w in interrupted.warnings)
 
 

@@ -4,18 +4,26 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
 from load_tester.api import USER_AGENT, GridClient
-from tests.harness import REPO_ROOT, Stack
-from tests.load_tester_support import assert_png, assert_report_agrees_with_results, markdown_rows
+from load_tester.cli import EXIT_INTERRUPTED, build_parser, resolve_plan
+from load_tester.config import Defaults
+from load_tester.scenarios import MAX_REQUESTS, generate_requests
+from tests.harness import REPO_ROOT, Stack, wait_for
+from tests.load_tester_support import (
+    HoldingStack,
+    assert_png,
+    assert_report_agrees_with_results,
+    markdown_rows,
+    start_interruptible,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -25,17 +33,21 @@ TIMEOUT = 10
 RUN_TIMEOUT = 90
 
 
-def load_tester(
-    stack: Stack, output: Path, *options: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    command = [
+def command_line(stack: Stack, output: Path, *options: str) -> list[str]:
+    return [
         sys.executable, "-m", "load_tester",
         "--target", stack.charge.url, "--balancer", stack.balancer.url, "--output", str(output),
         "--sample-interval", "0.1", *options,
     ]  # fmt: skip
+
+
+def load_tester(
+    stack: Stack, output: Path, *options: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT, env={**_base_env(), **(env or {})}
-    )
+        command_line(stack, output, *options), cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        env={**_base_env(), **(env or {})},
+    )  # fmt: skip
 
 
 def _base_env() -> dict[str, str]:
@@ -144,6 +156,37 @@ def test_nothing_is_sent_after_the_time_limit(stack_factory, tmp_path):
     assert "9 request(s) were not sent before the time limit" in run.stdout
 
 
+def test_sustained_sends_poisson_arrivals_at_the_rate_and_none_after_the_time_limit(stack_factory, tmp_path):
+    stack = stack_factory(capacities=(700, 700, 700))
+    options = ("--scenario", "sustained", "--rate", "20", "--duration", "2", "--seed", "5", "--session-duration", "5")
+    run = load_tester(stack, tmp_path, *options, "--no-progress")
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = assert_report_agrees_with_results(tmp_path)
+    summary, settings, requests_ = results["summary"], results["settings"], results["requests"]
+
+    # The seeded arrivals, all of them sent: about 20/s for 2 s (Poisson: 40 on average).
+    parser = build_parser(Defaults())
+    expected = generate_requests(resolve_plan(parser, parser.parse_args(list(options))))
+    assert [r["scheduled_offset"] for r in requests_] == [p.offset_seconds for p in expected]
+    assert 20 <= summary["sent"] <= 65 and summary["sent"] == summary["planned"] == len(expected)
+    assert summary["admitted"] == summary["sent"]
+    assert (settings["requests"], settings["max_requests"], settings["arrival_rate"]) == (
+        len(expected), MAX_REQUESTS, 20.0
+    )
+    # Nothing after the time limit, and exactly those requests reached the stack.
+    assert max(r["sent_offset"] for r in requests_) <= 2.0
+    seen = set(re.findall(r"\[(loadtest-[0-9a-f]+-\d{5})\]", stack.charge.log_text()))
+    assert seen == {r["request_id"] for r in requests_}
+    assert summary["wall_seconds"] < 4
+
+    # Lateness: each request left at or after its due time, and the worst delay is in the summary.
+    lags_ms = [(r["sent_offset"] - r["scheduled_offset"]) * 1000 for r in requests_]
+    assert min(lags_ms) > -5
+    assert summary["max_schedule_lag_ms"] == pytest.approx(max(0.0, *lags_ms))
+    assert summary["max_schedule_lag_ms"] < 250  # 50 workers keep up with 20/s: no lateness warning
+    assert not any("late" in warning for warning in results["warnings"])
+
+
 def test_compare_policies_runs_each_policy_from_an_empty_grid_and_restores_the_policy(stack_factory, tmp_path):
     stack = stack_factory(capacities=(80, 100, 120), balancer_env={"ADMIN_TOKEN": ADMIN_TOKEN})
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -188,34 +231,55 @@ def test_compare_policies_runs_each_policy_from_an_empty_grid_and_restores_the_p
     assert requests.get(f"{stack.charge.url}/sessions", timeout=TIMEOUT).json()["sessions"] == []
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    seen: list[dict[str, str]] = []
+def test_ctrl_c_between_two_compared_policies_writes_the_comparison_so_far(stack_factory, tmp_path):
+    stack = stack_factory(
+        capacities=(300, 300, 300), balancer_env={"ADMIN_TOKEN": ADMIN_TOKEN, "POLL_INTERVAL_SECONDS": "1"}
+    )
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    policy_url = f"{stack.balancer.url}/admin/policy"
+    assert requests.put(policy_url, json={"policy": "random"}, headers=admin, timeout=TIMEOUT).status_code == 200
+    options = (
+        "--compare-policies", "--policies", "least_loaded,round_robin", "--scenario", "normal", "--requests", "4",
+        "--ramp-up", "1", "--seed", "3", "--no-progress",
+    )  # fmt: skip
+    env = {**_base_env(), "ADMIN_TOKEN": ADMIN_TOKEN}
+    process = start_interruptible(command_line(stack, tmp_path, *options), REPO_ROOT, tmp_path / "logs", env=env)
 
-    def do_POST(self) -> None:  # noqa: N802 (the name http.server calls)
-        self.seen.append(dict(self.headers))
-        self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps({"error": "no_capacity", "message": "full"}).encode()
-        self.send_response(503)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def policy() -> str:
+        return requests.get(policy_url, headers=admin, timeout=TIMEOUT).json()["policy"]
 
-    def log_message(self, *args: object) -> None:
-        return
+    try:
+        # Load the first run did not put there: after it the comparison waits (two poll intervals and
+        # more) for the grid to settle, and the Ctrl-C comes in that wait, between the two runs.
+        wait_for(lambda: policy() == "least_loaded", RUN_TIMEOUT, "the switch to the first policy")
+        body = {"vehicle_id": "ev-other-client", "amount": 10, "duration_seconds": 30}
+        assert requests.post(f"{stack.charge.url}/charge", json=body, timeout=TIMEOUT).status_code == 201
+        wait_for(lambda: (tmp_path / "least_loaded" / "report.md").exists(), RUN_TIMEOUT, "the first run's report")
+        process.send_signal(signal.SIGINT)
+        code = process.wait(RUN_TIMEOUT)
+    finally:
+        process.kill()
+    out, err = ((tmp_path / "logs" / name).read_text() for name in ("stdout.txt", "stderr.txt"))
+    assert code == EXIT_INTERRUPTED, out + err
+    assert "Traceback" not in err and "interrupted: the comparison covers 1 policy run(s)" in err
+    assert [row["policy"] for row in json.loads((tmp_path / "comparison.json").read_text())["policies"]] == [
+        "least_loaded"
+    ]
+    assert [row[0] for row in markdown_rows((tmp_path / "comparison.md").read_text(), "Policy")] == ["least_loaded"]
+    assert json.loads((tmp_path / "least_loaded" / "results.json").read_text())["stopped_by"] is None
+    assert not (tmp_path / "round_robin").exists()
+    assert policy() == "random"
 
 
 def test_requests_name_the_tool_and_carry_their_request_id():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = GridClient(f"http://127.0.0.1:{server.server_port}", "http://127.0.0.1:1", read_timeout=5)
-    try:
-        response = client.charge({"vehicle_id": "ev-1", "amount": 5.0}, "loadtest-abc-00001")
-    finally:
-        client.close()
-        server.shutdown()
-        server.server_close()
+    with HoldingStack() as stack:
+        stack.release.set()
+        client = GridClient(stack.url, "http://127.0.0.1:1", read_timeout=5)
+        try:
+            response = client.charge({"vehicle_id": "ev-1", "amount": 5.0}, "loadtest-abc-00001")
+        finally:
+            client.close()
     assert response.status_code == 503
-    [headers] = _Recorder.seen
+    [headers] = stack.charge_headers
     assert headers["X-Request-ID"] == "loadtest-abc-00001"
     assert headers["User-Agent"] == USER_AGENT

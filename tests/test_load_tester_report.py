@@ -40,7 +40,7 @@ def _data(extra_load: float = 0.0) -> RunData:
         sample(t / 2, *((f"substation-{n}", (t * (n + 2)) % 70 + extra_load, 100.0) for n in (1, 2, 3)))
         for t in range(8)
     ]
-    return RunData(tuple(results), tuple(samples), RunTiming(4.0, 0.4), iso(0), iso(4), False, 1)
+    return RunData(tuple(results), tuple(samples), RunTiming(4.0, 0.4), iso(0), iso(4), None, 1)
 
 
 def test_a_run_writes_results_plots_and_a_report_that_agree(tmp_path):
@@ -72,7 +72,7 @@ def test_a_violation_shows_in_the_report_and_fails_the_run(tmp_path):
 def test_a_run_without_samples_or_answers_still_writes_readable_plots(tmp_path):
     data = RunData(
         (transport_failure(PLANNED, "r", 0.0, 5.0, "connection_error", "refused"),), (), RunTiming(1.0, 0.1),
-        iso(0), iso(1), False, 3,
+        iso(0), iso(1), None, 3,
     )  # fmt: skip
     write_run(tmp_path, assemble("nothing answered", SETTINGS, data, Limits(), False))
     assert_report_agrees_with_results(tmp_path)
