@@ -8,25 +8,32 @@ from flask import Flask
 from charge_request_service.balancer import BalancerClient
 from charge_request_service.config import Settings
 from charge_request_service.metrics import ChargeMetrics
+from charge_request_service.queue import WaitingQueue
 from charge_request_service.routes import EXTENSION_KEY, SERVICE_NAME, ChargeService, blueprint
 from charge_request_service.sessions import Clock, SessionTracker, utc_now
+from charge_request_service.waiting import Dispatcher
 from gridcommon.httpclient import HttpClient
 from gridcommon.logs import configure_logging
 from gridcommon.web import install_common
 
 
-def create_app(settings: Settings | None = None, *, clock: Clock = utc_now) -> Flask:
+def create_app(settings: Settings | None = None, start_background: bool = True, *, clock: Clock = utc_now) -> Flask:
     """Build the public charge API.
 
-    ``clock`` (an aware UTC ``datetime``) lets tests move time. The service runs no
-    background threads: expired sessions are dropped whenever the tracker is read.
+    ``clock`` (an aware UTC ``datetime``) lets tests move time. Expired sessions are
+    dropped whenever the tracker is read; the one background thread starts queued
+    requests when the grid has room (``start_background=False`` leaves it off, and a
+    test calls ``dispatcher.work_once()`` itself).
     """
     settings = settings or Settings.from_env(os.environ)
     configure_logging(SERVICE_NAME, settings.log_level)
     app = Flask(__name__)
     install_common(app)
-    app.extensions[EXTENSION_KEY] = build_service(settings, clock)
+    service = build_service(settings, clock)
+    app.extensions[EXTENSION_KEY] = service
     app.register_blueprint(blueprint)
+    if start_background:
+        service.dispatcher.start()
     return app
 
 
@@ -40,6 +47,9 @@ def build_service(settings: Settings, clock: Clock) -> ChargeService:
         http,
         health_timeout=(settings.connect_timeout_seconds, settings.health_timeout_seconds),
     )
+    queue = WaitingQueue(settings.max_queued, settings.queue_timeout_seconds, clock)
+    metrics = ChargeMetrics(tracker.active_count, queue.__len__, queue.oldest_wait_seconds)
+    dispatcher = Dispatcher(queue, balancer, tracker, metrics, settings.queue_retry_seconds)
     return ChargeService(
-        settings=settings, tracker=tracker, balancer=balancer, metrics=ChargeMetrics(tracker.active_count)
+        settings=settings, tracker=tracker, balancer=balancer, metrics=metrics, queue=queue, dispatcher=dispatcher
     )

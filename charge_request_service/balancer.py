@@ -60,6 +60,17 @@ class BalancerClient:
             )
         return reply
 
+    def show_charge(self, substation: str, session_id: str) -> BalancerReply:
+        """GET /charge/<substation>/<session_id>: 200 the substation's record, 404 it has none."""
+        path = f"/charge/{quote(substation, safe='')}/{quote(session_id, safe='')}"
+        reply = self._call("GET", path, expected={200, 404})
+        if reply.status == 404 and reply.body.get("error") != "session_not_found":
+            raise BalancerUnavailable(
+                f"the load balancer cannot reach substation {substation} "
+                f"({reply.body.get('message', reply.body.get('error'))})"
+            )
+        return reply
+
     def is_healthy(self) -> bool:
         try:
             return self._http.get(f"{self.base_url}/health", timeout=self._health_timeout).ok

@@ -8,6 +8,9 @@
 | `CONNECT_TIMEOUT_SECONDS` | `1`                     | Time allowed to open a connection to the balancer             |
 | `REQUEST_TIMEOUT_SECONDS` | `10`                    | Time allowed for the balancer to answer a forwarded call      |
 | `HEALTH_TIMEOUT_SECONDS`  | `2`                     | Time allowed for the balancer's `/health` when `/status` asks |
+| `MAX_QUEUED`              | `1000`                  | Most requests that may wait for power at once (`"wait": true`); past it, 503 `queue_full` |
+| `QUEUE_TIMEOUT_SECONDS`   | `300`                   | Longest a request waits for power before it expires           |
+| `QUEUE_RETRY_SECONDS`     | `1`                     | How often the request at the head of the queue is offered to the balancer while the grid is full |
 | `LOG_LEVEL`               | `info`                  | Python log level, shared with gunicorn                        |
 
 `HOST`, `PORT` and `THREADS` are gunicorn's (gridcommon/gunicorn_conf.py).
@@ -17,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gridcommon.settings import env_base_url, env_float, env_log_level
+from gridcommon.settings import env_base_url, env_float, env_int, env_log_level
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
 
 
@@ -29,6 +32,9 @@ class Settings:
     connect_timeout_seconds: float = 1.0
     request_timeout_seconds: float = 10.0
     health_timeout_seconds: float = 2.0
+    max_queued: int = 1000
+    queue_timeout_seconds: float = 300.0
+    queue_retry_seconds: float = 1.0
     log_level: str = "info"
 
     @classmethod
@@ -41,6 +47,10 @@ class Settings:
             connect_timeout_seconds=_timeout(env, "CONNECT_TIMEOUT_SECONDS", cls.connect_timeout_seconds),
             request_timeout_seconds=_timeout(env, "REQUEST_TIMEOUT_SECONDS", cls.request_timeout_seconds),
             health_timeout_seconds=_timeout(env, "HEALTH_TIMEOUT_SECONDS", cls.health_timeout_seconds),
+            max_queued=env_int(env, "MAX_QUEUED", cls.max_queued, minimum=0, maximum=1_000_000),
+            queue_timeout_seconds=env_float(env, "QUEUE_TIMEOUT_SECONDS", cls.queue_timeout_seconds, minimum=0.1),
+            queue_retry_seconds=env_float(env, "QUEUE_RETRY_SECONDS", cls.queue_retry_seconds, minimum=0.05,
+                                          maximum=60),
             log_level=env_log_level(env),
         )
 

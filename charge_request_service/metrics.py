@@ -11,8 +11,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, float("inf"))
 
 
+# From a moment to QUEUE_TIMEOUT_SECONDS (300 s by default) and beyond.
+QUEUE_WAIT_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, float("inf"))
+QUEUE_OUTCOMES = ("started", "expired", "cancelled")
+
+
 class ChargeMetrics:
-    def __init__(self, active_sessions: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        active_sessions: Callable[[], int],
+        queue_length: Callable[[], int] = lambda: 0,
+        oldest_wait_seconds: Callable[[], float] = lambda: 0.0,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._requests = Counter(
             "charge_requests",
@@ -35,10 +45,30 @@ class ChargeMetrics:
         Gauge(
             "active_sessions", "Charging sessions started here that are still running.", registry=self.registry
         ).set_function(active_sessions)
+        Gauge(
+            "charge_queue_length", "Charge requests waiting for power (\"wait\": true).", registry=self.registry
+        ).set_function(queue_length)
+        Gauge(
+            "charge_queue_oldest_wait_seconds",
+            "How long the request at the head of the queue has waited; 0 when nobody waits, seconds.",
+            registry=self.registry,
+        ).set_function(oldest_wait_seconds)
+        queue_wait = Histogram(
+            "charge_queue_wait_seconds",
+            "How long requests waited in the queue, by how they left it, seconds.",
+            ["outcome"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        # Created up front, so every outcome shows on /metrics (as 0) before it first happens.
+        self._queue_wait = {outcome: queue_wait.labels(outcome=outcome) for outcome in QUEUE_OUTCOMES}
 
     def charge_answered(self, status: int, seconds: float) -> None:
         self._requests.labels(status=str(status)).inc()
         self._duration.observe(seconds)
+
+    def left_queue(self, outcome: str, waited_seconds: float) -> None:
+        self._queue_wait[outcome].observe(waited_seconds)
 
     def balancer_failed(self) -> None:
         self._failed.inc()

@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from charge_request_service.balancer import BalancerClient, BalancerReply, BalancerUnavailable
 from charge_request_service.config import Settings
 from charge_request_service.metrics import ChargeMetrics
+from charge_request_service.queue import QueueFull, WaitingQueue
 from charge_request_service.sessions import ChargeSession, InvalidAdmission, SessionTracker, format_time
-from gridcommon.web import ApiError, error_response, metrics_response, parse_charge_body
+from charge_request_service.waiting import Dispatcher
+from gridcommon.validation import ChargeRequest
+from gridcommon.web import ApiError, charge_from_body, error_response, json_object_body, metrics_response
 
 EXTENSION_KEY = "charge_request_service"
 SERVICE_NAME = "charge_request_service"
@@ -28,6 +33,8 @@ class ChargeService:
     tracker: SessionTracker
     balancer: BalancerClient
     metrics: ChargeMetrics
+    queue: WaitingQueue
+    dispatcher: Dispatcher
 
 
 def charge_service() -> ChargeService:
@@ -83,11 +90,35 @@ def active_session(current: ChargeService, session_id: str) -> ChargeSession:
     return session
 
 
+# Fields of the substation's record that say how a session is doing now.
+LIVE_FIELDS = ("state", "allocated_kw", "minimum_kw", "energy_kwh", "suspended_seconds", "ended_at", "end_reason")
+
+
 @blueprint.post("/charge")
 def start_charging() -> Response:
     current = charge_service()
-    charge = parse_charge_body(current.settings.max_amount_kw, current.settings.max_session_seconds)
+    body = json_object_body()
+    wait = body.get("wait", False)
+    if not isinstance(wait, bool):
+        raise ApiError(400, "invalid_field", "wait, when given, must be true or false.", field="wait")
+    charge = charge_from_body(body, current.settings.max_amount_kw, current.settings.max_session_seconds)
+    # This service names the session, so it can ask about it and stop exactly it later.
+    charge = replace(charge, session_id=uuid.uuid4().hex)
+    waiting = len(current.queue)
+    if waiting:
+        # First come, first served: nobody overtakes a vehicle that is already waiting.
+        if wait:
+            return queued(current, charge)
+        raise ApiError(
+            503,
+            "no_capacity",
+            f"{waiting} vehicle(s) are waiting for power ahead of this request. Send it with \"wait\": true "
+            f"to join the queue, or retry later.",
+            retry_after_seconds=max(1, round(current.settings.queue_retry_seconds)),
+        ).with_header("Retry-After", str(max(1, round(current.settings.queue_retry_seconds))))
     reply = current.balancer.start_charge(charge)
+    if reply.status == 503 and wait:
+        return queued(current, charge)
     if reply.status != 201:
         log.info(
             "vehicle %s, %g kW not admitted (HTTP %s): %s",
@@ -100,7 +131,7 @@ def start_charging() -> Response:
     session = admitted_session(reply)
     current.tracker.record(session)
     log.info(
-        "session %s started: vehicle %s, %g kW at %s until %s",
+        "session %s started: vehicle %s, up to %g kW at %s until %s",
         session.session_id,
         session.vehicle_id,
         session.amount_kw,
@@ -108,6 +139,25 @@ def start_charging() -> Response:
         format_time(session.ends_at),
     )
     return passed_on(reply)
+
+
+def queued(current: ChargeService, charge: ChargeRequest) -> Response:
+    """202: the request waits for power; its Location tells how it is doing."""
+    try:
+        entry, position = current.queue.add(charge)
+    except QueueFull as exc:
+        retry_after = max(1, round(current.settings.queue_retry_seconds))
+        raise ApiError(
+            503, "queue_full", f"{exc}. Retry in {retry_after} s or later.", retry_after_seconds=retry_after
+        ).with_header("Retry-After", str(retry_after)) from None
+    if position == 1:
+        current.dispatcher.request_queued()
+    log.info("vehicle %s, %g kW waits for power as session %s (position %d)",
+             charge.vehicle_id, charge.amount_kw, entry.session_id, position)
+    response = jsonify(entry.as_json(position))
+    response.status_code = 202
+    response.headers["Location"] = f"/sessions/{entry.session_id}"
+    return response
 
 
 @blueprint.get("/sessions")
@@ -119,13 +169,66 @@ def list_sessions() -> Response:
 
 @blueprint.get("/sessions/<session_id>")
 def show_session(session_id: str) -> Response:
+    """Queued, charging, suspended, ended, expired or cancelled: the session as it is now."""
     current = charge_service()
-    return jsonify(active_session(current, session_id).as_json(current.tracker.now()))
+    waiting = current.queue.get(session_id)
+    if waiting is not None:
+        entry, position = waiting
+        return jsonify(entry.as_json(position))
+    with_history = request.args.get("history") in {"1", "true"}
+    session = current.tracker.get(session_id)
+    if session is not None:
+        body = session.as_json(current.tracker.now())
+        return jsonify({**body, **live_record(current, session, with_history)})
+    finished = current.tracker.finished(session_id)
+    if finished is None:
+        raise ApiError(
+            404,
+            "session_not_found",
+            f"No session {session_id!r} here: it was never started through this service, or it ended too long "
+            "ago to be kept.",
+            session_id=session_id,
+        )
+    body = finished.as_json()
+    if finished.session is None:
+        return jsonify(body)
+    final = finished.final
+    if final is None:
+        final = live_record(current, finished.session, with_history=True)
+        if final.get("live"):
+            current.tracker.remember_final(session_id, final)
+    if not with_history:
+        final = {key: value for key, value in final.items() if key != "history"}
+    state = body["state"]
+    return jsonify({**body, **final, "state": state})
+
+
+def live_record(current: ChargeService, session: ChargeSession, with_history: bool) -> dict[str, Any]:
+    """What the substation says of the session now; ``{"live": False}`` when it cannot be asked."""
+    try:
+        reply = current.balancer.show_charge(session.substation, session.session_id)
+    except BalancerUnavailable as exc:
+        log.info("could not read session %s at %s: %s", session.session_id, session.substation, exc)
+        return {"live": False}
+    if reply.status != 200:
+        return {"live": False}
+    record = {key: reply.body[key] for key in LIVE_FIELDS if key in reply.body}
+    if with_history and isinstance(reply.body.get("history"), list):
+        record["history"] = reply.body["history"]
+    return {**record, "live": True}
 
 
 @blueprint.delete("/sessions/<session_id>")
 def stop_session(session_id: str) -> Response:
     current = charge_service()
+    waiting = current.queue.remove(session_id)
+    if waiting is not None:
+        current.tracker.finish_waiting(
+            session_id, waiting.request.vehicle_id, waiting.request.amount_kw, "cancelled", waiting.queued_at
+        )
+        current.metrics.left_queue("cancelled", max(0.0, (current.tracker.now() - waiting.queued_at).total_seconds()))
+        log.info("queued request %s cancelled by its client", session_id)
+        return jsonify({"session_id": session_id, "state": "cancelled", "vehicle_id": waiting.request.vehicle_id})
     session = active_session(current, session_id)
     # A failed call raises before forget(), so the session stays tracked and the client can retry.
     reply = current.balancer.stop_charge(session.substation, session.session_id)
@@ -153,6 +256,7 @@ def status() -> Response:
             "service": SERVICE_NAME,
             "load_balancer": {"url": current.settings.load_balancer_url, "healthy": current.balancer.is_healthy()},
             "active_sessions": counts.active,
+            "queued_requests": len(current.queue),
             "sessions": counts.as_json(),
             "charge_requests": current.metrics.requests_by_status(),
             "failed_requests": current.metrics.failed_requests(),

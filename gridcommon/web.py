@@ -146,7 +146,13 @@ def parse_charge_body(
     max_amount_kw: float, max_duration_seconds: float, accept_session_id: bool = False
 ) -> ChargeRequest:
     """The request's body as a validated charge request, or a 4xx ApiError naming the field."""
-    body = json_object_body()
+    return charge_from_body(json_object_body(), max_amount_kw, max_duration_seconds, accept_session_id)
+
+
+def charge_from_body(
+    body: dict[str, Any], max_amount_kw: float, max_duration_seconds: float, accept_session_id: bool = False
+) -> ChargeRequest:
+    """A JSON object already read as a validated charge request, or a 400 ApiError naming the field."""
     try:
         return parse_charge_request(body, max_amount_kw, max_duration_seconds, accept_session_id)
     except ValidationError as exc:

@@ -1,8 +1,8 @@
 """Routing policies: which substations to try for a request, best first.
 
 Every policy only offers substations that are up and where the request fits in
-the view (reported load + reservations + amount <= admission capacity); they
-differ in the order. Offering a substation the view knows is full would only buy
+the view (its minimum beside every session's minimum and the reservations, within
+the limit; see ``SubstationSnapshot.fits``); they differ in the order. Offering a substation the view knows is full would only buy
 a 409. Policies are pure apart from their own counter or random generator, which
 tests inject.
 """
@@ -22,11 +22,11 @@ class Policy(ABC):
     def order(self, substations: Iterable[SubstationSnapshot], amount_kw: float) -> list[SubstationSnapshot]:
         """The substations to try for ``amount_kw``, in the order to try them."""
         eligible = sorted((s for s in substations if s.fits(amount_kw)), key=_by_id)
-        return self._order(eligible)
+        return self._order(eligible, amount_kw)
 
     @abstractmethod
-    def _order(self, eligible: list[SubstationSnapshot]) -> list[SubstationSnapshot]:
-        """Order ``eligible`` (given sorted by id, so equal keys stay deterministic)."""
+    def _order(self, eligible: list[SubstationSnapshot], amount_kw: float) -> list[SubstationSnapshot]:
+        """Order ``eligible`` for ``amount_kw`` (given sorted by id, so equal keys stay deterministic)."""
 
 
 def _by_id(substation: SubstationSnapshot) -> str:
@@ -42,7 +42,7 @@ class LeastLoaded(Policy):
 
     name = "least_loaded"
 
-    def _order(self, eligible: list[SubstationSnapshot]) -> list[SubstationSnapshot]:
+    def _order(self, eligible: list[SubstationSnapshot], _amount_kw: float) -> list[SubstationSnapshot]:
         return sorted(eligible, key=_by_utilisation)
 
 
@@ -51,7 +51,7 @@ class LeastConnections(Policy):
 
     name = "least_connections"
 
-    def _order(self, eligible: list[SubstationSnapshot]) -> list[SubstationSnapshot]:
+    def _order(self, eligible: list[SubstationSnapshot], _amount_kw: float) -> list[SubstationSnapshot]:
         return sorted(eligible, key=lambda s: (s.connections, s.utilisation))
 
 
@@ -64,7 +64,7 @@ class RoundRobin(Policy):
         self._lock = threading.Lock()
         self._next = 0
 
-    def _order(self, eligible: list[SubstationSnapshot]) -> list[SubstationSnapshot]:
+    def _order(self, eligible: list[SubstationSnapshot], _amount_kw: float) -> list[SubstationSnapshot]:
         if not eligible:
             return []
         with self._lock:
@@ -79,7 +79,7 @@ class RandomChoice(Policy):
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def _order(self, eligible: list[SubstationSnapshot]) -> list[SubstationSnapshot]:
+    def _order(self, eligible: list[SubstationSnapshot], _amount_kw: float) -> list[SubstationSnapshot]:
         return self._rng.sample(eligible, len(eligible))
 
 
@@ -95,7 +95,7 @@ class PowerOfTwo(Policy):
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def _order(self, eligible: list[SubstationSnapshot]) -> list[SubstationSnapshot]:
+    def _order(self, eligible: list[SubstationSnapshot], _amount_kw: float) -> list[SubstationSnapshot]:
         if len(eligible) < 2:
             return eligible
         pair = sorted(self._rng.sample(eligible, 2), key=_by_utilisation)
@@ -103,8 +103,23 @@ class PowerOfTwo(Policy):
         return pair + rest
 
 
-DEFAULT_POLICY = LeastLoaded.name
+class FairShare(Policy):
+    """Where the request's own allocation would be highest once admitted; ties least loaded.
+
+    With substations that share their limit max-min fairly, this evens out the
+    fair-share level across the grid: a vehicle is not curtailed to 2 kW at one
+    substation while another could give it 5.
+    """
+
+    name = "fair_share"
+
+    def _order(self, eligible: list[SubstationSnapshot], amount_kw: float) -> list[SubstationSnapshot]:
+        return sorted(eligible, key=lambda s: (-s.predicted_allocation_kw(amount_kw), s.utilisation))
+
+
+DEFAULT_POLICY = FairShare.name
 POLICY_NAMES = (
+    FairShare.name,
     LeastLoaded.name,
     LeastConnections.name,
     RoundRobin.name,
@@ -116,6 +131,8 @@ POLICY_NAMES = (
 def make_policy(name: str, rng: random.Random | None = None) -> Policy:
     """A fresh policy called ``name``; ``rng`` drives random and power_of_two."""
     rng = rng or random.Random()
+    if name == FairShare.name:
+        return FairShare()
     if name == LeastLoaded.name:
         return LeastLoaded()
     if name == LeastConnections.name:

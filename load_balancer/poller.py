@@ -62,12 +62,23 @@ def read_substation_metrics(text: str) -> tuple[str, Observation]:
             raise ValueError(f"it has no {name} sample")
         return value
 
+    def optional(name: str, **labels: str) -> float | None:
+        return scrape.value(name, substation=substation_id, **labels)
+
+    curtailed = int(optional("curtailed_sessions") or 0)
+    min_charge = optional("min_charge_kw")
     return substation_id, Observation(
         state_version=int(required("substation_state_version")),
         load_kw=required("current_load"),
         capacity_kw=required("admission_capacity"),
         total_capacity_kw=required("total_capacity"),
         active_chargers=int(required("active_chargers")),
+        minimum_load_kw=optional("minimum_load_kw"),
+        suspended=int(optional("charging_sessions", state="suspended") or 0),
+        curtailed=curtailed,
+        fair_share_kw=optional("fair_share_kw") if curtailed else None,
+        # 0 means strict: a session gets its whole amount or nothing.
+        min_charge_kw=min_charge or None,
     )
 
 

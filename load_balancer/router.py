@@ -110,6 +110,11 @@ def observation_from_answer(body: dict[str, Any]) -> Observation:
             capacity_kw=_number(body["capacity"]),
             total_capacity_kw=_optional(body.get("total_capacity"), _number),
             active_chargers=_optional(body.get("active_chargers"), _whole),
+            minimum_load_kw=_optional(body.get("minimum_load"), _number),
+            suspended=_optional(body.get("suspended"), _whole) or 0,
+            curtailed=_optional(body.get("curtailed_sessions"), _whole) or 0,
+            fair_share_kw=_optional(body.get("fair_share_kw"), _number),
+            min_charge_kw=_optional(body.get("min_charge_kw"), _number),
         )
     except KeyError as exc:
         raise ValueError(f"the answer has no {exc.args[0]!r} field") from None
@@ -192,8 +197,9 @@ class Router:
     # Charge requests --------------------------------------------------------
 
     def route(self, request: ChargeRequest) -> RouteOutcome:
+        session_id = request.session_id or uuid.uuid4().hex
         search = _Search(
-            replace(request, session_id=uuid.uuid4().hex), self._policy, deadline=self._clock() + self._deadline
+            replace(request, session_id=session_id), self._policy, deadline=self._clock() + self._deadline
         )
         outcome = self._try_candidates(search)
         if outcome is None and self._refreshed_in_time(search):
@@ -359,6 +365,19 @@ class Router:
         except ForwardError as exc:
             self._mark_failed(substation, f"stopping session {session_id} at {substation.url} failed: {exc}")
             raise
+
+    def show_session(self, substation_id: str, session_id: str) -> Answer:
+        """The substation's record of a session (live allocation, energy, history).
+
+        Raises :class:`UnknownSubstation` or :class:`ForwardError`.
+        """
+        substation = self._view.find(substation_id)
+        if substation is None:
+            raise UnknownSubstation(substation_id)
+        answer = self._call("GET", f"{substation.url}/charge/{quote(session_id, safe='')}")
+        if answer.status not in (200, 404):
+            raise ForwardError(f"it answered HTTP {answer.status}")
+        return answer
 
     def _delete_session(self, url: str, session_id: str) -> Answer:
         """``DELETE /charge/<session_id>`` at ``url``; a 200 updates the view. Raises :class:`ForwardError`."""

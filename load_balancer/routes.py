@@ -1,12 +1,12 @@
 """HTTP endpoints of the load balancer: parse, call the domain, answer JSON."""
 from __future__ import annotations
 
-import hmac
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from gridcommon.auth import require_operator
 from gridcommon.web import ApiError, json_object_body, metrics_response, parse_charge_body
 from load_balancer.policies import POLICY_NAMES
 from load_balancer.poller import PollError
@@ -42,7 +42,8 @@ def charge() -> tuple[Response, int]:
     balancer = _balancer()
     settings = balancer.settings
     try:
-        charge_request = parse_charge_body(settings.max_amount_kw, settings.max_session_seconds)
+        # The caller (the charge API) may choose the session id, so it can ask about or stop exactly that session.
+        charge_request = parse_charge_body(settings.max_amount_kw, settings.max_session_seconds, accept_session_id=True)
     except (ApiError, HTTPException):
         balancer.metrics.count_request("invalid")
         raise
@@ -62,6 +63,21 @@ def charge() -> tuple[Response, int]:
     raise ApiError(
         503, "no_capacity", outcome.message, retry_after_seconds=outcome.retry_after_seconds
     ).with_header("Retry-After", str(outcome.retry_after_seconds))
+
+
+@api.get("/charge/<substation_id>/<session_id>")
+def show_session(substation_id: str, session_id: str) -> tuple[Response, int]:
+    try:
+        answer = _balancer().router.show_session(substation_id, session_id)
+    except UnknownSubstation:
+        raise _unknown_substation(substation_id) from None
+    except ForwardError as exc:
+        raise ApiError(
+            502,
+            "substation_unreachable",
+            f"Substation {substation_id} could not be asked about the session: {exc}. Retry in a few seconds.",
+        ) from None
+    return jsonify(answer.body), answer.status
 
 
 @api.delete("/charge/<substation_id>/<session_id>")
@@ -154,20 +170,7 @@ def metrics() -> Response:
 
 @admin.before_request
 def _require_admin_token() -> None:
-    token = _balancer().settings.admin_token
-    if not token:
-        raise ApiError(
-            403,
-            "admin_disabled",
-            "The admin API is disabled. Start the load balancer with ADMIN_TOKEN set to enable it.",
-        )
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise ApiError(
-            401,
-            "unauthorized",
-            "Missing or wrong admin token. Send the header 'Authorization: Bearer <ADMIN_TOKEN>'.",
-        ).with_header("WWW-Authenticate", 'Bearer realm="load_balancer admin"')
+    require_operator(_balancer().settings.admin_token, "load balancer")
 
 
 def _policy_body(**extra: Any) -> Response:

@@ -54,6 +54,15 @@ class Observation:
     capacity_kw: float
     total_capacity_kw: float | None = None
     active_chargers: int | None = None
+    # How the substation shares its limit (None from a substation that does not say):
+    # the sum of its sessions' minimums, how many are suspended or curtailed, the fair-share
+    # level (None when nobody is curtailed) and the least a new session gets (None: strict,
+    # a session gets its whole amount or nothing).
+    minimum_load_kw: float | None = None
+    suspended: int = 0
+    curtailed: int = 0
+    fair_share_kw: float | None = None
+    min_charge_kw: float | None = None
 
 
 @dataclass(frozen=True)
@@ -71,9 +80,16 @@ class SubstationSnapshot:
     state_version: int = -1
     # (state_version, kW) of admissions answered after the observation at state_version:
     # load_kw and active_chargers include them, and an observation older than one keeps it.
-    admissions_since_base: tuple[tuple[int, float], ...] = ()
+    admissions_since_base: tuple[tuple[int, float, float], ...] = ()
     reserved_kw: float = 0.0
+    # Minimums of the requests on their way to it, so a burst between polls sees each other's.
+    reserved_minimum_kw: float = 0.0
     in_flight: int = 0
+    minimum_load_kw: float | None = None
+    suspended: int = 0
+    curtailed: int = 0
+    fair_share_kw: float | None = None
+    min_charge_kw: float | None = None
     last_poll_at: float | None = None
     consecutive_failures: int = 0
     last_error: str | None = None
@@ -102,8 +118,39 @@ class SubstationSnapshot:
     def load_percentage(self) -> float:
         return self.load_kw / self.capacity_kw * 100 if self.capacity_kw > 0 else 0.0
 
+    def minimum_for(self, amount_kw: float) -> float:
+        """The least a session of ``amount_kw`` would get here: the substation's minimum, or all of it."""
+        return amount_kw if self.min_charge_kw is None else min(amount_kw, self.min_charge_kw)
+
     def fits(self, amount_kw: float) -> bool:
-        return self.up and self.committed_kw + amount_kw <= self.capacity_kw + FIT_TOLERANCE_KW
+        """Whether the substation would admit it: its minimum fits beside everyone's, nobody suspended.
+
+        A substation that does not report minimums admits what fits whole.
+        """
+        if not self.up:
+            return False
+        if self.minimum_load_kw is None:
+            return self.committed_kw + amount_kw <= self.capacity_kw + FIT_TOLERANCE_KW
+        needed = self.minimum_load_kw + self.reserved_minimum_kw + self.minimum_for(amount_kw)
+        return self.suspended == 0 and needed <= self.capacity_kw + FIT_TOLERANCE_KW
+
+    def predicted_allocation_kw(self, amount_kw: float) -> float:
+        """About how much a session of ``amount_kw`` would get here once admitted.
+
+        Curtailed sessions share what the others leave (``capacity - uncurtailed load``);
+        the new session and the requests on their way join them. An estimate for ranking,
+        not a promise: the substation decides.
+        """
+        pending = self.in_flight + 1
+        if self.fair_share_kw is not None and self.curtailed:
+            uncurtailed = self.load_kw - self.curtailed * self.fair_share_kw
+            level = (self.capacity_kw - uncurtailed - self.reserved_kw) / (self.curtailed + pending)
+        else:
+            left = self.capacity_kw - self.committed_kw
+            if amount_kw <= left:
+                return amount_kw
+            level = max(left, self.capacity_kw / (self.active_chargers + pending))
+        return max(0.0, min(amount_kw, level))
 
     def as_status(self, now: float) -> dict[str, Any]:
         """The entry of ``GET /status`` and ``GET /substations``."""
@@ -119,6 +166,10 @@ class SubstationSnapshot:
             "available": _kw(self.capacity_kw - self.load_kw) if polled else None,
             "active_chargers": self.active_chargers if polled else None,
             "reserved_kw": _kw(self.reserved_kw),
+            "minimum_load": _kw(self.minimum_load_kw) if polled and self.minimum_load_kw is not None else None,
+            "suspended": self.suspended if polled else None,
+            "curtailed": self.curtailed if polled else None,
+            "fair_share_kw": _kw(self.fair_share_kw) if polled and self.fair_share_kw is not None else None,
             "in_flight": self.in_flight,
             "state_version": self.state_version if polled else None,
             "last_poll_age_seconds": round(now - self.last_poll_at, 3) if polled else None,
@@ -134,10 +185,13 @@ def _kw(value: float) -> float:
 def _rebased(current: SubstationSnapshot, observation: Observation, restarted: bool = False) -> SubstationSnapshot:
     """``current`` with ``observation`` as its new base, keeping admissions it does not include yet."""
     later = () if restarted else tuple(a for a in current.admissions_since_base if a[0] > observation.state_version)
+    minimum_load = observation.minimum_load_kw
+    if minimum_load is not None:
+        minimum_load += math.fsum(minimum for _, _, minimum in later)
     return replace(
         current,
         state_version=observation.state_version,
-        load_kw=observation.load_kw + math.fsum(amount for _, amount in later),
+        load_kw=observation.load_kw + math.fsum(amount for _, amount, _ in later),
         capacity_kw=observation.capacity_kw,
         total_capacity_kw=(
             current.total_capacity_kw if observation.total_capacity_kw is None else observation.total_capacity_kw
@@ -146,16 +200,23 @@ def _rebased(current: SubstationSnapshot, observation: Observation, restarted: b
             current.active_chargers if observation.active_chargers is None else observation.active_chargers + len(later)
         ),
         admissions_since_base=later,
+        minimum_load_kw=minimum_load,
+        suspended=observation.suspended,
+        curtailed=observation.curtailed,
+        fair_share_kw=observation.fair_share_kw,
+        min_charge_kw=observation.min_charge_kw,
     )
 
 
 def _with_admission(current: SubstationSnapshot, answer: Observation, amount_kw: float) -> SubstationSnapshot:
+    minimum = current.minimum_for(amount_kw)
     return replace(
         current,
         load_kw=current.load_kw + amount_kw,
         capacity_kw=answer.capacity_kw,
         active_chargers=current.active_chargers + 1,
-        admissions_since_base=(*current.admissions_since_base, (answer.state_version, amount_kw)),
+        admissions_since_base=(*current.admissions_since_base, (answer.state_version, amount_kw, minimum)),
+        minimum_load_kw=None if current.minimum_load_kw is None else current.minimum_load_kw + minimum,
     )
 
 
@@ -317,7 +378,10 @@ class GridView:
     def _reserve_locked(self, url: str, amount_kw: float) -> None:
         entry = self._substations[url]
         self._substations[url] = replace(
-            entry, reserved_kw=entry.reserved_kw + amount_kw, in_flight=entry.in_flight + 1
+            entry,
+            reserved_kw=entry.reserved_kw + amount_kw,
+            reserved_minimum_kw=entry.reserved_minimum_kw + entry.minimum_for(amount_kw),
+            in_flight=entry.in_flight + 1,
         )
 
     def release(
@@ -334,8 +398,11 @@ class GridView:
             in_flight = max(0, entry.in_flight - 1)
             entry = replace(
                 entry,
-                # With nothing left in flight the sum is exactly zero: float leftovers must not linger.
+                # With nothing left in flight the sums are exactly zero: float leftovers must not linger.
                 reserved_kw=max(0.0, entry.reserved_kw - amount_kw) if in_flight else 0.0,
+                reserved_minimum_kw=(
+                    max(0.0, entry.reserved_minimum_kw - entry.minimum_for(amount_kw)) if in_flight else 0.0
+                ),
                 in_flight=in_flight,
             )
             self._substations[url] = entry

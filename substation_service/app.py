@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 
 from flask import Flask
 
@@ -11,55 +10,72 @@ from gridcommon.logs import configure_logging
 from gridcommon.web import ROUTINE_PATHS, install_common
 from substation_service.config import Settings
 from substation_service.ledger import Clock, Ledger
+from substation_service.limit_routes import limit_blueprint
 from substation_service.metrics import SubstationMetrics
 from substation_service.peering import build_peering, install_peering
+from substation_service.peering.machine import Readings
 from substation_service.peering.transport import MESSAGES_PATH
 from substation_service.routes import EXTENSION_KEY, Substation, blueprint
 
 
-def create_app(
-    settings: Settings | None = None,
-    start_background: bool = True,
-    *,
-    clock: Clock | None = None,
-    extra_capacity: Callable[[], float] | None = None,
-) -> Flask:
+def create_app(settings: Settings | None = None, start_background: bool = True, *, clock: Clock | None = None) -> Flask:
     """Build one substation app.
 
-    ``clock`` (seconds since the epoch) lets tests move time; ``extra_capacity``
-    returns the kW that generation, storage and peers add to ``CAPACITY_KW``
-    (by default the peer-balancing node's: generation + storage - gateway).
-    ``start_background`` starts peer balancing's threads when ``PEERS`` lists
-    peers; a substation on its own has none.
+    ``clock`` (seconds since the epoch) lets tests move time. ``start_background``
+    starts peer balancing's threads when ``PEERS`` lists peers; a substation on
+    its own has none.
     """
     settings = settings or Settings.from_env(os.environ)
     configure_logging(settings.substation_id, settings.log_level)
     app = Flask(__name__)
     install_common(app, routine_paths=ROUTINE_PATHS | {MESSAGES_PATH})
-    # The ledger asks the peering node for extra capacity and the node reads the ledger's load:
-    # each reaches the other through a function that is first called once both exist.
+    substation = build_substation(settings, clock)
     peering = build_peering(
         settings.substation_id,
         settings.public_url,
         settings.peering,
-        load_kw=lambda: substation.ledger.snapshot().load_kw,
+        readings=lambda: peering_readings(substation.ledger),
         clock=clock or time.time,
+        on_peer_power=substation.ledger.set_peer_kw,
     )
-    substation = build_substation(settings, clock, extra_capacity or peering.node.extra_capacity_kw)
     app.extensions[EXTENSION_KEY] = substation
     app.register_blueprint(blueprint)
+    app.register_blueprint(limit_blueprint)
     install_peering(app, peering, substation.metrics.registry, start_background)
     return app
 
 
-def build_substation(settings: Settings, clock: Clock | None, extra_capacity: Callable[[], float]) -> Substation:
+def peering_readings(ledger: Ledger) -> Readings:
+    """FREEDM's device readings for a substation that charges vehicles.
+
+    The load is what the vehicles ask for, capped by an operator limit (power
+    past it could not be used); the rating counts as supply beside generation
+    and storage. So curtailed vehicles make the substation DEMAND and room to
+    spare makes it SUPPLY.
+    """
+    snapshot = ledger.snapshot()
+    parts = snapshot.parts
+    wanted = snapshot.requested_kw
+    if parts.operator_limit_kw is not None:
+        wanted = min(wanted, parts.operator_limit_kw)
+    return Readings(
+        load_kw=wanted,
+        generation_kw=parts.generation_kw,
+        storage_kw=parts.storage_kw,
+        rating_kw=parts.capacity_kw,
+    )
+
+
+def build_substation(settings: Settings, clock: Clock | None) -> Substation:
     # The gauges read the ledger at scrape time; the ledger reports finished sessions to the metrics.
     metrics = SubstationMetrics(settings.substation_id, snapshot=lambda: ledger.snapshot())
     ledger = Ledger(
         settings.capacity_kw,
         settings.session_seconds,
         clock=clock,
-        extra_capacity=extra_capacity,
+        power=settings.peering.power,
+        policy=settings.allocation_policy,
+        min_charge_kw=settings.min_charge_kw,
         on_session_finished=metrics.session_finished,
         # The longest a session can last: a late copy of a request is refused for at least that long.
         retire_ids_for_seconds=settings.max_session_seconds,

@@ -8,6 +8,9 @@
 | `MAX_SESSION_SECONDS` | `3600`                       | Longest `duration_seconds` a request may ask for               |
 | `MAX_AMOUNT_KW`       | `350`                        | Largest `amount` a request may ask for (a fast charger's peak)  |
 | `PUBLIC_URL`          | `http://127.0.0.1:$PORT`     | How peers and operators reach this substation (`/status` url)  |
+| `ALLOCATION_POLICY`   | `fair_share`                 | `fair_share`: every session gets between `MIN_CHARGE_KW` and its amount, the rest shared max-min fairly; `strict`: its whole amount or it is refused |
+| `MIN_CHARGE_KW`       | `1.4`                        | Least power a charging session gets under `fair_share` (6 A single phase); a session asking less gets what it asks |
+| `ADMIN_TOKEN`         | (empty)                      | Operator token of `PUT`/`DELETE /limit`; empty turns the operator API off (403) |
 | `LOG_LEVEL`           | `info`                       | Python log level, shared with gunicorn                         |
 
 Peer balancing, local generation and storage have settings of their own
@@ -23,8 +26,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from gridcommon.settings import SettingsError, env_float, env_int, env_str, env_log_level
+from gridcommon.settings import SettingsError, env_choice, env_float, env_int, env_str, env_log_level
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
+from substation_service.allocation import ALLOCATION_POLICIES, AllocationPolicy
 from substation_service.peering.config import PeeringSettings
 
 # The id travels in the balancer's URLs (DELETE /charge/<substation>/<session>) and in metric labels.
@@ -40,6 +44,9 @@ class Settings:
     max_amount_kw: float = DEFAULT_MAX_AMOUNT_KW
     public_url: str = "http://127.0.0.1:8000"
     log_level: str = "info"
+    allocation_policy: AllocationPolicy = AllocationPolicy.FAIR_SHARE
+    min_charge_kw: float = 1.4
+    admin_token: str = ""
     peering: PeeringSettings = field(default_factory=PeeringSettings)
 
     @classmethod
@@ -66,5 +73,10 @@ class Settings:
             max_amount_kw=env_float(env, "MAX_AMOUNT_KW", cls.max_amount_kw, minimum=0.001),
             public_url=env_str(env, "PUBLIC_URL", f"http://127.0.0.1:{port}").rstrip("/"),
             log_level=env_log_level(env),
+            allocation_policy=AllocationPolicy(
+                env_choice(env, "ALLOCATION_POLICY", cls.allocation_policy.value, ALLOCATION_POLICIES)
+            ),
+            min_charge_kw=env_float(env, "MIN_CHARGE_KW", cls.min_charge_kw, minimum=0.001),
+            admin_token=env_str(env, "ADMIN_TOKEN", ""),
             peering=PeeringSettings.from_env(env),
         )

@@ -1,28 +1,63 @@
-"""Admission control of one substation: who charges, how much, until when.
+"""The charging sessions of one substation and the power each one gets. Plain Python, no web framework.
 
-Plain Python, no web framework. One lock guards every read and change, so
-concurrent requests can never together admit more power than the substation
-has: a request is admitted only if ``load + amount <= admission capacity``,
-where ``admission capacity = capacity + extra_capacity()``.
+One lock guards every read and change. The limit is an input that moves:
 
-Sessions end by themselves at ``ends_at``. Nothing runs in the background for
-that: every call first drops the sessions whose time is up ("lazy expiry"),
-so whatever the ledger reports is exact at the moment it is asked. A session
-counts while ``started_at <= now < ends_at``.
+    limit = min(operator limit, CAPACITY_KW + generation + storage + power from peers)
+
+(power sent to peers counts negative). Every change of any part of it
+re-allocates in the same atomic step, under that lock, so at no instant does
+the sum of the allocations pass the limit: the operator's ``PUT /limit``, a
+peer-balancing migration (pushed by the peering node), and a step of the
+generation profile, which is applied at its own time, not when someone next
+looks.
+
+Nothing runs in the background for time. Every call first plays the events
+whose time has come, in time order ("lazy expiry"): sessions ending at
+``ends_at`` and steps of the generation profile, each at the moment it
+happens. So whatever the ledger reports is exact at the moment it is asked,
+and the allocation history records every change at its true time.
+
+How the limit is shared is :mod:`substation_service.allocation`'s business.
+The ledger keeps the records: per session its allocation history (time, kW),
+the energy it got, how long it was suspended; per substation the limit's
+history and the energy delivered.
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
+
+from substation_service.allocation import (
+    AllocationPolicy,
+    ChargingSet,
+    Member,
+    allocation_mw,
+    amount_to_mw,
+    minimum_mw,
+    to_kw,
+    to_mw,
+)
+from substation_service.peering.power import LocalPower
 
 Clock = Callable[[], float]
+
+# A step of the generation profile is applied with the value that holds just after it, so float
+# rounding of the step's time can never leave the old, higher value in force past the step.
+PROFILE_STEP_EPSILON_SECONDS = 1e-3
+# Bounds of what is kept: ended sessions (for GET /charge/<id> and audits) and points per history.
+ENDED_SESSIONS_KEPT = 10_000
+HISTORY_POINTS_KEPT = 1_000
+LIMIT_HISTORY_KEPT = 10_000
+SECONDS_PER_HOUR = 3600.0
 
 
 def steady_wall_clock() -> Clock:
@@ -37,8 +72,17 @@ def steady_wall_clock() -> Clock:
     return lambda: wall_at_start + (time.monotonic() - monotonic_at_start)
 
 
-def no_extra_capacity() -> float:
-    return 0.0
+class SessionState(str, Enum):
+    CHARGING = "charging"
+    SUSPENDED = "suspended"
+    ENDED = "ended"
+
+
+class LimitSource(str, Enum):
+    # The substation's own supply: transformer rating, local generation and storage, peers.
+    SUBSTATION = "substation"
+    # An operator's limit (PUT /limit) is lower than that.
+    OPERATOR = "operator"
 
 
 @dataclass(frozen=True)
@@ -55,29 +99,98 @@ class Session:
 
 
 @dataclass(frozen=True)
+class SessionReport:
+    """One session at one instant: what it asked for, what it gets, what it got."""
+
+    session: Session
+    state: SessionState
+    allocated_kw: float
+    minimum_kw: float
+    energy_kwh: float
+    suspended_seconds: float
+    # (seconds since the epoch, kW) at every change of its allocation; only when asked for.
+    history: tuple[tuple[float, float], ...] | None = None
+    ended_at: float | None = None
+    # "completed" (ran its time) or "stopped" (DELETE); None while active.
+    end_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class LimitParts:
+    capacity_kw: float
+    generation_kw: float
+    storage_kw: float
+    # Power received from peers (+) or sent to them (-), counting offers not yet answered as sent.
+    peer_kw: float
+    operator_limit_kw: float | None
+
+    @property
+    def substation_kw(self) -> float:
+        return self.capacity_kw + self.generation_kw + self.storage_kw + self.peer_kw
+
+    @property
+    def limit_kw(self) -> float:
+        own = max(0.0, self.substation_kw)
+        return own if self.operator_limit_kw is None else min(own, self.operator_limit_kw)
+
+    @property
+    def source(self) -> LimitSource:
+        if self.operator_limit_kw is not None and self.operator_limit_kw < max(0.0, self.substation_kw):
+            return LimitSource.OPERATOR
+        return LimitSource.SUBSTATION
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The substation's state at one instant, as of ``state_version``."""
 
     taken_at: float
+    # What the charging sessions draw together: the sum of the allocations.
     load_kw: float
-    admission_capacity_kw: float
+    # What the active sessions ask for together (suspended ones included).
+    requested_kw: float
+    # Sum of the minimums of every active session: what a new session must fit beside.
+    minimum_load_kw: float
+    limit_kw: float
+    limit_source: LimitSource
+    parts: LimitParts
     total_capacity_kw: float
-    active_chargers: int
+    # The most a charging session may draw now; None when nobody is curtailed.
+    fair_share_kw: float | None
+    charging: int
+    suspended: int
+    # Charging sessions that get less than they ask for.
+    curtailed: int
+    # The least a new session needs: MIN_CHARGE_KW, or its whole amount under strict.
+    min_charge_kw: float | None
+    energy_kwh: float
     state_version: int
     # Earliest moment an active session ends by itself; None when nothing charges.
     next_end_at: float | None
 
     @property
+    def active_chargers(self) -> int:
+        return self.charging + self.suspended
+
+    @property
+    def admission_capacity_kw(self) -> float:
+        return self.limit_kw
+
+    @property
+    def curtailed_kw(self) -> float:
+        return max(0.0, self.requested_kw - self.load_kw)
+
+    @property
     def available_kw(self) -> float:
-        # Extra capacity can shrink below the load already admitted; nothing is "negative available".
-        return max(0.0, self.admission_capacity_kw - self.load_kw)
+        # The limit can fall below the minimums for a moment (sessions are then suspended).
+        return max(0.0, self.limit_kw - self.load_kw)
 
     @property
     def load_percentage(self) -> float:
-        if self.admission_capacity_kw <= 0:
+        if self.limit_kw <= 0:
             # Nothing can be admitted at all: report the substation as full so nobody routes to it.
             return 100.0
-        return self.load_kw / self.admission_capacity_kw * 100.0
+        return self.load_kw / self.limit_kw * 100.0
 
     def seconds_until_next_end(self) -> int:
         """Whole seconds (at least 1) until an active session frees its power: a Retry-After."""
@@ -88,7 +201,7 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Admission:
-    session: Session
+    session: SessionReport
     snapshot: Snapshot
     # True when the session was already active under the requested id: nothing new was admitted.
     replayed: bool = False
@@ -96,20 +209,26 @@ class Admission:
 
 @dataclass(frozen=True)
 class Release:
-    session: Session
+    session: SessionReport
     ended_at: float
     snapshot: Snapshot
 
 
 class CapacityExceeded(Exception):
-    """The requested amount does not fit; ``snapshot`` is the state the decision saw."""
+    """The new session's minimum does not fit; ``snapshot`` is the state the decision saw."""
 
-    def __init__(self, amount_kw: float, snapshot: Snapshot) -> None:
-        super().__init__(
-            f"{amount_kw:g} kW does not fit: {snapshot.available_kw:g} kW of "
-            f"{snapshot.admission_capacity_kw:g} kW are available"
-        )
+    def __init__(self, amount_kw: float, minimum_kw: float, snapshot: Snapshot) -> None:
+        if snapshot.suspended:
+            reason = f"{snapshot.suspended} session(s) here are suspended and come first"
+        else:
+            room = max(0.0, snapshot.limit_kw - snapshot.minimum_load_kw)
+            reason = (
+                f"its minimum of {minimum_kw:g} kW does not fit: the sessions here need "
+                f"{snapshot.minimum_load_kw:g} of {snapshot.limit_kw:g} kW at least, {room:g} kW are left"
+            )
+        super().__init__(f"{amount_kw:g} kW cannot be admitted: {reason}")
         self.amount_kw = amount_kw
+        self.minimum_kw = minimum_kw
         self.snapshot = snapshot
 
 
@@ -170,16 +289,60 @@ class UnknownSession(KeyError):
 SessionFinished = Callable[[Session, float], None]
 
 
+@dataclass
+class _Entry:
+    """An active session and the bookkeeping behind its report."""
+
+    session: Session
+    member: Member
+    # Index (absolute) of the level history point in force when it started.
+    start_position: int
+    # (time, charging?) at every suspension and resumption.
+    state_changes: list[tuple[float, bool]] = field(default_factory=list)
+
+
+class _LevelHistory:
+    """(time, fair-share level in mW or None) at every change of the level, pruned from the front.
+
+    Positions are absolute, so entries keep pointing at the right point after pruning.
+    """
+
+    def __init__(self, at: float) -> None:
+        self._points: deque[tuple[float, int | None]] = deque([(at, None)])
+        self._base = 0
+
+    @property
+    def last_position(self) -> int:
+        return self._base + len(self._points) - 1
+
+    def record(self, at: float, level_mw: int | None) -> None:
+        last_at, last_level = self._points[-1]
+        if last_level == level_mw:
+            return
+        if last_at == at:
+            self._points[-1] = (at, level_mw)  # several changes at one instant: the last one holds
+            if len(self._points) > 1 and self._points[-2][1] == level_mw:
+                self._points.pop()
+            return
+        self._points.append((at, level_mw))
+
+    def prune_before(self, position: int) -> None:
+        while self._base < position and len(self._points) > 1:
+            self._points.popleft()
+            self._base += 1
+
+    def since(self, position: int) -> Iterator[tuple[float, int | None]]:
+        """Points from ``position`` (clamped to what is kept) to the last."""
+        start = max(0, position - self._base)
+        for index in range(start, len(self._points)):
+            yield self._points[index]
+
+
 class Ledger:
-    """The active charging sessions of one substation.
+    """The active charging sessions of one substation and their allocations.
 
-    ``extra_capacity`` returns the kW that generation, storage and the peer
-    gateway add to (or, when negative, take from) the transformer's capacity.
-    It is called once per decision *outside* the lock, so it may take locks of
-    its own and read ``sessions()`` without risk of deadlock.
-
-    ``on_session_finished(session, charged_seconds)`` is called, also outside
-    the lock, for every session that ends, by expiry or by stop.
+    ``on_session_finished(session, charged_seconds)`` is called outside the
+    lock for every session that ends, by expiry or by stop.
     """
 
     def __init__(
@@ -188,7 +351,9 @@ class Ledger:
         default_duration_seconds: float,
         *,
         clock: Clock | None = None,
-        extra_capacity: Callable[[], float] = no_extra_capacity,
+        power: LocalPower | None = None,
+        policy: AllocationPolicy = AllocationPolicy.FAIR_SHARE,
+        min_charge_kw: float = 1.4,
         on_session_finished: SessionFinished | None = None,
         retire_ids_for_seconds: float = 3600.0,
     ) -> None:
@@ -196,20 +361,43 @@ class Ledger:
             raise ValueError(f"capacity_kw must be at least 0, got {capacity_kw}")
         if default_duration_seconds <= 0:
             raise ValueError(f"default_duration_seconds must be greater than 0, got {default_duration_seconds}")
+        if not min_charge_kw > 0:
+            raise ValueError(f"min_charge_kw must be greater than 0, got {min_charge_kw}")
         self.capacity_kw = capacity_kw
         self.default_duration_seconds = default_duration_seconds
+        self.policy = policy
+        self.min_charge_kw = min_charge_kw
+        self._min_charge_mw = to_mw(min_charge_kw)
         self._clock = clock or steady_wall_clock()
-        self._extra_capacity = extra_capacity
+        self._power = power or LocalPower()
         self._on_session_finished = on_session_finished
         self._lock = threading.Lock()
-        self._sessions: dict[str, Session] = {}
+        now = self._clock()
+        self._time = now
+        self._generation_kw = self._power.generation_at(now)
+        self._next_step_at = self._power.next_change_after(now)
+        self._peer_kw = 0.0
+        self._operator_limit_kw: float | None = None
+        self._set = ChargingSet()
+        self._levels = _LevelHistory(now)
+        self._sessions: dict[str, _Entry] = {}
+        self._requested_mw = 0
         # (ends_at, session_id) of active sessions; entries of stopped ones are dropped when they surface.
         self._ends: list[tuple[float, str]] = []
-        self._load_kw = 0.0
+        self._admitted = 0
         self._state_version = 0
+        self._energy_mws = 0.0  # milliwatt-seconds delivered by this ledger since it started
         self._retired = RetiredIds(retire_ids_for_seconds)
+        self._ended: OrderedDict[str, SessionReport] = OrderedDict()
+        self._limit_history: deque[tuple[float, float, str]] = deque(maxlen=LIMIT_HISTORY_KEPT)
+        self._apply_limit(now)
         # Sessions ended under the lock, reported once it is released.
         self._unreported: list[tuple[Session, float]] = []
+
+    # ----- sessions --------------------------------------------------------------------------
+
+    def minimum_kw(self, amount_kw: float) -> float:
+        return to_kw(minimum_mw(self.policy, amount_to_mw(amount_kw), self._min_charge_mw))
 
     def admit(
         self,
@@ -218,117 +406,299 @@ class Ledger:
         duration_seconds: float | None = None,
         session_id: str | None = None,
     ) -> Admission:
-        """Start a session if the amount fits, else raise ``CapacityExceeded``.
+        """Start a session if its minimum fits beside everyone's, else raise ``CapacityExceeded``.
 
         Asking again with the ``session_id`` of an active session for the same
         vehicle and amount returns that session (``replayed``): a caller whose
         answer got lost can safely ask again. The id of a session that ended or
         was asked to stop raises ``SessionIdRetired``.
         """
-        if not amount_kw > 0:
-            raise ValueError(f"amount_kw must be greater than 0, got {amount_kw}")
+        if not amount_kw > 0 or not math.isfinite(amount_kw):
+            raise ValueError(f"amount_kw must be a finite number greater than 0, got {amount_kw}")
         duration = self.default_duration_seconds if duration_seconds is None else duration_seconds
         if not duration > 0:
             raise ValueError(f"duration_seconds must be greater than 0, got {duration}")
-        admission_capacity = self._admission_capacity()
+        amount_mw = amount_to_mw(amount_kw)
+        minimum = minimum_mw(self.policy, amount_mw, self._min_charge_mw)
         with self._current() as now:
             if session_id is not None and session_id in self._sessions:
-                return self._replay(self._sessions[session_id], vehicle_id, amount_kw, now, admission_capacity)
+                return self._replay(self._sessions[session_id], vehicle_id, amount_kw, now)
             if session_id is not None and self._retired.holds(session_id, now):
                 raise SessionIdRetired(session_id)
-            # fsum: the exact sum of the amounts, so rounding can never let a session slip past capacity.
-            load_after = math.fsum([*self._amounts(), amount_kw])
-            if load_after > admission_capacity:
-                raise CapacityExceeded(amount_kw, self._snapshot(now, admission_capacity))
+            if not self._set.admits(minimum):
+                raise CapacityExceeded(amount_kw, to_kw(minimum), self._snapshot(now))
             session = Session(session_id or uuid.uuid4().hex, vehicle_id, amount_kw, now, now + duration)
-            self._sessions[session.session_id] = session
+            self._admitted += 1
+            member = Member(session.session_id, amount_mw, minimum, self._admitted)
+            self._set.add(member)
+            self._levels.record(now, self._set.level_mw)
+            entry = _Entry(session, member, self._levels.last_position, [(now, True)])
+            self._sessions[session.session_id] = entry
+            self._requested_mw += amount_mw
             heapq.heappush(self._ends, (session.ends_at, session.session_id))
-            self._load_kw = load_after
             self._state_version += 1
-            return Admission(session, self._snapshot(now, admission_capacity))
+            return Admission(self._report(entry, now), self._snapshot(now))
 
-    def _replay(
-        self, session: Session, vehicle_id: str, amount_kw: float, now: float, admission_capacity: float
-    ) -> Admission:
+    def _replay(self, entry: _Entry, vehicle_id: str, amount_kw: float, now: float) -> Admission:
+        session = entry.session
         if (session.vehicle_id, session.amount_kw) != (vehicle_id, amount_kw):
             raise SessionIdInUse(session)
-        return Admission(session, self._snapshot(now, admission_capacity), replayed=True)
+        return Admission(self._report(entry, now), self._snapshot(now), replayed=True)
 
     def release(self, session_id: str) -> Release:
         """Stop an active session early; raises ``UnknownSession`` if there is none with this id.
 
         Either way the id is retired: a request with it that arrives later is refused.
         """
-        admission_capacity = self._admission_capacity()
         with self._current() as now:
-            session = self._sessions.get(session_id)
-            if session is None:
+            entry = self._sessions.get(session_id)
+            if entry is None:
                 self._retired.add(session_id, now)
                 raise UnknownSession(session_id)
-            self._finish(session, charged_seconds=now - session.started_at, now=now)
-            return Release(session, now, self._snapshot(now, admission_capacity))
+            report = self._finish(entry, now, reason="stopped")
+            return Release(report, now, self._snapshot(now))
+
+    def session(self, session_id: str, history: bool = True) -> SessionReport:
+        """An active session, or one that ended not long ago; raises ``UnknownSession``."""
+        with self._current() as now:
+            entry = self._sessions.get(session_id)
+            if entry is not None:
+                return self._report(entry, now, with_history=history)
+            ended = self._ended.get(session_id)
+            if ended is None:
+                raise UnknownSession(session_id)
+            return ended
 
     def snapshot(self) -> Snapshot:
-        admission_capacity = self._admission_capacity()
         with self._current() as now:
-            return self._snapshot(now, admission_capacity)
+            return self._snapshot(now)
 
-    def sessions(self) -> list[Session]:
-        """Active sessions, the one that started first first."""
+    def sessions(self, history: bool = False, include_ended: bool = False) -> tuple[Snapshot, list[SessionReport]]:
+        """The state and every active session (oldest first), read at one instant.
+
+        ``include_ended`` adds the sessions that ended and are still kept, before the active ones.
+        """
+        with self._current() as now:
+            reports = [self._report(entry, now, with_history=history) for entry in self._sessions.values()]
+            if include_ended:
+                reports = [*self._ended.values(), *reports]
+            return self._snapshot(now), reports
+
+    # ----- the limit -------------------------------------------------------------------------
+
+    def set_operator_limit(self, limit_kw: float | None) -> Snapshot:
+        """An operator's limit on this substation (OCPP's external constraint); None lifts it."""
+        if limit_kw is not None and (not math.isfinite(limit_kw) or limit_kw < 0):
+            raise ValueError(f"limit_kw must be a finite number of at least 0, got {limit_kw}")
+        with self._current() as now:
+            self._operator_limit_kw = limit_kw
+            self._apply_limit(now)
+            return self._snapshot(now)
+
+    def set_peer_kw(self, peer_kw: float) -> None:
+        """Power received from peers (+) or committed to them (-), as peer balancing now counts it."""
+        if not math.isfinite(peer_kw):
+            raise ValueError(f"peer_kw must be a finite number, got {peer_kw}")
+        with self._current() as now:
+            if peer_kw != self._peer_kw:
+                self._peer_kw = peer_kw
+                self._apply_limit(now)
+
+    def set_policy(self, policy: AllocationPolicy) -> Snapshot:
+        """Switch how the limit is shared; every session's minimum follows, and the set is fitted again.
+
+        Switching to strict may suspend sessions whose whole amounts no longer fit together.
+        """
+        with self._current() as now:
+            self.policy = policy
+            for entry in self._sessions.values():
+                entry.member.minimum_mw = minimum_mw(policy, entry.member.amount_mw, self._min_charge_mw)
+            self._set.rebuild_minimums()
+            self._apply_limit(now)
+            self._state_version += 1
+            return self._snapshot(now)
+
+    def limit_history(self) -> list[tuple[float, float, str]]:
+        """(time, limit kW, source) at every change of the limit, oldest first (the last ones kept)."""
         with self._current():
-            return sorted(self._sessions.values(), key=lambda session: session.started_at)
+            return list(self._limit_history)
+
+    # ----- time ------------------------------------------------------------------------------
 
     @contextmanager
     def _current(self) -> Iterator[float]:
-        """Hold the lock over a state with the sessions whose time is up removed; yields now."""
+        """Hold the lock over a state with every event up to now played; yields now."""
         try:
             with self._lock:
-                now = self._clock()
-                self._expire(now)
+                now = max(self._clock(), self._time)
+                self._play_events_until(now)
+                self._advance_energy(now)
                 yield now
         finally:
             self._report_finished()
 
-    def _admission_capacity(self) -> float:
-        extra = float(self._extra_capacity())
-        # A NaN would compare False against every load and so admit anything.
-        if not math.isfinite(extra):
-            raise ValueError(f"extra_capacity() must return a finite number of kW, got {extra}")
-        return self.capacity_kw + extra
+    def _play_events_until(self, now: float) -> None:
+        """Sessions ending and profile steps up to ``now``, each at its own time, in time order."""
+        while True:
+            next_end = self._next_end_at()
+            next_step = self._next_step_at
+            if next_end is not None and next_end <= now and (next_step is None or next_end <= next_step):
+                _, session_id = heapq.heappop(self._ends)
+                entry = self._sessions[session_id]
+                self._advance_energy(next_end)
+                self._finish(entry, next_end, reason="completed")
+            elif next_step is not None and next_step <= now:
+                self._advance_energy(next_step)
+                self._generation_kw = self._power.generation_at(next_step + PROFILE_STEP_EPSILON_SECONDS)
+                self._next_step_at = self._power.next_change_after(next_step + PROFILE_STEP_EPSILON_SECONDS)
+                self._apply_limit(next_step)
+            else:
+                return
 
-    def _amounts(self) -> list[float]:
-        return [session.amount_kw for session in self._sessions.values()]
+    def _advance_energy(self, until: float) -> None:
+        if until > self._time:
+            self._energy_mws += self._set.allocated_mw * (until - self._time)
+            self._time = until
 
-    def _expire(self, now: float) -> None:
-        while self._ends and self._ends[0][0] <= now:
-            _, session_id = heapq.heappop(self._ends)
-            session = self._sessions.get(session_id)
-            if session is not None:
-                self._finish(session, charged_seconds=session.duration_seconds, now=now)
-
-    def _finish(self, session: Session, charged_seconds: float, now: float) -> None:
-        del self._sessions[session.session_id]
-        self._retired.add(session.session_id, now)
-        self._load_kw = math.fsum(self._amounts())
-        self._state_version += 1
-        self._unreported.append((session, charged_seconds))
-
-    def _snapshot(self, now: float, admission_capacity: float) -> Snapshot:
-        return Snapshot(
-            taken_at=now,
-            load_kw=self._load_kw,
-            admission_capacity_kw=admission_capacity,
-            total_capacity_kw=self.capacity_kw,
-            active_chargers=len(self._sessions),
-            state_version=self._state_version,
-            next_end_at=self._next_end_at(),
+    def _parts(self) -> LimitParts:
+        return LimitParts(
+            capacity_kw=self.capacity_kw,
+            generation_kw=self._generation_kw,
+            storage_kw=self._power.storage_kw,
+            peer_kw=self._peer_kw,
+            operator_limit_kw=self._operator_limit_kw,
         )
+
+    def _apply_limit(self, at: float) -> None:
+        """Re-allocate for the limit now in force; suspend or resume sessions as it needs."""
+        parts = self._parts()
+        previous_level, previous_limit = self._set.level_mw, self._set.limit_mw
+        suspended, resumed = self._set.fit(to_mw(parts.limit_kw))
+        self._record_state_changes(at, suspended, resumed)
+        if not self._limit_history or self._limit_history[-1][1:] != (parts.limit_kw, parts.source.value):
+            self._limit_history.append((at, parts.limit_kw, parts.source.value))
+        if suspended or resumed or (previous_level, previous_limit) != (self._set.level_mw, self._set.limit_mw):
+            self._state_version += 1
+
+    def _finish(self, entry: _Entry, now: float, reason: str) -> SessionReport:
+        session = entry.session
+        del self._sessions[session.session_id]
+        self._requested_mw -= entry.member.amount_mw
+        ended = self._report(entry, now, with_history=True, ended_at=now, end_reason=reason)
+        suspended, resumed = self._set.remove(session.session_id)
+        self._record_state_changes(now, suspended, resumed)
+        self._keep_ended(ended)
+        self._retired.add(session.session_id, now)
+        self._state_version += 1
+        self._unreported.append((session, now - session.started_at))
+        self._prune_levels()
+        return ended
+
+    def _record_state_changes(self, at: float, suspended: list[str], resumed: list[str]) -> None:
+        for key in suspended:
+            self._sessions[key].state_changes.append((at, False))
+        for key in resumed:
+            self._sessions[key].state_changes.append((at, True))
+        self._levels.record(at, self._set.level_mw)
+
+    def _keep_ended(self, report: SessionReport) -> None:
+        self._ended[report.session.session_id] = report
+        while len(self._ended) > ENDED_SESSIONS_KEPT:
+            self._ended.popitem(last=False)
+
+    def _prune_levels(self) -> None:
+        oldest = next(iter(self._sessions.values()), None)
+        self._levels.prune_before(oldest.start_position if oldest else self._levels.last_position)
 
     def _next_end_at(self) -> float | None:
         # Stopped sessions leave their entry in the heap; drop those that reached the top.
         while self._ends and self._ends[0][1] not in self._sessions:
             heapq.heappop(self._ends)
         return self._ends[0][0] if self._ends else None
+
+    # ----- reports ---------------------------------------------------------------------------
+
+    def _snapshot(self, now: float) -> Snapshot:
+        parts = self._parts()
+        level = self._set.level_mw
+        return Snapshot(
+            taken_at=now,
+            load_kw=to_kw(self._set.allocated_mw),
+            requested_kw=to_kw(self._requested_mw),
+            minimum_load_kw=to_kw(self._set.minimum_total_mw),
+            limit_kw=to_kw(self._set.limit_mw),
+            limit_source=parts.source,
+            parts=parts,
+            total_capacity_kw=self.capacity_kw,
+            fair_share_kw=None if level is None else to_kw(level),
+            charging=len(self._sessions) - self._set.suspended_count,
+            suspended=self._set.suspended_count,
+            curtailed=self._set.curtailed_count,
+            min_charge_kw=None if self.policy is AllocationPolicy.STRICT else self.min_charge_kw,
+            energy_kwh=self._energy_mws / 1000.0 / 1000.0 / SECONDS_PER_HOUR,
+            state_version=self._state_version,
+            next_end_at=self._next_end_at(),
+        )
+
+    def _report(
+        self,
+        entry: _Entry,
+        now: float,
+        with_history: bool = False,
+        ended_at: float | None = None,
+        end_reason: str | None = None,
+    ) -> SessionReport:
+        points, energy_mws, suspended_seconds = self._integrate(entry, now)
+        charging = ended_at is None and self._set.is_charging(entry.session.session_id)
+        allocated = to_kw(self._set.allocation_of(entry.session.session_id)) if ended_at is None else 0.0
+        if ended_at is not None:
+            state = SessionState.ENDED
+        else:
+            state = SessionState.CHARGING if charging else SessionState.SUSPENDED
+        history = None
+        if with_history:
+            if ended_at is not None:
+                points.append((ended_at, 0.0))
+            history = tuple(_merge_points(points)[-HISTORY_POINTS_KEPT:])
+        return SessionReport(
+            session=entry.session,
+            state=state,
+            allocated_kw=allocated,
+            minimum_kw=to_kw(entry.member.minimum_mw),
+            energy_kwh=energy_mws / 1000.0 / 1000.0 / SECONDS_PER_HOUR,
+            suspended_seconds=suspended_seconds,
+            history=history,
+            ended_at=ended_at,
+            end_reason=end_reason,
+        )
+
+    def _integrate(self, entry: _Entry, until: float) -> tuple[list[tuple[float, float]], float, float]:
+        """The session's allocation points, energy (mW·s) and suspended seconds from its start to ``until``."""
+        amount = entry.member.amount_mw
+        changes = entry.state_changes
+        points: list[tuple[float, float]] = []
+        energy = 0.0
+        suspended = 0.0
+        level_points = list(self._levels.since(entry.start_position))
+        started = entry.session.started_at
+        # Segment boundaries: every level change and every suspension or resumption, up to ``until``.
+        times = sorted({started, *(t for t, _ in level_points), *(t for t, _ in changes)})
+        times = [t for t in times if started <= t <= until]
+        level_times = [t for t, _ in level_points]
+        change_times = [t for t, _ in changes]
+        for index, start in enumerate(times):
+            end = times[index + 1] if index + 1 < len(times) else until
+            level_index = bisect.bisect_right(level_times, start) - 1
+            level = level_points[level_index][1] if level_index >= 0 else None
+            change_index = bisect.bisect_right(change_times, start) - 1
+            charging = changes[change_index][1] if change_index >= 0 else True
+            kw_mw = allocation_mw(amount, level) if charging else 0
+            points.append((start, to_kw(kw_mw)))
+            span = max(0.0, end - start)
+            energy += kw_mw * span
+            if not charging:
+                suspended += span
+        return points, energy, suspended
 
     def _report_finished(self) -> None:
         with self._lock:
@@ -337,3 +707,12 @@ class Ledger:
             return
         for session, charged_seconds in finished:
             self._on_session_finished(session, charged_seconds)
+
+
+def _merge_points(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for at, kw in points:
+        if merged and merged[-1][1] == kw:
+            continue
+        merged.append((at, kw))
+    return merged

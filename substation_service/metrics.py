@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from substation_service.ledger import Session, Snapshot
+from substation_service.ledger import LimitSource, Session, SessionState, Snapshot
 
 # Sessions last from seconds (tests, demos) to an hour (MAX_SESSION_SECONDS).
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
@@ -21,19 +21,35 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("in
 
 # (name, help, the snapshot's value) of every gauge read from the ledger.
 SNAPSHOT_GAUGES: tuple[tuple[str, str, Callable[[Snapshot], float]], ...] = (
-    ("current_load", "Power drawn by active charging sessions, kW.", lambda s: s.load_kw),
+    ("current_load", "Power the charging sessions draw: the sum of their allocations, kW.", lambda s: s.load_kw),
+    ("requested_load_kw", "Power the active sessions ask for (the sum of their amounts), kW.", lambda s: s.requested_kw),
+    ("curtailed_kw", "Power asked for but not allocated (requested_load_kw - current_load), kW.", lambda s: s.curtailed_kw),
+    ("minimum_load_kw", "Sum of the minimums of the active sessions: what a new session must fit beside, kW.",
+     lambda s: s.minimum_load_kw),
+    (
+        "fair_share_kw",
+        "The most a charging session may draw now (the max-min fair level); the limit when nobody is curtailed, kW.",
+        lambda s: s.limit_kw if s.fair_share_kw is None else s.fair_share_kw,
+    ),
+    ("curtailed_sessions", "Charging sessions that get less than they ask for.", lambda s: s.curtailed),
+    (
+        "min_charge_kw",
+        "The least a new session gets (MIN_CHARGE_KW); 0 under strict allocation, where it is the whole amount.",
+        lambda s: s.min_charge_kw or 0.0,
+    ),
     ("total_capacity", "Transformer capacity (CAPACITY_KW), kW.", lambda s: s.total_capacity_kw),
     (
         "admission_capacity",
-        "Capacity new sessions are admitted against: transformer plus extra power, kW.",
-        lambda s: s.admission_capacity_kw,
+        "The substation's limit now: min(operator limit, transformer + generation + storage + peers), kW.",
+        lambda s: s.limit_kw,
     ),
-    ("available_capacity", "Admission capacity not yet in use, kW.", lambda s: s.available_kw),
-    ("active_chargers", "Charging sessions in progress.", lambda s: s.active_chargers),
-    ("load_percentage", "current_load / admission_capacity * 100.", lambda s: s.load_percentage),
+    ("substation_limit_kw", "The substation's limit now (same as admission_capacity), kW.", lambda s: s.limit_kw),
+    ("available_capacity", "Limit not allocated to anyone, kW.", lambda s: s.available_kw),
+    ("active_chargers", "Active sessions, charging or suspended.", lambda s: s.active_chargers),
+    ("load_percentage", "current_load / limit * 100.", lambda s: s.load_percentage),
     (
         "substation_state_version",
-        "Grows with every admission, stop and expiry of a session.",
+        "Grows with every admission, stop and expiry of a session and every change of the allocations.",
         lambda s: s.state_version,
     ),
 )
@@ -46,17 +62,41 @@ class _SnapshotGauges:
         self._substation_id = substation_id
         self._snapshot = snapshot
 
-    def describe(self) -> Iterator[GaugeMetricFamily]:
+    def describe(self) -> Iterator[Metric]:
         # Lets the registry learn the names without reading a ledger that may not exist yet.
         for name, documentation, _ in SNAPSHOT_GAUGES:
             yield GaugeMetricFamily(name, documentation, labels=["substation"])
+        yield GaugeMetricFamily("charging_sessions", "", labels=["substation", "state"])
+        yield GaugeMetricFamily("substation_limit_source", "", labels=["substation", "source"])
+        yield CounterMetricFamily("energy_delivered_kwh", "", labels=["substation"])
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         snapshot = self._snapshot()
+        labels = [self._substation_id]
         for name, documentation, read in SNAPSHOT_GAUGES:
             family = GaugeMetricFamily(name, documentation, labels=["substation"])
-            family.add_metric([self._substation_id], float(read(snapshot)))
+            family.add_metric(labels, float(read(snapshot)))
             yield family
+        sessions = GaugeMetricFamily(
+            "charging_sessions", "Active sessions by state (charging or suspended).", labels=["substation", "state"]
+        )
+        sessions.add_metric([*labels, SessionState.CHARGING.value], snapshot.charging)
+        sessions.add_metric([*labels, SessionState.SUSPENDED.value], snapshot.suspended)
+        yield sessions
+        source = GaugeMetricFamily(
+            "substation_limit_source",
+            "1 for what sets the limit now: the substation's own supply, or an operator's limit.",
+            labels=["substation", "source"],
+        )
+        for candidate in LimitSource:
+            source.add_metric([*labels, candidate.value], 1.0 if snapshot.limit_source is candidate else 0.0)
+        yield source
+        energy = CounterMetricFamily(
+            "energy_delivered_kwh", "Energy delivered to vehicles since this substation started, kWh.",
+            labels=["substation"],
+        )
+        energy.add_metric(labels, snapshot.energy_kwh)
+        yield energy
 
 
 class SubstationMetrics:

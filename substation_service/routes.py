@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from gridcommon.timefmt import format_time
 from gridcommon.web import ApiError, metrics_response, parse_charge_body
@@ -13,9 +13,9 @@ from substation_service.config import Settings
 from substation_service.ledger import (
     CapacityExceeded,
     Ledger,
-    Session,
     SessionIdInUse,
     SessionIdRetired,
+    SessionReport,
     Snapshot,
     UnknownSession,
 )
@@ -40,27 +40,49 @@ def substation() -> Substation:
     return current_app.extensions[EXTENSION_KEY]
 
 
-def session_json(session: Session) -> dict[str, Any]:
-    return {
+def session_json(report: SessionReport) -> dict[str, Any]:
+    session = report.session
+    body: dict[str, Any] = {
         "session_id": session.session_id,
         "substation": substation().settings.substation_id,
         "vehicle_id": session.vehicle_id,
         "amount": session.amount_kw,
+        "state": report.state.value,
+        "allocated_kw": report.allocated_kw,
+        "minimum_kw": report.minimum_kw,
+        "energy_kwh": round(report.energy_kwh, 6),
+        "suspended_seconds": round(report.suspended_seconds, 3),
         "started_at": format_time(session.started_at),
         "ends_at": format_time(session.ends_at),
         "duration_seconds": session.duration_seconds,
     }
+    if report.ended_at is not None:
+        body["ended_at"] = format_time(report.ended_at)
+        body["end_reason"] = report.end_reason
+    if report.history is not None:
+        # Seconds since the epoch at full precision: an audit can order every change exactly.
+        body["history"] = [[at, kw] for at, kw in report.history]
+    return body
 
 
 def capacity_json(snapshot: Snapshot) -> dict[str, Any]:
     return {
         "load": snapshot.load_kw,
-        "capacity": snapshot.admission_capacity_kw,
+        "requested_load": snapshot.requested_kw,
+        "minimum_load": snapshot.minimum_load_kw,
+        "capacity": snapshot.limit_kw,
+        "limit_source": snapshot.limit_source.value,
         "total_capacity": snapshot.total_capacity_kw,
+        "fair_share_kw": snapshot.fair_share_kw,
         # Rounded for people reading the JSON; the decision used the exact figures.
         "load_percentage": round(snapshot.load_percentage, 2),
         "available": round(snapshot.available_kw, 3),
         "active_chargers": snapshot.active_chargers,
+        "charging": snapshot.charging,
+        "suspended": snapshot.suspended,
+        "curtailed_sessions": snapshot.curtailed,
+        "allocation_policy": substation().ledger.policy.value,
+        "min_charge_kw": snapshot.min_charge_kw,
         "state_version": snapshot.state_version,
     }
 
@@ -68,8 +90,8 @@ def capacity_json(snapshot: Snapshot) -> dict[str, Any]:
 def capacity_exceeded(rejection: CapacityExceeded) -> ApiError:
     snapshot = rejection.snapshot
     retry_after = snapshot.seconds_until_next_end()
-    if rejection.amount_kw > snapshot.admission_capacity_kw:
-        advice = "it exceeds this substation's whole capacity: ask for less power or try another substation."
+    if rejection.minimum_kw > snapshot.limit_kw:
+        advice = "it exceeds this substation's whole limit: ask for less power or try another substation."
     else:
         advice = f"retry in {retry_after} s, when a session ends, or try another substation."
     return ApiError(
@@ -77,11 +99,8 @@ def capacity_exceeded(rejection: CapacityExceeded) -> ApiError:
         "capacity_exceeded",
         f"{rejection}; {advice}",
         substation=substation().settings.substation_id,
-        load=snapshot.load_kw,
-        capacity=snapshot.admission_capacity_kw,
-        available=snapshot.available_kw,
+        **capacity_json(snapshot),
         retry_after_seconds=retry_after,
-        state_version=snapshot.state_version,
     ).with_header("Retry-After", str(retry_after))
 
 
@@ -104,22 +123,23 @@ def start_charging() -> tuple[Response, int]:
     except SessionIdRetired as retired:
         log.info("refused a late copy of the request for session %s: %s", retired.session_id, retired)
         raise ApiError(409, "session_id_retired", str(retired), session_id=retired.session_id) from None
-    session = admission.session
+    session = admission.session.session
     if admission.replayed:
         log.info("session %s asked for again: answering with the session already admitted", session.session_id)
-        body = {**session_json(session), **capacity_json(admission.snapshot), "replayed": True}
+        body = {**session_json(admission.session), **capacity_json(admission.snapshot), "replayed": True}
         return jsonify(body), 201
     current.metrics.admitted.inc()
     log.info(
-        "admitted session %s: vehicle %s, %g kW for %g s (load now %g of %g kW)",
+        "admitted session %s: vehicle %s, up to %g kW for %g s, %g kW now (load %g of %g kW)",
         session.session_id,
         session.vehicle_id,
         session.amount_kw,
         session.duration_seconds,
+        admission.session.allocated_kw,
         admission.snapshot.load_kw,
-        admission.snapshot.admission_capacity_kw,
+        admission.snapshot.limit_kw,
     )
-    return jsonify({**session_json(session), **capacity_json(admission.snapshot)}), 201
+    return jsonify({**session_json(admission.session), **capacity_json(admission.snapshot)}), 201
 
 
 @blueprint.delete("/charge/<session_id>")
@@ -136,16 +156,49 @@ def stop_charging(session_id: str) -> Response:
             session_id=session_id,
         ) from None
     log.info("stopped session %s early (load now %g kW)", session_id, release.snapshot.load_kw)
-    return jsonify(
-        {**session_json(release.session), "ended_at": format_time(release.ended_at), **capacity_json(release.snapshot)}
-    )
+    return jsonify({**session_json(release.session), **capacity_json(release.snapshot)})
+
+
+@blueprint.get("/charge/<session_id>")
+def show_session(session_id: str) -> Response:
+    current = substation()
+    try:
+        report = current.ledger.session(session_id)
+    except UnknownSession:
+        raise ApiError(
+            404,
+            "session_not_found",
+            f"No session {session_id!r} at {current.settings.substation_id}: it never existed here, or it "
+            "ended too long ago to be kept. GET /sessions lists the active ones.",
+            session_id=session_id,
+        ) from None
+    return jsonify(session_json(report))
 
 
 @blueprint.get("/sessions")
 def list_sessions() -> Response:
+    """The active sessions and the limit, at one instant; ``?history=1`` and ``?ended=1`` add more."""
     current = substation()
-    sessions = [session_json(session) for session in current.ledger.sessions()]
-    return jsonify({"substation": current.settings.substation_id, "sessions": sessions})
+    snapshot, reports = current.ledger.sessions(
+        history=_flag("history"), include_ended=_flag("ended")
+    )
+    return jsonify(
+        {
+            "substation": current.settings.substation_id,
+            "taken_at": snapshot.taken_at,
+            "limit_kw": snapshot.limit_kw,
+            "limit_source": snapshot.limit_source.value,
+            "load": snapshot.load_kw,
+            "sessions": [session_json(report) for report in reports],
+        }
+    )
+
+
+def _flag(name: str) -> bool:
+    value = request.args.get(name, "0")
+    if value not in {"0", "1", "true", "false"}:
+        raise ApiError(400, "invalid_query", f"{name} must be 0 or 1 (or true/false), got {value!r}.", field=name)
+    return value in {"1", "true"}
 
 
 @blueprint.get("/status")

@@ -13,7 +13,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from substation_service.peering.config import PeeringSettings
-from substation_service.peering.machine import BalancingMachine
+from substation_service.peering.machine import BalancingMachine, Readings
 from substation_service.peering.metrics import PeeringCollector
 from substation_service.peering.node import PeeringNode
 from substation_service.peering.routes import EXTENSION_KEY, blueprint
@@ -26,12 +26,17 @@ def build_peering(
     substation_id: str,
     public_url: str,
     settings: PeeringSettings,
-    load_kw: Callable[[], float],
+    readings: Callable[[], Readings],
     clock: Callable[[], float],
+    on_peer_power: Callable[[float], None],
 ) -> PeeringService:
-    """The peer balancing of one substation; ``load_kw`` reads its charging load."""
+    """The peer balancing of one substation.
+
+    ``readings`` reads its devices (see ``PeeringNode.readings``); ``on_peer_power`` is told
+    every change of the power exchanged with peers, at once.
+    """
     machine = BalancingMachine(substation_id, settings.balancing, epoch_origin=clock())
-    node = PeeringNode(machine, settings.power, load_kw, clock)
+    node = PeeringNode(machine, readings, clock, on_peer_power)
     return PeeringService(node, settings, public_url, clock)
 
 

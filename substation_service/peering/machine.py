@@ -9,7 +9,12 @@ substation processes and the tests run this same code.
 
 Quantities, in kW:
 
-* net generation = generation + storage - load;
+* net generation = rating + generation + storage - load. For a substation
+  charging vehicles, FREEDM's "load" is what its vehicles ask for (capped by
+  an operator's limit, since power past that cannot be used) and "generation"
+  includes the transformer's own rating: a substation whose vehicles are
+  curtailed has a negative net generation and is in DEMAND; one with room to
+  spare is in SUPPLY (see ``PeeringNode.readings``);
 * gateway = power this substation sends to its peers (+) or takes from them
   (-): the sum of its exchanges with each peer (``PeerView.flow_kw``);
 * predicted gateway = gateway + the migrations it has offered as a supplier
@@ -87,10 +92,12 @@ class Readings:
     load_kw: float
     generation_kw: float = 0.0
     storage_kw: float = 0.0
+    # What the substation supplies by itself before any generation: its transformer's rating.
+    rating_kw: float = 0.0
 
     @property
     def net_generation_kw(self) -> float:
-        return self.generation_kw + self.storage_kw - self.load_kw
+        return self.rating_kw + self.generation_kw + self.storage_kw - self.load_kw
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,7 @@ class LoadTable:
     leader: str
     migration_step_kw: float
     load_kw: float
+    rating_kw: float
     generation_kw: float
     storage_kw: float
     net_generation_kw: float
@@ -234,7 +242,7 @@ class LoadTable:
             rows.append(f"({state}) {peer.substation} flow {peer.flow_kw:+.2f} kW")
         return [
             f"load table phase {self.phase} round {self.round}: load {self.load_kw:.2f}, "
-            f"generation {self.generation_kw:.2f}, storage {self.storage_kw:.2f}, "
+            f"rating {self.rating_kw:.2f}, generation {self.generation_kw:.2f}, storage {self.storage_kw:.2f}, "
             f"net {self.net_generation_kw:.2f}, gateway {self.gateway_kw:.2f} "
             f"(predicted {self.predicted_gateway_kw:.2f}) kW",
             *rows,
@@ -320,6 +328,7 @@ class BalancingMachine:
             leader=self.leader,
             migration_step_kw=self.step_kw,
             load_kw=readings.load_kw,
+            rating_kw=readings.rating_kw,
             generation_kw=readings.generation_kw,
             storage_kw=readings.storage_kw,
             net_generation_kw=readings.net_generation_kw,

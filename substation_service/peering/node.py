@@ -1,9 +1,14 @@
 """One substation's balancing machine, shared safely by the round runner, the
-membership poller, the HTTP handlers and the admission ledger.
+membership poller and the HTTP handlers.
 
-Lock order: the ledger may call ``extra_capacity_kw`` (which takes this
-node's lock) while asking for its own state, so this node never holds its
-lock while it reads the ledger: readings are taken first, then the lock.
+Every change of the power exchanged with peers is pushed to the ledger
+(``on_peer_power``) before the node's lock is released and before any message
+that follows from it is sent: a supplier lowers its own limit before it
+offers a step, a receiver raises its own only once it has taken the step, so
+neither side ever hands out power that is not there.
+
+Lock order: this node's lock, then the ledger's. The ledger never calls the
+node; readings of the ledger are taken before this node's lock.
 """
 from __future__ import annotations
 
@@ -23,7 +28,6 @@ from substation_service.peering.machine import (
     Readings,
 )
 from substation_service.peering.messages import DraftAccept, parse_message
-from substation_service.peering.power import LocalPower
 
 log = logging.getLogger("peering")
 
@@ -47,14 +51,15 @@ class PeeringNode:
     def __init__(
         self,
         machine: BalancingMachine,
-        power: LocalPower,
-        load_kw: Callable[[], float],
+        readings: Callable[[], Readings],
         clock: Callable[[], float],
+        on_peer_power: Callable[[float], None] = lambda kw: None,
     ) -> None:
         self._machine = machine
-        self._power = power
-        self._load_kw = load_kw
+        self._read = readings
         self._clock = clock
+        self._on_peer_power = on_peer_power
+        self._pushed_peer_kw = 0.0
         self._lock = threading.Lock()
         self._send_failures: Counter[str] = Counter()
         self._last_logged_table: tuple | None = None
@@ -64,28 +69,31 @@ class PeeringNode:
         return self._machine.node_id
 
     def readings(self) -> Readings:
-        """Step 2 of a round: what the load, generation and storage devices read now."""
-        return Readings(
-            load_kw=self._load_kw(),
-            generation_kw=self._power.generation_at(self._clock()),
-            storage_kw=self._power.storage_kw,
-        )
+        """Step 2 of a round: what the substation's devices read now."""
+        return self._read()
 
-    def extra_capacity_kw(self) -> float:
-        """What generation, storage and the gateway add to the transformer for admission.
+    def peer_power_kw(self) -> float:
+        """Power taken from peers (+) or sent and offered to them (-): what the ledger's limit counts.
 
-        Power received from peers (gateway < 0) relieves the transformer; power sent
-        or already offered to a peer (the larger of gateway and predicted gateway)
-        is not handed out to local chargers as well.
+        Power received relieves the transformer; power sent, or already offered to
+        a peer (the larger of gateway and predicted gateway), is not handed out to
+        local vehicles as well.
         """
         with self._lock:
-            committed = max(self._machine.gateway_kw, self._machine.predicted_gateway_kw)
-        return self._power.generation_at(self._clock()) + self._power.storage_kw - committed
+            return -max(self._machine.gateway_kw, self._machine.predicted_gateway_kw)
+
+    def _push_peer_power(self) -> None:
+        # Called with the lock held, right after the machine changed: the ledger re-allocates at once.
+        peer_kw = -max(self._machine.gateway_kw, self._machine.predicted_gateway_kw)
+        if peer_kw != self._pushed_peer_kw:
+            self._pushed_peer_kw = peer_kw
+            self._on_peer_power(peer_kw)
 
     def begin_round(self, phase: int, round_: int) -> list[Outgoing]:
         readings = self.readings()
         with self._lock:
             outgoing = self._machine.begin_round(phase, round_, readings)
+            self._push_peer_power()
             table = self._machine.load_table()
         self._log_load_table(table)
         return outgoing
@@ -93,11 +101,15 @@ class PeeringNode:
     def close_draft(self) -> list[Outgoing]:
         readings = self.readings()
         with self._lock:
-            return self._machine.close_draft(readings)
+            outgoing = self._machine.close_draft(readings)
+            self._push_peer_power()
+            return outgoing
 
     def collect_state(self, phase: int, gateways: Mapping[str, float]) -> list[Outgoing]:
         with self._lock:
-            return self._machine.collect_state(phase, gateways)
+            outgoing = self._machine.collect_state(phase, gateways)
+            self._push_peer_power()
+            return outgoing
 
     def receive(self, document: Any) -> Delivery:
         """Handle one received JSON document; raises ``ValidationError`` when it is not a valid message."""
@@ -109,6 +121,7 @@ class PeeringNode:
         readings = self.readings()
         with self._lock:
             delivery = self._machine.handle(message, readings)
+            self._push_peer_power()
         if delivery.link_reset is LinkReset.LATE_ACCEPT and isinstance(message, DraftAccept):
             log.warning(
                 "%s accepted migration %s, which %s no longer offers (the answer came after the offer was "
@@ -126,6 +139,7 @@ class PeeringNode:
         with self._lock:
             was_member = peer_id in self._machine.members
             self._machine.peer_seen(peer_id, link_epoch)
+            self._push_peer_power()
             return not was_member and peer_id in self._machine.members
 
     def reconcile(self, peer_id: str, link_epoch: float | None, peer_flow_kw: float | None) -> bool:
@@ -134,6 +148,7 @@ class PeeringNode:
             view = self._machine.peers.get(peer_id)
             own_flow_kw = view.flow_kw if view else 0.0
             reset = self._machine.reconcile(peer_id, link_epoch, peer_flow_kw, self._clock())
+            self._push_peer_power()
         if reset:
             log.warning(
                 "%s counts %+.2f kW exchanged with %s, which counts %+.2f kW, on two polls in a row: a "
@@ -146,6 +161,7 @@ class PeeringNode:
     def peer_lost(self, peer_id: str) -> None:
         with self._lock:
             self._machine.peer_lost(peer_id, self._clock())
+            self._push_peer_power()
 
     def is_leader(self) -> bool:
         with self._lock:

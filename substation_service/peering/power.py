@@ -32,6 +32,16 @@ class GenerationProfile:
         # Before the first listed hour, yesterday's last value still holds (index -1).
         return self.points[index][1]
 
+    def next_change_after(self, moment: float) -> float:
+        """The first moment after ``moment`` at which the profile steps to another value."""
+        day_start = moment - moment % self.day_seconds
+        for day in (day_start, day_start + self.day_seconds):
+            for hour, _ in self.points:
+                at = day + hour / HOURS_PER_DAY * self.day_seconds
+                if at > moment:
+                    return at
+        return day_start + 2 * self.day_seconds  # one point only: it never steps; look again tomorrow
+
 
 def parse_profile(text: str, day_seconds: float = SECONDS_PER_DAY, name: str = "GENERATION_PROFILE") -> GenerationProfile:
     """``"hour:kW,..."`` as a profile; raises ``SettingsError`` saying what is wrong."""
@@ -70,3 +80,7 @@ class LocalPower:
 
     def generation_at(self, moment: float) -> float:
         return self.profile.at(moment) if self.profile is not None else self.generation_kw
+
+    def next_change_after(self, moment: float) -> float | None:
+        """When local power next steps, or None when it never does (no profile)."""
+        return self.profile.next_change_after(moment) if self.profile is not None else None

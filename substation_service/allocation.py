@@ -1,0 +1,248 @@
+"""How one substation shares its limit among its charging sessions. Plain Python, no web framework.
+
+Power is counted in whole milliwatts (``int``) inside this module, so sums are
+exact: the sum of the allocations can never pass the limit by rounding, and
+running totals do not drift however many sessions come and go. Callers
+convert at the edge with :func:`to_mw` / :func:`to_kw`.
+
+Two policies, one mechanism:
+
+* ``fair_share`` (EVerest's energy manager, Tinkerforge WARP, OCPP smart
+  charging): every charging session gets at least its minimum
+  (``MIN_CHARGE_KW``, or its whole amount when it asks for less) and at most its
+  amount; the rest is shared max-min fairly ("water-filling"): every session
+  gets ``min(level, amount)`` for one fair-share ``level`` chosen so that the
+  limit is used up whenever anyone gets less than asked (work-conserving).
+* ``strict``: a session's minimum is its whole amount, so it gets all of it or
+  nothing; the same code then never curtails anyone.
+
+When even the minimums do not fit (the limit fell), sessions are suspended
+(0 kW), the most recently started first; when room returns they resume,
+the one suspended longest first. A new session is admitted only when nobody
+is suspended and every minimum, its own included, still fits.
+"""
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
+from itertools import accumulate
+
+MW_PER_KW = 1_000_000
+
+
+def to_mw(kw: float) -> int:
+    """kW as whole milliwatts, rounded down: a limit never grows by conversion."""
+    return math.floor(kw * MW_PER_KW)
+
+
+def amount_to_mw(kw: float) -> int:
+    """A requested amount as whole milliwatts: the nearest, and at least one."""
+    return max(1, round(kw * MW_PER_KW))
+
+
+def to_kw(mw: int) -> float:
+    return mw / MW_PER_KW
+
+
+class AllocationPolicy(str, Enum):
+    FAIR_SHARE = "fair_share"
+    STRICT = "strict"
+
+
+ALLOCATION_POLICIES = tuple(policy.value for policy in AllocationPolicy)
+
+
+def minimum_mw(policy: AllocationPolicy, amount_mw: int, min_charge_mw: int) -> int:
+    """The least a charging session of ``amount_mw`` may get under ``policy``."""
+    if policy is AllocationPolicy.STRICT:
+        return amount_mw
+    return min(amount_mw, min_charge_mw)
+
+
+def fair_level_mw(sorted_amounts_mw: list[int], limit_mw: int) -> tuple[int | None, int]:
+    """``(level, total)``: the max-min fair level for these amounts (ascending) and what they then draw.
+
+    The level ``L`` is the largest whole number of milliwatts with
+    ``total = sum(min(L, a)) <= limit``; it is None when every amount fits whole.
+    Callers guarantee the minimums fit, so the level is never below any
+    minimum. Costs one prefix sum (C speed) and a binary search.
+    """
+    count = len(sorted_amounts_mw)
+    prefix = [0, *accumulate(sorted_amounts_mw)]
+    if prefix[-1] <= limit_mw:
+        return None, prefix[-1]
+    # g(k): what the k smallest take whole, with everyone else held at the k-th amount. It grows with k.
+    # The largest k with g(k) <= limit leaves the level between the k-th and the (k+1)-th amount.
+    k = bisect.bisect_right(
+        range(count + 1),
+        limit_mw,
+        key=lambda j: prefix[j] + (count - j) * (sorted_amounts_mw[j - 1] if j else 0),
+    ) - 1
+    level = (limit_mw - prefix[k]) // (count - k)
+    return level, prefix[k] + (count - k) * level
+
+
+def allocation_mw(amount_mw: int, level_mw: int | None) -> int:
+    return amount_mw if level_mw is None else min(amount_mw, level_mw)
+
+
+@dataclass
+class Member:
+    """One session as the allocator sees it."""
+
+    key: str
+    amount_mw: int
+    minimum_mw: int
+    # Admission order: the larger, the more recently started.
+    order: int
+
+
+class ChargingSet:
+    """The sessions of one substation, charging or suspended, and the level they share.
+
+    Not thread-safe: the ledger calls it under its lock. Every operation keeps
+    ``sum of minimums of charging sessions <= limit``; call :meth:`fit` after a
+    change of limit and it suspends or resumes sessions until that holds again.
+    """
+
+    def __init__(self) -> None:
+        self._members: dict[str, Member] = {}
+        self._charging: set[str] = set()
+        # Charging sessions, most recently started first (lazy: entries of non-charging ones are skipped).
+        self._newest_first: list[tuple[int, str]] = []
+        # Suspended sessions, longest suspended first.
+        self._suspended: OrderedDict[str, None] = OrderedDict()
+        self._amounts: list[int] = []  # amounts of the charging sessions, ascending
+        self._minimum_total = 0
+        self._suspended_minimum_total = 0
+        self._level: int | None = None
+        self._allocated_total = 0
+        self._limit = 0
+
+    # ----- reading ---------------------------------------------------------------------------
+
+    @property
+    def level_mw(self) -> int | None:
+        return self._level
+
+    @property
+    def allocated_mw(self) -> int:
+        return self._allocated_total
+
+    @property
+    def limit_mw(self) -> int:
+        return self._limit
+
+    @property
+    def minimum_total_mw(self) -> int:
+        """Sum of the minimums of every session, suspended ones included: what admission must keep."""
+        return self._minimum_total + self._suspended_minimum_total
+
+    @property
+    def charging_minimum_mw(self) -> int:
+        return self._minimum_total
+
+    @property
+    def suspended_count(self) -> int:
+        return len(self._suspended)
+
+    @property
+    def curtailed_count(self) -> int:
+        """Charging sessions that get less than they ask for."""
+        if self._level is None:
+            return 0
+        return len(self._amounts) - bisect.bisect_right(self._amounts, self._level)
+
+    def is_charging(self, key: str) -> bool:
+        return key in self._charging
+
+    def allocation_of(self, key: str) -> int:
+        if key not in self._charging:
+            return 0
+        return allocation_mw(self._members[key].amount_mw, self._level)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    # ----- changing --------------------------------------------------------------------------
+
+    def admits(self, minimum: int) -> bool:
+        """True when a new session of this minimum fits beside everyone's minimum, nobody waiting."""
+        return not self._suspended and self._minimum_total + minimum <= self._limit
+
+    def rebuild_minimums(self) -> None:
+        """Recount the minimums after the members' ``minimum_mw`` changed (a switch of policy)."""
+        self._minimum_total = sum(self._members[key].minimum_mw for key in self._charging)
+        self._suspended_minimum_total = sum(self._members[key].minimum_mw for key in self._suspended)
+
+    def add(self, member: Member) -> None:
+        """Add an admitted session as charging; the caller checked :meth:`admits`."""
+        self._members[member.key] = member
+        self._start_charging(member)
+        self._reallocate()
+
+    def remove(self, key: str) -> tuple[list[str], list[str]]:
+        """Drop a session that ended; returns ``(suspended, resumed)`` by the change (resumed only)."""
+        member = self._members.pop(key)
+        if key in self._charging:
+            self._stop_charging(member)
+        else:
+            del self._suspended[key]
+            self._suspended_minimum_total -= member.minimum_mw
+        return self.fit(self._limit)
+
+    def fit(self, limit_mw: int) -> tuple[list[str], list[str]]:
+        """Apply a new limit: suspend newest first or resume longest-suspended first, then share.
+
+        Returns the keys suspended and resumed by this call.
+        """
+        self._limit = max(0, limit_mw)
+        suspended: list[str] = []
+        while self._minimum_total > self._limit:
+            member = self._newest_charging()
+            self._stop_charging(member)
+            self._suspended[member.key] = None
+            self._suspended_minimum_total += member.minimum_mw
+            suspended.append(member.key)
+        resumed: list[str] = []
+        # Having had to suspend, there is no room to resume anyone: a session suspended just now
+        # must not come straight back ahead of older ones.
+        while self._suspended and not suspended:
+            key = next(iter(self._suspended))
+            member = self._members[key]
+            if self._minimum_total + member.minimum_mw > self._limit:
+                break  # first come, first served: nobody overtakes the one waiting longest
+            del self._suspended[key]
+            self._suspended_minimum_total -= member.minimum_mw
+            self._start_charging(member)
+            resumed.append(key)
+        self._reallocate()
+        return suspended, resumed
+
+    def _start_charging(self, member: Member) -> None:
+        self._charging.add(member.key)
+        heapq.heappush(self._newest_first, (-member.order, member.key))
+        if len(self._newest_first) > 2 * len(self._charging) + 64:
+            # Entries of sessions that ended pile up otherwise: keep the heap to the charging ones.
+            self._newest_first = [(-self._members[key].order, key) for key in self._charging]
+            heapq.heapify(self._newest_first)
+        bisect.insort(self._amounts, member.amount_mw)
+        self._minimum_total += member.minimum_mw
+
+    def _stop_charging(self, member: Member) -> None:
+        self._charging.discard(member.key)
+        del self._amounts[bisect.bisect_left(self._amounts, member.amount_mw)]
+        self._minimum_total -= member.minimum_mw
+
+    def _newest_charging(self) -> Member:
+        while True:
+            _, key = heapq.heappop(self._newest_first)
+            if key in self._charging:
+                return self._members[key]
+
+    def _reallocate(self) -> None:
+        self._level, self._allocated_total = fair_level_mw(self._amounts, self._limit)
