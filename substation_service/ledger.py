@@ -201,24 +201,34 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Admission:
-    session: SessionReport
+    report: SessionReport
     snapshot: Snapshot
     # True when the session was already active under the requested id: nothing new was admitted.
     replayed: bool = False
 
+    @property
+    def session(self) -> Session:
+        return self.report.session
+
 
 @dataclass(frozen=True)
 class Release:
-    session: SessionReport
+    report: SessionReport
     ended_at: float
     snapshot: Snapshot
+
+    @property
+    def session(self) -> Session:
+        return self.report.session
 
 
 class CapacityExceeded(Exception):
     """The new session's minimum does not fit; ``snapshot`` is the state the decision saw."""
 
     def __init__(self, amount_kw: float, minimum_kw: float, snapshot: Snapshot) -> None:
-        if snapshot.suspended:
+        if minimum_kw > snapshot.limit_kw:
+            reason = f"its minimum of {minimum_kw:g} kW is more than the whole limit of {snapshot.limit_kw:g} kW"
+        elif snapshot.suspended:
             reason = f"{snapshot.suspended} session(s) here are suspended and come first"
         else:
             room = max(0.0, snapshot.limit_kw - snapshot.minimum_load_kw)
@@ -391,6 +401,7 @@ class Ledger:
         self._ended: OrderedDict[str, SessionReport] = OrderedDict()
         self._limit_history: deque[tuple[float, float, str]] = deque(maxlen=LIMIT_HISTORY_KEPT)
         self._apply_limit(now)
+        self._state_version = 0  # the first limit is where the ledger starts, not a change
         # Sessions ended under the lock, reported once it is released.
         self._unreported: list[tuple[Session, float]] = []
 
@@ -473,7 +484,12 @@ class Ledger:
         with self._current() as now:
             return self._snapshot(now)
 
-    def sessions(self, history: bool = False, include_ended: bool = False) -> tuple[Snapshot, list[SessionReport]]:
+    def sessions(self) -> list[Session]:
+        """Active sessions, the one that started first first."""
+        with self._current():
+            return [entry.session for entry in self._sessions.values()]
+
+    def reports(self, history: bool = False, include_ended: bool = False) -> tuple[Snapshot, list[SessionReport]]:
         """The state and every active session (oldest first), read at one instant.
 
         ``include_ended`` adds the sessions that ended and are still kept, before the active ones.

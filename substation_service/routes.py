@@ -123,10 +123,10 @@ def start_charging() -> tuple[Response, int]:
     except SessionIdRetired as retired:
         log.info("refused a late copy of the request for session %s: %s", retired.session_id, retired)
         raise ApiError(409, "session_id_retired", str(retired), session_id=retired.session_id) from None
-    session = admission.session.session
+    session = admission.session
     if admission.replayed:
         log.info("session %s asked for again: answering with the session already admitted", session.session_id)
-        body = {**session_json(admission.session), **capacity_json(admission.snapshot), "replayed": True}
+        body = {**session_json(admission.report), **capacity_json(admission.snapshot), "replayed": True}
         return jsonify(body), 201
     current.metrics.admitted.inc()
     log.info(
@@ -135,11 +135,11 @@ def start_charging() -> tuple[Response, int]:
         session.vehicle_id,
         session.amount_kw,
         session.duration_seconds,
-        admission.session.allocated_kw,
+        admission.report.allocated_kw,
         admission.snapshot.load_kw,
         admission.snapshot.limit_kw,
     )
-    return jsonify({**session_json(admission.session), **capacity_json(admission.snapshot)}), 201
+    return jsonify({**session_json(admission.report), **capacity_json(admission.snapshot)}), 201
 
 
 @blueprint.delete("/charge/<session_id>")
@@ -156,7 +156,7 @@ def stop_charging(session_id: str) -> Response:
             session_id=session_id,
         ) from None
     log.info("stopped session %s early (load now %g kW)", session_id, release.snapshot.load_kw)
-    return jsonify({**session_json(release.session), **capacity_json(release.snapshot)})
+    return jsonify({**session_json(release.report), **capacity_json(release.snapshot)})
 
 
 @blueprint.get("/charge/<session_id>")
@@ -179,9 +179,7 @@ def show_session(session_id: str) -> Response:
 def list_sessions() -> Response:
     """The active sessions and the limit, at one instant; ``?history=1`` and ``?ended=1`` add more."""
     current = substation()
-    snapshot, reports = current.ledger.sessions(
-        history=_flag("history"), include_ended=_flag("ended")
-    )
+    snapshot, reports = current.ledger.reports(history=_flag("history"), include_ended=_flag("ended"))
     return jsonify(
         {
             "substation": current.settings.substation_id,

@@ -149,19 +149,19 @@ def test_admin_api_needs_the_right_bearer_token(client: FlaskClient, headers: di
     response = client.put("/admin/policy", json={"policy": "random"}, headers=headers)
     assert_json_error(response, 401, "unauthorized")
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    assert client.get("/status").get_json()["policy"] == "least_loaded"
+    assert client.get("/status").get_json()["policy"] == "fair_share"
 
 
 def test_admin_can_read_and_switch_the_policy(client: FlaskClient) -> None:
     current = client.get("/admin/policy", headers=bearer(TOKEN))
     assert current.status_code == 200
-    assert current.get_json()["policy"] == "least_loaded"
+    assert current.get_json()["policy"] == "fair_share"
     assert "power_of_two" in current.get_json()["available"]
 
     switched = client.put("/admin/policy", json={"policy": "power_of_two"}, headers=bearer(TOKEN))
     assert switched.status_code == 200
     assert switched.get_json()["policy"] == "power_of_two"
-    assert switched.get_json()["previous"] == "least_loaded"
+    assert switched.get_json()["previous"] == "fair_share"
     assert client.get("/status").get_json()["policy"] == "power_of_two"
 
 
@@ -186,7 +186,7 @@ def test_unknown_paths_and_methods_get_json_errors(client: FlaskClient) -> None:
 def test_health_and_status(client: FlaskClient) -> None:
     assert client.get("/health").get_json() == {"status": "ok", "service": "load_balancer"}
     assert client.get("/status").get_json() == {
-        "policy": "least_loaded",
+        "policy": "fair_share",
         "poll_interval_seconds": 7.0,
         "healthy_substations": 0,
         "substations": [],

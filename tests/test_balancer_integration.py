@@ -39,11 +39,18 @@ def launch(tmp_path: Path) -> Iterator[Launcher]:
         service.stop()
 
 
-def substations(launch: Launcher, *capacities: float, first_index: int = 1) -> list[Service]:
+def substations(
+    launch: Launcher, *capacities: float, first_index: int = 1, policy: str = "strict"
+) -> list[Service]:
+    """Substations of these capacities; under ``strict`` allocation unless told otherwise.
+
+    Strict (a session gets its whole amount or nothing) makes "does it fit" a plain sum, so the
+    routing tests here can state exactly what each substation must hold.
+    """
     return launch(
         "substation_service:create_app()",
         [
-            {"SUBSTATION_ID": f"substation-{index}", "CAPACITY_KW": str(capacity)}
+            {"SUBSTATION_ID": f"substation-{index}", "CAPACITY_KW": str(capacity), "ALLOCATION_POLICY": policy}
             for index, capacity in enumerate(capacities, start=first_index)
         ],
     )
@@ -134,7 +141,7 @@ def test_requests_between_two_polls_spread_evenly(launch: Launcher) -> None:
     per_substation = Counter(r.json()["substation"] for r in responses)
     assert len(per_substation) == 3
     assert max(per_substation.values()) - min(per_substation.values()) <= 1, per_substation
-    assert all(r.json()["routing"] == {"policy": "least_loaded", "attempts": 1} for r in responses)
+    assert all(r.json()["routing"] == {"policy": "fair_share", "attempts": 1} for r in responses)
     for substation in grid:
         assert len(sessions_at(substation)) == per_substation[substation.env["SUBSTATION_ID"]]
     # The answers kept the view exact although no poll ran since start-up.
@@ -206,9 +213,9 @@ def test_substations_can_be_registered_and_deregistered_at_run_time(launch: Laun
     small, extra, impostor = launch(
         "substation_service:create_app()",
         [
-            {"SUBSTATION_ID": "substation-1", "CAPACITY_KW": "10"},
-            {"SUBSTATION_ID": "substation-extra", "CAPACITY_KW": "50"},
-            {"SUBSTATION_ID": "substation-1", "CAPACITY_KW": "50"},
+            {"SUBSTATION_ID": "substation-1", "CAPACITY_KW": "10", "ALLOCATION_POLICY": "strict"},
+            {"SUBSTATION_ID": "substation-extra", "CAPACITY_KW": "50", "ALLOCATION_POLICY": "strict"},
+            {"SUBSTATION_ID": "substation-1", "CAPACITY_KW": "50", "ALLOCATION_POLICY": "strict"},
         ],
     )
     lb = balancer(launch, [small])  # started last, so stopped first: no idle connections delay the others

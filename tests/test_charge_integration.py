@@ -149,5 +149,6 @@ def test_stopping_a_session_frees_its_load_at_the_substation(stack_factory):
     assert stopped.status_code == 200, stopped.text
     assert substation_load(substation) == 0
     assert requests.get(f"{stack.charge.url}/sessions", timeout=TIMEOUT).json() == {"sessions": []}
-    assert_json_error(requests.get(f"{stack.charge.url}/sessions/{admitted['session_id']}", timeout=TIMEOUT), 404)
+    ended = requests.get(f"{stack.charge.url}/sessions/{admitted['session_id']}", timeout=TIMEOUT).json()
+    assert (ended["state"], ended["end_reason"], ended["allocated_kw"]) == ("ended", "stopped", 0.0)
     assert "active_sessions 0.0" in requests.get(f"{stack.charge.url}/metrics", timeout=TIMEOUT).text

@@ -1,4 +1,10 @@
-"""The substation's HTTP API through Flask's test client, with a clock the tests move."""
+"""The substation's HTTP API through Flask's test client, with a clock the tests move.
+
+The admission tests run under ``strict`` allocation (a session gets its whole
+amount or a 409), where the figures are easy to state; sharing under
+``fair_share``, the limit and the operator's endpoints have tests of their own
+at the end.
+"""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +14,10 @@ from flask.testing import FlaskClient
 from gridcommon.promtext import Scrape, parse_metrics
 from gridcommon.settings import SettingsError
 from substation_service import create_app
+from substation_service.allocation import AllocationPolicy
 from substation_service.config import Settings
+from substation_service.peering import PeeringSettings
+from substation_service.peering.power import LocalPower
 from tests.substation_support import FakeClock, epoch_of
 
 SUBSTATION = "substation-7"
@@ -28,6 +37,7 @@ def app(clock: FakeClock) -> Flask:
         max_session_seconds=600.0,
         max_amount_kw=150.0,
         public_url="http://substation-7.test:5017",
+        allocation_policy=AllocationPolicy.STRICT,
     )
     return create_app(settings, start_background=False, clock=clock)
 
@@ -58,17 +68,32 @@ def test_charge_admits_and_describes_the_session(client: FlaskClient, clock: Fak
         "substation",
         "vehicle_id",
         "amount",
+        "state",
+        "allocated_kw",
+        "minimum_kw",
+        "energy_kwh",
+        "suspended_seconds",
         "started_at",
         "ends_at",
         "duration_seconds",
         "load",
+        "requested_load",
+        "minimum_load",
         "capacity",
+        "limit_source",
         "total_capacity",
+        "fair_share_kw",
         "load_percentage",
         "available",
         "active_chargers",
+        "charging",
+        "suspended",
+        "curtailed_sessions",
+        "allocation_policy",
+        "min_charge_kw",
         "state_version",
     ]
+    assert (body["state"], body["allocated_kw"], body["minimum_kw"], body["energy_kwh"]) == ("charging", 40.0, 40.0, 0.0)
     assert body["substation"] == SUBSTATION
     assert body["vehicle_id"] == "ev-1"
     assert body["amount"] == 40.0
@@ -107,7 +132,7 @@ def test_amount_beyond_the_whole_capacity_says_so(client: FlaskClient) -> None:
     response = charge(client, 120)
 
     assert response.status_code == 409
-    assert "exceeds this substation's whole capacity" in response.get_json()["message"]
+    assert "exceeds this substation's whole limit" in response.get_json()["message"]
     assert response.get_json()["retry_after_seconds"] == 1
 
 
@@ -168,17 +193,21 @@ def test_status_reports_capacity_and_url(client: FlaskClient, clock: FakeClock) 
 
     body = client.get("/status").get_json()
 
-    assert body == {
+    assert body.items() >= {
         "substation": SUBSTATION,
         "load": 25.0,
+        "requested_load": 25.0,
         "capacity": 100.0,
+        "limit_source": "substation",
         "total_capacity": 100.0,
         "load_percentage": 25.0,
         "available": 75.0,
         "active_chargers": 1,
+        "charging": 1,
+        "suspended": 0,
         "state_version": 3,
         "url": "http://substation-7.test:5017",
-    }
+    }.items()
 
 
 def test_health(client: FlaskClient) -> None:
@@ -188,9 +217,14 @@ def test_health(client: FlaskClient) -> None:
     assert response.get_json() == {"status": "ok", "substation": SUBSTATION}
 
 
-def test_extra_capacity_hook_shows_in_status_and_admission(clock: FakeClock) -> None:
-    settings = Settings(substation_id=SUBSTATION, capacity_kw=100.0)
-    client = create_app(settings, start_background=False, clock=clock, extra_capacity=lambda: 30.0).test_client()
+def test_generation_and_storage_show_in_status_and_admission(clock: FakeClock) -> None:
+    settings = Settings(
+        substation_id=SUBSTATION,
+        capacity_kw=100.0,
+        allocation_policy=AllocationPolicy.STRICT,
+        peering=PeeringSettings(power=LocalPower(generation_kw=20.0, storage_kw=10.0)),
+    )
+    client = create_app(settings, start_background=False, clock=clock).test_client()
 
     assert charge(client, 130).status_code == 201
     body = client.get("/status").get_json()
@@ -425,3 +459,127 @@ def test_a_request_that_arrives_after_its_stop_is_refused(client: FlaskClient) -
     assert late.status_code == 409
     assert late.get_json()["error"] == "session_id_retired"
     assert client.get("/status").get_json()["load"] == 0
+
+
+# ----- fair sharing, the limit and the operator's endpoints ------------------------------------
+
+TOKEN = "operator-secret"
+
+
+@pytest.fixture
+def shared(clock: FakeClock) -> FlaskClient:
+    settings = Settings(substation_id=SUBSTATION, capacity_kw=30.0, min_charge_kw=2.0, admin_token=TOKEN)
+    return create_app(settings, start_background=False, clock=clock).test_client()
+
+
+def operator(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_fair_share_curtails_instead_of_refusing(shared: FlaskClient) -> None:
+    for index in range(3):
+        assert charge(shared, 20, vehicle_id=f"ev-{index}").status_code == 201
+    status = shared.get("/status").get_json()
+    assert (status["load"], status["requested_load"], status["fair_share_kw"]) == (30.0, 60.0, 10.0)
+    sessions = shared.get("/sessions").get_json()
+    assert [s["allocated_kw"] for s in sessions["sessions"]] == [10.0, 10.0, 10.0]
+    assert sessions["limit_kw"] == 30.0
+
+
+def test_a_session_can_be_read_with_its_history_while_active_and_after_it_ended(
+    shared: FlaskClient, clock: FakeClock
+) -> None:
+    first = charge(shared, 20, duration_seconds=60).get_json()
+    clock.advance(10)
+    charge(shared, 20, vehicle_id="ev-2")
+    clock.advance(60)
+
+    body = shared.get(f"/charge/{first['session_id']}").get_json()
+    assert body["state"] == "ended" and body["end_reason"] == "completed"
+    assert body["history"] == [[clock.now - 70, 20.0], [clock.now - 60, 15.0], [clock.now - 10, 0.0]]
+    assert body["energy_kwh"] == pytest.approx((20 * 10 + 15 * 50) / 3600, abs=1e-6)
+    assert shared.get("/charge/never-was").status_code == 404
+
+
+def test_the_sessions_list_can_add_histories_and_ended_sessions(shared: FlaskClient, clock: FakeClock) -> None:
+    charge(shared, 10, duration_seconds=5)
+    clock.advance(6)
+    charge(shared, 10, vehicle_id="ev-2")
+    body = shared.get("/sessions?history=1&ended=1").get_json()
+    assert [s["state"] for s in body["sessions"]] == ["ended", "charging"]
+    assert all("history" in s for s in body["sessions"])
+    assert shared.get("/sessions?history=maybe").status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [("put", "/limit", {"limit_kw": 10}), ("delete", "/limit", None), ("put", "/allocation-policy", {"policy": "strict"})],
+)
+def test_operator_endpoints_need_the_operator_token(shared: FlaskClient, method: str, path: str, body) -> None:
+    call = getattr(shared, method)
+    for headers in ({}, operator("wrong"), {"Authorization": "Basic abc"}):
+        response = call(path, json=body, headers=headers)
+        assert response.status_code == 401, headers
+        assert response.get_json()["error"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert call(path, json=body, headers=operator()).status_code == 200
+
+
+def test_operator_endpoints_are_off_without_a_token(clock: FakeClock) -> None:
+    client = create_app(Settings(substation_id=SUBSTATION), start_background=False, clock=clock).test_client()
+    response = client.put("/limit", json={"limit_kw": 10}, headers=operator())
+    assert response.status_code == 403
+    assert "ADMIN_TOKEN" in response.get_json()["message"]
+    assert client.get("/limit").status_code == 200  # reading the limit stays open
+
+
+@pytest.mark.parametrize("value", [-1, "10", None, True, 1e7, float("nan")])
+def test_a_bad_limit_is_400_and_changes_nothing(shared: FlaskClient, value) -> None:
+    response = shared.put("/limit", data=f'{{"limit_kw": {_json(value)}}}', content_type="application/json",
+                          headers=operator())
+    assert response.status_code == 400, value
+    assert response.get_json()["field"] == "limit_kw"
+    assert shared.get("/limit").get_json()["limit_kw"] == 30.0
+
+
+def _json(value) -> str:
+    import json
+
+    return "NaN" if isinstance(value, float) and value != value else json.dumps(value)
+
+
+def test_an_operator_limit_reallocates_at_once_and_lifting_it_restores(shared: FlaskClient) -> None:
+    for index in range(3):
+        charge(shared, 20, vehicle_id=f"ev-{index}")
+    body = shared.put("/limit", json={"limit_kw": 4.5}, headers=operator()).get_json()
+    assert (body["limit_kw"], body["source"], body["load"]) == (4.5, "operator", 4.5)
+    assert (body["charging"], body["suspended"]) == (2, 1)
+    metrics = scrape(shared)
+    assert metrics.value("substation_limit_source", substation=SUBSTATION, source="operator") == 1.0
+    assert metrics.value("charging_sessions", substation=SUBSTATION, state="suspended") == 1.0
+    body = shared.delete("/limit", headers=operator()).get_json()
+    assert (body["limit_kw"], body["source"], body["load"], body["suspended"]) == (30.0, "substation", 30.0, 0)
+    history = shared.get("/limit").get_json()["history"]
+    assert [kw for _, kw, _ in history] == [30.0, 4.5, 30.0]
+
+
+def test_the_allocation_policy_can_be_switched_by_the_operator(shared: FlaskClient) -> None:
+    charge(shared, 20)
+    charge(shared, 20, vehicle_id="ev-2")
+    body = shared.put("/allocation-policy", json={"policy": "strict"}, headers=operator()).get_json()
+    assert (body["policy"], body["previous"]) == ("strict", "fair_share")
+    assert shared.get("/status").get_json()["suspended"] == 1
+    assert shared.put("/allocation-policy", json={"policy": "lottery"}, headers=operator()).status_code == 400
+    assert shared.get("/allocation-policy").get_json()["policy"] == "strict"
+
+
+def test_allocation_metrics_follow_the_ledger(shared: FlaskClient, clock: FakeClock) -> None:
+    for index in range(3):
+        charge(shared, 20, vehicle_id=f"ev-{index}")
+    clock.advance(36)
+    metrics = scrape(shared)
+    value = lambda name: metrics.value(name, substation=SUBSTATION)  # noqa: E731
+    assert (value("current_load"), value("requested_load_kw"), value("curtailed_kw")) == (30.0, 60.0, 30.0)
+    assert (value("fair_share_kw"), value("curtailed_sessions"), value("minimum_load_kw")) == (10.0, 3.0, 6.0)
+    assert value("energy_delivered_kwh_total") == pytest.approx(0.3)
+    assert metrics.value("charging_sessions", substation=SUBSTATION, state="charging") == 3.0

@@ -1,4 +1,10 @@
-"""Unit tests of the substation's admission ledger (no web framework, no processes)."""
+"""Unit tests of the substation's admission ledger (no web framework, no processes).
+
+Most run under ``strict`` allocation, where a session gets its whole amount or
+is refused: the admission rules, expiry, ids and state versions they check
+hold under both policies. Sharing under ``fair_share`` is tested in
+test_substation_allocation.py.
+"""
 from __future__ import annotations
 
 import itertools
@@ -12,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from substation_service.allocation import AllocationPolicy
 from substation_service.ledger import (
     CapacityExceeded,
     Ledger,
@@ -21,6 +28,7 @@ from substation_service.ledger import (
     UnknownSession,
     steady_wall_clock,
 )
+from substation_service.peering.power import LocalPower
 from tests.substation_support import FakeClock, max_overlapping_load
 
 
@@ -46,7 +54,10 @@ def finished() -> FinishedSessions:
 
 @pytest.fixture
 def ledger(clock: FakeClock, finished: FinishedSessions) -> Ledger:
-    return Ledger(100.0, 60.0, clock=clock, on_session_finished=finished)
+    return Ledger(100.0, 60.0, clock=clock, on_session_finished=finished, policy=STRICT)
+
+
+STRICT = AllocationPolicy.STRICT
 
 
 def test_admits_up_to_exactly_the_capacity(ledger: Ledger) -> None:
@@ -87,14 +98,15 @@ def test_rejection_changes_nothing(ledger: Ledger) -> None:
     )
 
 
-def test_amounts_that_sum_to_capacity_in_binary_rounding_are_not_let_past(clock: FakeClock) -> None:
-    ledger = Ledger(0.3, 60.0, clock=clock)
-    ledger.admit("ev-1", 0.1)
-    ledger.admit("ev-2", 0.1)
+def test_amounts_are_summed_exactly_not_in_binary_rounding(clock: FakeClock) -> None:
+    # 0.1 + 0.1 + 0.1 is 0.30000000000000004 in floats; in the ledger's whole milliwatts it is 0.3.
+    ledger = Ledger(0.3, 60.0, clock=clock, policy=STRICT)
+    for vehicle in ("ev-1", "ev-2", "ev-3"):
+        ledger.admit(vehicle, 0.1)
 
-    # 0.1 + 0.1 + 0.1 is slightly more than 0.3 in binary floating point.
+    assert ledger.snapshot().load_kw == 0.3
     with pytest.raises(CapacityExceeded):
-        ledger.admit("ev-3", 0.1)
+        ledger.admit("ev-4", 0.001)
 
 
 def test_session_counts_until_just_before_ends_at(ledger: Ledger, clock: FakeClock) -> None:
@@ -199,52 +211,47 @@ def test_every_expiry_counts_as_a_change(ledger: Ledger, clock: FakeClock) -> No
     assert ledger.snapshot().state_version == before + 3
 
 
-def test_extra_capacity_raises_and_lowers_the_headroom(clock: FakeClock) -> None:
-    extra = {"kw": 20.0}
-    ledger = Ledger(100.0, 60.0, clock=clock, extra_capacity=lambda: extra["kw"])
+def test_power_from_peers_raises_and_lowers_the_headroom(clock: FakeClock) -> None:
+    ledger = Ledger(100.0, 60.0, clock=clock, policy=STRICT)
+    ledger.set_peer_kw(20.0)
 
     admission = ledger.admit("ev-1", 120.0)
     assert admission.snapshot.admission_capacity_kw == 120.0
     assert admission.snapshot.total_capacity_kw == 100.0
     assert admission.snapshot.load_percentage == 100.0
 
-    extra["kw"] = -30.0
+    ledger.set_peer_kw(-30.0)
     snapshot = ledger.snapshot()
     assert snapshot.admission_capacity_kw == 70.0
-    assert snapshot.available_kw == 0.0  # the admitted 120 kW stay; nothing new fits
+    # Strict: the session no longer fits whole, so it is suspended rather than carried past the limit.
+    assert (snapshot.load_kw, snapshot.suspended) == (0.0, 1)
     with pytest.raises(CapacityExceeded):
         ledger.admit("ev-2", 1.0)
 
 
-def test_extra_capacity_is_read_at_every_decision(clock: FakeClock) -> None:
-    extra = {"kw": 0.0}
-    ledger = Ledger(50.0, 60.0, clock=clock, extra_capacity=lambda: extra["kw"])
+def test_the_limit_counts_at_every_decision(clock: FakeClock) -> None:
+    ledger = Ledger(50.0, 60.0, clock=clock, policy=STRICT)
     ledger.admit("ev-1", 50.0)
     with pytest.raises(CapacityExceeded):
         ledger.admit("ev-2", 25.0)
 
-    extra["kw"] = 25.0
+    ledger.set_peer_kw(25.0)
 
     assert ledger.admit("ev-2", 25.0).snapshot.load_kw == 75.0
 
 
-def test_extra_capacity_may_read_the_ledger_itself(clock: FakeClock) -> None:
-    ledger: Ledger
+def test_local_power_adds_to_the_transformer(clock: FakeClock) -> None:
+    ledger = Ledger(100.0, 60.0, clock=clock, power=LocalPower(generation_kw=30.0, storage_kw=20.0), policy=STRICT)
 
-    def half_of_the_load_again() -> float:
-        return sum(session.amount_kw for session in ledger.sessions()) / 2
-
-    ledger = Ledger(100.0, 60.0, clock=clock, extra_capacity=half_of_the_load_again)
-    ledger.admit("ev-1", 100.0)
-
-    assert ledger.admit("ev-2", 50.0).snapshot.admission_capacity_kw == 150.0
+    assert ledger.admit("ev-1", 150.0).snapshot.admission_capacity_kw == 150.0
 
 
-def test_extra_capacity_that_is_not_a_number_is_refused(clock: FakeClock) -> None:
-    ledger = Ledger(100.0, 60.0, clock=clock, extra_capacity=lambda: math.nan)
+@pytest.mark.parametrize("kw", [math.nan, math.inf])
+def test_peer_power_that_is_not_a_number_is_refused(clock: FakeClock, kw: float) -> None:
+    ledger = Ledger(100.0, 60.0, clock=clock)
 
     with pytest.raises(ValueError, match="finite"):
-        ledger.admit("ev-1", 1.0)
+        ledger.set_peer_kw(kw)
 
 
 def test_no_capacity_at_all_reads_as_full(clock: FakeClock) -> None:
@@ -293,7 +300,7 @@ def test_concurrent_admissions_never_exceed_capacity() -> None:
     capacity = 100.0
     ticks = itertools.count()
     # Each reading of the clock is one millisecond later, so sessions expire while the threads race.
-    ledger = Ledger(capacity, 0.05, clock=lambda: next(ticks) * 0.001)
+    ledger = Ledger(capacity, 0.05, clock=lambda: next(ticks) * 0.001, policy=STRICT)
     intervals: list[tuple[float, float, float]] = []
     intervals_lock = threading.Lock()
     start = threading.Barrier(8)
@@ -343,7 +350,7 @@ operations = st.lists(
 def test_ledger_agrees_with_a_plain_model(steps: list[tuple[str, float, float]]) -> None:
     """Any sequence of admissions, stops and waits: the ledger matches a list filtered by time."""
     clock = FakeClock()
-    ledger = Ledger(100.0, 60.0, clock=clock)
+    ledger = Ledger(100.0, 60.0, clock=clock, policy=STRICT)
     model: dict[str, Session] = {}
     admitted: list[str] = []
     for action, value, duration in steps:
@@ -415,7 +422,7 @@ def test_a_request_arriving_after_its_stop_is_refused(ledger: Ledger) -> None:
 
 
 def test_retired_ids_are_forgotten_once_no_session_could_still_last(clock: FakeClock) -> None:
-    ledger = Ledger(100.0, 60.0, clock=clock, retire_ids_for_seconds=600)
+    ledger = Ledger(100.0, 60.0, clock=clock, retire_ids_for_seconds=600, policy=STRICT)
     with pytest.raises(UnknownSession):
         ledger.release("s-1")
 

@@ -29,7 +29,9 @@ def substation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     service = Service(
         name="substation",
         app="substation_service:create_app()",
-        env={"SUBSTATION_ID": SUBSTATION, "CAPACITY_KW": str(CAPACITY_KW), "SESSION_SECONDS": "1"},
+        # Strict: sessions get their whole amounts, so the sum of the amounts is the load to check.
+        env={"SUBSTATION_ID": SUBSTATION, "CAPACITY_KW": str(CAPACITY_KW), "SESSION_SECONDS": "1",
+             "ALLOCATION_POLICY": "strict"},
         log_dir=Path(tmp_path_factory.mktemp("substation-logs")),
     )
     service.start()

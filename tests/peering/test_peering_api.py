@@ -46,15 +46,15 @@ PEER_METRICS = {
     "peer_invariant_blocks_total",
 }
 
-AppFactory = Callable[[str, LocalPower], tuple[FlaskClient, PeeringService]]
+AppFactory = Callable[..., tuple[FlaskClient, PeeringService]]
 
 
 @pytest.fixture
 def make_app() -> Iterator[AppFactory]:
     services: list[PeeringService] = []
 
-    def make(substation_id: str, power: LocalPower) -> tuple[FlaskClient, PeeringService]:
-        settings = Settings(substation_id=substation_id, capacity_kw=100.0, peering=PeeringSettings(power=power))
+    def make(substation_id: str, power: LocalPower, capacity_kw: float = 100.0) -> tuple[FlaskClient, PeeringService]:
+        settings = Settings(substation_id=substation_id, capacity_kw=capacity_kw, peering=PeeringSettings(power=power))
         app = create_app(settings, start_background=False)
         services.append(app.extensions[EXTENSION_KEY])
         return app.test_client(), services[-1]
@@ -77,7 +77,10 @@ def test_generation_and_storage_relieve_the_transformer(app_client) -> None:
     client, _ = app_client
     assert client.get("/status").json["capacity"] == 135.0
     assert client.post("/charge", json={"vehicle_id": "ev-1", "amount": 130}).status_code == 201
-    assert client.post("/charge", json={"vehicle_id": "ev-2", "amount": 10}).status_code == 409
+    # The second vehicle shares the 135 kW with the first instead of being turned away.
+    assert client.post("/charge", json={"vehicle_id": "ev-2", "amount": 10}).status_code == 201
+    status = client.get("/status").json
+    assert (status["load"], status["requested_load"], status["curtailed_sessions"]) == (135.0, 140.0, 1)
 
 
 def test_load_table_of_a_substation_without_peers(app_client) -> None:
@@ -172,7 +175,7 @@ def test_an_accept_for_an_offer_this_substation_does_not_have_resets_the_link(ap
 
 
 def test_a_poll_that_finds_the_two_sides_disagreeing_resets_the_link(make_app: AppFactory, caplog) -> None:
-    client, service = make_app(ME, LocalPower())
+    client, service = make_app(ME, LocalPower(), capacity_kw=4.0)
     peer_client, peer = make_app(PEER, LocalPower(generation_kw=30.0))
     poll = Membership(
         service.node,
@@ -192,7 +195,7 @@ def test_a_poll_that_finds_the_two_sides_disagreeing_resets_the_link(make_app: A
     # The Draft Accept cannot reach substation-2 (this app's own membership has no URL for it): it is lost.
     report = client.get("/peer-balancing").json
     assert report["messages"]["send_failures"] == {"DraftAccept": 1}
-    assert report["gateway_kw"] == -2.0 and client.get("/status").json["capacity"] == 102.0
+    assert report["gateway_kw"] == -2.0 and client.get("/status").json["capacity"] == 6.0
     caplog.set_level(logging.WARNING, logger="peering")
 
     poll.poll_once()  # the peer counts 0 kW: maybe the answer is still on its way
@@ -202,5 +205,5 @@ def test_a_poll_that_finds_the_two_sides_disagreeing_resets_the_link(make_app: A
     assert link_resets(client, "flows_disagree") == 1
     assert link_epoch(client) > epoch
     assert client.get("/peer-balancing").json["gateway_kw"] == 0.0
-    assert client.get("/status").json["capacity"] == 100.0  # no longer counting on power nobody sends
+    assert client.get("/status").json["capacity"] == 4.0  # no longer counting on power nobody sends
     assert f"{ME} counts -2.00 kW exchanged with {PEER}, which counts +0.00 kW" in caplog.text

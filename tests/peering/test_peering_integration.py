@@ -24,7 +24,9 @@ FAST = {
     "PEER_MISSED_POLLS": "2",
     "MIGRATION_STEP_KW": "4",
 }
-# substation-3 generates; the others have none.
+# Every transformer is rated 2 kW, less than a migration step, so an idle substation is neither in
+# supply nor in demand; substation-3 also generates 30 kW, so it alone has power to spare.
+CAPACITY_KW = "2"
 GENERATION = {3: {"GENERATION_KW": "30"}}
 
 T = TypeVar("T")
@@ -44,7 +46,7 @@ def start_group(tmp_path: Path) -> Iterator[Callable[..., list[Service]]]:
             service.env.update(
                 FAST,
                 SUBSTATION_ID=f"substation-{index}",
-                CAPACITY_KW="100",
+                CAPACITY_KW=CAPACITY_KW,
                 PUBLIC_URL=service.url,
                 PEERS=peers,
                 **extra_env.get(index, {}),
@@ -108,17 +110,17 @@ def agreed_epoch(one: Service, other: Service) -> float | None:
 
 def test_three_substations_converge_from_an_unbalanced_start(start_group) -> None:
     s1, s2, s3 = start_group()
-    assert charge(s1, 20).status_code == 201  # substation-1: 20 kW of load, no generation
+    # A vehicle asking 22 kW of a 2 kW transformer: curtailed by 20 kW, substation-1 is in demand.
+    assert charge(s1, 22).status_code == 201
 
     wait_for(lambda: gateways([s1, s2, s3]) == [-20.0, 0.0, 20.0], "substation-3 to send 20 kW to substation-1")
     # FREEDM's end state, once every node has run a round with its new gateway: no supply and demand at once.
     wait_for(lambda: [table(service)["state"] for service in (s1, s2, s3)] == ["normal", "normal", "supply"],
              "the states to settle")
-    # Power received from a peer relieves substation-1's transformer; what substation-3 sends is gone from its own.
-    assert requests.get(f"{s1.url}/status", timeout=2).json()["capacity"] == 120.0
-    assert requests.get(f"{s3.url}/status", timeout=2).json()["capacity"] == 100.0 + 30.0 - 20.0
-    assert charge(s1, 95).status_code == 201  # 115 kW on a 100 kW transformer, thanks to the peer
-
+    # Power received from a peer raises substation-1's limit; what substation-3 sends is gone from its own.
+    status = requests.get(f"{s1.url}/status", timeout=2).json()
+    assert (status["capacity"], status["load"]) == (22.0, 22.0)  # the vehicle gets all it asks for now
+    assert requests.get(f"{s3.url}/status", timeout=2).json()["capacity"] == 2.0 + 30.0 - 20.0
     assert metric(s3, "peer_migrations_total", substation="substation-3", outcome="accepted") == 5
     assert metric(s1, "peer_messages_received_total", substation="substation-1", type="DraftSelect") >= 5
     assert metric(s3, "peer_state", substation="substation-3") in {0, 1}
@@ -140,7 +142,7 @@ def test_a_killed_peer_leaves_the_group_and_the_others_carry_on(start_group) -> 
     phase = table(s2)["phase"]
     wait_for(lambda: table(s3)["phase"] >= phase + 2 and table(s3)["synchronized"], "phases to go on")
 
-    assert charge(s2, 12).status_code == 201
+    assert charge(s2, 14).status_code == 201  # curtailed by 12 kW
     wait_for(lambda: gateways([s2, s3]) == [-12.0, 12.0], "substation-3 to supply substation-2")
 
     s1.start()  # it answers again: it rejoins and, lowest id, leads again
@@ -151,21 +153,22 @@ def test_a_killed_peer_leaves_the_group_and_the_others_carry_on(start_group) -> 
 
 def test_power_from_a_killed_supplier_is_released(start_group) -> None:
     s1, s2, s3 = start_group()
-    assert charge(s1, 20).status_code == 201
+    assert charge(s1, 22).status_code == 201
     wait_for(lambda: gateways([s1, s3]) == [-20.0, 20.0], "substation-3 to supply substation-1")
 
     s3.kill()
 
-    # substation-1 no longer counts on power from a substation that is gone.
+    # substation-1 no longer counts on power from a substation that is gone: its vehicle is curtailed again.
     wait_for(lambda: table(s1)["gateway_kw"] == 0.0, "substation-1 to release the power of substation-3")
-    assert requests.get(f"{s1.url}/status", timeout=2).json()["capacity"] == 100.0
+    status = requests.get(f"{s1.url}/status", timeout=2).json()
+    assert (status["capacity"], status["load"]) == (2.0, 2.0)
     wait_for(lambda: table(s1)["state"] == "demand", "substation-1's next round to find it in demand")
     assert table(s2)["gateway_kw"] == 0.0
 
 
 def test_a_step_that_no_supplier_sends_is_released_on_both_sides(start_group) -> None:
     s1, s2, s3 = start_group(extra_env={})  # no generation anywhere: nobody supplies
-    assert charge(s1, 20).status_code == 201
+    assert charge(s1, 22).status_code == 201
     wait_for(lambda: table(s1)["state"] == "demand", "substation-1 to be in demand")
     # The newer process's start time wins a link's epoch at the polls after the group forms.
     epoch = wait_for(lambda: agreed_epoch(s1, s2), "substation-1 and substation-2 to agree on their link's epoch")
@@ -181,5 +184,5 @@ def test_a_step_that_no_supplier_sends_is_released_on_both_sides(start_group) ->
     new_epoch = link_epoch(s2, "substation-1")
     assert new_epoch > epoch
     wait_for(lambda: link_epoch(s1, "substation-2") == new_epoch, "substation-1 to follow the new epoch")
-    assert requests.get(f"{s1.url}/status", timeout=2).json()["capacity"] == 100.0
+    assert requests.get(f"{s1.url}/status", timeout=2).json()["capacity"] == 2.0
     assert "no longer offers" in s2.log_text()
