@@ -32,7 +32,7 @@ TSC = SCHEMA_CHECK_DIR / "node_modules" / "typescript" / "bin" / "tsc"
 # Where the compose file mounts grafana/dashboards; the provider and the home dashboard point here.
 DASHBOARDS_MOUNT = "/var/lib/grafana/dashboards"
 HOME_DASHBOARD = "smart-grid.json"
-UNITS = {"kwatt", "percent", "percentunit", "s", "reqps", "mps", "short", "none"}
+UNITS = {"kwatt", "kwatth", "percent", "percentunit", "s", "reqps", "mps", "short", "none"}
 GRAFANA_INTERVALS = {"__rate_interval": "20s", "__interval": "5s", "__range": "15m"}
 _TSC_ERROR = re.compile(r"^(?P<file>[^(\s]+)\(\d+,\d+\): error (?P<message>.*)$")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.harness import REPO_ROOT, Stack
+from tests.harness import REPO_ROOT, Service, Stack
 from tests.observability_support import (
     DASHBOARD_FILES,
     LOCAL_CONFIG,
@@ -28,15 +28,27 @@ from tests.observability_support import (
 pytestmark = pytest.mark.integration
 
 CAPACITY_KW = 10.0
-# Two sessions of 4.75 kW put a 10 kW substation at 95 %, over the critical line, and
-# leave 0.5 kW: every further 4.75 kW request is refused with 503.
+# Sessions ask for 4.75 kW but are admitted on their minimum (MIN_CHARGE_KW): seven fit on a 10 kW substation (9.8 kW of minimums), the eighth does not. So
+# 21 sessions fill the grid for admission, each curtailed to 10/7 kW, and the 22nd is
+# refused with 503.
 FILL_KW = 4.75
-FILLED_PERCENT = 95.0
+SESSIONS_PER_SUBSTATION = 7
+MIN_CHARGE_KW = 1.4
+# An operator limit on substation-3 below its sessions' minimums: six of its seven keep
+# charging (8.4 kW of minimums fit in 9 kW), one is suspended. Its transformer keeps only
+# 1 kW to spare, less than one migration step (2 kW): no peer power moves, and the limits
+# stay where the assertions below expect them.
+OPERATOR_LIMIT_KW = 9.0
+SUSPENDED_ON_SUBSTATION_3 = 1
+ADMIN_TOKEN = "observability-test-token"
 SUBSTATIONS = {"substation-1", "substation-2", "substation-3"}
 # With a 1 s scrape, four scrapes per rate window, as Grafana's $__rate_interval would give.
 INTERVALS = {"__rate_interval": "4s", "__interval": "1s", "__range": "1m"}
-# Alerts the load below must bring to firing: the grid full for their whole hold time.
-EXPECTED_FIRING = {"SubstationLoadCritical", "ChargingRejectedGridFull"}
+# Alerts the load below must bring to firing: vehicles refused on a grid full for admission
+# for the whole hold time. The others need minutes of it (their promtool tests show them).
+EXPECTED_FIRING = {"ChargingRejectedGridFull"}
+# Never, on a correct system: the allocations stay within the limit even as it falls.
+NEVER_FIRING = {"SubstationOverLimit"}
 ALERT_DEADLINE_SECONDS = 40
 
 
@@ -74,13 +86,11 @@ def config_for(stack: Stack, prometheus: Prometheus) -> dict:
     return config
 
 
-def charge(stack: Stack, vehicle: str, amount: float, duration_seconds: float) -> int:
-    response = requests.post(
-        f"{stack.charge.url}/charge",
-        json={"vehicle_id": vehicle, "amount": amount, "duration_seconds": duration_seconds},
-        timeout=10,
-    )
-    return response.status_code
+def charge(stack: Stack, vehicle: str, amount: float, duration_seconds: float, wait: bool = False) -> requests.Response:
+    body = {"vehicle_id": vehicle, "amount": amount, "duration_seconds": duration_seconds}
+    if wait:
+        body["wait"] = True
+    return requests.post(f"{stack.charge.url}/charge", json=body, timeout=10)
 
 
 def wait_until_balancer_sees_no_load(stack: Stack, timeout: float = 10.0) -> None:
@@ -90,28 +100,50 @@ def wait_until_balancer_sees_no_load(stack: Stack, timeout: float = 10.0) -> Non
         time.sleep(0.2)
 
 
+def set_operator_limit(substation: Service, limit_kw: float) -> None:
+    response = requests.put(
+        f"{substation.url}/limit",
+        json={"limit_kw": limit_kw},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=5,
+    )
+    assert response.status_code == 200, response.text
+
+
 def drive_load(stack: Stack) -> None:
-    """Short sessions that finish (charging durations), a bad request, then a full grid."""
-    assert [charge(stack, f"ev-short-{i}", 1.0, 1) for i in range(3)] == [201] * 3
-    assert charge(stack, "", -1.0, 1) == 400
+    """Short sessions that finish (charging durations), a bad request, then a grid full for
+    admission with every session curtailed, sessions suspended under an operator limit, and
+    vehicles in the charge API's queue: one waiting, one cancelled (a queue wait observed)."""
+    assert [charge(stack, f"ev-short-{i}", 1.0, 1).status_code for i in range(3)] == [201] * 3
+    assert charge(stack, "", -1.0, 1).status_code == 400
     wait_until_balancer_sees_no_load(stack)  # the short sessions end before the grid fills up
-    statuses = [charge(stack, f"ev-fill-{i}", FILL_KW, 600) for i in range(7)]
-    assert statuses == [201] * 6 + [503], statuses
+    fill = 3 * SESSIONS_PER_SUBSTATION
+    statuses = [charge(stack, f"ev-fill-{i}", FILL_KW, 600).status_code for i in range(fill + 1)]
+    assert statuses == [201] * fill + [503], statuses
+    set_operator_limit(stack.substations[2], OPERATOR_LIMIT_KW)
+    queued = [charge(stack, f"ev-queued-{i}", FILL_KW, 600, wait=True) for i in range(2)]
+    assert [response.status_code for response in queued] == [202, 202], [r.text for r in queued]
+    cancelled = requests.delete(f"{stack.charge.url}{queued[1].headers['Location']}", timeout=5)
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled", cancelled.text
 
 
-def firing_alerts(prometheus: Prometheus) -> set[str]:
-    return {series["metric"]["alertname"] for series in prometheus.query('ALERTS{alertstate="firing"}')}
+def alerts(prometheus: Prometheus, state: str = "firing") -> set[str]:
+    return {series["metric"]["alertname"] for series in prometheus.query(f'ALERTS{{alertstate="{state}"}}')}
 
 
 def keep_grid_full_until_alerts_fire(stack: Stack, prometheus: Prometheus) -> None:
     """Refused requests every half second until the expected alerts fire (bounded in time)."""
     deadline = time.monotonic() + ALERT_DEADLINE_SECONDS
     attempt = 0
-    while not EXPECTED_FIRING <= firing_alerts(prometheus):
-        assert time.monotonic() < deadline, f"only {firing_alerts(prometheus)} fire, want {EXPECTED_FIRING}"
+    while not EXPECTED_FIRING <= alerts(prometheus):
+        assert time.monotonic() < deadline, f"only {alerts(prometheus)} fire, want {EXPECTED_FIRING}"
         attempt += 1
-        assert charge(stack, f"ev-refused-{attempt}", FILL_KW, 600) == 503
+        assert charge(stack, f"ev-refused-{attempt}", FILL_KW, 600).status_code == 503
         time.sleep(0.5)
+
+
+def by_substation(prometheus: Prometheus, expr: str) -> dict[str, float]:
+    return {series["metric"]["substation"]: float(series["value"][1]) for series in prometheus.query(expr)}
 
 
 def panel_queries() -> list[tuple[str, str]]:
@@ -159,7 +191,14 @@ def test_every_panel_rule_and_alert_reads_data_from_the_live_stack(
     # With no local generation no substation ever has power to spare: no migration changes
     # the capacities the load below is computed against.
     stack = stack_factory(
-        capacities=(CAPACITY_KW,) * 3, balancer_env={"POLL_INTERVAL_SECONDS": "1"}, peers=True
+        capacities=(CAPACITY_KW,) * 3,
+        substation_env={
+            "ADMIN_TOKEN": ADMIN_TOKEN,
+            "ALLOCATION_POLICY": "fair_share",
+            "MIN_CHARGE_KW": str(MIN_CHARGE_KW),
+        },
+        balancer_env={"POLL_INTERVAL_SECONDS": "1"},
+        peers=True,
     )
     prometheus = prometheus_factory()
     prometheus.start(config_for(stack, prometheus))
@@ -169,8 +208,31 @@ def test_every_panel_rule_and_alert_reads_data_from_the_live_stack(
     targets = prometheus.api("targets")["activeTargets"]
     assert len(targets) == 6 and {target["health"] for target in targets} == {"up"}, targets
     assert {series["metric"]["substation"] for series in prometheus.query('up{job="substation"}')} == SUBSTATIONS
-    load = {series["metric"]["substation"]: float(series["value"][1]) for series in prometheus.query("substation:load:percent")}
-    assert load == pytest.approx(dict.fromkeys(SUBSTATIONS, FILLED_PERCENT))
+    # Every substation allocates its whole limit (to the milliwatt, rounded down) and no more.
+    load = by_substation(prometheus, "substation:load:percent")
+    assert load == pytest.approx(dict.fromkeys(SUBSTATIONS, 100.0), abs=1e-3)
+    assert all(value <= 100.0 for value in load.values()), load
+    limits = by_substation(prometheus, "max by (substation) (substation_limit_kw)")
+    assert limits == {"substation-1": CAPACITY_KW, "substation-2": CAPACITY_KW, "substation-3": OPERATOR_LIMIT_KW}
+    assert by_substation(prometheus, 'max by (substation) (substation_limit_source{source="operator"})') == {
+        "substation-1": 0.0, "substation-2": 0.0, "substation-3": 1.0,
+    }
+    assert by_substation(prometheus, 'max by (substation) (charging_sessions{state="suspended"})') == {
+        "substation-1": 0.0, "substation-2": 0.0, "substation-3": float(SUSPENDED_ON_SUBSTATION_3),
+    }
+    requested = SESSIONS_PER_SUBSTATION * FILL_KW
+    assert by_substation(prometheus, "substation:curtailed:ratio") == pytest.approx({
+        "substation-1": 1 - CAPACITY_KW / requested,
+        "substation-2": 1 - CAPACITY_KW / requested,
+        "substation-3": 1 - OPERATOR_LIMIT_KW / requested,
+    }, abs=1e-3)
+    assert [float(series["value"][1]) for series in prometheus.query("charge_queue_length")] == [1.0]
+    # The allocation never passed the limit, at any scrape of the run, and the alert saying
+    # so never even went pending.
+    (breach,) = prometheus.query("max(max_over_time((current_load - substation_limit_kw)[10m:1s]))")
+    assert float(breach["value"][1]) <= 0, breach
+    assert not NEVER_FIRING & (alerts(prometheus) | alerts(prometheus, "pending"))
+    assert not prometheus.query('count_over_time(ALERTS{alertname=~"%s"}[10m])' % "|".join(NEVER_FIRING))
     variables = variable_values(prometheus)
     assert variables and all(found == SUBSTATIONS for found in variables.values()), variables
 

@@ -141,7 +141,7 @@ def test_strict_gives_the_whole_amount_or_nothing() -> None:
 
 def history_violations(ledger: Ledger) -> list[tuple[float, float, float]]:
     """Sweep every session's allocation history against the limit history: (time, sum, limit) over it."""
-    _, reports = ledger.sessions(history=True, include_ended=True)
+    _, reports = ledger.reports(history=True, include_ended=True)
     changes: dict[float, list[tuple[str, float]]] = defaultdict(list)
     for report in reports:
         for at, kw in report.history or ():
@@ -168,7 +168,7 @@ def test_rush_hour_serves_everyone_fairly_within_the_limit() -> None:
     snapshot = ledger.snapshot()
     assert snapshot.charging == 50 and snapshot.suspended == 0
     assert snapshot.load_kw == pytest.approx(80.0, abs=1e-3)
-    _, reports = ledger.sessions()
+    _, reports = ledger.reports()
     assert {round(r.allocated_kw, 3) for r in reports} == {1.6}
     assert history_violations(ledger) == []
 
@@ -185,14 +185,14 @@ def test_a_request_whose_minimum_does_not_fit_is_refused() -> None:
 def test_an_operator_limit_suspends_the_newest_and_resumes_the_longest_suspended() -> None:
     clock = FakeClock()
     ledger = Ledger(10.0, 60.0, clock=clock, min_charge_kw=2.0)
-    ids = [ledger.admit(f"ev-{index}", 5.0).session.session.session_id for index in range(5)]
+    ids = [ledger.admit(f"ev-{index}", 5.0).session.session_id for index in range(5)]
     clock.advance(1)
     ledger.set_operator_limit(4.0)  # room for two minimums
-    states = {r.session.session_id: r.state for r in ledger.sessions()[1]}
+    states = {r.session.session_id: r.state for r in ledger.reports()[1]}
     assert [states[i] for i in ids] == [SessionState.CHARGING] * 2 + [SessionState.SUSPENDED] * 3
     clock.advance(2)
     ledger.set_operator_limit(6.0)  # room for a third: the first suspended (ev-4, newest) comes back
-    states = {r.session.session_id: r.state for r in ledger.sessions()[1]}
+    states = {r.session.session_id: r.state for r in ledger.reports()[1]}
     assert states[ids[4]] is SessionState.CHARGING and states[ids[2]] is SessionState.SUSPENDED
     clock.advance(1)
     ledger.set_operator_limit(None)
@@ -218,7 +218,7 @@ def test_a_generation_step_applies_at_its_own_time_not_when_someone_looks() -> N
     power = LocalPower(profile=parse_profile("0:12,12:0", day_seconds=240.0))
     ledger = Ledger(10.0, 600.0, clock=clock, power=power, min_charge_kw=1.0)
     clock.advance(100)
-    session_id = ledger.admit("ev-1", 22.0).session.session.session_id
+    session_id = ledger.admit("ev-1", 22.0).session.session_id
     assert ledger.snapshot().load_kw == pytest.approx(22.0)
     clock.advance(100)  # 80 s past the step, nobody asked in between
     report = ledger.session(session_id)
@@ -243,7 +243,7 @@ def test_peer_power_moves_the_limit_atomically() -> None:
 def test_energy_follows_the_allocation_over_time() -> None:
     clock = FakeClock()
     ledger = Ledger(10.0, 600.0, clock=clock)
-    first = ledger.admit("ev-1", 10.0).session.session.session_id
+    first = ledger.admit("ev-1", 10.0).session.session_id
     clock.advance(36)  # 10 kW for 36 s = 0.1 kWh
     ledger.admit("ev-2", 10.0)
     clock.advance(36)  # then 5 kW each for 36 s = 0.05 kWh
@@ -265,7 +265,7 @@ def test_a_vehicle_asking_less_than_the_minimum_gets_what_it_asks() -> None:
     clock = FakeClock()
     ledger = Ledger(2.0, 60.0, clock=clock, min_charge_kw=1.4)
     admission = ledger.admit("ev-1", 0.5)
-    assert admission.session.minimum_kw == 0.5 and admission.session.allocated_kw == 0.5
+    assert admission.report.minimum_kw == 0.5 and admission.report.allocated_kw == 0.5
     ledger.admit("ev-2", 5.0)
     assert ledger.snapshot().load_kw == pytest.approx(2.0)
 
@@ -292,7 +292,7 @@ def test_the_ledgers_histories_never_pass_the_limit(steps) -> None:
     for step, value in steps:
         if step == "admit":
             try:
-                admitted.append(ledger.admit(f"ev-{len(admitted)}", value).session.session.session_id)
+                admitted.append(ledger.admit(f"ev-{len(admitted)}", value).session.session_id)
             except CapacityExceeded:
                 pass
         elif step == "wait":
@@ -309,7 +309,7 @@ def test_the_ledgers_histories_never_pass_the_limit(steps) -> None:
     clock.advance(30)
     assert history_violations(ledger) == []
     # The substation's counter of energy agrees with the sessions' own integrals.
-    _, reports = ledger.sessions(include_ended=True)
+    _, reports = ledger.reports(include_ended=True)
     assert math.fsum(r.energy_kwh for r in reports) == pytest.approx(ledger.snapshot().energy_kwh, abs=1e-9)
 
 
