@@ -29,7 +29,6 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
-from itertools import accumulate
 
 MW_PER_KW = 1_000_000
 
@@ -63,29 +62,6 @@ def minimum_mw(policy: AllocationPolicy, amount_mw: int, min_charge_mw: int) -> 
     return min(amount_mw, min_charge_mw)
 
 
-def fair_level_mw(sorted_amounts_mw: list[int], limit_mw: int) -> tuple[int | None, int]:
-    """``(level, total)``: the max-min fair level for these amounts (ascending) and what they then draw.
-
-    The level ``L`` is the largest whole number of milliwatts with
-    ``total = sum(min(L, a)) <= limit``; it is None when every amount fits whole.
-    Callers guarantee the minimums fit, so the level is never below any
-    minimum. Costs one prefix sum (C speed) and a binary search.
-    """
-    count = len(sorted_amounts_mw)
-    prefix = [0, *accumulate(sorted_amounts_mw)]
-    if prefix[-1] <= limit_mw:
-        return None, prefix[-1]
-    # g(k): what the k smallest take whole, with everyone else held at the k-th amount. It grows with k.
-    # The largest k with g(k) <= limit leaves the level between the k-th and the (k+1)-th amount.
-    k = bisect.bisect_right(
-        range(count + 1),
-        limit_mw,
-        key=lambda j: prefix[j] + (count - j) * (sorted_amounts_mw[j - 1] if j else 0),
-    ) - 1
-    level = (limit_mw - prefix[k]) // (count - k)
-    return level, prefix[k] + (count - k) * level
-
-
 def allocation_mw(amount_mw: int, level_mw: int | None) -> int:
     return amount_mw if level_mw is None else min(amount_mw, level_mw)
 
@@ -117,6 +93,9 @@ class ChargingSet:
         # Suspended sessions, longest suspended first.
         self._suspended: OrderedDict[str, None] = OrderedDict()
         self._amounts: list[int] = []  # amounts of the charging sessions, ascending
+        # The water-filling split: the first ``_whole`` amounts are served whole, ``_whole_total`` is their sum.
+        self._whole = 0
+        self._whole_total = 0
         self._minimum_total = 0
         self._suspended_minimum_total = 0
         self._level: int | None = None
@@ -230,12 +209,20 @@ class ChargingSet:
             # Entries of sessions that ended pile up otherwise: keep the heap to the charging ones.
             self._newest_first = [(-self._members[key].order, key) for key in self._charging]
             heapq.heapify(self._newest_first)
-        bisect.insort(self._amounts, member.amount_mw)
+        index = bisect.bisect_right(self._amounts, member.amount_mw)
+        self._amounts.insert(index, member.amount_mw)
+        if index < self._whole:  # smaller than an amount served whole: served whole too, for now
+            self._whole += 1
+            self._whole_total += member.amount_mw
         self._minimum_total += member.minimum_mw
 
     def _stop_charging(self, member: Member) -> None:
         self._charging.discard(member.key)
-        del self._amounts[bisect.bisect_left(self._amounts, member.amount_mw)]
+        index = bisect.bisect_left(self._amounts, member.amount_mw)
+        del self._amounts[index]
+        if index < self._whole:
+            self._whole -= 1
+            self._whole_total -= member.amount_mw
         self._minimum_total -= member.minimum_mw
 
     def _newest_charging(self) -> Member:
@@ -245,4 +232,34 @@ class ChargingSet:
                 return self._members[key]
 
     def _reallocate(self) -> None:
-        self._level, self._allocated_total = fair_level_mw(self._amounts, self._limit)
+        """Find the max-min fair level again, moving the split from where it was.
+
+        The level ``L`` is the largest whole number of milliwatts with
+        ``sum(min(L, a)) <= limit``: the ``k`` smallest amounts are served whole
+        and the rest get ``L = (limit - their sum) // (n - k)``, for the largest
+        ``k`` whose own amount still fits under that level. A change moves the
+        split by as many sessions as change between whole and curtailed, usually
+        none or one, so an admission costs the same with ten sessions or a thousand
+        (an O(n) prefix sum each time would not).
+        """
+        amounts, limit, count = self._amounts, self._limit, len(self._amounts)
+        whole, total = self._whole, self._whole_total
+        # Too many served whole: the largest of them does not fit under the level they would leave.
+        while whole and (whole == count and total > limit
+                         or whole < count and amounts[whole - 1] * (count - whole) > limit - total):
+            whole -= 1
+            total -= amounts[whole]
+        # Too few: the next amount would still fit under the level with it served whole.
+        while whole < count and (
+            total + amounts[whole] <= limit
+            if whole + 1 == count
+            else amounts[whole] * (count - whole - 1) <= limit - total - amounts[whole]
+        ):
+            total += amounts[whole]
+            whole += 1
+        self._whole, self._whole_total = whole, total
+        if whole == count:
+            self._level, self._allocated_total = None, total
+        else:
+            self._level = (limit - total) // (count - whole)
+            self._allocated_total = total + (count - whole) * self._level

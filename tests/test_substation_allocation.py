@@ -17,7 +17,6 @@ from substation_service.allocation import (
     AllocationPolicy,
     ChargingSet,
     Member,
-    fair_level_mw,
     minimum_mw,
     to_kw,
     to_mw,
@@ -43,18 +42,27 @@ def reference_level(amounts: list[int], limit: int) -> int | None:
     return low
 
 
-@given(st.lists(st.integers(1, 50_000_000), min_size=1, max_size=60), st.integers(0, 2_000_000_000))
-def test_the_fair_level_is_the_water_filling_level(amounts: list[int], limit: int) -> None:
-    level, total = fair_level_mw(sorted(amounts), limit)
-    assert level == reference_level(amounts, limit)
-    assert total == sum(a if level is None else min(level, a) for a in amounts)
-    assert total <= limit or level is None
+@given(st.lists(st.integers(1, 50_000_000), min_size=1, max_size=60), st.lists(st.integers(0, 2_000_000_000), min_size=1, max_size=5))
+def test_the_fair_level_is_the_water_filling_level(amounts: list[int], limits: list[int]) -> None:
+    charging = ChargingSet()
+    charging.fit(2_000_000_000)
+    for index, amount in enumerate(amounts):
+        charging.add(Member(f"s{index}", amount, 1, index))
+    for limit in limits:  # the level follows a moving limit, from wherever it was
+        charging.fit(limit)
+        kept = [a for index, a in enumerate(amounts) if charging.is_charging(f"s{index}")]
+        level = charging.level_mw
+        assert level == reference_level(kept, limit)
+        assert charging.allocated_mw == sum(a if level is None else min(level, a) for a in kept)
 
 
 def check_set(charging: ChargingSet, members: dict[str, Member]) -> None:
     """Every property the allocation promises, from the members' own amounts and minimums."""
     allocations = {key: charging.allocation_of(key) for key in members}
     total = sum(allocations.values())
+    assert charging.level_mw == reference_level(
+        [m.amount_mw for k, m in members.items() if charging.is_charging(k)], charging.limit_mw
+    )
     assert total == charging.allocated_mw
     assert total <= charging.limit_mw, "the sum of allocations passed the limit"
     active = [key for key in members if charging.is_charging(key)]

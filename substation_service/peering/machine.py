@@ -63,6 +63,27 @@ Deviations from FREEDM, each for a reason:
   not only the missing step: the epochs make both sides agree without either
   knowing which step went missing, and the next phases migrate the power
   again. A needless reset (an answer slower than two polls) costs only that.
+
+Every received message is checked before it can change anything (``handle``),
+since FREEDM trusts its peers and HTTP reaches anyone: the sender must be a
+current member (``UNKNOWN_SENDER``); its phase within ``PHASE_WINDOW`` phases
+of the local clock's phase and its round one the schedule has
+(``IMPLAUSIBLE_PHASE``); its epoch finite and not ahead of the local clock by
+more than the clock tolerance (``IMPLAUSIBLE_EPOCH``: an epoch of 1e17 would
+never be passed again, so the link could never be reset); not for an older
+link (``STALE_LINK``); not one already handled (``DUPLICATE``: same sender,
+type, phase, round and migration; acknowledged, acted on once). Then, by
+type: a Collected State only from the leader this node sees (``NOT_LEADER``);
+a migration's amount above 0 and at most one step (``AMOUNT_OUT_OF_BOUNDS``);
+a Draft Select only in answer to a Draft Age this node sent that supplier for
+the same phase, round and link epoch, and only once (``UNSOLICITED_SELECT``).
+The supplier selects within the round of its Draft Request (``close_draft``
+runs before the next ``begin_round``), and the request's phase and round are
+the supplier's own, so the select carries exactly those of the request the
+Draft Age answered: no round of slack is needed. A rejected message changes
+nothing, not even the link's epoch. Who may send at all (the signature under
+the group's key, the sender named in it) is checked before the machine sees a
+message (``auth.py``, ``routes.py``).
 """
 from __future__ import annotations
 
@@ -83,6 +104,7 @@ from substation_service.peering.messages import (
     StateChange,
     TooLate,
 )
+from substation_service.peering.schedule import PhaseSchedule
 
 
 @dataclass(frozen=True)
@@ -111,10 +133,14 @@ class BalancingParams:
     # Off by default, as in FREEDM: when on, no migration starts once |imbalance + step| would exceed the limit.
     invariant_check: bool = False
     invariant_limit_kw: float = 5.0
+    # How far the peers' clocks may be from this node's: bounds signed timestamps and link epochs.
+    clock_tolerance_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.migration_step_kw > 0:
             raise ValueError(f"migration_step_kw must be greater than 0, got {self.migration_step_kw}")
+        if not self.clock_tolerance_seconds > 0:
+            raise ValueError(f"clock_tolerance_seconds must be greater than 0, got {self.clock_tolerance_seconds}")
         if self.invariant_limit_kw < self.migration_step_kw:
             raise ValueError("invariant_limit_kw must be at least one migration step, or nothing could migrate")
 
@@ -129,6 +155,11 @@ def classify(net_generation_kw: float, gateway_kw: float, step_kw: float) -> Nod
 
 # Flows are sums of the same steps on both sides; the tolerance only absorbs float rounding.
 FLOW_TOLERANCE_KW = 1e-6
+# How many phases a message's phase may be from the local clock's. Phases are wall-clock aligned and a
+# message is delivered within a round, so a peer is at most a phase off; further is a bug or a forgery.
+PHASE_WINDOW = 2
+# Received messages remembered to spot duplicates; those older than the phase window are forgotten anyway.
+MAX_REMEMBERED_MESSAGES = 4096
 
 
 class Outcome(str, Enum):
@@ -156,12 +187,31 @@ class LinkReset(str, Enum):
 
 
 class Rejection(str, Enum):
-    """Why a received message was refused without being acted on."""
+    """Why a received message was refused without being acted on.
+
+    The first group is decided before a message reaches the machine (the HTTP layer, ``auth.py``),
+    the rest by ``BalancingMachine.handle``.
+    """
 
     MALFORMED = "malformed"
+    # This substation has no PEER_KEY: it can check no signature, so it takes no message.
+    PEERING_OFF = "peering_off"
+    # Unsigned, or not signed with the group's key, or changed on the way.
+    BAD_SIGNATURE = "bad_signature"
+    # Signed too long ago (or too far ahead) for this node's clock: a replay, or clocks apart.
+    STALE_TIMESTAMP = "stale_timestamp"
+    # The message's ``sender`` (or a poll answer's id) is not the one that signed it.
+    SENDER_MISMATCH = "sender_mismatch"
     UNKNOWN_SENDER = "unknown_sender"
+    IMPLAUSIBLE_PHASE = "implausible_phase"
+    IMPLAUSIBLE_EPOCH = "implausible_epoch"
     # The sender still speaks for a link this node has since reset; it will learn the new epoch.
     STALE_LINK = "stale_link"
+    # Handled once already: acknowledged, not acted on again.
+    DUPLICATE = "duplicate"
+    NOT_LEADER = "not_leader"
+    AMOUNT_OUT_OF_BOUNDS = "amount_out_of_bounds"
+    UNSOLICITED_SELECT = "unsolicited_select"
 
 
 @dataclass(frozen=True)
@@ -252,9 +302,17 @@ class LoadTable:
 class BalancingMachine:
     """The peer-balancing state of one substation; see the module docstring."""
 
-    def __init__(self, node_id: str, params: BalancingParams, epoch_origin: float = 0.0) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        params: BalancingParams,
+        epoch_origin: float = 0.0,
+        schedule: PhaseSchedule | None = None,
+    ) -> None:
+        """``schedule`` tells the phase the local clock is in, to check received phases against."""
         self.node_id = node_id
         self.params = params
+        self.schedule = schedule
         # Links to peers first seen get this epoch: a restarted node's start time beats its old links.
         self.epoch_origin = epoch_origin
         self.state = NodeState.NORMAL
@@ -268,7 +326,15 @@ class BalancingMachine:
         # Offers released at the last collected state; an answer may still come for them.
         self._expired: dict[str, Migration] = {}
         self._draft_ages: dict[str, float] | None = None
+        # The demand peers the open Draft Request went to: only they may answer it.
+        self._draft_requested: set[str] = set()
         self._migrations_offered = 0
+        # (supplier, phase, round) of each Draft Request this node answered with a need -> the link's epoch then.
+        self._solicited: dict[tuple[str, int, int], float] = {}
+        # Messages handled, by duplicate key -> their phase (to forget them once out of the window).
+        self._seen: dict[tuple, int] = {}
+        # The local clock at the message being handled, when the caller gave it.
+        self._now: float | None = None
         self.sent: Counter[str] = Counter()
         self.received: Counter[str] = Counter()
         self.rejected: Counter[Rejection] = Counter()
@@ -343,10 +409,17 @@ class BalancingMachine:
 
     # ----- group membership ----------------------------------------------------------------
 
-    def peer_seen(self, peer_id: str, link_epoch: float | None = None) -> None:
-        """The peer answered; ``link_epoch`` is its epoch for the link to this node, if it has one."""
+    def peer_seen(self, peer_id: str, link_epoch: float | None = None, now: float | None = None) -> None:
+        """The peer answered; ``link_epoch`` is its epoch for the link to this node, if it has one.
+
+        An epoch that is not finite or ahead of ``now`` (the local clock) by more than the clock
+        tolerance is not adopted, and counted: adopting it would end the link's resets for good.
+        """
         if peer_id == self.node_id:
             return
+        if link_epoch is not None and not self._plausible_epoch(link_epoch, now):
+            self.rejected[Rejection.IMPLAUSIBLE_EPOCH] += 1
+            link_epoch = None
         view = self.peers.get(peer_id)
         if view is None:
             view = self.peers[peer_id] = PeerView(epoch=self.epoch_origin)
@@ -374,6 +447,10 @@ class BalancingMachine:
         view = self.peers.get(peer_id)
         if view is None:
             return False
+        if link_epoch is not None and not self._plausible_epoch(link_epoch, now):
+            return False  # peer_seen counted it; an epoch nobody adopts says nothing about this link
+        if peer_flow_kw is not None and not math.isfinite(peer_flow_kw):
+            peer_flow_kw = None
         agree = (
             not view.member
             or link_epoch != view.epoch  # the older side adopts the newer epoch first
@@ -406,6 +483,9 @@ class BalancingMachine:
                     self.outcomes[Outcome.ROLLED_BACK] += 1
         if self._draft_ages is not None:
             self._draft_ages.pop(peer_id, None)
+        # Draft Ages sent on the old link solicit nothing on the new one.
+        for key in [key for key in self._solicited if key[0] == peer_id]:
+            del self._solicited[key]
 
     # ----- the rounds of a phase -----------------------------------------------------------
 
@@ -423,6 +503,8 @@ class BalancingMachine:
         self.readings = readings
         # An offer round not closed by now is abandoned: its ages are a round old.
         self._draft_ages = None
+        self._draft_requested = set()
+        self._forget_before(phase - PHASE_WINDOW)
         previous = self.state
         self.state = classify(readings.net_generation_kw, self.gateway_kw, self.step_kw)
         if not self.params.enabled:
@@ -468,6 +550,7 @@ class BalancingMachine:
         if not demand or not self._invariant_allows():
             return []
         self._draft_ages = {}
+        self._draft_requested = set(demand)
         return [self._to(peer, lambda header: DraftRequest(**header)) for peer in demand]
 
     def _invariant_allows(self) -> bool:
@@ -489,22 +572,82 @@ class BalancingMachine:
     def reject_malformed(self) -> None:
         self.rejected[Rejection.MALFORMED] += 1
 
-    def handle(self, message: Message, readings: Readings) -> Delivery:
+    def count_rejection(self, reason: Rejection) -> None:
+        """A message refused before it reached the machine (no key, bad signature...)."""
+        self.rejected[reason] += 1
+
+    def handle(self, message: Message, readings: Readings, now: float | None = None) -> Delivery:
+        """Check a received message (see the module docstring) and act on it if it passes.
+
+        ``now`` is the local clock, seconds since the epoch. Without it (the in-memory tests) the
+        phase is checked against the last round begun and the epoch only for being finite.
+        """
         view = self.peers.get(message.sender)
         if view is None or not view.member:
-            self.rejected[Rejection.UNKNOWN_SENDER] += 1
-            return Delivery(rejected=Rejection.UNKNOWN_SENDER)
+            return self._reject(Rejection.UNKNOWN_SENDER)
+        if not self._plausible_slot(message.phase, message.round, now):
+            return self._reject(Rejection.IMPLAUSIBLE_PHASE)
+        if not self._plausible_epoch(message.epoch, now):
+            return self._reject(Rejection.IMPLAUSIBLE_EPOCH)
         if message.epoch < view.epoch:
-            self.rejected[Rejection.STALE_LINK] += 1
-            return Delivery(rejected=Rejection.STALE_LINK)
+            return self._reject(Rejection.STALE_LINK)
+        key = _duplicate_key(message)
+        if key in self._seen:
+            return self._reject(Rejection.DUPLICATE)
+        violation = self._violation(message)
+        if violation is not None:
+            return self._reject(violation)
         if message.epoch > view.epoch:
             self._reset_link(message.sender, message.epoch)
+        self._remember(key, message.phase)
         self.received[message.type] += 1
         self.readings = readings
+        self._now = now
         delivery = self._HANDLERS[message.type](self, message, view)
         if delivery.ignored:
             self.ignored[delivery.ignored] += 1
         return delivery
+
+    def _reject(self, reason: Rejection) -> Delivery:
+        self.rejected[reason] += 1
+        return Delivery(rejected=reason)
+
+    def _plausible_slot(self, phase: int, round_: int, now: float | None) -> bool:
+        reference = self.phase
+        if self.schedule is not None:
+            if round_ >= self.schedule.rounds_per_phase:
+                return False
+            if now is not None:
+                reference = self.schedule.phase_at(now)
+        return abs(phase - reference) <= PHASE_WINDOW
+
+    def _plausible_epoch(self, epoch: float, now: float | None) -> bool:
+        # Epochs are start times and reset times read from the clock: never far ahead of a peer's clock.
+        if not math.isfinite(epoch) or epoch < 0:
+            return False
+        return now is None or epoch <= now + self.params.clock_tolerance_seconds
+
+    def _violation(self, message: Message) -> Rejection | None:
+        if isinstance(message, CollectedState) and message.sender != self.leader:
+            return Rejection.NOT_LEADER
+        if isinstance(message, (DraftSelect, DraftAccept, TooLate)):
+            if not 0 < message.amount <= self.step_kw + FLOW_TOLERANCE_KW:
+                return Rejection.AMOUNT_OUT_OF_BOUNDS
+        if isinstance(message, DraftSelect):
+            # Only a supplier this node told its need, for that very request and link, may offer it power.
+            if self._solicited.get((message.sender, message.phase, message.round)) != message.epoch:
+                return Rejection.UNSOLICITED_SELECT
+        return None
+
+    def _remember(self, key: tuple, phase: int) -> None:
+        self._seen[key] = phase
+        while len(self._seen) > MAX_REMEMBERED_MESSAGES:
+            del self._seen[next(iter(self._seen))]
+
+    def _forget_before(self, phase: int) -> None:
+        """Messages older than this phase are refused as implausible: no need to remember them."""
+        self._seen = {key: seen for key, seen in self._seen.items() if seen >= phase}
+        self._solicited = {key: epoch for key, epoch in self._solicited.items() if key[1] >= phase}
 
     def _on_state_change(self, message: StateChange, view: PeerView) -> Delivery:
         view.state = message.state
@@ -516,15 +659,23 @@ class BalancingMachine:
         state_now = classify(self.readings.net_generation_kw, self.gateway_kw, self.step_kw)
         if self.params.enabled and state_now is NodeState.DEMAND:
             age = self.gateway_kw - self.readings.net_generation_kw
+        if age > 0:
+            # The supplier may now offer one step for this request (see _violation).
+            self._solicited[(message.sender, message.phase, message.round)] = view.epoch
         return Delivery([self._to(message.sender, lambda header: DraftAge(**header, age=age))])
 
     def _on_draft_age(self, message: DraftAge, view: PeerView) -> Delivery:
         if self._draft_ages is None:
             return Delivery(ignored="no_open_request")
+        if message.sender not in self._draft_requested:
+            # A peer this round's request did not go to must not draw the offer to itself.
+            return Delivery(ignored="not_requested")
         self._draft_ages[message.sender] = message.age
         return Delivery()
 
     def _on_draft_select(self, message: DraftSelect, view: PeerView) -> Delivery:
+        # One Draft Age, one offer: a second select for the same request is unsolicited.
+        del self._solicited[(message.sender, message.phase, message.round)]
         if self.params.malicious:
             return Delivery(ignored="dropped_by_malicious_flag")
         amount = message.amount
@@ -539,7 +690,7 @@ class BalancingMachine:
         migration = self._resolve(message)
         if migration is None:
             # The receiver has taken a step this node does not send; ignoring it would leave it so for good.
-            self._bump_link(message.sender, LinkReset.LATE_ACCEPT)
+            self._bump_link(message.sender, LinkReset.LATE_ACCEPT, self._now)
             return Delivery(link_reset=LinkReset.LATE_ACCEPT)
         view.flow_kw += migration.amount_kw
         self.outcomes[Outcome.ACCEPTED] += 1
@@ -597,3 +748,8 @@ class BalancingMachine:
         self, build: Callable[[dict], Message], phase: int | None = None, round_: int | None = None
     ) -> list[Outgoing]:
         return [self._to(peer, build, phase, round_) for peer in self.members]
+
+
+def _duplicate_key(message: Message) -> tuple:
+    """What makes a message the same one again: a peer sends each at most once per round."""
+    return (message.sender, message.type, message.phase, message.round, getattr(message, "migration", None))

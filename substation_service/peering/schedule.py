@@ -42,11 +42,15 @@ class PhaseSchedule:
             rounds += 1
         return rounds
 
+    def phase_at(self, moment: float) -> int:
+        """The phase the wall clock is in at ``moment``."""
+        return math.floor(moment / self.phase_seconds)
+
     def slot(self, phase: int, round_: int) -> Slot:
         return Slot(phase, round_, phase * self.phase_seconds + round_ * self.round_seconds)
 
     def first_slot_at_or_after(self, moment: float) -> Slot:
-        phase = math.floor(moment / self.phase_seconds)
+        phase = self.phase_at(moment)
         for round_ in range(self.rounds_per_phase):
             candidate = self.slot(phase, round_)
             if candidate.starts_at >= moment:
