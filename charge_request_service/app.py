@@ -7,6 +7,7 @@ from flask import Flask
 
 from charge_request_service.balancer import BalancerClient
 from charge_request_service.config import Settings
+from charge_request_service.limits import install_rate_limits
 from charge_request_service.metrics import ChargeMetrics
 from charge_request_service.queue import WaitingQueue
 from charge_request_service.routes import EXTENSION_KEY, SERVICE_NAME, ChargeService, blueprint
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None, start_background: bool = True, 
     service = build_service(settings, clock)
     app.extensions[EXTENSION_KEY] = service
     app.register_blueprint(blueprint)
+    install_rate_limits(app, settings)
     if start_background:
         service.dispatcher.start()
     return app

@@ -11,6 +11,10 @@
 | `MAX_QUEUED`              | `1000`                  | Most requests that may wait for power at once (`"wait": true`); past it, 503 `queue_full` |
 | `QUEUE_TIMEOUT_SECONDS`   | `300`                   | Longest a request waits for power before it expires           |
 | `QUEUE_RETRY_SECONDS`     | `1`                     | How often the request at the head of the queue is offered to the balancer while the grid is full |
+| `ADMIN_TOKEN`             | (empty)                 | Operator token: lists every session (`GET /sessions`) and reads or stops any one; empty turns that off (403) |
+| `RATE_LIMIT_PER_VEHICLE`  | `2/second;30/minute`    | Charge requests one vehicle may send (Flask-Limiter syntax, `;` between limits); set but empty turns it off |
+| `RATE_LIMIT_PER_CLIENT`   | (empty)                 | Charge requests one client address may send; empty (off) because one charge-point backend may speak for thousands of vehicles |
+| `RATE_LIMIT_STORAGE_URI`  | `memory://`             | Where the limits count: `memory://` (this process) or `redis://host:6379` (shared by several) |
 | `LOG_LEVEL`               | `info`                  | Python log level, shared with gunicorn                        |
 
 `HOST`, `PORT` and `THREADS` are gunicorn's (gridcommon/gunicorn_conf.py).
@@ -20,7 +24,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gridcommon.settings import env_base_url, env_float, env_int, env_log_level
+from limits import parse_many
+
+from gridcommon.settings import SettingsError, env_base_url, env_float, env_int, env_log_level, env_str
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
 
 
@@ -35,6 +41,10 @@ class Settings:
     max_queued: int = 1000
     queue_timeout_seconds: float = 300.0
     queue_retry_seconds: float = 1.0
+    admin_token: str = ""
+    rate_limit_per_vehicle: str = "2/second;30/minute"
+    rate_limit_per_client: str = ""
+    rate_limit_storage_uri: str = "memory://"
     log_level: str = "info"
 
     @classmethod
@@ -51,9 +61,26 @@ class Settings:
             queue_timeout_seconds=env_float(env, "QUEUE_TIMEOUT_SECONDS", cls.queue_timeout_seconds, minimum=0.1),
             queue_retry_seconds=env_float(env, "QUEUE_RETRY_SECONDS", cls.queue_retry_seconds, minimum=0.05,
                                           maximum=60),
+            admin_token=env_str(env, "ADMIN_TOKEN", ""),
+            rate_limit_per_vehicle=_rate_limit(env, "RATE_LIMIT_PER_VEHICLE", cls.rate_limit_per_vehicle),
+            rate_limit_per_client=_rate_limit(env, "RATE_LIMIT_PER_CLIENT", cls.rate_limit_per_client),
+            rate_limit_storage_uri=env_str(env, "RATE_LIMIT_STORAGE_URI", cls.rate_limit_storage_uri),
             log_level=env_log_level(env),
         )
 
 
 def _timeout(env: Mapping[str, str], name: str, default: float) -> float:
     return env_float(env, name, default, minimum=0.01, maximum=300)
+
+
+def _rate_limit(env: Mapping[str, str], name: str, default: str) -> str:
+    # Set but empty means "no limit", which is how a limit on by default is turned off.
+    value = env[name].strip() if name in env else default
+    if value:
+        try:
+            parse_many(value)
+        except ValueError:
+            raise SettingsError(
+                f"{name} must be rate limits such as '2/second;30/minute' (or empty for none); got {value!r}"
+            ) from None
+    return value

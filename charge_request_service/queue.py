@@ -37,6 +37,8 @@ class QueuedRequest:
     expires_at: datetime
     # Arrival order; positions are computed from it.
     sequence: int
+    # SHA-256 of the session_token its client got: the session it becomes keeps it.
+    token_digest: str | None = None
 
     @property
     def session_id(self) -> str:
@@ -75,7 +77,7 @@ class WaitingQueue:
         with self._lock:
             return len(self._entries)
 
-    def add(self, request: ChargeRequest) -> tuple[QueuedRequest, int]:
+    def add(self, request: ChargeRequest, token_digest: str | None = None) -> tuple[QueuedRequest, int]:
         """Queue a request that carries its session id; ``(entry, position)``; raises ``QueueFull``."""
         if request.session_id is None:
             raise ValueError("a queued request needs its session id")
@@ -83,7 +85,7 @@ class WaitingQueue:
             if len(self._entries) >= self._max_queued:
                 raise QueueFull(self._max_queued)
             now = self._clock()
-            entry = QueuedRequest(request, now, now + self._timeout, self._next_sequence)
+            entry = QueuedRequest(request, now, now + self._timeout, self._next_sequence, token_digest)
             self._next_sequence += 1
             self._entries[entry.session_id] = entry
             return entry, self._position_locked(entry)

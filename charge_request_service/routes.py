@@ -9,12 +9,14 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from charge_request_service.access import new_session_token, require_session_access, require_some_credential
 from charge_request_service.balancer import BalancerClient, BalancerReply, BalancerUnavailable
 from charge_request_service.config import Settings
 from charge_request_service.metrics import ChargeMetrics
 from charge_request_service.queue import QueueFull, WaitingQueue
 from charge_request_service.sessions import ChargeSession, InvalidAdmission, SessionTracker, format_time
 from charge_request_service.waiting import Dispatcher
+from gridcommon.auth import require_operator
 from gridcommon.validation import ChargeRequest
 from gridcommon.web import ApiError, charge_from_body, error_response, json_object_body, metrics_response
 
@@ -52,12 +54,14 @@ def _count_charge_request(response: Response) -> Response:
 @blueprint.errorhandler(BalancerUnavailable)
 def _balancer_unavailable(exc: BalancerUnavailable) -> Response:
     charge_service().metrics.balancer_failed()
+    # The details (URLs, what broke) are for the operator's log, not for the public answer.
     log.warning("%s %s failed: %s", request.method, request.path, exc)
     return error_response(
         502,
         "load_balancer_unavailable",
-        f"Could not complete the request: {exc}. Retry in a few seconds; if it keeps failing, check that the "
-        "load balancer (LOAD_BALANCER_URL) is running: GET /status shows whether it answers.",
+        "The grid's load balancer could not be reached or did not answer in time, so the request could not "
+        "be completed. Retry in a few seconds; if it keeps failing, tell the operator (GET /status shows "
+        "whether the load balancer answers).",
     )
 
 
@@ -80,11 +84,12 @@ def admitted_session(reply: BalancerReply) -> ChargeSession:
 def active_session(current: ChargeService, session_id: str) -> ChargeSession:
     session = current.tracker.get(session_id)
     if session is None:
+        require_some_credential()
         raise ApiError(
             404,
             "session_not_found",
             f"No active session {session_id!r} here: it was never started through this service, has ended or "
-            "was stopped. GET /sessions lists the active ones.",
+            "was stopped.",
             session_id=session_id,
         )
     return session
@@ -104,11 +109,12 @@ def start_charging() -> Response:
     charge = charge_from_body(body, current.settings.max_amount_kw, current.settings.max_session_seconds)
     # This service names the session, so it can ask about it and stop exactly it later.
     charge = replace(charge, session_id=uuid.uuid4().hex)
+    token, digest = new_session_token()
     waiting = len(current.queue)
     if waiting:
         # First come, first served: nobody overtakes a vehicle that is already waiting.
         if wait:
-            return queued(current, charge)
+            return queued(current, charge, token, digest)
         raise ApiError(
             503,
             "no_capacity",
@@ -118,7 +124,7 @@ def start_charging() -> Response:
         ).with_header("Retry-After", str(max(1, round(current.settings.queue_retry_seconds))))
     reply = current.balancer.start_charge(charge)
     if reply.status == 503 and wait:
-        return queued(current, charge)
+        return queued(current, charge, token, digest)
     if reply.status != 201:
         log.info(
             "vehicle %s, %g kW not admitted (HTTP %s): %s",
@@ -128,7 +134,7 @@ def start_charging() -> Response:
             reply.body["message"],
         )
         return passed_on(reply)
-    session = admitted_session(reply)
+    session = admitted_session(reply).with_token(digest)
     current.tracker.record(session)
     log.info(
         "session %s started: vehicle %s, up to %g kW at %s until %s",
@@ -138,13 +144,15 @@ def start_charging() -> Response:
         session.substation,
         format_time(session.ends_at),
     )
-    return passed_on(reply)
+    response = passed_on(reply)
+    response.set_data(jsonify({**reply.body, "session_token": token}).get_data())
+    return response
 
 
-def queued(current: ChargeService, charge: ChargeRequest) -> Response:
+def queued(current: ChargeService, charge: ChargeRequest, token: str, digest: str) -> Response:
     """202: the request waits for power; its Location tells how it is doing."""
     try:
-        entry, position = current.queue.add(charge)
+        entry, position = current.queue.add(charge, digest)
     except QueueFull as exc:
         retry_after = max(1, round(current.settings.queue_retry_seconds))
         raise ApiError(
@@ -154,7 +162,7 @@ def queued(current: ChargeService, charge: ChargeRequest) -> Response:
         current.dispatcher.request_queued()
     log.info("vehicle %s, %g kW waits for power as session %s (position %d)",
              charge.vehicle_id, charge.amount_kw, entry.session_id, position)
-    response = jsonify(entry.as_json(position))
+    response = jsonify({**entry.as_json(position), "session_token": token})
     response.status_code = 202
     response.headers["Location"] = f"/sessions/{entry.session_id}"
     return response
@@ -162,7 +170,9 @@ def queued(current: ChargeService, charge: ChargeRequest) -> Response:
 
 @blueprint.get("/sessions")
 def list_sessions() -> Response:
+    """Every active session: the operator's view, since it names every vehicle."""
     current = charge_service()
+    require_operator(current.settings.admin_token, "charge request service")
     now = current.tracker.now()
     return jsonify({"sessions": [session.as_json(now) for session in current.tracker.active()]})
 
@@ -171,17 +181,21 @@ def list_sessions() -> Response:
 def show_session(session_id: str) -> Response:
     """Queued, charging, suspended, ended, expired or cancelled: the session as it is now."""
     current = charge_service()
+    admin_token = current.settings.admin_token
     waiting = current.queue.get(session_id)
     if waiting is not None:
         entry, position = waiting
+        require_session_access(entry.token_digest, admin_token)
         return jsonify(entry.as_json(position))
     with_history = request.args.get("history") in {"1", "true"}
     session = current.tracker.get(session_id)
     if session is not None:
+        require_session_access(session.token_digest, admin_token)
         body = session.as_json(current.tracker.now())
         return jsonify({**body, **live_record(current, session, with_history)})
     finished = current.tracker.finished(session_id)
     if finished is None:
+        require_some_credential()
         raise ApiError(
             404,
             "session_not_found",
@@ -189,6 +203,7 @@ def show_session(session_id: str) -> Response:
             "ago to be kept.",
             session_id=session_id,
         )
+    require_session_access(finished.token_digest, admin_token)
     body = finished.as_json()
     if finished.session is None:
         return jsonify(body)
@@ -221,15 +236,21 @@ def live_record(current: ChargeService, session: ChargeSession, with_history: bo
 @blueprint.delete("/sessions/<session_id>")
 def stop_session(session_id: str) -> Response:
     current = charge_service()
-    waiting = current.queue.remove(session_id)
+    waiting = current.queue.get(session_id)
     if waiting is not None:
+        require_session_access(waiting[0].token_digest, current.settings.admin_token)
+    waiting_entry = current.queue.remove(session_id) if waiting is not None else None
+    if waiting_entry is not None:
+        waiting = waiting_entry
         current.tracker.finish_waiting(
-            session_id, waiting.request.vehicle_id, waiting.request.amount_kw, "cancelled", waiting.queued_at
+            session_id, waiting.request.vehicle_id, waiting.request.amount_kw, "cancelled", waiting.queued_at,
+            waiting.token_digest,
         )
         current.metrics.left_queue("cancelled", max(0.0, (current.tracker.now() - waiting.queued_at).total_seconds()))
         log.info("queued request %s cancelled by its client", session_id)
         return jsonify({"session_id": session_id, "state": "cancelled", "vehicle_id": waiting.request.vehicle_id})
     session = active_session(current, session_id)
+    require_session_access(session.token_digest, current.settings.admin_token)
     # A failed call raises before forget(), so the session stays tracked and the client can retry.
     reply = current.balancer.stop_charge(session.substation, session.session_id)
     current.tracker.forget(session_id)

@@ -40,6 +40,8 @@ class ChargeSession:
     ends_at: datetime
     # When it joined the queue, for a session that waited for power.
     queued_at: datetime | None = None
+    # SHA-256 of the session_token its client got (charge_request_service.access).
+    token_digest: str | None = None
 
     @classmethod
     def from_admission(cls, body: Mapping[str, Any]) -> "ChargeSession":
@@ -64,6 +66,9 @@ class ChargeSession:
 
     def waited(self, queued_at: datetime) -> "ChargeSession":
         return replace(self, queued_at=queued_at)
+
+    def with_token(self, token_digest: str) -> "ChargeSession":
+        return replace(self, token_digest=token_digest)
 
     @property
     def queue_wait_seconds(self) -> float | None:
@@ -103,6 +108,7 @@ class FinishedSession:
     session: ChargeSession | None = None
     queued_at: datetime | None = None
     final: Mapping[str, Any] | None = None
+    token_digest: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"session_id": self.session_id, "vehicle_id": self.vehicle_id, "amount": self.amount_kw}
@@ -198,15 +204,17 @@ class SessionTracker:
                 self._keep_finished(FinishedSession(
                     session.session_id, session.vehicle_id, session.amount_kw, "stopped", now, session,
                     session.queued_at,
+                    token_digest=session.token_digest,
                 ))
             return session
 
     def finish_waiting(self, session_id: str, vehicle_id: str, amount_kw: float, state: str,
-                       queued_at: datetime) -> None:
+                       queued_at: datetime, token_digest: str | None) -> None:
         """Record how a request that never started left the queue: ``expired`` or ``cancelled``."""
         with self._lock:
             self._keep_finished(FinishedSession(
                 session_id, vehicle_id, amount_kw, state, self._clock(), queued_at=queued_at,
+                token_digest=token_digest,
             ))
 
     def finished(self, session_id: str) -> FinishedSession | None:
@@ -241,4 +249,5 @@ class SessionTracker:
                 self._expired += 1
                 self._keep_finished(FinishedSession(
                     session_id, session.vehicle_id, session.amount_kw, "ended", ends_at, session, session.queued_at,
+                    token_digest=session.token_digest,
                 ))

@@ -68,7 +68,8 @@ class Dispatcher:
         """Expire what waited too long, then offer the head once; True when it started."""
         for entry in self._queue.expire():
             self._tracker.finish_waiting(
-                entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "expired", entry.queued_at
+                entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "expired", entry.queued_at,
+                entry.token_digest,
             )
             self._metrics.left_queue("expired", self._waited(entry))
             log.info("queued request %s of vehicle %s expired after waiting its time",
@@ -88,7 +89,8 @@ class Dispatcher:
             # Validated before it was queued, so a refusal now is the balancer's view of it: tell the client.
             self._queue.remove(entry.session_id)
             self._tracker.finish_waiting(
-                entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "cancelled", entry.queued_at
+                entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "cancelled", entry.queued_at,
+                entry.token_digest,
             )
             self._metrics.left_queue("cancelled", self._waited(entry))
             log.warning("queued request %s was refused (HTTP %s): %s", entry.session_id, reply.status,
@@ -96,6 +98,8 @@ class Dispatcher:
             return True
         try:
             session = ChargeSession.from_admission(reply.body).waited(entry.queued_at)
+            if entry.token_digest is not None:
+                session = session.with_token(entry.token_digest)
         except InvalidAdmission as exc:
             log.error("the balancer admitted queued request %s but its answer is unusable: %s",
                       entry.session_id, exc)

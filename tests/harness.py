@@ -20,6 +20,9 @@ import requests
 from gridcommon.promtext import Scrape, parse_metrics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The operator token of the stacks the tests start: it may list, read and stop every session.
+OPERATOR_TOKEN = "test-operator-token"
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 GUNICORN_CONF = "python:gridcommon.gunicorn_conf"
 
 
@@ -54,8 +57,8 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> floa
     raise AssertionError(f"{what}: not within {timeout:g} s")
 
 
-def get_json(url: str, timeout: float = 5.0) -> Any:
-    response = requests.get(url, timeout=timeout)
+def get_json(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> Any:
+    response = requests.get(url, timeout=timeout, headers=headers)
     response.raise_for_status()
     return response.json()
 
@@ -239,7 +242,7 @@ def start_stack(
         charge = Service(
             name="charge-request-service",
             app="charge_request_service:create_app()",
-            env={"LOAD_BALANCER_URL": balancer.url, **(charge_env or {})},
+            env={"LOAD_BALANCER_URL": balancer.url, "ADMIN_TOKEN": OPERATOR_TOKEN, **(charge_env or {})},
             log_dir=log_dir,
         )
         started.append(charge.start())

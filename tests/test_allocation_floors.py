@@ -20,7 +20,7 @@ import requests
 
 from substation_service.peering.power import parse_profile
 from tests.allocation_audit import Sampler, history_breaches, jain_index
-from tests.harness import Service, Stack, start_all, wait_for
+from tests.harness import OPERATOR, Service, Stack, start_all, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +87,7 @@ def send_all(stack: Stack, bodies: list[dict], concurrency: int) -> list[request
 
 
 def final_record(stack: Stack, session_id: str) -> dict:
-    return requests.get(f"{stack.charge.url}/sessions/{session_id}", timeout=5).json()
+    return requests.get(f"{stack.charge.url}/sessions/{session_id}", headers=OPERATOR, timeout=5).json()
 
 
 def assert_no_breach(stack: Stack, sampler: Sampler) -> int:

@@ -11,7 +11,7 @@ import requests
 
 from charge_request_service.queue import QueueFull, WaitingQueue
 from gridcommon.validation import ChargeRequest
-from tests.harness import Stack, scrape, sessions_at, start_stack, wait_for
+from tests.harness import OPERATOR, Stack, scrape, sessions_at, start_stack, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ def charge(stack: Stack, vehicle: str, wait: bool | None = None, duration: float
 
 
 def session(stack: Stack, session_id: str) -> dict:
-    return requests.get(f"{stack.charge.url}/sessions/{session_id}", timeout=5).json()
+    return requests.get(f"{stack.charge.url}/sessions/{session_id}", headers=OPERATOR, timeout=5).json()
 
 
 def test_a_full_grid_queues_who_asks_to_wait_and_starts_them_in_order(small_grid: Stack) -> None:
@@ -125,7 +125,7 @@ def test_a_waiting_request_can_be_cancelled_and_a_full_queue_refuses(small_grid:
     assert full.status_code == 503 and full.json()["error"] == "queue_full"
     assert int(full.headers["Retry-After"]) >= 1
 
-    cancelled = requests.delete(f"{small_grid.charge.url}/sessions/{waiting[0]['session_id']}", timeout=5)
+    cancelled = requests.delete(f"{small_grid.charge.url}/sessions/{waiting[0]['session_id']}", headers=OPERATOR, timeout=5)
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     assert session(small_grid, waiting[0]["session_id"])["state"] == "cancelled"
     assert session(small_grid, waiting[2]["session_id"])["position"] == 2
@@ -163,7 +163,7 @@ def test_a_request_cancelled_while_it_is_being_started_leaves_no_session(small_g
     def cancel_when_room_frees() -> None:
         time.sleep(0.95)
         outcome["status"] = requests.delete(
-            f"{small_grid.charge.url}/sessions/{waiting['session_id']}", timeout=5
+            f"{small_grid.charge.url}/sessions/{waiting['session_id']}", headers=OPERATOR, timeout=5
         ).status_code
 
     thread = threading.Thread(target=cancel_when_room_frees)

@@ -39,7 +39,7 @@ from typing import Any, Self
 import pytest
 import requests
 
-from tests.harness import Service, get_json, scrape, sessions_at, start_all, wait_for
+from tests.harness import OPERATOR, Service, get_json, scrape, sessions_at, start_all, wait_for
 from tests.netns import LanHost, VirtualLan, virtual_lan
 
 pytestmark = pytest.mark.integration
@@ -357,7 +357,7 @@ def assert_views_agree(grid: Grid, replies: list[Reply]) -> None:
     # Nothing is in flight any more: a reservation left behind would count a request twice.
     entries = get_json(f"{grid.balancer.url}/status")["substations"]
     assert [(e["reserved_kw"], e["in_flight"]) for e in entries] == [(0.0, 0)] * len(entries), entries
-    known = {session["session_id"] for session in get_json(f"{grid.charge.url}/sessions")["sessions"]}
+    known = {session["session_id"] for session in get_json(f"{grid.charge.url}/sessions", headers=OPERATOR)["sessions"]}
     assert known == {reply.body["session_id"] for reply in replies if reply.status == 201}
 
 
