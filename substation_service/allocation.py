@@ -153,6 +153,19 @@ class ChargingSet:
         """True when a new session of this minimum fits beside everyone's minimum, nobody waiting."""
         return not self._suspended and self._minimum_total + minimum <= self._limit
 
+    def restore(self, members: list[Member], suspended_in_order: list[str], limit_mw: int) -> None:
+        """Take back sessions read from disk: the suspended ones in the order they were suspended."""
+        suspended = set(suspended_in_order)
+        for member in members:
+            self._members[member.key] = member
+            if member.key not in suspended:
+                self._start_charging(member)
+        for key in suspended_in_order:
+            self._suspended[key] = None
+            self._suspended_minimum_total += self._members[key].minimum_mw
+        self._limit = max(0, limit_mw)
+        self._reallocate()
+
     def rebuild_minimums(self) -> None:
         """Recount the minimums after the members' ``minimum_mw`` changed (a switch of policy)."""
         self._minimum_total = sum(self._members[key].minimum_mw for key in self._charging)

@@ -1,6 +1,7 @@
 """The substation's Flask application factory."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -16,6 +17,9 @@ from substation_service.peering import build_peering, install_peering
 from substation_service.peering.machine import Readings
 from substation_service.peering.transport import MESSAGES_PATH
 from substation_service.routes import EXTENSION_KEY, Substation, blueprint
+from substation_service.store import LedgerStore, StoreError
+
+log = logging.getLogger("substation")
 
 
 def create_app(settings: Settings | None = None, start_background: bool = True, *, clock: Clock | None = None) -> Flask:
@@ -69,6 +73,7 @@ def peering_readings(ledger: Ledger) -> Readings:
 def build_substation(settings: Settings, clock: Clock | None) -> Substation:
     # The gauges read the ledger at scrape time; the ledger reports finished sessions to the metrics.
     metrics = SubstationMetrics(settings.substation_id, snapshot=lambda: ledger.snapshot())
+    store = open_store(settings)
     ledger = Ledger(
         settings.capacity_kw,
         settings.session_seconds,
@@ -79,5 +84,30 @@ def build_substation(settings: Settings, clock: Clock | None) -> Substation:
         on_session_finished=metrics.session_finished,
         # The longest a session can last: a late copy of a request is refused for at least that long.
         retire_ids_for_seconds=settings.max_session_seconds,
+        store=store,
+        substation_id=settings.substation_id,
     )
+    if store is not None:
+        snapshot = ledger.snapshot()
+        log.info(
+            "state kept in %s: %d active session(s), %g kW allocated, state version %d",
+            store.path, snapshot.active_chargers, snapshot.load_kw, snapshot.state_version,
+        )
     return Substation(settings=settings, ledger=ledger, metrics=metrics)
+
+
+def open_store(settings: Settings) -> LedgerStore | None:
+    """The durable ledger under STATE_DIR; a state that cannot be used stops the substation.
+
+    Starting with an empty ledger instead would report 0 kW while vehicles charge, and the
+    balancer would route a whole capacity to it again.
+    """
+    path = settings.state_file
+    if path is None:
+        return None
+    try:
+        return LedgerStore(path, settings.substation_id, full_sync=settings.state_full_sync)
+    except StoreError as exc:
+        # Raised on: gunicorn then reports a worker that failed to boot and exits non-zero.
+        log.critical("%s cannot start: %s", settings.substation_id, exc)
+        raise

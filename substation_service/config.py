@@ -11,6 +11,8 @@
 | `ALLOCATION_POLICY`   | `fair_share`                 | `fair_share`: every session gets between `MIN_CHARGE_KW` and its amount, the rest shared max-min fairly; `strict`: its whole amount or it is refused |
 | `MIN_CHARGE_KW`       | `1.4`                        | Least power a charging session gets under `fair_share` (6 A single phase); a session asking less gets what it asks |
 | `ADMIN_TOKEN`         | (empty)                      | Operator token of `PUT`/`DELETE /limit`; empty turns the operator API off (403) |
+| `STATE_DIR`           | (empty)                      | Folder of the durable ledger (`<SUBSTATION_ID>.sqlite3`, SQLite in WAL mode); empty keeps state in memory only |
+| `STATE_SYNC`          | `normal`                     | `normal` survives a killed process; `full` also a power cut (an fsync per change) |
 | `LOG_LEVEL`           | `info`                       | Python log level, shared with gunicorn                         |
 
 Peer balancing, local generation and storage have settings of their own
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from gridcommon.settings import SettingsError, env_choice, env_float, env_int, env_str, env_log_level
@@ -47,7 +50,13 @@ class Settings:
     allocation_policy: AllocationPolicy = AllocationPolicy.FAIR_SHARE
     min_charge_kw: float = 1.4
     admin_token: str = ""
+    state_dir: str = ""
+    state_full_sync: bool = False
     peering: PeeringSettings = field(default_factory=PeeringSettings)
+
+    @property
+    def state_file(self) -> Path | None:
+        return Path(self.state_dir) / f"{self.substation_id}.sqlite3" if self.state_dir else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
@@ -78,5 +87,7 @@ class Settings:
             ),
             min_charge_kw=env_float(env, "MIN_CHARGE_KW", cls.min_charge_kw, minimum=0.001),
             admin_token=env_str(env, "ADMIN_TOKEN", ""),
+            state_dir=env_str(env, "STATE_DIR", ""),
+            state_full_sync=env_choice(env, "STATE_SYNC", "normal", ("normal", "full")) == "full",
             peering=PeeringSettings.from_env(env),
         )

@@ -47,6 +47,7 @@ from substation_service.allocation import (
     to_mw,
 )
 from substation_service.peering.power import LocalPower
+from substation_service.store import SCHEMA_VERSION, LedgerStore, StoredSession, StoredState
 
 Clock = Callable[[], float]
 
@@ -57,6 +58,8 @@ PROFILE_STEP_EPSILON_SECONDS = 1e-3
 ENDED_SESSIONS_KEPT = 10_000
 HISTORY_POINTS_KEPT = 1_000
 LIMIT_HISTORY_KEPT = 10_000
+# How often the store forgets what no longer needs keeping (ended sessions past the last kept, ...).
+TRIM_EVERY_FINISHES = 1_000
 SECONDS_PER_HOUR = 3600.0
 
 
@@ -279,11 +282,17 @@ class RetiredIds:
         self._limit = limit
         self._forget_at: OrderedDict[str, float] = OrderedDict()
 
-    def add(self, session_id: str, now: float) -> None:
+    def add(self, session_id: str, now: float) -> float:
+        """Retire the id; returns when it will be forgotten."""
         self._forget_at.pop(session_id, None)
-        self._forget_at[session_id] = now + self._keep_seconds
+        forget_at = self._forget_at[session_id] = now + self._keep_seconds
         while len(self._forget_at) > self._limit:
             self._forget_at.popitem(last=False)
+        return forget_at
+
+    def restore(self, entries: list[tuple[str, float]]) -> None:
+        for session_id, forget_at in entries:  # in time order, as they were added
+            self._forget_at[session_id] = forget_at
 
     def holds(self, session_id: str, now: float) -> bool:
         # Entries were added in time order, so the expired ones are at the front.
@@ -320,6 +329,25 @@ class _LevelHistory:
     def __init__(self, at: float) -> None:
         self._points: deque[tuple[float, int | None]] = deque([(at, None)])
         self._base = 0
+        # The first position changed since the store was last told (None: nothing changed).
+        self.dirty_from: int | None = 0
+
+    def restore(self, points: list[tuple[int, float, int | None]]) -> None:
+        self._base = points[0][0]
+        self._points = deque((at, level) for _, at, level in points)
+        self.dirty_from = None
+
+    def changed_points(self) -> tuple[int, list[tuple[int, float, int | None]]] | None:
+        """``(from, points)`` changed since the last call, for the store; None when nothing did."""
+        if self.dirty_from is None:
+            return None
+        start = max(self.dirty_from, self._base)
+        points = [(position, *self._points[position - self._base]) for position in range(start, self.last_position + 1)]
+        self.dirty_from = None
+        return start, points
+
+    def _touch(self, position: int) -> None:
+        self.dirty_from = position if self.dirty_from is None else min(self.dirty_from, position)
 
     @property
     def last_position(self) -> int:
@@ -330,11 +358,13 @@ class _LevelHistory:
         if last_level == level_mw:
             return
         if last_at == at:
+            self._touch(self.last_position)
             self._points[-1] = (at, level_mw)  # several changes at one instant: the last one holds
             if len(self._points) > 1 and self._points[-2][1] == level_mw:
                 self._points.pop()
             return
         self._points.append((at, level_mw))
+        self._touch(self.last_position)
 
     def prune_before(self, position: int) -> None:
         while self._base < position and len(self._points) > 1:
@@ -366,7 +396,11 @@ class Ledger:
         min_charge_kw: float = 1.4,
         on_session_finished: SessionFinished | None = None,
         retire_ids_for_seconds: float = 3600.0,
+        store: LedgerStore | None = None,
+        substation_id: str = "",
     ) -> None:
+        """With a ``store`` every change is committed to it before the ledger answers, and a ledger
+        opened on a store that holds state carries on where that one stopped (see ``_restore``)."""
         if capacity_kw < 0:
             raise ValueError(f"capacity_kw must be at least 0, got {capacity_kw}")
         if default_duration_seconds <= 0:
@@ -400,10 +434,18 @@ class Ledger:
         self._retired = RetiredIds(retire_ids_for_seconds)
         self._ended: OrderedDict[str, SessionReport] = OrderedDict()
         self._limit_history: deque[tuple[float, float, str]] = deque(maxlen=LIMIT_HISTORY_KEPT)
-        self._apply_limit(now)
-        self._state_version = 0  # the first limit is where the ledger starts, not a change
         # Sessions ended under the lock, reported once it is released.
         self._unreported: list[tuple[Session, float]] = []
+        self._store = store
+        self._substation_id = substation_id
+        self._finished_since_trim = 0
+        state = store.load() if store is not None else None
+        if state is not None and not state.empty:
+            self._restore(state, now)
+        else:
+            self._apply_limit(now)
+            self._state_version = 0  # the first limit is where the ledger starts, not a change
+        self._flush(now)
 
     # ----- sessions --------------------------------------------------------------------------
 
@@ -445,6 +487,11 @@ class Ledger:
             self._levels.record(now, self._set.level_mw)
             entry = _Entry(session, member, self._levels.last_position, [(now, True)])
             self._sessions[session.session_id] = entry
+            if self._store is not None:
+                self._store.admit(StoredSession(
+                    session.session_id, vehicle_id, amount_kw, session.started_at, session.ends_at,
+                    member.order, entry.start_position, entry.state_changes,
+                ))
             self._requested_mw += amount_mw
             heapq.heappush(self._ends, (session.ends_at, session.session_id))
             self._state_version += 1
@@ -464,7 +511,7 @@ class Ledger:
         with self._current() as now:
             entry = self._sessions.get(session_id)
             if entry is None:
-                self._retired.add(session_id, now)
+                self._retire(session_id, now)
                 raise UnknownSession(session_id)
             report = self._finish(entry, now, reason="stopped")
             return Release(report, now, self._snapshot(now))
@@ -549,7 +596,11 @@ class Ledger:
                 now = max(self._clock(), self._time)
                 self._play_events_until(now)
                 self._advance_energy(now)
-                yield now
+                try:
+                    yield now
+                finally:
+                    # Committed before anyone is answered, whether the change succeeded or was refused.
+                    self._flush(now)
         finally:
             self._report_finished()
 
@@ -593,6 +644,8 @@ class Ledger:
         self._record_state_changes(at, suspended, resumed)
         if not self._limit_history or self._limit_history[-1][1:] != (parts.limit_kw, parts.source.value):
             self._limit_history.append((at, parts.limit_kw, parts.source.value))
+            if self._store is not None:
+                self._store.limit(at, parts.limit_kw, parts.source.value)
         if suspended or resumed or (previous_level, previous_limit) != (self._set.level_mw, self._set.limit_mw):
             self._state_version += 1
 
@@ -604,18 +657,27 @@ class Ledger:
         suspended, resumed = self._set.remove(session.session_id)
         self._record_state_changes(now, suspended, resumed)
         self._keep_ended(ended)
-        self._retired.add(session.session_id, now)
+        self._retire(session.session_id, now)
+        if self._store is not None:
+            self._store.ended(session.session_id, now, report_to_json(ended))
+            self._finished_since_trim += 1
         self._state_version += 1
         self._unreported.append((session, now - session.started_at))
         self._prune_levels()
         return ended
 
     def _record_state_changes(self, at: float, suspended: list[str], resumed: list[str]) -> None:
-        for key in suspended:
-            self._sessions[key].state_changes.append((at, False))
-        for key in resumed:
-            self._sessions[key].state_changes.append((at, True))
+        for key, charging in [*((key, False) for key in suspended), *((key, True) for key in resumed)]:
+            entry = self._sessions[key]
+            entry.state_changes.append((at, charging))
+            if self._store is not None:
+                self._store.state_changed(key, entry.state_changes)
         self._levels.record(at, self._set.level_mw)
+
+    def _retire(self, session_id: str, now: float) -> None:
+        forget_at = self._retired.add(session_id, now)
+        if self._store is not None:
+            self._store.retire(session_id, forget_at)
 
     def _keep_ended(self, report: SessionReport) -> None:
         self._ended[report.session.session_id] = report
@@ -624,7 +686,84 @@ class Ledger:
 
     def _prune_levels(self) -> None:
         oldest = next(iter(self._sessions.values()), None)
-        self._levels.prune_before(oldest.start_position if oldest else self._levels.last_position)
+        position = oldest.start_position if oldest else self._levels.last_position
+        self._levels.prune_before(position)
+        if self._store is not None:
+            self._store.prune_levels_before(position)
+
+    # ----- the store ----------------------------------------------------------------------------
+
+    def _flush(self, now: float) -> None:
+        """Commit what changed to the store (under the lock, before anyone is answered)."""
+        if self._store is None:
+            return
+        changed = self._levels.changed_points()
+        if changed is not None:
+            self._store.levels_from(*changed)
+        if self._finished_since_trim >= TRIM_EVERY_FINISHES:
+            self._store.trim(now, ENDED_SESSIONS_KEPT, LIMIT_HISTORY_KEPT)
+            self._finished_since_trim = 0
+        self._store.meta({
+            "schema_version": SCHEMA_VERSION,
+            "substation_id": self._substation_id,
+            "state_version": self._state_version,
+            "time": self._time,
+            "energy_mws": self._energy_mws,
+            "admitted": self._admitted,
+            "operator_limit_kw": self._operator_limit_kw,
+            "peer_kw": self._peer_kw,
+        })
+        self._store.commit()
+
+    def _restore(self, state: StoredState, now: float) -> None:
+        """Carry on from what the store holds: its sessions, histories and counters.
+
+        The ledger resumes at the moment of its last change and plays what happened
+        since (sessions that ended while it was down end at their ``ends_at``, profile
+        steps at their time), so the first answer after a restart carries the true
+        load. Power from peers is not counted any more: the links start over.
+        """
+        meta = state.meta
+        self._state_version = meta["state_version"]
+        self._time = meta["time"]
+        self._energy_mws = meta["energy_mws"]
+        self._admitted = meta["admitted"]
+        self._operator_limit_kw = meta["operator_limit_kw"]
+        self._peer_kw = meta["peer_kw"]
+        self._generation_kw = self._power.generation_at(self._time + PROFILE_STEP_EPSILON_SECONDS)
+        self._next_step_at = self._power.next_change_after(self._time + PROFILE_STEP_EPSILON_SECONDS)
+        if state.levels:
+            self._levels.restore(state.levels)
+        members = []
+        suspended: list[tuple[float, str]] = []
+        for stored in state.active:
+            session = Session(stored.session_id, stored.vehicle_id, stored.amount_kw, stored.started_at,
+                              stored.ends_at)
+            amount = amount_to_mw(stored.amount_kw)
+            member = Member(stored.session_id, amount, minimum_mw(self.policy, amount, self._min_charge_mw),
+                            stored.admitted)
+            self._sessions[session.session_id] = _Entry(session, member, stored.start_position,
+                                                        list(stored.state_changes))
+            self._requested_mw += amount
+            heapq.heappush(self._ends, (session.ends_at, session.session_id))
+            members.append(member)
+            last_at, charging = stored.state_changes[-1]
+            if not charging:
+                # Suspended at one instant means newest first: the order they were suspended in.
+                suspended.append((last_at, -stored.admitted, stored.session_id))
+        self._set.restore(members, [key for *_, key in sorted(suspended)], to_mw(self._parts().limit_kw))
+        for record in state.ended[-ENDED_SESSIONS_KEPT:]:
+            report = report_from_json(record)
+            self._ended[report.session.session_id] = report
+        self._retired.restore(state.retired)
+        self._limit_history.extend(state.limits)
+        self._apply_limit(self._time)
+        self._play_events_until(now)
+        self._advance_energy(now)
+        if self._peer_kw:
+            self._peer_kw = 0.0
+            self._apply_limit(now)
+        self._state_version += 1  # a restart is a change: every view of the old process is older
 
     def _next_end_at(self) -> float | None:
         # Stopped sessions leave their entry in the heap; drop those that reached the top.
@@ -732,3 +871,37 @@ def _merge_points(points: list[tuple[float, float]]) -> list[tuple[float, float]
             continue
         merged.append((at, kw))
     return merged
+
+
+def report_to_json(report: SessionReport) -> dict:
+    """A finished session's report as the store keeps it."""
+    session = report.session
+    return {
+        "session_id": session.session_id,
+        "vehicle_id": session.vehicle_id,
+        "amount_kw": session.amount_kw,
+        "started_at": session.started_at,
+        "ends_at": session.ends_at,
+        "minimum_kw": report.minimum_kw,
+        "energy_kwh": report.energy_kwh,
+        "suspended_seconds": report.suspended_seconds,
+        "history": [list(point) for point in report.history or ()],
+        "ended_at": report.ended_at,
+        "end_reason": report.end_reason,
+    }
+
+
+def report_from_json(record: dict) -> SessionReport:
+    session = Session(record["session_id"], record["vehicle_id"], record["amount_kw"], record["started_at"],
+                      record["ends_at"])
+    return SessionReport(
+        session=session,
+        state=SessionState.ENDED,
+        allocated_kw=0.0,
+        minimum_kw=record["minimum_kw"],
+        energy_kwh=record["energy_kwh"],
+        suspended_seconds=record["suspended_seconds"],
+        history=tuple((at, kw) for at, kw in record["history"]),
+        ended_at=record["ended_at"],
+        end_reason=record["end_reason"],
+    )

@@ -1,0 +1,206 @@
+"""The substation's ledger on disk: SQLite (stdlib ``sqlite3``) in WAL mode. Plain Python, no Flask.
+
+Every change the ledger makes (an admission, an end, a stop, a suspension, a
+change of limit) is written in one transaction that is committed before the
+ledger answers, so a process killed at any moment comes back with every
+session it ever admitted. ``synchronous=NORMAL`` in WAL mode survives a
+crashed or killed process; ``STATE_SYNC=full`` also survives a power cut,
+at the cost of an fsync per change.
+
+What is kept: the active sessions (with their suspensions), the fair-share
+level's history since the oldest of them started (their allocation
+histories are derived from it), the last ended sessions with their final
+records, the retired ids, the limit's history and the counters
+(``state_version``, energy). A store belongs to one substation: opening it
+under another ``SUBSTATION_ID`` is refused.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    vehicle_id TEXT NOT NULL,
+    amount_kw REAL NOT NULL,
+    started_at REAL NOT NULL,
+    ends_at REAL NOT NULL,
+    admitted INTEGER NOT NULL,
+    start_position INTEGER NOT NULL,
+    state_changes TEXT NOT NULL,
+    ended_at REAL,
+    report TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_by_end ON sessions (ended_at);
+CREATE TABLE IF NOT EXISTS levels (position INTEGER PRIMARY KEY, at REAL NOT NULL, level_mw INTEGER);
+CREATE TABLE IF NOT EXISTS limits (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,
+                                   limit_kw REAL NOT NULL, source TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS retired (session_id TEXT PRIMARY KEY, forget_at REAL NOT NULL);
+"""
+
+
+class StoreError(RuntimeError):
+    """The state cannot be opened or written; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class StoredSession:
+    session_id: str
+    vehicle_id: str
+    amount_kw: float
+    started_at: float
+    ends_at: float
+    admitted: int
+    start_position: int
+    state_changes: list[tuple[float, bool]]
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """Everything a ledger needs to carry on where it stopped."""
+
+    meta: dict[str, Any]
+    active: list[StoredSession]
+    levels: list[tuple[int, float, int | None]]
+    ended: list[dict[str, Any]]
+    retired: list[tuple[str, float]]
+    limits: list[tuple[float, float, str]]
+
+    @property
+    def empty(self) -> bool:
+        return not self.meta
+
+
+class LedgerStore:
+    """One substation's SQLite file; not thread-safe: the ledger uses it under its own lock."""
+
+    def __init__(self, path: Path, substation_id: str, full_sync: bool = False) -> None:
+        self.path = path
+        self._substation_id = substation_id
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # check_same_thread off: gunicorn's threads take turns under the ledger's lock.
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if full_sync else 'NORMAL'}")
+            self._db.executescript(SCHEMA)
+            self._check_owner()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"the state file {path} cannot be used ({exc}). If it is damaged, move it away (the substation "
+                "then starts with no sessions) or restore it from a backup; check that the folder is writable."
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"the state folder {path.parent} cannot be used ({exc}): check STATE_DIR") from None
+        self._pending: list[tuple[str, Iterable[Any]]] = []
+
+    def _check_owner(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'substation_id'").fetchone()
+        if row is not None and json.loads(row[0]) != self._substation_id:
+            raise StoreError(
+                f"the state file {self.path} belongs to {json.loads(row[0])!r}, not {self._substation_id!r}: give "
+                "each substation its own STATE_DIR"
+            )
+        version = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if version is not None and json.loads(version[0]) != SCHEMA_VERSION:
+            raise StoreError(
+                f"the state file {self.path} has schema {version[0]}, this substation reads {SCHEMA_VERSION}"
+            )
+
+    # ----- reading ---------------------------------------------------------------------------
+
+    def load(self) -> StoredState:
+        db = self._db
+        meta = {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
+        active = [
+            StoredSession(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
+                          [(at, bool(charging)) for at, charging in json.loads(row[7])])
+            for row in db.execute(
+                "SELECT session_id, vehicle_id, amount_kw, started_at, ends_at, admitted, start_position, "
+                "state_changes FROM sessions WHERE ended_at IS NULL ORDER BY admitted"
+            )
+        ]
+        levels = list(db.execute("SELECT position, at, level_mw FROM levels ORDER BY position"))
+        ended = [json.loads(row[0]) for row in db.execute(
+            "SELECT report FROM sessions WHERE ended_at IS NOT NULL ORDER BY ended_at, admitted"
+        )]
+        retired = list(db.execute("SELECT session_id, forget_at FROM retired ORDER BY forget_at"))
+        limits = list(db.execute("SELECT at, limit_kw, source FROM limits ORDER BY id"))
+        return StoredState(meta, active, levels, ended, retired, limits)
+
+    # ----- writing: queued by the ledger during one change, committed at its end ------------
+
+    def admit(self, session: StoredSession) -> None:
+        self._pending.append((
+            "INSERT INTO sessions (session_id, vehicle_id, amount_kw, started_at, ends_at, admitted, "
+            "start_position, state_changes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (session.session_id, session.vehicle_id, session.amount_kw, session.started_at, session.ends_at,
+             session.admitted, session.start_position, json.dumps(session.state_changes)),
+        ))
+
+    def state_changed(self, session_id: str, state_changes: list[tuple[float, bool]]) -> None:
+        self._pending.append(
+            ("UPDATE sessions SET state_changes = ? WHERE session_id = ?", (json.dumps(state_changes), session_id))
+        )
+
+    def ended(self, session_id: str, ended_at: float, report: dict[str, Any]) -> None:
+        self._pending.append(
+            ("UPDATE sessions SET ended_at = ?, report = ? WHERE session_id = ?",
+             (ended_at, json.dumps(report), session_id))
+        )
+
+    def levels_from(self, position: int, points: list[tuple[int, float, int | None]]) -> None:
+        """Replace the level history from ``position`` on with ``points``."""
+        self._pending.append(("DELETE FROM levels WHERE position >= ?", (position,)))
+        for point in points:
+            self._pending.append(("INSERT INTO levels (position, at, level_mw) VALUES (?, ?, ?)", point))
+
+    def prune_levels_before(self, position: int) -> None:
+        self._pending.append(("DELETE FROM levels WHERE position < ?", (position,)))
+
+    def limit(self, at: float, limit_kw: float, source: str) -> None:
+        self._pending.append(("INSERT INTO limits (at, limit_kw, source) VALUES (?, ?, ?)", (at, limit_kw, source)))
+
+    def retire(self, session_id: str, forget_at: float) -> None:
+        self._pending.append(
+            ("INSERT OR REPLACE INTO retired (session_id, forget_at) VALUES (?, ?)", (session_id, forget_at))
+        )
+
+    def meta(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            self._pending.append(
+                ("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            )
+
+    def trim(self, now: float, ended_kept: int, limits_kept: int) -> None:
+        """Forget what no longer needs keeping: old ended sessions and limits, retired ids past their time."""
+        self._pending += [
+            ("DELETE FROM retired WHERE forget_at <= ?", (now,)),
+            ("DELETE FROM sessions WHERE ended_at IS NOT NULL AND session_id IN (SELECT session_id FROM sessions "
+             "WHERE ended_at IS NOT NULL ORDER BY ended_at DESC LIMIT -1 OFFSET ?)", (ended_kept,)),
+            ("DELETE FROM limits WHERE id <= (SELECT MAX(id) FROM limits) - ?", (limits_kept,)),
+        ]
+
+    def commit(self) -> None:
+        """Write every queued change in one transaction; raises ``StoreError`` if it cannot."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        try:
+            with self._db:  # BEGIN ... COMMIT, or ROLLBACK on error
+                self._db.execute("BEGIN IMMEDIATE")
+                for sql, params in pending:
+                    self._db.execute(sql, tuple(params))
+        except sqlite3.Error as exc:
+            raise StoreError(f"could not write the state file {self.path} ({exc}): is the disk full?") from None
+
+    def close(self) -> None:
+        self._db.close()

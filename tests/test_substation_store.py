@@ -1,0 +1,140 @@
+"""The substation's durable ledger: what a restart keeps, and what it refuses to start from."""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from substation_service.ledger import CapacityExceeded, Ledger, SessionIdRetired, SessionState
+from substation_service.peering.power import LocalPower, parse_profile
+from substation_service.store import LedgerStore, StoreError
+from tests.harness import REPO_ROOT, free_port
+from tests.substation_support import FakeClock
+
+ID = "substation-9"
+
+
+def open_ledger(path: Path, clock: FakeClock, **options) -> Ledger:
+    return Ledger(20.0, 60.0, clock=clock, store=LedgerStore(path, ID), substation_id=ID, **options)
+
+
+def test_a_new_store_creates_its_schema_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "state" / f"{ID}.sqlite3"
+    open_ledger(path, FakeClock())
+    db = sqlite3.connect(path)
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"meta", "sessions", "levels", "limits", "retired"} <= tables
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_restart_carries_on_with_every_session_its_load_and_its_counters(tmp_path: Path) -> None:
+    path, clock = tmp_path / "ledger.sqlite3", FakeClock()
+    before = open_ledger(path, clock)
+    ids = []
+    for index in range(3):
+        ids.append(before.admit(f"ev-{index}", 10.0).session.session_id)
+        clock.advance(1)
+    before.set_operator_limit(12.0)
+    clock.advance(5)
+    kept = before.snapshot()
+
+    after = open_ledger(path, clock)  # the old process is gone without a word
+    snapshot = after.snapshot()
+    assert (snapshot.load_kw, snapshot.requested_kw, snapshot.active_chargers) == (12.0, 30.0, 3)
+    assert snapshot.limit_source.value == "operator"
+    assert snapshot.state_version > kept.state_version  # a restart never looks older to the balancer
+    assert snapshot.energy_kwh == pytest.approx(kept.energy_kwh)
+    assert [s.session_id for s in after.sessions()] == ids
+    history = after.session(ids[0]).history
+    assert [kw for _, kw in history] == [10.0, 6.666666, 4.0]
+
+
+def test_sessions_that_ended_while_it_was_down_end_at_their_time(tmp_path: Path) -> None:
+    path, clock = tmp_path / "ledger.sqlite3", FakeClock()
+    before = open_ledger(path, clock)
+    short = before.admit("ev-short", 10.0, duration_seconds=10).session.session_id
+    long = before.admit("ev-long", 15.0, duration_seconds=600).session.session_id
+    ended_at = clock.now + 10
+    clock.advance(100)
+
+    after = open_ledger(path, clock)
+    report = after.session(short)
+    assert (report.state, report.ended_at, report.end_reason) == (SessionState.ENDED, ended_at, "completed")
+    assert after.session(long).allocated_kw == 15.0
+    with pytest.raises(SessionIdRetired):
+        after.admit("ev-short", 10.0, session_id=short)  # a late copy of its request is still refused
+
+
+def test_suspended_sessions_and_retired_ids_survive_a_restart(tmp_path: Path) -> None:
+    path, clock = tmp_path / "ledger.sqlite3", FakeClock()
+    before = open_ledger(path, clock, min_charge_kw=4.0)
+    ids = [before.admit(f"ev-{index}", 8.0).session.session_id for index in range(4)]
+    with pytest.raises(KeyError):
+        before.release("never-arrived")
+    before.set_operator_limit(8.0)  # two minimums fit: the two newest are suspended
+    clock.advance(3)
+
+    after = open_ledger(path, clock, min_charge_kw=4.0)
+    states = [after.session(i).state for i in ids]
+    assert states == [SessionState.CHARGING] * 2 + [SessionState.SUSPENDED] * 2
+    with pytest.raises(CapacityExceeded):
+        after.admit("ev-new", 8.0)
+    with pytest.raises(SessionIdRetired):
+        after.admit("ev-x", 8.0, session_id="never-arrived")
+    after.set_operator_limit(12.0)  # room for one more: the one suspended first (the newest, ev-3) resumes
+    assert after.session(ids[3]).state is SessionState.CHARGING
+    assert after.session(ids[3]).suspended_seconds == pytest.approx(3.0)
+
+
+def test_a_generation_step_during_the_downtime_is_played_at_its_time(tmp_path: Path) -> None:
+    path, clock = tmp_path / "ledger.sqlite3", FakeClock(start=0.0)
+    power = LocalPower(profile=parse_profile("0:10,12:0", day_seconds=240.0))  # 10 kW until 120 s
+    before = Ledger(20.0, 600.0, clock=clock, power=power, store=LedgerStore(path, ID), substation_id=ID)
+    session_id = before.admit("ev-1", 30.0).session.session_id
+    clock.advance(200)
+    after = Ledger(20.0, 600.0, clock=clock, power=power, store=LedgerStore(path, ID), substation_id=ID)
+    assert after.session(session_id).history == ((0.0, 30.0), (120.0, 20.0))
+
+
+def test_a_store_of_another_substation_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    open_ledger(path, FakeClock())
+    with pytest.raises(StoreError, match="belongs to 'substation-9'"):
+        LedgerStore(path, "substation-1")
+
+
+def test_a_corrupt_store_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    path.write_bytes(b"this is not a database, it is a shopping list" * 100)
+    with pytest.raises(StoreError, match="cannot be used .*move it away"):
+        LedgerStore(path, ID)
+
+
+def start_substation(state_dir: Path, log: Path) -> subprocess.CompletedProcess:
+    env = {
+        "PATH": str(Path(sys.executable).parent), "HOME": str(state_dir), "SUBSTATION_ID": ID,
+        "STATE_DIR": str(state_dir), "PORT": str(free_port()), "HOST": "127.0.0.1",
+    }
+    with log.open("w") as out:
+        return subprocess.run(
+            [sys.executable, "-m", "gunicorn", "-c", "python:gridcommon.gunicorn_conf", "substation_service:create_app()"],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=30,
+        )
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "unwritable"])
+def test_a_substation_whose_state_cannot_be_used_does_not_start(tmp_path: Path, damage: str) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    if damage == "corrupt":
+        (state_dir / f"{ID}.sqlite3").write_bytes(b"\x00garbage" * 512)
+    else:
+        (state_dir / f"{ID}.sqlite3").mkdir()  # a folder where the file should be: nothing can open it
+    log = tmp_path / "substation.log"
+    finished = start_substation(state_dir, log)
+    assert finished.returncode != 0
+    text = log.read_text()
+    assert "cannot start" in text and str(state_dir) in text, text[-2000:]
