@@ -2,7 +2,7 @@
 
 | Variable                  | Default                 | Meaning                                                       |
 |---------------------------|-------------------------|---------------------------------------------------------------|
-| `LOAD_BALANCER_URL`       | `http://127.0.0.1:5002` | Base URL of the load balancer that charge requests go to      |
+| `LOAD_BALANCER_URL`       | `http://127.0.0.1:5002` | Base URLs of the load balancers, comma-separated: calls fail over from one to the next |
 | `MAX_AMOUNT_KW`           | `350`                   | Largest `amount` (kW) a request may ask for                   |
 | `MAX_SESSION_SECONDS`     | `3600`                  | Longest `duration_seconds` a request may ask for              |
 | `CONNECT_TIMEOUT_SECONDS` | `1`                     | Time allowed to open a connection to the balancer             |
@@ -15,6 +15,9 @@
 | `RATE_LIMIT_PER_VEHICLE`  | `2/second;30/minute`    | Charge requests one vehicle may send (Flask-Limiter syntax, `;` between limits); set but empty turns it off |
 | `RATE_LIMIT_PER_CLIENT`   | (empty)                 | Charge requests one client address may send; empty (off) because one charge-point backend may speak for thousands of vehicles |
 | `RATE_LIMIT_STORAGE_URI`  | `memory://`             | Where the limits count: `memory://` (this process) or `redis://host:6379` (shared by several) |
+| `STATE_DIR`               | (empty)                 | Folder of the durable records (`charge_request_service.sqlite3`): sessions, queue, idempotency answers; empty keeps them in memory |
+| `STATE_SYNC`              | `normal`                | `normal` survives a killed process; `full` also a power cut   |
+| `RECONCILE_SECONDS`       | `30`                    | How often sessions are checked against the substations (and at start) |
 | `LOG_LEVEL`               | `info`                  | Python log level, shared with gunicorn                        |
 
 `HOST`, `PORT` and `THREADS` are gunicorn's (gridcommon/gunicorn_conf.py).
@@ -23,10 +26,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from limits import parse_many
 
-from gridcommon.settings import SettingsError, env_base_url, env_float, env_int, env_log_level, env_str
+from gridcommon.settings import (
+    SettingsError,
+    env_base_urls,
+    env_choice,
+    env_float,
+    env_int,
+    env_log_level,
+    env_str,
+)
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
 
 
@@ -45,13 +57,25 @@ class Settings:
     rate_limit_per_vehicle: str = "2/second;30/minute"
     rate_limit_per_client: str = ""
     rate_limit_storage_uri: str = "memory://"
+    state_dir: str = ""
+    state_full_sync: bool = False
+    reconcile_seconds: float = 30.0
     log_level: str = "info"
+
+    @property
+    def load_balancer_urls(self) -> tuple[str, ...]:
+        return tuple(url.strip().rstrip("/") for url in self.load_balancer_url.split(",") if url.strip())
+
+    @property
+    def state_file(self) -> Path | None:
+        return Path(self.state_dir) / "charge_request_service.sqlite3" if self.state_dir else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
         """Read every setting; raises ``SettingsError`` naming the variable that is wrong."""
         return cls(
-            load_balancer_url=env_base_url(env, "LOAD_BALANCER_URL", cls.load_balancer_url),
+            load_balancer_url=",".join(env_base_urls(env, "LOAD_BALANCER_URL", cls.load_balancer_url))
+            or cls.load_balancer_url,
             max_amount_kw=env_float(env, "MAX_AMOUNT_KW", cls.max_amount_kw, minimum=0.001),
             max_session_seconds=env_float(env, "MAX_SESSION_SECONDS", cls.max_session_seconds, minimum=1),
             connect_timeout_seconds=_timeout(env, "CONNECT_TIMEOUT_SECONDS", cls.connect_timeout_seconds),
@@ -65,6 +89,9 @@ class Settings:
             rate_limit_per_vehicle=_rate_limit(env, "RATE_LIMIT_PER_VEHICLE", cls.rate_limit_per_vehicle),
             rate_limit_per_client=_rate_limit(env, "RATE_LIMIT_PER_CLIENT", cls.rate_limit_per_client),
             rate_limit_storage_uri=env_str(env, "RATE_LIMIT_STORAGE_URI", cls.rate_limit_storage_uri),
+            state_dir=env_str(env, "STATE_DIR", ""),
+            state_full_sync=env_choice(env, "STATE_SYNC", "normal", ("normal", "full")) == "full",
+            reconcile_seconds=env_float(env, "RECONCILE_SECONDS", cls.reconcile_seconds, minimum=0.1),
             log_level=env_log_level(env),
         )
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from gridcommon.timefmt import format_time
+from gridcommon.timefmt import format_time, parse_time
 from gridcommon.validation import ChargeRequest
 
 Clock = Callable[[], datetime]
@@ -44,6 +44,14 @@ class QueuedRequest:
     def session_id(self) -> str:
         assert self.request.session_id is not None
         return self.request.session_id
+
+    def to_record(self) -> dict[str, object]:
+        """What the store keeps, to queue it again in its place after a restart."""
+        return {
+            "vehicle_id": self.request.vehicle_id, "request": self.request.as_json(),
+            "queued_at": format_time(self.queued_at), "expires_at": format_time(self.expires_at),
+            "token_digest": self.token_digest,
+        }
 
     def as_json(self, position: int) -> dict[str, object]:
         return {
@@ -89,6 +97,18 @@ class WaitingQueue:
             self._next_sequence += 1
             self._entries[entry.session_id] = entry
             return entry, self._position_locked(entry)
+
+    def restore(self, records: list[dict]) -> None:
+        """Queue again, in their order, the requests a previous process had queued."""
+        with self._lock:
+            for record in sorted(records, key=lambda r: r["queued_at"]):
+                body = record["request"]
+                request = ChargeRequest(body["vehicle_id"], body["amount"], body.get("duration_seconds"),
+                                        body["session_id"])
+                entry = QueuedRequest(request, parse_time(record["queued_at"]), parse_time(record["expires_at"]),
+                                      self._next_sequence, record.get("token_digest"))
+                self._next_sequence += 1
+                self._entries[entry.session_id] = entry
 
     def get(self, session_id: str) -> tuple[QueuedRequest, int] | None:
         """The waiting request and its position (1 = next), or None if it is not waiting."""

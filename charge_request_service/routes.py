@@ -10,11 +10,19 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from charge_request_service.access import new_session_token, require_session_access, require_some_credential
-from charge_request_service.balancer import BalancerClient, BalancerReply, BalancerUnavailable
+from charge_request_service.balancer import BalancerClient, BalancerReply, BalancerUnavailable, NoAnswer
+from charge_request_service.idempotency import KEY_HEADER, KEY_PATTERN, Idempotency, KeyBusy, KeyMisused, fingerprint
 from charge_request_service.config import Settings
 from charge_request_service.metrics import ChargeMetrics
 from charge_request_service.queue import QueueFull, WaitingQueue
-from charge_request_service.sessions import ChargeSession, InvalidAdmission, SessionTracker, format_time
+from charge_request_service.reconcile import Reconciler
+from charge_request_service.sessions import (
+    ChargeSession,
+    InvalidAdmission,
+    SessionTracker,
+    VehicleBusy,
+    format_time,
+)
 from charge_request_service.waiting import Dispatcher
 from gridcommon.auth import require_operator
 from gridcommon.validation import ChargeRequest
@@ -22,6 +30,8 @@ from gridcommon.web import ApiError, charge_from_body, error_response, json_obje
 
 EXTENSION_KEY = "charge_request_service"
 SERVICE_NAME = "charge_request_service"
+# Less time than this left after a lost answer is not worth a second attempt.
+RETRY_NEEDS_SECONDS = 1.0
 
 log = logging.getLogger("charge")
 blueprint = Blueprint("charge", __name__)
@@ -37,6 +47,8 @@ class ChargeService:
     metrics: ChargeMetrics
     queue: WaitingQueue
     dispatcher: Dispatcher
+    idempotency: Idempotency
+    reconciler: Reconciler
 
 
 def charge_service() -> ChargeService:
@@ -101,20 +113,69 @@ LIVE_FIELDS = ("state", "allocated_kw", "minimum_kw", "energy_kwh", "suspended_s
 
 @blueprint.post("/charge")
 def start_charging() -> Response:
+    """Charge, queue or refuse; with an ``Idempotency-Key``, a repeat gets the first answer again."""
     current = charge_service()
     body = json_object_body()
+    key = request.headers.get(KEY_HEADER)
+    if key is None:
+        return answer_charge(current, body)
+    if not KEY_PATTERN.fullmatch(key):
+        raise ApiError(400, "invalid_header", f"{KEY_HEADER} must be 1 to 255 printable ASCII characters.",
+                       field=KEY_HEADER)
+    body_print = fingerprint(body)
+    try:
+        stored = current.idempotency.begin(key, body_print)
+    except KeyMisused:
+        raise ApiError(422, "idempotency_key_reused", f"This {KEY_HEADER} was used before with another body. "
+                       "Use a new key for a new request.") from None
+    except KeyBusy:
+        raise ApiError(409, "idempotency_key_in_use", f"A request with this {KEY_HEADER} is still being "
+                       "answered. Retry in a moment to get its answer.").with_header("Retry-After", "1") from None
+    if stored is not None:
+        response = jsonify(stored.body)
+        response.status_code = stored.status
+        response.headers.update(stored.headers)
+        response.headers["Idempotent-Replayed"] = "true"
+        return response
+    try:
+        response = answer_charge(current, body)
+    except ApiError as exc:
+        response = error_response(exc.status, exc.error, exc.message, **exc.extra)
+        response.headers.update(exc.headers)
+    except BaseException:
+        current.idempotency.finish(key, body_print, 500, {}, {})  # not kept: a repeat tries again
+        raise
+    kept_headers = {name: response.headers[name] for name in ("Location", "Retry-After") if name in response.headers}
+    current.idempotency.finish(key, body_print, response.status_code, response.get_json(), kept_headers)
+    return response
+
+
+def answer_charge(current: ChargeService, body: dict[str, Any]) -> Response:
     wait = body.get("wait", False)
     if not isinstance(wait, bool):
         raise ApiError(400, "invalid_field", "wait, when given, must be true or false.", field="wait")
     charge = charge_from_body(body, current.settings.max_amount_kw, current.settings.max_session_seconds)
+    # The budget counts from when the request arrived; every hop after this one admits nothing past it.
+    deadline = time.time() - (time.perf_counter() - g.started) + current.settings.request_timeout_seconds
     # This service names the session, so it can ask about it and stop exactly it later.
     charge = replace(charge, session_id=uuid.uuid4().hex)
+    try:
+        current.tracker.reserve(charge.session_id, charge.vehicle_id, charge.amount_kw)
+    except VehicleBusy as busy:
+        raise ApiError(
+            409,
+            "vehicle_already_charging",
+            f"Vehicle {busy.vehicle_id} already has session {busy.session_id}, waiting or charging. One vehicle "
+            "has one session at a time: stop that one first (DELETE /sessions/<id>) or wait until it ends.",
+            session_id=busy.session_id,
+        ) from None
     token, digest = new_session_token()
     waiting = len(current.queue)
     if waiting:
         # First come, first served: nobody overtakes a vehicle that is already waiting.
         if wait:
             return queued(current, charge, token, digest)
+        current.tracker.release(charge.session_id)
         raise ApiError(
             503,
             "no_capacity",
@@ -122,10 +183,11 @@ def start_charging() -> Response:
             f"to join the queue, or retry later.",
             retry_after_seconds=max(1, round(current.settings.queue_retry_seconds)),
         ).with_header("Retry-After", str(max(1, round(current.settings.queue_retry_seconds))))
-    reply = current.balancer.start_charge(charge)
+    charge, reply = forward(current, charge, deadline)
     if reply.status == 503 and wait:
         return queued(current, charge, token, digest)
     if reply.status != 201:
+        current.tracker.release(charge.session_id)
         log.info(
             "vehicle %s, %g kW not admitted (HTTP %s): %s",
             charge.vehicle_id,
@@ -149,15 +211,49 @@ def start_charging() -> Response:
     return response
 
 
+def forward(current: ChargeService, charge: ChargeRequest, deadline: float) -> tuple[ChargeRequest, BalancerReply]:
+    """Send the request to a balancer; after a lost answer, stop that session everywhere and try again.
+
+    The retry carries a new session id: the old one is retired at every substation, so a copy
+    of it still on its way can never start a second session. Returns the request as last sent.
+    """
+    attempts = len(current.balancer.base_urls)
+    for attempt in range(attempts):
+        # Each balancer gets its share of what is left, so a silent one leaves time to ask the next.
+        attempt_deadline = time.time() + (deadline - time.time()) / (attempts - attempt)
+        try:
+            return charge, current.balancer.start_charge(charge, attempt_deadline)
+        except NoAnswer as exc:
+            log.warning("%s; stopping session %s wherever it is before trying again", exc, charge.session_id)
+            settled = current.balancer.stop_everywhere(charge.session_id)
+            if not settled:
+                # Kept as pending: the reconciler stops it once a balancer answers again.
+                raise
+            if attempt + 1 == attempts or deadline - time.time() < RETRY_NEEDS_SECONDS:
+                current.tracker.release(charge.session_id)
+                raise BalancerUnavailable(f"{exc}, and no time was left to try again") from None
+            renamed = replace(charge, session_id=uuid.uuid4().hex)
+            current.tracker.rekey(charge.session_id, renamed.session_id)
+            charge = renamed
+        except BalancerUnavailable:
+            # No balancer took the request at all: nothing can be charging under its id.
+            current.tracker.release(charge.session_id)
+            raise
+    current.tracker.release(charge.session_id)
+    raise BalancerUnavailable("every load balancer lost its answer to the request")
+
+
 def queued(current: ChargeService, charge: ChargeRequest, token: str, digest: str) -> Response:
     """202: the request waits for power; its Location tells how it is doing."""
     try:
         entry, position = current.queue.add(charge, digest)
     except QueueFull as exc:
+        current.tracker.release(charge.session_id)
         retry_after = max(1, round(current.settings.queue_retry_seconds))
         raise ApiError(
             503, "queue_full", f"{exc}. Retry in {retry_after} s or later.", retry_after_seconds=retry_after
         ).with_header("Retry-After", str(retry_after)) from None
+    current.tracker.queued(entry.session_id, entry.to_record())
     if position == 1:
         current.dispatcher.request_queued()
     log.info("vehicle %s, %g kW waits for power as session %s (position %d)",

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import requests
 
+from gridcommon.deadline import DEADLINE_HEADER, format_deadline
 from gridcommon.httpclient import HttpClient
 from gridcommon.validation import ChargeRequest, finite_number
 from load_balancer.lost_answers import LostAnswers, UnansweredForward
@@ -99,6 +100,8 @@ class _Search:
     admitted_at: str | None = None
     # The deadline cut the search short: a forward or a refresh was left out for lack of time.
     out_of_time: bool = False
+    # The caller's deadline in seconds since the epoch, passed on to the substations.
+    caller_deadline: float | None = None
 
 
 def observation_from_answer(body: dict[str, Any]) -> Observation:
@@ -196,11 +199,18 @@ class Router:
 
     # Charge requests --------------------------------------------------------
 
-    def route(self, request: ChargeRequest) -> RouteOutcome:
+    def route(self, request: ChargeRequest, deadline: float | None = None) -> RouteOutcome:
+        """Find a substation for ``request`` by ROUTE_DEADLINE_SECONDS, or by ``deadline`` if sooner.
+
+        ``deadline`` is the caller's, in seconds since the epoch (X-Request-Deadline); it is
+        passed on to the substations, which admit nothing after it.
+        """
         session_id = request.session_id or uuid.uuid4().hex
-        search = _Search(
-            replace(request, session_id=session_id), self._policy, deadline=self._clock() + self._deadline
-        )
+        own = self._clock() + self._deadline
+        if deadline is not None:
+            own = min(own, self._clock() + (deadline - time.time()))
+        search = _Search(replace(request, session_id=session_id), self._policy, deadline=own,
+                         caller_deadline=deadline)
         outcome = self._try_candidates(search)
         if outcome is None and self._refreshed_in_time(search):
             outcome = self._try_candidates(search)
@@ -260,7 +270,11 @@ class Router:
         search.attempts += 1
         amount = search.request.amount_kw
         try:
-            answer = self._call("POST", f"{candidate.url}/charge", json=search.request.as_json(), timeout=timeout)
+            deadline = search.caller_deadline if search.caller_deadline is not None else (
+                time.time() + self._time_left(search)
+            )
+            answer = self._call("POST", f"{candidate.url}/charge", json=search.request.as_json(), timeout=timeout,
+                                headers={DEADLINE_HEADER: format_deadline(deadline)})
             observation = observation_from_answer(answer.body) if answer.status in (201, 409) else None
         except (ForwardError, ValueError) as exc:
             # A timeout may hide an admission whose answer got lost: it is freed after a later poll.
@@ -365,6 +379,27 @@ class Router:
         except ForwardError as exc:
             self._mark_failed(substation, f"stopping session {session_id} at {substation.url} failed: {exc}")
             raise
+
+    def stop_everywhere(self, session_id: str) -> Answer | None:
+        """Stop ``session_id`` at every known substation; the stopping answer, or None if none held it.
+
+        Every substation asked retires the id, even one that did not hold it, so a copy
+        of its request still on its way is refused there.
+        """
+        stopped: Answer | None = None
+        for substation in self._view.snapshots():
+            if substation.substation_id is None:
+                continue
+            try:
+                answer = self._delete_session(substation.url, session_id)
+            except ForwardError as exc:
+                # Unreachable now: remembered, so the sweep after its next successful poll stops it there.
+                self._lost_answers.remember(substation.url, substation.polled_id, session_id, self._longest_session)
+                log.info("could not ask %s to stop session %s yet (%s)", substation.url, session_id, exc)
+                continue
+            if answer.status == 200:
+                stopped = answer
+        return stopped
 
     def show_session(self, substation_id: str, session_id: str) -> Answer:
         """The substation's record of a session (live allocation, energy, history).

@@ -75,7 +75,7 @@ def test_request_id_follows_a_charge_through_all_three_services(stack_factory):
 
     # Without one, the charge API makes an id, answers with it and passes it on.
     generated = requests.post(
-        f"{stack.charge.url}/charge", json={"vehicle_id": "EV-trace", "amount": 1}, timeout=TIMEOUT
+        f"{stack.charge.url}/charge", json={"vehicle_id": "EV-trace-2", "amount": 1}, timeout=TIMEOUT
     )
     request_id = generated.headers["X-Request-ID"]
     assert request_id and request_id != "trace-it-0001"

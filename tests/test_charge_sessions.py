@@ -242,8 +242,23 @@ def test_settings_defaults_are_the_documented_ones():
         "connect_timeout_seconds": 1.0,
         "request_timeout_seconds": 10.0,
         "health_timeout_seconds": 2.0,
+        "max_queued": 1000,
+        "queue_timeout_seconds": 300.0,
+        "queue_retry_seconds": 1.0,
+        "admin_token": "",
+        "rate_limit_per_vehicle": "2/second;30/minute",
+        "rate_limit_per_client": "",
+        "rate_limit_storage_uri": "memory://",
+        "state_dir": "",
+        "state_full_sync": False,
+        "reconcile_seconds": 30.0,
         "log_level": "info",
     }
+
+
+def test_several_load_balancers_are_listed_in_order():
+    settings = Settings.from_env({"LOAD_BALANCER_URL": "http://lb-1:5002/, http://lb-2:5003"})
+    assert settings.load_balancer_urls == ("http://lb-1:5002", "http://lb-2:5003")
 
 
 def test_settings_read_from_the_environment():
@@ -279,6 +294,9 @@ def test_settings_read_from_the_environment():
         ("REQUEST_TIMEOUT_SECONDS", "0"),
         ("CONNECT_TIMEOUT_SECONDS", "nan"),
         ("LOG_LEVEL", "chatty"),
+        ("RATE_LIMIT_PER_VEHICLE", "often"),
+        ("STATE_SYNC", "sometimes"),
+        ("MAX_QUEUED", "-1"),
     ],
 )
 def test_bad_setting_is_refused_naming_the_variable(name, value):

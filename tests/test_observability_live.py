@@ -123,7 +123,10 @@ def drive_load(stack: Stack) -> None:
     set_operator_limit(stack.substations[2], OPERATOR_LIMIT_KW)
     queued = [charge(stack, f"ev-queued-{i}", FILL_KW, 600, wait=True) for i in range(2)]
     assert [response.status_code for response in queued] == [202, 202], [r.text for r in queued]
-    cancelled = requests.delete(f"{stack.charge.url}{queued[1].headers['Location']}", timeout=5)
+    cancelled = requests.delete(
+        f"{stack.charge.url}{queued[1].headers['Location']}", timeout=5,
+        headers={"Authorization": f"Bearer {queued[1].json()['session_token']}"},
+    )
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled", cancelled.text
 
 

@@ -1,0 +1,444 @@
+"""OpenAPI 3.1 document of the public charge API, served at ``GET /openapi.json``.
+
+One source of truth: the app serves this dict (``gridcommon.openapi.install_openapi``),
+tests/test_openapi_specs.py checks it against the app's routes, and
+tests/test_schemathesis.py fuzzes the running service with it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from gridcommon.openapi import (
+    COUNT,
+    FIELD,
+    HISTORY,
+    KW,
+    OPENAPI_PATH,
+    OPENAPI_VERSION,
+    RETRY_AFTER,
+    SESSION_ID,
+    SUBSTATION_ID,
+    TIME,
+    VEHICLE_ID,
+    WWW_AUTHENTICATE,
+    body_errors,
+    charge_request_schema,
+    common_components,
+    error_response,
+    health_operation,
+    info_description,
+    json_request,
+    json_response,
+    metrics_operation,
+    openapi_operation,
+    operator_errors,
+    path_errors,
+    ref,
+    retry_after_field,
+    schema_ref,
+    session_with_capacity_schema,
+    with_server_refusals,
+)
+
+SERVICE = "charge request service"
+X_REQUEST_ID = ref("parameters", "X-Request-ID")
+SESSION_ACCESS = [{"sessionToken": []}, {"operatorToken": []}]
+
+SESSION_ID_PARAMETER: dict[str, Any] = {
+    "name": "session_id",
+    "in": "path",
+    "required": True,
+    "description": "The `session_id` of the answer to `POST /charge` (32 lowercase hex digits).",
+    "schema": {"type": "string", "examples": ["3f2a0c1e9b7d4e5f8a6b1c2d3e4f5a6b"]},
+}
+
+# Links: the session a POST /charge answer names can be read and stopped.
+SESSION_LINKS = {
+    "GetSession": {
+        "operationId": "showSession",
+        "parameters": {"session_id": "$response.body#/session_id"},
+        "description": "How the admitted or queued session is doing.",
+    },
+    "StopSession": {
+        "operationId": "stopSession",
+        "parameters": {"session_id": "$response.body#/session_id"},
+        "description": "Stop the session, or take the request out of the queue.",
+    },
+}
+
+SESSION_TOKEN = {
+    "type": "string",
+    "minLength": 16,
+    "description": "The session's own token, given once: send it as `Authorization: Bearer <session_token>` "
+    "to read or stop the session. Only its SHA-256 is kept.",
+}
+
+ADMISSION = {
+    "description": "The substation's record of the new session and its load after it, as the balancer "
+    "passed it on, plus how it was routed and the session's token.",
+    "allOf": [
+        session_with_capacity_schema(),
+        {
+            "required": ["routing", "session_token"],
+            "properties": {
+                "routing": {
+                    "type": "object",
+                    "required": ["policy", "attempts"],
+                    "properties": {
+                        "policy": {"type": "string", "description": "The balancer's routing policy."},
+                        "attempts": {"type": "integer", "minimum": 1},
+                    },
+                },
+                "replayed": {
+                    "const": True,
+                    "description": "The substation had admitted this session already (a forward the balancer "
+                    "sent again).",
+                },
+                "session_token": SESSION_TOKEN,
+            },
+        },
+    ],
+}
+
+QUEUED_SESSION = {
+    "type": "object",
+    "description": "A request waiting for power, first come first served.",
+    "required": ["session_id", "state", "position", "vehicle_id", "amount", "duration_seconds", "queued_at",
+                 "expires_at"],
+    "properties": {
+        "session_id": SESSION_ID,
+        "state": {"const": "queued"},
+        "position": {"type": "integer", "minimum": 1, "description": "1: the next to start."},
+        "vehicle_id": VEHICLE_ID,
+        "amount": KW,
+        "duration_seconds": {"type": ["number", "null"]},
+        "queued_at": TIME,
+        "expires_at": {**TIME, "description": "When it leaves the queue unserved (`QUEUE_TIMEOUT_SECONDS`)."},
+    },
+}
+
+ACTIVE_SESSION = {
+    "type": "object",
+    "description": "A session this service started that still runs.",
+    "required": ["session_id", "vehicle_id", "substation", "amount", "started_at", "ends_at", "remaining_seconds"],
+    "properties": {
+        "session_id": SESSION_ID,
+        "vehicle_id": VEHICLE_ID,
+        "substation": SUBSTATION_ID,
+        "amount": KW,
+        "started_at": TIME,
+        "ends_at": TIME,
+        "remaining_seconds": {"type": "number", "minimum": 0},
+        "queued_at": {**TIME, "description": "Only for a session that waited in the queue."},
+        "queue_wait_seconds": {"type": "number", "minimum": 0},
+    },
+}
+
+SESSION_VIEW = {
+    "type": "object",
+    "description": "The session as it is now. A queued request has `position` and `expires_at`; a running "
+    "one this service's record plus the substation's live figures (`live`: whether the substation could be "
+    "asked; when false, only this service's record); a finished one (`ended`, `expired`, `cancelled`) has "
+    "`finished_at` and, once read, the substation's last record.",
+    "required": ["session_id", "vehicle_id", "amount"],
+    "properties": {
+        "session_id": SESSION_ID,
+        "vehicle_id": VEHICLE_ID,
+        "amount": KW,
+        "state": {"enum": ["queued", "charging", "suspended", "ended", "expired", "cancelled"]},
+        "position": {"type": "integer", "minimum": 1},
+        "duration_seconds": {"type": ["number", "null"]},
+        "queued_at": TIME,
+        "expires_at": TIME,
+        "substation": SUBSTATION_ID,
+        "started_at": TIME,
+        "ends_at": TIME,
+        "remaining_seconds": {"type": "number", "minimum": 0},
+        "queue_wait_seconds": {"type": "number", "minimum": 0},
+        "finished_at": TIME,
+        "allocated_kw": {**KW, "minimum": 0},
+        "minimum_kw": {**KW, "minimum": 0},
+        "energy_kwh": {**KW, "minimum": 0},
+        "suspended_seconds": {**KW, "minimum": 0},
+        "ended_at": TIME,
+        "end_reason": {"enum": ["completed", "stopped"]},
+        "history": {**HISTORY, "description": "With `?history=1`: the allocation's changes."},
+        "live": {"type": "boolean"},
+    },
+}
+
+CANCELLED = {
+    "type": "object",
+    "description": "A queued request taken out of the queue.",
+    "required": ["session_id", "state", "vehicle_id"],
+    "properties": {"session_id": SESSION_ID, "state": {"const": "cancelled"}, "vehicle_id": VEHICLE_ID},
+}
+
+STATUS = {
+    "type": "object",
+    "required": ["service", "load_balancer", "active_sessions", "queued_requests", "sessions", "charge_requests",
+                 "failed_requests"],
+    "properties": {
+        "service": {"const": "charge_request_service"},
+        "load_balancer": {
+            "type": "object",
+            "required": ["url", "healthy"],
+            "properties": {"url": {"type": "string"}, "healthy": {"type": "boolean"}},
+        },
+        "active_sessions": COUNT,
+        "queued_requests": COUNT,
+        "sessions": {
+            "type": "object",
+            "required": ["recorded", "stopped", "expired", "active"],
+            "properties": {"recorded": COUNT, "stopped": COUNT, "expired": COUNT, "active": COUNT},
+        },
+        "charge_requests": {
+            "type": "object",
+            "description": "`POST /charge` answers so far, by HTTP status.",
+            "propertyNames": {"pattern": "^[1-5][0-9][0-9]$"},
+            "additionalProperties": COUNT,
+        },
+        "failed_requests": {**COUNT, "description": "Requests the balancer failed (502)."},
+    },
+}
+
+REPLAYED = {
+    "Idempotent-Replayed": {
+        "description": "`true`: the answer to an earlier request with the same `Idempotency-Key`.",
+        "schema": {"const": "true"},
+    }
+}
+
+UNAUTHORIZED_SESSION = error_response(
+    "No `Authorization: Bearer` credential (`unauthorized`). Asked before anything else, so the answer never "
+    "tells whether a session exists.",
+    ["unauthorized"],
+    headers=WWW_AUTHENTICATE,
+)
+FORBIDDEN_SESSION = error_response(
+    "The token is neither this session's `session_token` nor the operator's (`forbidden`).",
+    ["forbidden"],
+)
+BALANCER_UNAVAILABLE = error_response(
+    "The load balancer could not be reached, was too slow or answered something unusable "
+    "(`load_balancer_unavailable`). Retry in a few seconds.",
+    ["load_balancer_unavailable"],
+)
+
+PATHS: dict[str, Any] = {
+    "/charge": {
+        "post": {
+            "operationId": "startCharging",
+            "tags": ["sessions"],
+            "summary": "Ask for power for a vehicle",
+            "description": "The balancer routes the request to a substation with room. Without room anywhere "
+            "the answer is a 503, or with `\"wait\": true` a place in the queue (202); while anyone waits, a "
+            "new request without `wait` is a 503 too (nobody overtakes the queue). Limited per vehicle "
+            "(`RATE_LIMIT_PER_VEHICLE`, 2/second and 30/minute by default) and optionally per client address.",
+            "security": [],
+            "parameters": [
+                X_REQUEST_ID,
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "description": "1 to 255 printable ASCII characters. A repeat with the same key and body "
+                    "gets the first answer again (`Idempotent-Replayed: true`) and books nothing new; kept are "
+                    "201, 202 and client errors, while a 429, 502 or 503 is tried again.",
+                    "schema": {"type": "string", "examples": ["7c0e2b7c-2f64-4b8e-9f1d-0d5b6a1c9e21"]},
+                },
+            ],
+            "requestBody": json_request(
+                charge_request_schema(with_session_id=False, with_wait=True),
+                "The charge request; fields not listed are ignored.",
+            ),
+            "responses": {
+                "201": json_response(
+                    "Admitted: the session charges now.", ADMISSION, headers=REPLAYED, links=SESSION_LINKS
+                ),
+                "202": json_response(
+                    "Queued (`\"wait\": true` and no room): `Location` is the session to poll.",
+                    {"allOf": [QUEUED_SESSION, {"required": ["session_token"],
+                                                "properties": {"session_token": SESSION_TOKEN}}]},
+                    headers={"Location": ref("headers", "Location"), **REPLAYED},
+                    links=SESSION_LINKS,
+                ),
+                **body_errors(),
+                "400": error_response(
+                    "The body is not one JSON object (`invalid_json`: malformed, not UTF-8, a key given twice, "
+                    "nested more than 32 levels, not an object), a field is wrong (`invalid_field`, with "
+                    "`field`), or the `Idempotency-Key` is not 1 to 255 printable ASCII characters "
+                    "(`invalid_header`).",
+                    ["invalid_json", "invalid_field", "invalid_header"],
+                    headers=REPLAYED,
+                    **FIELD,
+                ),
+                "409": error_response(
+                    "The vehicle has a session already, queued or charging (`vehicle_already_charging`, with "
+                    "its `session_id`), or a request with this `Idempotency-Key` is still being answered "
+                    "(`idempotency_key_in_use`, with `Retry-After`).",
+                    ["vehicle_already_charging", "idempotency_key_in_use"],
+                    headers={"Retry-After": {"description": "With `idempotency_key_in_use`: retry after this "
+                                             "many seconds.", "schema": {"type": "integer", "minimum": 1}},
+                             **REPLAYED},
+                    session_id=SESSION_ID,
+                ),
+                "422": error_response(
+                    "This `Idempotency-Key` came before with another body (`idempotency_key_reused`).",
+                    ["idempotency_key_reused"],
+                ),
+                "429": error_response(
+                    "Too many charge requests for this vehicle (or client address); retry after `Retry-After`.",
+                    ["too_many_requests"],
+                    headers=RETRY_AFTER,
+                    retry_after_seconds=retry_after_field("Same as Retry-After."),
+                ),
+                "502": BALANCER_UNAVAILABLE,
+                "503": error_response(
+                    "No substation has room (`no_capacity`; also while others wait in the queue), or the queue "
+                    "is full (`queue_full`, `MAX_QUEUED`). Retry after `Retry-After`.",
+                    ["no_capacity", "queue_full"],
+                    headers=RETRY_AFTER,
+                    retry_after_seconds=retry_after_field("Same as Retry-After."),
+                ),
+            },
+        }
+    },
+    "/sessions": {
+        "get": {
+            "operationId": "listSessions",
+            "tags": ["sessions"],
+            "summary": "Every active session (operator only)",
+            "security": [{"operatorToken": []}],
+            "parameters": [X_REQUEST_ID],
+            "responses": {
+                "200": json_response(
+                    "The active sessions started here, oldest first.",
+                    {"type": "object", "required": ["sessions"],
+                     "properties": {"sessions": {"type": "array", "items": schema_ref("ActiveSession")}}},
+                ),
+                **operator_errors(SERVICE),
+            },
+        }
+    },
+    "/sessions/{session_id}": {
+        "parameters": [SESSION_ID_PARAMETER],
+        "get": {
+            "operationId": "showSession",
+            "tags": ["sessions"],
+            "summary": "One session, queued, running or finished",
+            "description": "With the session's own `session_token` or the operator token.",
+            "security": SESSION_ACCESS,
+            "parameters": [
+                X_REQUEST_ID,
+                {
+                    "name": "history",
+                    "in": "query",
+                    "required": False,
+                    "description": "`1` or `true`: add the allocation's history; any other value: leave it out.",
+                    "schema": {"type": "string", "examples": ["1"]},
+                },
+            ],
+            "responses": {
+                "200": json_response("The session now.", schema_ref("SessionView")),
+                "401": UNAUTHORIZED_SESSION,
+                "403": FORBIDDEN_SESSION,
+                **path_errors(
+                    ["session_not_found"],
+                    "`session_not_found` (with `session_id`): never started here, or finished too long ago; or",
+                ),
+            },
+        },
+        "delete": {
+            "operationId": "stopSession",
+            "tags": ["sessions"],
+            "summary": "Stop a session, or cancel a queued request",
+            "description": "With the session's own `session_token` or the operator token.",
+            "security": SESSION_ACCESS,
+            "parameters": [X_REQUEST_ID],
+            "responses": {
+                "200": json_response(
+                    "Cancelled (it was queued), or stopped: the substation's last record of it and its load after.",
+                    {"anyOf": [CANCELLED, session_with_capacity_schema()]},
+                ),
+                "401": UNAUTHORIZED_SESSION,
+                "403": FORBIDDEN_SESSION,
+                **path_errors(
+                    ["session_not_found"],
+                    "`session_not_found` (with `session_id`, and `substation` when it had ended there already): "
+                    "not active here; or",
+                ),
+                "502": BALANCER_UNAVAILABLE,
+            },
+        },
+    },
+    "/status": {
+        "get": {
+            "operationId": "status",
+            "tags": ["observability"],
+            "summary": "Sessions, queue, balancer health and answer counts",
+            "security": [],
+            "parameters": [X_REQUEST_ID],
+            "responses": {"200": json_response("The service's state.", schema_ref("Status"))},
+        }
+    },
+    "/health": {
+        "get": health_operation({
+            "type": "object",
+            "required": ["status", "service"],
+            "properties": {"status": {"const": "ok"}, "service": {"const": "charge_request_service"}},
+        })
+    },
+    "/metrics": {
+        "get": metrics_operation(
+            "`charge_requests_total{status}`, `requests_duration_seconds`, `failed_requests_total`, "
+            "`active_sessions`, the queue's gauges and `charge_queue_wait_seconds{outcome}`."
+        )
+    },
+    OPENAPI_PATH: {"get": openapi_operation()},
+}
+
+
+def _components() -> dict[str, Any]:
+    components = common_components(
+        "The operator's token (`ADMIN_TOKEN`): lists every session and reads or stops any one. Without "
+        "`ADMIN_TOKEN` the operator API is off (403)."
+    )
+    components["securitySchemes"]["sessionToken"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The `session_token` of the answer that started the session: reads and stops that "
+        "session only.",
+    }
+    components["headers"]["Location"] = {
+        "description": "The queued session: `/sessions/<session_id>`.",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^/sessions/[A-Za-z0-9_-]{1,64}$"},
+    }
+    components["schemas"].update(
+        {"ActiveSession": ACTIVE_SESSION, "SessionView": SESSION_VIEW, "Status": STATUS}
+    )
+    return components
+
+
+SPEC: dict[str, Any] = {
+    "openapi": OPENAPI_VERSION,
+    "info": {
+        "title": "Smart Grid charge API",
+        "version": "1.0.0",
+        "description": info_description(
+            "The public API of the smart grid: a vehicle asks for power (`POST /charge`), gets a session and "
+            "its token, reads how it charges and stops it. Requests go to the load balancer, which places them "
+            "at a substation with room."
+        ),
+    },
+    "servers": [{"url": "/"}],
+    "tags": [
+        {"name": "sessions", "description": "Charging sessions."},
+        {"name": "observability", "description": "Health, status and metrics."},
+    ],
+    "paths": with_server_refusals(PATHS),
+    "components": _components(),
+}
+
+__all__ = ["SPEC"]

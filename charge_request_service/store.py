@@ -1,0 +1,131 @@
+"""The charge API's records on disk: SQLite (stdlib ``sqlite3``) in WAL mode. Plain Python, no Flask.
+
+Kept: every session this service started or queued, in its state —
+``pending`` (forwarded, no answer yet: the write-ahead record that lets a
+restart find a session a substation may hold but no client was told of),
+``queued``, ``active``, and how the finished ones ended — and the answers
+given to requests with an ``Idempotency-Key``. Each change is committed
+before the client is answered.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    vehicle_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    record TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_state ON sessions (state, updated_at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    answer TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
+"""
+
+# Finished sessions and idempotency answers kept, at most.
+FINISHED_KEPT = 10_000
+ANSWERS_KEPT = 100_000
+
+
+class StoreError(RuntimeError):
+    """The state cannot be opened or written; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    fingerprint: str
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+    created_at: float
+
+
+class ChargeStore:
+    """Thread-safe (one lock) access to the charge API's state file."""
+
+    def __init__(self, path: Path, full_sync: bool = False) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._writes = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if full_sync else 'NORMAL'}")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"the state file {path} cannot be used ({exc}). If it is damaged, move it away or restore it "
+                "from a backup; check that the folder is writable."
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"the state folder {path.parent} cannot be used ({exc}): check STATE_DIR") from None
+
+    def put_session(self, session_id: str, vehicle_id: str, state: str, record: dict[str, Any], now: float) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO sessions (session_id, vehicle_id, state, record, updated_at) VALUES (?, ?, ?, ?, ?)",
+            (session_id, vehicle_id, state, json.dumps(record), now),
+        )
+
+    def drop_session(self, session_id: str) -> None:
+        self._write("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+
+    def sessions(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(session_id, state, record)`` of every kept session, oldest change first."""
+        with self._lock:
+            rows = self._db.execute("SELECT session_id, state, record FROM sessions ORDER BY updated_at").fetchall()
+        return [(session_id, state, json.loads(record)) for session_id, state, record in rows]
+
+    def answer(self, key: str) -> StoredAnswer | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT fingerprint, status, answer, created_at FROM idempotency WHERE key = ?", (key,)
+            ).fetchone()
+        if row is None:
+            return None
+        answer = json.loads(row[2])
+        return StoredAnswer(row[0], row[1], answer["body"], answer["headers"], row[3])
+
+    def put_answer(self, key: str, answer: StoredAnswer) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO idempotency (key, fingerprint, status, answer, created_at) VALUES (?, ?, ?, ?, ?)",
+            (key, answer.fingerprint, answer.status, json.dumps({"body": answer.body, "headers": answer.headers}),
+             answer.created_at),
+        )
+
+    def _write(self, sql: str, params: tuple) -> None:
+        try:
+            with self._lock:
+                self._db.execute(sql, params)
+                self._writes += 1
+                if self._writes % 1000 == 0:
+                    self._trim()
+        except sqlite3.Error as exc:
+            raise StoreError(f"could not write the state file {self.path} ({exc}): is the disk full?") from None
+
+    def _trim(self) -> None:
+        finished = "('ended', 'stopped', 'expired', 'cancelled', 'abandoned')"
+        self._db.execute(
+            f"DELETE FROM sessions WHERE state IN {finished} AND session_id IN (SELECT session_id FROM sessions "
+            f"WHERE state IN {finished} ORDER BY updated_at DESC LIMIT -1 OFFSET ?)", (FINISHED_KEPT,)
+        )
+        self._db.execute(
+            "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency ORDER BY created_at DESC "
+            "LIMIT -1 OFFSET ?)", (ANSWERS_KEPT,)
+        )
+
+    def close(self) -> None:
+        self._db.close()
