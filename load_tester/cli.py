@@ -14,30 +14,36 @@ from pathlib import Path
 from typing import Any
 
 from load_tester.api import GridClient, StackError
-from load_tester.compare import POLICIES, compare_policies
+from load_tester.compare import ALLOCATION_POLICIES, POLICIES, AllocationSwitch, compare_policies
 from load_tester.config import Defaults
 from load_tester.report import (
+    ALLOCATION_HEADER,
     COMPARISON_HEADER,
     COMPARISON_REPORT,
     REPORT_FILE,
     RunReport,
+    allocation_rows,
     assemble,
     comparison_rows,
     console_text,
     text_table,
+    write_allocation_comparison,
     write_comparison,
     write_run,
 )
-from load_tester.runner import GRACE_SECONDS, run_load
+from load_tester.runner import GRACE_SECONDS, Watching, run_load
 from load_tester.scenarios import (
     MAX_AMOUNT_KW,
     MAX_REQUESTS,
     MAX_SESSION_SECONDS,
     SCENARIOS,
+    DeratePlan,
     LoadPlan,
     PlannedRequest,
+    default_derate,
     generate_requests,
 )
+from load_tester.substations import choose_derated
 from load_tester.verdict import Limits
 
 EXIT_PASSED, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -46,15 +52,22 @@ EXIT_STATUS_HELP = f"""\
 exit status:
   {EXIT_PASSED}    passed
   {EXIT_FAILED}    the error rate went above --max-error-rate, the rejection rate above
-       --max-rejection-rate, a substation carried more than its capacity, or
-       requests were still unanswered at the time limit (--duration +
-       --timeout + {CONNECT_TIMEOUT_SECONDS + GRACE_SECONDS:g} s)
+       --max-rejection-rate, a substation allocated more than its limit (in
+       its sessions' allocation histories or in a sample of its sessions),
+       the derate could not be done or undone, or requests were still
+       unanswered at the time limit (--duration + --timeout +
+       {CONNECT_TIMEOUT_SECONDS + GRACE_SECONDS:g} s)
   {EXIT_USAGE}    bad options, or the stack cannot be reached
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); the results so far are written
 
-error rate: share of requests that failed (any answer but 201 or a capacity
-rejection, a timeout, a connection error) or were not sent. rejection rate:
-share rejected for capacity (503 no_capacity): the grid protecting itself."""
+error rate: share of requests that failed (any answer but 201, 202 or a
+capacity rejection, a timeout, a connection error) or were not sent.
+rejection rate: share rejected for capacity (503 no_capacity or queue_full, or
+queued and never started): the grid protecting itself.
+
+A run ends when the sessions it started have ended (at most one
+--session-duration after the last one started), so each vehicle's delivered
+energy is final; Ctrl-C cuts that wait short."""
 
 
 class CannotStart(RuntimeError):
@@ -84,6 +97,13 @@ def _policy_list(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     if not names:
         raise argparse.ArgumentTypeError(f"name at least one policy, e.g. {','.join(POLICIES[:2])}")
+    return names
+
+
+def _allocation_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"name at least one allocation policy, e.g. {','.join(ALLOCATION_POLICIES)}")
     return names
 
 
@@ -127,8 +147,26 @@ def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
         help="run the same seeded scenario under each routing policy (needs ADMIN_TOKEN) and compare")
     add("--policies", type=_policy_list, metavar="LIST",
         help="with --compare-policies: which ones, comma-separated (default: every one the balancer offers)")
+    add("--compare-allocation", nargs="?", const=(), type=_allocation_list, metavar="LIST",
+        help="run the same seeded scenario under each allocation policy of the substations, comma-separated "
+             f"(e.g. {','.join(ALLOCATION_POLICIES)}; alone: every one they offer), switched through their "
+             "PUT /allocation-policy (needs ADMIN_TOKEN), and compare power and energy per vehicle")
+    add("--wait", action="store_true",
+        help='send "wait": true: with no room on the grid a request waits in the charge API\'s queue (202) '
+             "and is followed until it starts, expires or the time limit comes")
+    add("--substation-sample-hz", type=_bounded(float, 0, 100, low_inclusive=False), default=20.0, metavar="HZ",
+        help="how many times a second each substation's sessions are read during the run, to check that "
+             "their allocations never add up to more than its limit (default: %(default)g)")
+    add("--derate-at", type=_bounded(float, 0, 86400), metavar="SECONDS",
+        help="--scenario derate: seconds into the run at which the limit is halved "
+             "(default: a quarter of --session-duration)")
+    add("--derate-for", type=_bounded(float, 0, 86400, low_inclusive=False), metavar="SECONDS",
+        help="--scenario derate: how long it stays halved before DELETE /limit restores it "
+             "(default: a quarter of --session-duration)")
+    add("--derate-substation", metavar="ID",
+        help="--scenario derate: the substation derated (default: the one with the highest limit then)")
     add("--observe", type=_bounded(float, 0, 3600), default=0.0, metavar="SECONDS",
-        help="keep sampling the balancer this long after the last answer, e.g. to see sessions end (default: 0)")
+        help="keep sampling this long after the run's sessions ended, e.g. to see the grid settle (default: 0)")
     add("--sample-interval", type=_bounded(float, 0.05, 60), default=0.5, metavar="SECONDS",
         help="seconds between status samples (default: %(default)s)")
     add("--timeout", type=_bounded(float, 0, 120, low_inclusive=False), default=10.0, metavar="SECONDS",
@@ -148,6 +186,16 @@ def resolve_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> L
         parser.error("--ramp-up does not apply to --scenario sustained: arrivals follow --rate from the start")
     if args.policies is not None and not args.compare_policies:
         parser.error("--policies chooses the policies of --compare-policies: add --compare-policies, or drop it")
+    if args.compare_policies and args.compare_allocation is not None:
+        parser.error("--compare-policies and --compare-allocation each run the scenario once per policy: "
+                     "choose one of them")  # fmt: skip
+    derate_options = [
+        name for name in ("derate_at", "derate_for", "derate_substation") if getattr(args, name) is not None
+    ]
+    if derate_options and not scenario.derate:
+        parser.error(
+            f"--{derate_options[0].replace('_', '-')} applies only to --scenario derate: add it, or drop the option"
+        )
     return LoadPlan(
         scenario=scenario.name,
         requests=_pick(args.requests, scenario.requests),
@@ -159,6 +207,17 @@ def resolve_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> L
         session_seconds=args.session_duration,
         seed=args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000),
         arrival_rate=None if scenario.arrival_rate is None else _pick(args.rate, scenario.arrival_rate),
+        wait=args.wait,
+        derate=_derate_plan(args) if scenario.derate else None,
+    )
+
+
+def _derate_plan(args: argparse.Namespace) -> DeratePlan:
+    at, length = default_derate(args.session_duration)
+    return DeratePlan(
+        at_seconds=_pick(args.derate_at, at),
+        for_seconds=_pick(args.derate_for, length),
+        substation=args.derate_substation,
     )
 
 
@@ -186,7 +245,13 @@ def run_settings(plan: LoadPlan, planned: Sequence[PlannedRequest], args: argpar
         "sample_interval_seconds": args.sample_interval,
         "observe_seconds": args.observe,
         "timeout_seconds": args.timeout,
-    }
+        "wait": plan.wait,
+        "substation_sample_hz": args.substation_sample_hz,
+        "derate": None if plan.derate is None else {
+            "at_seconds": plan.derate.at_seconds, "for_seconds": plan.derate.for_seconds,
+            "substation": plan.derate.substation, "factor": plan.derate.factor,
+        },
+    }  # fmt: skip
 
 
 def _writable(folder: Path) -> None:
@@ -215,10 +280,22 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         if args.compare_policies and not defaults.admin_token:
             raise CannotStart("--compare-policies switches the balancer's policy: set ADMIN_TOKEN to its admin token.")
+        if args.compare_allocation is not None and not defaults.admin_token:
+            raise CannotStart(
+                "--compare-allocation switches the substations' allocation policy: set ADMIN_TOKEN to their "
+                "operator token."
+            )
+        if plan.derate is not None and not defaults.admin_token:
+            raise CannotStart(
+                "--scenario derate lowers a substation's limit (PUT /limit): set ADMIN_TOKEN to the substations' "
+                "operator token."
+            )
         _writable(args.output)
         client.check_reachable("charge request service", client.target, "--target")
         if args.compare_policies:
             return _compare(client, plan, args)
+        if args.compare_allocation is not None:
+            return _compare_allocation(client, plan, args)
         return _single_run(client, plan, args)
     except (CannotStart, StackError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -230,6 +307,45 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         client.close()
 
 
+def _substations(client: GridClient, plan: LoadPlan) -> list[tuple[str, str]]:
+    """The substations the balancer lists; without them the capacity checks cannot run (a warning)."""
+    try:
+        substations = client.substations()
+    except StackError as exc:
+        substations, reason = [], str(exc)
+    else:
+        reason = "the balancer lists none"
+    if not substations:
+        if plan.derate is not None:
+            raise CannotStart(f"--scenario derate needs the substations' URLs from the balancer: {reason}.")
+        print(
+            f"warning: cannot find the substations ({reason}). The run goes on without the capacity checks and "
+            "the energy figures.",
+            file=sys.stderr,
+        )
+    elif plan.derate is not None and plan.derate.substation is not None:
+        try:
+            choose_derated(client, substations, plan.derate.substation)
+        except StackError as exc:
+            raise CannotStart(str(exc)) from None
+    return substations
+
+
+def _allocation_policy(client: GridClient, substations: Sequence[tuple[str, str]]) -> str | None:
+    """The substations' allocation policy for the report: one name, "mixed (...)", or None if unknown."""
+    policies = {}
+    for name, url in substations:
+        try:
+            policies[name] = client.allocation_policy(url)[0]
+        except StackError:
+            return None
+    if not policies:
+        return None
+    if len(set(policies.values())) == 1:
+        return next(iter(policies.values()))
+    return "mixed (" + ", ".join(f"{name}: {policy}" for name, policy in sorted(policies.items())) + ")"
+
+
 def _run(
     client: GridClient,
     plan: LoadPlan,
@@ -238,10 +354,14 @@ def _run(
     settings: dict[str, Any],
     title: str,
     folder: Path,
+    substations: Sequence[tuple[str, str]],
 ) -> RunReport:
+    if "allocation_policy" not in settings:
+        settings = {**settings, "allocation_policy": _allocation_policy(client, substations)}
     data = run_load(
         client, plan, planned, sample_interval=args.sample_interval,
         label=title, observe_seconds=args.observe, progress=not args.no_progress,
+        watching=Watching(substations=substations, substation_hz=args.substation_sample_hz),
     )
     limits = Limits(max_error_rate=args.max_error_rate, max_rejection_rate=args.max_rejection_rate)
     report = assemble(title, settings, data, limits, plan.open_loop)
@@ -254,9 +374,10 @@ def _single_run(client: GridClient, plan: LoadPlan, args: argparse.Namespace) ->
         client.check_reachable("balancer", client.balancer, "--balancer")
     except StackError as exc:
         print(f"warning: {exc} The run goes on without load samples.", file=sys.stderr)
+    substations = _substations(client, plan)
     title = f"Load test: {plan.scenario} (seed {plan.seed})"
     planned = generate_requests(plan)
-    report = _run(client, plan, planned, args, run_settings(plan, planned, args), title, args.output)
+    report = _run(client, plan, planned, args, run_settings(plan, planned, args), title, args.output, substations)
     print(console_text(report))
     print(f"\nReport: {args.output / REPORT_FILE}")
     if report.data.interrupted:
@@ -266,12 +387,15 @@ def _single_run(client: GridClient, plan: LoadPlan, args: argparse.Namespace) ->
 
 def _compare(client: GridClient, plan: LoadPlan, args: argparse.Namespace) -> int:
     client.check_reachable("balancer", client.balancer, "--balancer")
+    substations = _substations(client, plan)
     planned = generate_requests(plan)
     settings = run_settings(plan, planned, args)
 
     def run_one(policy: str) -> RunReport:
         title = f"Load test: {plan.scenario} (seed {plan.seed}) under {policy}"
-        return _run(client, plan, planned, args, {**settings, "policy": policy}, title, args.output / policy)
+        return _run(
+            client, plan, planned, args, {**settings, "policy": policy}, title, args.output / policy, substations
+        )
 
     comparison = compare_policies(client, args.policies, run_one)
     reports = comparison.reports
@@ -285,6 +409,40 @@ def _compare(client: GridClient, plan: LoadPlan, args: argparse.Namespace) -> in
     for report in reports:
         for line in report.verdict.problems:
             print(f"PROBLEM ({report.settings['policy']}): {line}")
+    print(f"\nReport: {args.output / COMPARISON_REPORT}")
+    if comparison.interrupted:
+        print(f"interrupted: the comparison covers {len(reports)} policy run(s)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_PASSED if all(report.verdict.passed for report in reports) else EXIT_FAILED
+
+
+def _compare_allocation(client: GridClient, plan: LoadPlan, args: argparse.Namespace) -> int:
+    client.check_reachable("balancer", client.balancer, "--balancer")
+    substations = _substations(client, plan)
+    planned = generate_requests(plan)
+    settings = run_settings(plan, planned, args)
+    switch = AllocationSwitch(client, substations)
+
+    def run_one(policy: str) -> RunReport:
+        title = f"Load test: {plan.scenario} (seed {plan.seed}) under allocation {policy}"
+        return _run(
+            client, plan, planned, args, {**settings, "allocation_policy": policy}, title, args.output / policy,
+            substations,
+        )  # fmt: skip
+
+    requested = args.compare_allocation or None
+    comparison = compare_policies(client, requested, run_one, switch=switch, known=ALLOCATION_POLICIES)
+    reports = comparison.reports
+    if not reports:
+        print("interrupted before the first policy's run was written: nothing to compare", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    title = f"Allocation policies compared: {plan.scenario} (seed {plan.seed})"
+    write_allocation_comparison(args.output, title, reports)
+    print(title)
+    print(text_table(ALLOCATION_HEADER, allocation_rows(reports)))
+    for report in reports:
+        for line in report.verdict.problems:
+            print(f"PROBLEM ({report.allocation_policy}): {line}")
     print(f"\nReport: {args.output / COMPARISON_REPORT}")
     if comparison.interrupted:
         print(f"interrupted: the comparison covers {len(reports)} policy run(s)", file=sys.stderr)

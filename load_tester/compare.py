@@ -1,4 +1,5 @@
-"""The same seeded run under each routing policy of the balancer, from an empty grid each time."""
+"""The same seeded run under each routing policy of the balancer, or under each allocation policy of
+the substations, from an empty grid each time."""
 from __future__ import annotations
 
 import logging
@@ -6,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import requests
 
@@ -13,7 +15,8 @@ from load_tester.api import GridClient, StackError
 from load_tester.records import ADMITTED, RequestResult, parse_status
 from load_tester.report import RunReport
 
-POLICIES = ("least_loaded", "least_connections", "round_robin", "random", "power_of_two")
+POLICIES = ("fair_share", "least_loaded", "least_connections", "round_robin", "random", "power_of_two")
+ALLOCATION_POLICIES = ("strict", "fair_share")
 # Parallel DELETEs when emptying the grid between runs: quick, without swamping the stack.
 CLEANUP_WORKERS = 8
 SETTLE_POLL_SECONDS = 0.2
@@ -32,22 +35,89 @@ class Comparison:
     interrupted: bool = False
 
 
+class PolicySwitch(Protocol):
+    """Where a comparison switches policies: the balancer's routing, or every substation's allocation."""
+
+    def read(self) -> tuple[object, list[str] | None]:
+        """The policy in force now (to restore at the end), and the ones offered if known."""
+
+    def switch(self, policy: str) -> None: ...
+
+    def restore(self, original: object) -> None: ...
+
+
+class RoutingSwitch:
+    def __init__(self, client: GridClient) -> None:
+        self.client = client
+
+    def read(self) -> tuple[object, list[str] | None]:
+        return self.client.policies()
+
+    def switch(self, policy: str) -> None:
+        self.client.set_policy(policy)
+
+    def restore(self, original: object) -> None:
+        self.client.set_policy(str(original))
+
+
+class AllocationSwitch:
+    """Every substation the balancer lists, switched together through its ``PUT /allocation-policy``."""
+
+    def __init__(self, client: GridClient, substations: Sequence[tuple[str, str]]) -> None:
+        if not substations:
+            raise StackError("the balancer lists no substation: there is no allocation policy to switch.")
+        self.client = client
+        self.substations = substations
+
+    def read(self) -> tuple[object, list[str] | None]:
+        original: dict[str, str] = {}
+        offered: list[str] | None = None
+        for _, url in self.substations:
+            policy, available = self.client.allocation_policy(url)
+            original[url] = policy
+            if available is not None:
+                # Only a policy every substation offers can be compared.
+                offered = available if offered is None else [name for name in offered if name in available]
+        return original, offered
+
+    def switch(self, policy: str) -> None:
+        for _, url in self.substations:
+            self.client.set_allocation_policy(url, policy)
+
+    def restore(self, original: object) -> None:
+        assert isinstance(original, dict)
+        failed = []
+        for name, url in self.substations:
+            try:
+                self.client.set_allocation_policy(url, original[url])
+            except StackError as exc:
+                failed.append(f"{name} ({exc})")
+        if failed:
+            # Each is tried: one substation that cannot be reached must not leave the others switched.
+            log.error("The allocation policy of %s could not be restored; set it back by hand with "
+                      "PUT <substation>/allocation-policy.", "; ".join(failed))  # fmt: skip
+
+
 def compare_policies(
     client: GridClient,
     requested: Sequence[str] | None,
     run_one: Callable[[str], RunReport],
+    switch: PolicySwitch | None = None,
+    known: Sequence[str] = POLICIES,
 ) -> Comparison:
-    """Switch the balancer to each policy, run, then stop that run's sessions; restore the policy at the end.
+    """Switch to each policy, run, then stop that run's sessions; restore the policy at the end.
 
-    ``requested`` None means every policy the balancer offers.
+    ``requested`` None means every policy offered. By default the balancer's routing policy is switched;
+    ``switch`` can be an ``AllocationSwitch`` instead (with ``known=ALLOCATION_POLICIES``).
     """
-    original, offered = client.policies()
-    policies = choose_policies(requested, offered or list(POLICIES))
+    switch = switch or RoutingSwitch(client)
+    original, offered = switch.read()
+    policies = choose_policies(requested, offered or list(known))
     baseline_kw = start_from_an_empty_grid(client)
     comparison = Comparison()
     try:
         for policy in policies:
-            client.set_policy(policy)
+            switch.switch(policy)
             report = run_one(policy)
             comparison.reports.append(report)
             stop_sessions(client, report.data.results)
@@ -63,7 +133,7 @@ def compare_policies(
         # Between two runs (or while one is written): the runs done so far are still compared.
         comparison.interrupted = True
     finally:
-        client.set_policy(original)
+        switch.restore(original)
     return comparison
 
 
@@ -72,7 +142,9 @@ def choose_policies(requested: Sequence[str] | None, offered: Sequence[str]) -> 
         return list(offered)
     unknown = [name for name in requested if name not in offered]
     if unknown:
-        raise StackError(f"the balancer has no policy {', '.join(unknown)}; it offers {', '.join(offered)}.")
+        raise StackError(
+            f"there is no policy {', '.join(unknown)} to switch to; the stack offers {', '.join(offered)}."
+        )
     return list(requested)
 
 
@@ -83,7 +155,8 @@ def stop_sessions(client: GridClient, results: Sequence[RequestResult]) -> None:
     def stop(result: RequestResult) -> bool:
         try:
             # 404: the session had already ended by itself, which is just as good.
-            return client.stop_session(result.session_id or "", f"{result.request_id}-stop") in (200, 404)
+            stopped = client.stop_session(result.session_id or "", f"{result.request_id}-stop", result.session_token)
+            return stopped in (200, 404)
         except requests.RequestException:
             return False
 

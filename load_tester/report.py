@@ -1,4 +1,4 @@
-"""The outputs of a run: results.json, two plots, a Markdown report, and the console table.
+"""The outputs of a run: results.json, three plots, a Markdown report, and the console table.
 
 Every figure shown anywhere comes from one ``Summary`` through ``summary_rows``,
 so the console, the report and results.json cannot disagree.
@@ -11,19 +11,31 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from load_tester.plots import write_comparison_plot, write_latency_plot, write_load_plot
+from load_tester.energy import energy_figures, vehicle_histories
+from load_tester.plots import (
+    VehicleRun,
+    write_allocation_comparison_plot,
+    write_comparison_plot,
+    write_latency_plot,
+    write_load_plot,
+    write_vehicle_plot,
+)
 from load_tester.records import RunData
 from load_tester.stats import Summary, summarise
 from load_tester.verdict import Limits, Verdict, judge
-from load_tester.violations import CapacityViolation, find_violations
+from load_tester.violations import CapacityViolation, Witnesses, find_violations, run_start_by_substation
 
 RESULTS_FILE = "results.json"
 LOAD_PLOT = "load.png"
 LATENCY_PLOT = "latency.png"
+VEHICLE_PLOT = "vehicles.png"
 REPORT_FILE = "report.md"
 COMPARISON_FILE = "comparison.json"
 COMPARISON_PLOT = "comparison.png"
 COMPARISON_REPORT = "comparison.md"
+# results.json and report.md name at most this many violations of each witness; the counts cover all.
+MAX_VIOLATIONS_LISTED = 1000
+VIOLATIONS_IN_REPORT = 20
 
 
 @dataclass(frozen=True)
@@ -32,14 +44,28 @@ class RunReport:
     settings: dict[str, Any]
     data: RunData
     summary: Summary
-    violations: tuple[CapacityViolation, ...]
+    witnesses: Witnesses
     verdict: Verdict
+
+    @property
+    def violations(self) -> tuple[CapacityViolation, ...]:
+        return self.witnesses.violations
 
     @property
     def policy(self) -> str | None:
         return next((sample.policy for sample in reversed(self.data.samples) if sample.policy), None)
 
+    @property
+    def allocation_policy(self) -> str | None:
+        """The substations' allocation policy: the one a comparison set, else as the run's admissions said."""
+        return self.settings.get("allocation_policy")
+
+    def vehicle_histories(self) -> dict[int, list[tuple[float, float]]]:
+        return vehicle_histories(self.data.results, self.data.audits, self.data.started_epoch)
+
     def as_json(self) -> dict[str, Any]:
+        histories = self.vehicle_histories()
+        start = self.data.started_epoch or 0.0
         return {
             "title": self.title,
             "settings": self.settings,
@@ -51,22 +77,66 @@ class RunReport:
             "problems": list(self.verdict.problems),
             "warnings": list(self.verdict.warnings),
             "summary": self.summary.as_json(),
-            "capacity_violations": [violation.as_json() for violation in self.violations],
+            "capacity_violations": [
+                violation.as_json()
+                for violations in (self.witnesses.history_violations, self.witnesses.sample_violations)
+                for violation in violations[:MAX_VIOLATIONS_LISTED]
+            ],
+            "capacity_checks": {
+                "history": [
+                    {"substation": c.substation, "instants": c.instants, "violations": len(c.violations),
+                     "peak_load_percentage": c.peak_load_percentage, "truncated_sessions": c.truncated_sessions}
+                    for c in self.witnesses.history
+                ],
+                "samples": [
+                    {"substation": c.substation, "samples": c.samples, "violations": len(c.violations),
+                     "peak_load_percentage": c.peak_load_percentage}
+                    for c in self.witnesses.samples
+                ],
+            },  # fmt: skip
+            "derate": None if self.data.derate is None else self.data.derate.as_json(),
             "requests": [result.as_json() for result in self.data.results],
+            # Each served vehicle's allocation over time: [seconds since the run started, kW] at every change.
+            "allocation_histories": {str(index): points for index, points in sorted(histories.items())},
+            # Each substation's limit at every change: [seconds since the run started, kW].
+            "limit_histories": {
+                audit.substation: [[round(at - start, 3), kw] for at, kw in audit.limit_history]
+                for audit in self.data.audits
+            },
             "status_samples": [sample.as_json() for sample in self.data.samples],
             "status_sample_errors": self.data.sample_errors,
+            "substation_samples": [sample.as_json() for sample in self.data.substation_samples],
+            "substation_sample_errors": self.data.substation_sample_errors,
+            "notes": list(self.data.notes),
         }
 
 
 def assemble(title: str, settings: dict[str, Any], data: RunData, limits: Limits, open_loop: bool) -> RunReport:
-    violations = tuple(find_violations(data.results, data.samples))
-    summary = summarise(data.results, data.samples, violations, data.timing)
-    verdict = judge(summary, violations, data, limits, open_loop)
-    return RunReport(title, settings, data, summary, violations, verdict)
+    witnesses = find_violations(
+        data.audits, data.substation_samples, run_start_by_substation(data.substation_samples), data.started_epoch
+    )
+    energy = energy_figures(data.results)
+    summary = summarise(
+        data.results, data.samples, witnesses, data.timing, energy, data.substation_samples, data.answers_end_t
+    )
+    verdict = judge(summary, witnesses, data, limits, open_loop)
+    return RunReport(title, settings, data, summary, witnesses, verdict)
 
 
 def _number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100.0:.1f}"
+
+
+def share_text(summary: Summary) -> str:
+    """``min / p5 / p50 / p95`` of the share of its request each served vehicle got, in %."""
+    shares = summary.share_of_request
+    if shares is None:
+        return "-"
+    return " / ".join(_percent(shares[key]) for key in ("min", "p5", "p50", "p95"))
 
 
 def summary_rows(summary: Summary) -> list[tuple[str, str]]:
@@ -90,19 +160,50 @@ def summary_rows(summary: Summary) -> list[tuple[str, str]]:
         ("Run time (s)", _number(summary.wall_seconds, 2)),
         ("Spread at end (points of load %)", _number(summary.spread_end)),
         ("Largest spread (points of load %)", _number(summary.spread_peak)),
+        ("Vehicles served", f"{summary.vehicles_served} of {summary.vehicles_requested}"),
+        ("Energy requested (kWh)", _number(summary.energy_requested_kwh, 3)),
+        ("Energy delivered (kWh)", _number(summary.energy_delivered_kwh, 3)),
+        ("Energy delivered (% of requested)", _percent(summary.energy_delivered_ratio)),
+        ("Jain's fairness index, served vehicles", _number(summary.jain_index_served, 3)),
+        ("Jain's fairness index, all requested vehicles", _number(summary.jain_index_all, 3)),
+        ("Share of request delivered, min / p5 / p50 / p95 (%)", share_text(summary)),
+        ("Queued (202)", str(summary.queued)),
+        ("Queue wait p50 (s)", _number(summary.queue_wait_p50_seconds, 2)),
+        ("Queue wait p95 (s)", _number(summary.queue_wait_p95_seconds, 2)),
+        ("Peak load % (allocated / limit, any substation)", _number(summary.peak_load_percentage)),
         ("Capacity violations", str(summary.capacity_violations)),
+        ("Capacity violations in allocation histories", str(summary.history_violations)),
+        ("Capacity violations in substation samples", str(summary.sample_violations)),
+        ("Allocation instants checked", str(summary.history_instants_checked)),
+        ("Substation samples checked", str(summary.substation_samples)),
         ("Load tester CPU (% of a core)", _number(summary.tool_cpu_percent)),
     ]
 
 
 RATES_EXPLAINED = (
-    "Error rate: share of requests that failed (any answer but 201 or a capacity rejection, a timeout, "
-    "a connection error) or were not sent. Rejection rate: share refused for lack of capacity "
-    "(503 `no_capacity`), the grid protecting its substations: correct behaviour, judged on its own "
-    "(`max_rejection_rate` in the settings below)."
+    "Error rate: share of requests that failed (any answer but 201, 202 or a capacity rejection, a timeout, "
+    "a connection error, a queued request lost or cancelled by someone else) or were not sent. Rejection rate: "
+    "share refused for lack of capacity (503 `no_capacity` or `queue_full`, or queued and never started: "
+    "expired, or still waiting at the time limit), the grid protecting its substations: correct behaviour, "
+    "judged on its own (`max_rejection_rate` in the settings below)."
 )
 
-SUBSTATION_HEADER = ("Substation", "Admitted", "Admitted kW", "Capacity kW", "Load % at end", "Peak load %")
+FIGURES_EXPLAINED = (
+    "A vehicle is served when it started charging: a 201, or a 202 that later reached charging. It asks for "
+    "its amount for its whole session (kW x hours); it got what its session's own record says it delivered, "
+    "read once the session ended. Jain's fairness index of delivered energy, (sum x)^2 / (n sum x^2), is 1 when "
+    "every vehicle got the same and 1/n when one got everything; over all requested vehicles an unserved one "
+    "counts as 0. Peak load is the highest sum of allocations over the limit in force. Capacity violations are "
+    "checked by two witnesses that do not take a substation's word for its total: its sessions' allocation "
+    "histories swept against its limit's history at every change, and its sessions sampled during the run "
+    "(the allocations added up here, against the limit of the same answer). Load and spread \"at end\" are "
+    "the balancer's figures when the last answer came, before the sessions ended."
+)
+
+SUBSTATION_HEADER = (
+    "Substation", "Admitted", "Admitted kW", "Capacity kW", "Load % at end", "Peak load %", "Energy kWh",
+    "Violations",
+)  # fmt: skip
 
 
 def substation_rows(summary: Summary) -> list[tuple[str, ...]]:
@@ -114,6 +215,8 @@ def substation_rows(summary: Summary) -> list[tuple[str, ...]]:
             _number(s.capacity_kw),
             _number(s.end_load_percentage),
             _number(s.peak_load_percentage),
+            _number(s.energy_delivered_kwh, 3),
+            str(s.capacity_violations),
         )
         for s in summary.substations
     ]
@@ -136,6 +239,8 @@ def console_text(report: RunReport) -> str:
         text_table(("Figure", "Value"), summary_rows(report.summary)),
         text_table(SUBSTATION_HEADER, substation_rows(report.summary)),
     ]
+    if report.data.derate is not None:
+        parts.append(f"Derate: {report.data.derate.describe()}")
     parts += [f"WARNING: {warning}" for warning in report.verdict.warnings]
     parts += [f"PROBLEM: {problem}" for problem in report.verdict.problems]
     parts.append("PASSED" if report.verdict.passed else "FAILED")
@@ -149,7 +254,8 @@ def _markdown(report: RunReport) -> str:
         f"# {report.title}",
         "",
         f"Run from {report.data.started_at} to {report.data.finished_at} against {settings['target']} "
-        f"(balancer {settings['balancer']}, routing policy {report.policy or 'unknown'}), seed {settings['seed']}.",
+        f"(balancer {settings['balancer']}, routing policy {report.policy or 'unknown'}"
+        f"{_allocation_text(report)}), seed {settings['seed']}.",
         "",
         f"**Result: {'PASSED' if verdict.passed else 'FAILED'}**",
         "",
@@ -161,17 +267,23 @@ def _markdown(report: RunReport) -> str:
         "",
         RATES_EXPLAINED,
         "",
+        FIGURES_EXPLAINED,
+        "",
         "## Substations",
         "",
         markdown_table(SUBSTATION_HEADER, substation_rows(report.summary)),
         "",
+        *_derate_lines(report),
         "## Capacity violations",
         "",
-        *([f"- {v.describe()}" for v in report.violations] or ["None."]),
-        "",
+        *_violation_lines(report),
         "## Load per substation",
         "",
         f"![Load per substation over time]({LOAD_PLOT})",
+        "",
+        "## Power and energy per vehicle",
+        "",
+        f"![Power and energy per vehicle]({VEHICLE_PLOT})",
         "",
         "## Latency",
         "",
@@ -184,11 +296,46 @@ def _markdown(report: RunReport) -> str:
     return "\n".join(lines)
 
 
+def _allocation_text(report: RunReport) -> str:
+    policy = report.allocation_policy
+    return "" if policy is None else f", allocation policy {policy}"
+
+
+def _derate_lines(report: RunReport) -> list[str]:
+    derate = report.data.derate
+    if derate is None:
+        return []
+    return ["## Derate", "", derate.describe(), *(f"- {note}" for note in derate.notes), ""]
+
+
+def _violation_lines(report: RunReport) -> list[str]:
+    lines = []
+    for name, violations, checked in (
+        ("allocation histories", report.witnesses.history_violations,
+         f"{report.summary.history_instants_checked} instants checked"),
+        ("substation samples", report.witnesses.sample_violations,
+         f"{report.summary.substation_samples} samples checked"),
+    ):  # fmt: skip
+        lines.append(f"In the {name} ({checked}): {len(violations) or 'none'}.")
+        lines += [f"- {v.describe()}" for v in violations[:VIOLATIONS_IN_REPORT]]
+        if len(violations) > VIOLATIONS_IN_REPORT:
+            lines.append(f"- ... and {len(violations) - VIOLATIONS_IN_REPORT} more in results.json")
+        lines.append("")
+    return lines
+
+
+def vehicle_run(report: RunReport, label: str) -> VehicleRun:
+    return VehicleRun(label, report.data.results, report.vehicle_histories())
+
+
 def write_run(output_dir: Path, report: RunReport) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_json(output_dir / RESULTS_FILE, report.as_json())
-    write_load_plot(report.data.samples, report.title, output_dir / LOAD_PLOT)
+    write_load_plot(
+        report.data.samples, report.title, output_dir / LOAD_PLOT, report.data.substation_samples, report.data.derate
+    )
     write_latency_plot(report.data.results, report.summary.latency, report.title, output_dir / LATENCY_PLOT)
+    write_vehicle_plot(vehicle_run(report, report.title), output_dir / VEHICLE_PLOT)
     (output_dir / REPORT_FILE).write_text(_markdown(report), encoding="utf-8")
 
 
@@ -266,6 +413,99 @@ def write_comparison(output_dir: Path, title: str, reports: Sequence[RunReport])
         markdown_table(COMPARISON_HEADER, comparison_rows(reports)),
         "",
         f"![Routing policies compared]({COMPARISON_PLOT})",
+        "",
+        *(f"- [{policy}]({policy}/{REPORT_FILE})" for policy in policies),
+        "",
+    ]
+    (output_dir / COMPARISON_REPORT).write_text("\n".join(lines), encoding="utf-8")
+
+
+ALLOCATION_HEADER = (
+    "Policy", "Served", "Rejected", "Failed", "Energy delivered %", "Jain (served)", "Jain (all)",
+    "Share min %", "Share p5 %", "Share p50 %", "Queued", "Queue wait p50 (s)", "Queue wait p95 (s)",
+    "Peak load %", "Violations",
+)  # fmt: skip
+
+
+def allocation_rows(reports: Sequence[RunReport]) -> list[tuple[str, ...]]:
+    rows = []
+    for report in reports:
+        summary = report.summary
+        shares = summary.share_of_request or {}
+        rows.append(
+            (
+                str(report.allocation_policy),
+                f"{summary.vehicles_served} of {summary.vehicles_requested}",
+                str(summary.rejected),
+                str(summary.failed),
+                _percent(summary.energy_delivered_ratio),
+                _number(summary.jain_index_served, 3),
+                _number(summary.jain_index_all, 3),
+                _percent(shares.get("min")),
+                _percent(shares.get("p5")),
+                _percent(shares.get("p50")),
+                str(summary.queued),
+                _number(summary.queue_wait_p50_seconds, 2),
+                _number(summary.queue_wait_p95_seconds, 2),
+                _number(summary.peak_load_percentage),
+                str(summary.capacity_violations),
+            )
+        )
+    return rows
+
+
+def allocation_comparison_json(reports: Sequence[RunReport]) -> dict[str, Any]:
+    fields = (
+        "vehicles_requested", "vehicles_served", "rejected", "failed", "energy_requested_kwh",
+        "energy_delivered_kwh", "energy_delivered_ratio", "jain_index_served", "jain_index_all",
+        "share_of_request", "queued", "queue_wait_p50_seconds", "queue_wait_p95_seconds", "peak_load_percentage",
+        "capacity_violations", "history_violations", "sample_violations",
+    )  # fmt: skip
+    summaries = [report.summary.as_json() for report in reports]
+    return {
+        "allocation_policies": [
+            {
+                "policy": report.allocation_policy,
+                "folder": report.allocation_policy,
+                "passed": report.verdict.passed,
+                **{name: summary[name] for name in fields},
+            }
+            for report, summary in zip(reports, summaries)
+        ]
+    }
+
+
+def write_allocation_comparison(output_dir: Path, title: str, reports: Sequence[RunReport]) -> None:
+    """Allocation policies side by side: one table, the figures as bars, and power and energy per vehicle."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(output_dir / COMPARISON_FILE, allocation_comparison_json(reports))
+    policies = [str(report.allocation_policy) for report in reports]
+    bars = {
+        "Vehicles served (% of requested)": [
+            100.0 * r.summary.vehicles_served / max(1, r.summary.vehicles_requested) for r in reports
+        ],
+        "Energy delivered (% of requested)": [100.0 * (r.summary.energy_delivered_ratio or 0.0) for r in reports],
+        "Jain's index, all vehicles (x100)": [100.0 * (r.summary.jain_index_all or 0.0) for r in reports],
+        "Capacity violations": [float(r.summary.capacity_violations) for r in reports],
+    }
+    write_comparison_plot(policies, bars, [r.data.samples for r in reports], title, output_dir / COMPARISON_PLOT)
+    write_allocation_comparison_plot(
+        [vehicle_run(report, policy) for report, policy in zip(reports, policies)], title, output_dir / VEHICLE_PLOT
+    )
+    lines = [
+        f"# {title}",
+        "",
+        "The same seeded requests under each allocation policy of the substations; each run started from an "
+        "empty grid. Share: delivered / requested energy of each served vehicle.",
+        "",
+        markdown_table(ALLOCATION_HEADER, allocation_rows(reports)),
+        "",
+        f"![Allocation policies compared]({COMPARISON_PLOT})",
+        "",
+        "Power and energy per vehicle under each policy: allocated kW of every vehicle over time, delivered "
+        "against requested energy, and how the vehicles' average power is spread.",
+        "",
+        f"![Power and energy per vehicle]({VEHICLE_PLOT})",
         "",
         *(f"- [{policy}]({policy}/{REPORT_FILE})" for policy in policies),
         "",

@@ -28,6 +28,8 @@ class Scenario:
     duration_seconds: float
     # Set for open-loop scenarios: requests arrive at this mean rate whatever the answers.
     arrival_rate: float | None = None
+    # Lower one substation's limit to half during the run (operator PUT /limit), then lift it.
+    derate: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -46,8 +48,43 @@ SCENARIOS: dict[str, Scenario] = {
             120.0,
             arrival_rate=2.0,
         ),
+        Scenario(
+            "derate",
+            "rush hour, and meanwhile one substation's limit is halved for a while (needs ADMIN_TOKEN)",
+            100,
+            100,
+            0.0,
+            120.0,
+            derate=True,
+        ),
     )
 }
+
+# Defaults of the derate, as shares of the session length: it starts once every session of the rush
+# charges and ends while they all still do, so both the cut and the restoration hit live sessions.
+DERATE_AT_SHARE = 0.25
+DERATE_FOR_SHARE = 0.25
+DERATE_FACTOR = 0.5
+
+
+@dataclass(frozen=True)
+class DeratePlan:
+    """When, for how long and where a substation's limit is lowered to ``factor`` of what it is then."""
+
+    at_seconds: float
+    for_seconds: float
+    # None: the substation with the highest limit when the derate starts.
+    substation: str | None = None
+    factor: float = DERATE_FACTOR
+
+    @property
+    def until_seconds(self) -> float:
+        return self.at_seconds + self.for_seconds
+
+
+def default_derate(session_seconds: float) -> tuple[float, float]:
+    """``(at, for)`` seconds for sessions of ``session_seconds``."""
+    return round(session_seconds * DERATE_AT_SHARE, 3), round(session_seconds * DERATE_FOR_SHARE, 3)
 
 
 @dataclass(frozen=True)
@@ -64,6 +101,9 @@ class LoadPlan:
     session_seconds: float
     seed: int
     arrival_rate: float | None = None
+    # Send "wait": true: with no room anywhere the charge API queues the request (202) instead of a 503.
+    wait: bool = False
+    derate: DeratePlan | None = None
 
     @property
     def open_loop(self) -> bool:
@@ -79,8 +119,18 @@ class PlannedRequest:
     # Seconds after the start of the run at which the request is due.
     offset_seconds: float
 
-    def body(self) -> dict[str, object]:
-        return {"vehicle_id": self.vehicle_id, "amount": self.amount_kw, "duration_seconds": self.duration_seconds}
+    def body(self, wait: bool = False) -> dict[str, object]:
+        body: dict[str, object] = {
+            "vehicle_id": self.vehicle_id, "amount": self.amount_kw, "duration_seconds": self.duration_seconds
+        }
+        if wait:
+            body["wait"] = True
+        return body
+
+    @property
+    def energy_kwh(self) -> float:
+        """What the vehicle asks for: its amount for its whole session."""
+        return self.amount_kw * self.duration_seconds / 3600.0
 
 
 def generate_requests(plan: LoadPlan) -> list[PlannedRequest]:

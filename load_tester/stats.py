@@ -5,10 +5,22 @@ import statistics
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from load_tester.records import ADMITTED, FAILED, NOT_SENT, REJECTED, RequestResult, RunTiming, StatusSample
-from load_tester.violations import CapacityViolation
+from load_tester.records import (
+    ADMITTED,
+    FAILED,
+    NOT_SENT,
+    REJECTED,
+    RequestResult,
+    RunTiming,
+    StatusSample,
+    SubstationSample,
+)
+from load_tester.violations import Witnesses
+
+if TYPE_CHECKING:
+    from load_tester.energy import EnergyFigures
 
 
 @dataclass(frozen=True)
@@ -29,7 +41,10 @@ class SubstationSummary:
     admitted_kw: float
     capacity_kw: float | None
     end_load_percentage: float | None
+    # Highest allocated / limit: from the substation's own records when they could be read.
     peak_load_percentage: float | None
+    energy_delivered_kwh: float = 0.0
+    capacity_violations: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,10 +68,34 @@ class Summary:
     # max - min load % over the substations: in the last status sample, and the largest in any sample.
     spread_end: float | None
     spread_peak: float | None
+    # Both witnesses together; then each: the allocation histories, and the high-rate samples.
     capacity_violations: int
     tool_cpu_seconds: float
     tool_cpu_percent: float
     max_schedule_lag_ms: float | None
+    history_violations: int = 0
+    sample_violations: int = 0
+    history_instants_checked: int = 0
+    substation_samples: int = 0
+    # Vehicles: served (a 201, or a 202 that later started) out of requested (every planned one).
+    vehicles_requested: int = 0
+    vehicles_served: int = 0
+    # Energy: requested = amount x session length; delivered = what the sessions' records say they got.
+    energy_requested_kwh: float = 0.0
+    energy_delivered_kwh: float = 0.0
+    energy_delivered_ratio: float | None = None
+    vehicles_energy_unknown: int = 0
+    # Jain's index of delivered energy per vehicle: over the served ones, and over all (unserved as 0).
+    jain_index_served: float | None = None
+    jain_index_all: float | None = None
+    # Distribution of delivered / requested energy over the served vehicles: min, p5, p50, p95.
+    share_of_request: dict[str, float] | None = None
+    # Requests that got a 202, and how long the ones that started waited in the queue.
+    queued: int = 0
+    queue_wait_p50_seconds: float | None = None
+    queue_wait_p95_seconds: float | None = None
+    # The highest allocated / limit of any substation.
+    peak_load_percentage: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,14 +108,20 @@ class Summary:
 def summarise(
     results: Sequence[RequestResult],
     samples: Sequence[StatusSample],
-    violations: Sequence[CapacityViolation],
+    witnesses: Witnesses,
     timing: RunTiming,
+    energy: EnergyFigures | None = None,
+    substation_samples: Sequence[SubstationSample] = (),
+    end_t: float | None = None,
 ) -> Summary:
+    """The figures of a run; ``end_t`` is when its last answer came (None: the end is the last sample)."""
     outcomes = Counter(result.outcome for result in results)
     sent = len(results) - outcomes[NOT_SENT]
     answered = [r.latency_ms for r in results if r.answered and r.latency_ms is not None]
     lags = [lag for lag in (r.schedule_lag_ms for r in results) if lag is not None]
-    end_spread, peak_spread = spreads(samples)
+    end_spread, peak_spread = spreads(samples, end_t)
+    substations = substation_summaries(results, samples, witnesses, substation_samples, end_t)
+    peaks = [s.peak_load_percentage for s in substations if s.peak_load_percentage is not None]
     return Summary(
         planned=len(results),
         sent=sent,
@@ -90,14 +135,37 @@ def summarise(
         latency=latency(answered),
         wall_seconds=timing.wall_seconds,
         throughput_rps=len(answered) / timing.wall_seconds if timing.wall_seconds > 0 else 0.0,
-        substations=substation_summaries(results, samples),
+        substations=substations,
         spread_end=end_spread,
         spread_peak=peak_spread,
-        capacity_violations=len(violations),
+        capacity_violations=len(witnesses.violations),
         tool_cpu_seconds=timing.cpu_seconds,
         tool_cpu_percent=timing.cpu_seconds / timing.wall_seconds * 100.0 if timing.wall_seconds > 0 else 0.0,
         max_schedule_lag_ms=max(lags) if lags else None,
+        history_violations=len(witnesses.history_violations),
+        sample_violations=len(witnesses.sample_violations),
+        history_instants_checked=sum(check.instants for check in witnesses.history),
+        substation_samples=sum(check.samples for check in witnesses.samples),
+        peak_load_percentage=max(peaks) if peaks else None,
+        **(_energy_fields(energy) if energy is not None else {"vehicles_requested": len(results)}),
     )
+
+
+def _energy_fields(energy: EnergyFigures) -> dict[str, Any]:
+    return {
+        "vehicles_requested": energy.vehicles_requested,
+        "vehicles_served": energy.vehicles_served,
+        "energy_requested_kwh": energy.energy_requested_kwh,
+        "energy_delivered_kwh": energy.energy_delivered_kwh,
+        "energy_delivered_ratio": energy.energy_delivered_ratio,
+        "vehicles_energy_unknown": energy.vehicles_energy_unknown,
+        "jain_index_served": energy.jain_index_served,
+        "jain_index_all": energy.jain_index_all,
+        "share_of_request": None if energy.share_of_request is None else asdict(energy.share_of_request),
+        "queued": energy.queued,
+        "queue_wait_p50_seconds": energy.queue_wait_p50_seconds,
+        "queue_wait_p95_seconds": energy.queue_wait_p95_seconds,
+    }
 
 
 def _share(count: int, total: int) -> float:
@@ -123,11 +191,19 @@ def latency(values: Sequence[float]) -> Latency | None:
     )
 
 
-def spreads(samples: Sequence[StatusSample]) -> tuple[float | None, float | None]:
+def end_sample(samples: Sequence[StatusSample], end_t: float | None) -> StatusSample | None:
+    """The last sample with substations at or before ``end_t`` (or the last one of all)."""
+    candidates = [s for s in samples if s.substations and (end_t is None or s.t <= end_t)]
+    return candidates[-1] if candidates else None
+
+
+def spreads(samples: Sequence[StatusSample], end_t: float | None = None) -> tuple[float | None, float | None]:
+    """max - min load % over the substations: at the end (``end_t``), and the largest in any sample."""
     per_sample = [_spread(sample) for sample in samples if sample.substations]
     if not per_sample:
         return None, None
-    return per_sample[-1], max(per_sample)
+    last = end_sample(samples, end_t)
+    return (_spread(last) if last is not None else None), max(per_sample)
 
 
 def _spread(sample: StatusSample) -> float:
@@ -136,20 +212,37 @@ def _spread(sample: StatusSample) -> float:
 
 
 def substation_summaries(
-    results: Sequence[RequestResult], samples: Sequence[StatusSample]
+    results: Sequence[RequestResult],
+    samples: Sequence[StatusSample],
+    witnesses: Witnesses | None = None,
+    substation_samples: Sequence[SubstationSample] = (),
+    end_t: float | None = None,
 ) -> tuple[SubstationSummary, ...]:
+    witnesses = witnesses or Witnesses((), ())
     admitted = [r for r in results if r.outcome == ADMITTED and r.substation]
-    names = sorted({r.substation for r in admitted} | {x.substation for s in samples for x in s.substations})
-    last = {reading.substation: reading for reading in samples[-1].substations} if samples else {}
+    names = sorted(
+        {r.substation for r in admitted}
+        | {x.substation for s in samples for x in s.substations}
+        | {check.substation for check in (*witnesses.history, *witnesses.samples)}
+    )
+    at_end = end_sample(samples, end_t)
+    last = {reading.substation: reading for reading in at_end.substations} if at_end else {}
+    violations = Counter(v.substation for v in witnesses.violations)
     summaries = []
     for name in names:
         mine = [r for r in admitted if r.substation == name]
-        # Each admission reports the load right after it: exact peaks between two samples.
-        peaks = [r.load_percentage for r in mine if r.load_percentage is not None]
-        peaks += [x.load_percentage for s in samples for x in s.substations if x.substation == name]
-        # The latest known figure: the last status sample, else the last admission.
+        # The substation's own records (every allocation change, or its sessions sampled many times a
+        # second) give the exact peak. Without them: the admissions' reports and the balancer's samples,
+        # whose load is an estimate between its polls.
+        peak = witnesses.peak_load_percentage(name)
+        if peak is None:
+            peaks = [r.load_percentage for r in mine if r.load_percentage is not None]
+            peaks += [x.load_percentage for s in samples for x in s.substations if x.substation == name]
+            peak = max(peaks) if peaks else None
+        # The latest known figure: the substation's last sample, else the balancer's, else the last admission.
         capacities = [r.capacity_kw for r in mine if r.capacity_kw is not None]
         capacities += [x.capacity_kw for s in samples for x in s.substations if x.substation == name]
+        capacities += [s.limit_kw for s in substation_samples if s.substation == name]
         summaries.append(
             SubstationSummary(
                 substation=name,
@@ -157,7 +250,9 @@ def substation_summaries(
                 admitted_kw=round(sum(r.amount_kw for r in mine), 6),
                 capacity_kw=capacities[-1] if capacities else None,
                 end_load_percentage=last[name].load_percentage if name in last else None,
-                peak_load_percentage=max(peaks) if peaks else None,
+                peak_load_percentage=peak,
+                energy_delivered_kwh=round(sum(r.energy_kwh or 0.0 for r in mine), 6),
+                capacity_violations=violations[name],
             )
         )
     return tuple(summaries)

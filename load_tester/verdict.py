@@ -4,10 +4,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from load_tester.records import INTERRUPT, TIME_LIMIT, RunData
+from load_tester.records import INTERRUPT, STILL_QUEUED, TIME_LIMIT, RunData
 from load_tester.scenarios import ARRIVAL_MARGIN_SECONDS
 from load_tester.stats import Summary
-from load_tester.violations import CapacityViolation
+from load_tester.violations import CapacityViolation, Witnesses
+
+# The report lists this many violations of each witness by name; the counts cover them all.
+VIOLATIONS_NAMED = 3
 
 # Python threads share one core (the GIL): near a full core the tool itself limits the load it makes.
 CPU_SATURATION_PERCENT = 90.0
@@ -40,12 +43,17 @@ class Verdict:
 
 def judge(
     summary: Summary,
-    violations: Sequence[CapacityViolation],
+    witnesses: Witnesses,
     data: RunData,
     limits: Limits,
     open_loop: bool,
 ) -> Verdict:
-    problems = [violation.describe() for violation in violations]
+    problems = [
+        *_violation_problem(witnesses.history_violations, "in the sessions' allocation histories"),
+        *_violation_problem(witnesses.sample_violations, "in the samples of the substations' sessions"),
+    ]
+    if data.derate is not None and (data.derate.applied_offset is None or data.derate.restored_offset is None):
+        problems.append(data.derate.describe())
     if summary.error_rate > limits.max_error_rate:
         problems.append(_error_rate_problem(summary, limits.max_error_rate))
     if summary.rejection_rate > limits.max_rejection_rate:
@@ -62,7 +70,19 @@ def judge(
             "and a grace): the stack kept them open well past --timeout. Their request ids are in results.json "
             "(failure \"unanswered\"); the services' logs tell where they got stuck."
         )
-    return Verdict(problems=tuple(problems), warnings=tuple(_warnings(summary, data, open_loop)))
+    return Verdict(problems=tuple(problems), warnings=tuple(_warnings(summary, witnesses, data, open_loop)))
+
+
+def _violation_problem(violations: Sequence[CapacityViolation], where: str) -> list[str]:
+    if not violations:
+        return []
+    worst = max(violations, key=lambda v: v.excess_kw)
+    named = "; ".join(v.describe() for v in violations[:VIOLATIONS_NAMED])
+    more = f" (and {len(violations) - VIOLATIONS_NAMED} more)" if len(violations) > VIOLATIONS_NAMED else ""
+    return [
+        f"{len(violations)} capacity violation(s) {where}: {named}{more}. The worst: {worst.excess_kw:.3f} kW "
+        f"over at {worst.substation}. Every one is in results.json (capacity_violations)."
+    ]
 
 
 def _error_rate_problem(summary: Summary, max_error_rate: float) -> str:
@@ -75,7 +95,7 @@ def _error_rate_problem(summary: Summary, max_error_rate: float) -> str:
     )
 
 
-def _warnings(summary: Summary, data: RunData, open_loop: bool) -> list[str]:
+def _warnings(summary: Summary, witnesses: Witnesses, data: RunData, open_loop: bool) -> list[str]:
     warnings = []
     if summary.tool_cpu_percent >= CPU_SATURATION_PERCENT:
         warnings.append(
@@ -97,5 +117,44 @@ def _warnings(summary: Summary, data: RunData, open_loop: bool) -> list[str]:
     if summary.not_sent and data.stopped_by != INTERRUPT:
         warnings.append(
             f"{summary.not_sent} request(s) were not sent before the time limit: raise --duration to send them all."
+        )
+    still_queued = sum(1 for r in data.results if r.error == STILL_QUEUED)
+    if still_queued:
+        warnings.append(
+            f"{still_queued} request(s) were still waiting in the queue at the time limit and were cancelled: "
+            "raise --duration to give them time to start."
+        )
+    warnings += _witness_warnings(witnesses, data)
+    if summary.vehicles_energy_unknown:
+        warnings.append(
+            f"the delivered energy of {summary.vehicles_energy_unknown} served vehicle(s) could not be read: "
+            "the energy and fairness figures leave them out."
+        )
+    warnings += list(data.notes)
+    return warnings
+
+
+def _witness_warnings(witnesses: Witnesses, data: RunData) -> list[str]:
+    warnings = []
+    unreadable = [audit for audit in data.audits if audit.error is not None]
+    for audit in unreadable:
+        warnings.append(
+            f"the allocation histories of {audit.substation} ({audit.url}) could not be read: {audit.error}. "
+            "That witness did not check it."
+        )
+    if not data.audits:
+        warnings.append(
+            "no substation's allocation history could be read (the balancer's GET /substations listed none, or "
+            "could not be read): the capacity checks did not run. Check --balancer."
+        )
+    if data.audits and not data.substation_samples:
+        warnings.append("no sample of the substations' sessions could be read: that witness did not check them.")
+    elif data.substation_sample_errors:
+        warnings.append(f"{data.substation_sample_errors} sample(s) of the substations' sessions could not be read.")
+    truncated = sum(check.truncated_sessions for check in witnesses.history)
+    if truncated:
+        warnings.append(
+            f"{truncated} session(s) had more allocation changes than their substation keeps: their earliest "
+            "allocations were not checked."
         )
     return warnings

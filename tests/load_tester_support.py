@@ -13,7 +13,15 @@ from typing import Any
 
 from matplotlib import image
 
-from load_tester.records import ADMITTED, RequestResult, StatusSample, SubstationReading
+from load_tester.records import (
+    ADMITTED,
+    RequestResult,
+    SessionRecord,
+    StatusSample,
+    SubstationAudit,
+    SubstationReading,
+    SubstationSample,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BASE_TIME = datetime(2026, 11, 21, 14, 30, tzinfo=timezone.utc)
@@ -35,6 +43,7 @@ def admitted(
     load: float | None = None,
     state_version: int | None = None,
     latency_ms: float = 10.0,
+    energy_kwh: float | None = None,
 ) -> RequestResult:
     """An admission at ``start`` seconds after BASE_TIME (the substation's clock), lasting ``duration``."""
     return RequestResult(
@@ -56,7 +65,56 @@ def admitted(
         capacity_kw=capacity,
         load_percentage=None if load is None else load / capacity * 100.0,
         state_version=state_version,
+        state="charging",
+        energy_kwh=energy_kwh,
+        energy_source=None if energy_kwh is None else "substation",
     )
+
+
+BASE_EPOCH = BASE_TIME.timestamp()
+
+
+def session_record(
+    session_id: str, history: list[tuple[float, float]], *, substation: str = "substation-1", amount: float = 10.0,
+    energy: float = 0.0, ended: bool = True,
+) -> SessionRecord:  # fmt: skip
+    """A substation's session whose ``history`` is (seconds after BASE_TIME, kW)."""
+    start = history[0][0]
+    return SessionRecord(
+        substation=substation,
+        session_id=session_id,
+        vehicle_id=f"ev-{session_id}",
+        amount_kw=amount,
+        state="ended" if ended else "charging",
+        energy_kwh=energy,
+        started_at=BASE_EPOCH + start,
+        ends_at=BASE_EPOCH + history[-1][0],
+        history=tuple((BASE_EPOCH + at, kw) for at, kw in history),
+    )
+
+
+def audit(
+    limits: list[tuple[float, float]], *sessions: SessionRecord, substation: str = "substation-1",
+    taken_at: float = 100.0,
+) -> SubstationAudit:  # fmt: skip
+    """A substation's end-of-run records: its limit history (seconds after BASE_TIME, kW) and its sessions."""
+    return SubstationAudit(
+        substation=substation,
+        url=f"http://{substation}",
+        taken_at=BASE_EPOCH + taken_at,
+        limit_history=tuple((BASE_EPOCH + at, kw) for at, kw in limits),
+        sessions=sessions,
+    )
+
+
+def substation_sample(
+    t: float, allocations: list[float], limit: float, substation: str = "substation-1"
+) -> SubstationSample:
+    """One GET /sessions of a substation, ``t`` seconds after BASE_TIME (both clocks agree here)."""
+    return SubstationSample(
+        t=t, substation=substation, taken_at=BASE_EPOCH + t, limit_kw=limit, allocated_kw=sum(allocations),
+        sessions=len(allocations),
+    )  # fmt: skip
 
 
 def sample(t: float, *readings: tuple[str, float, float], policy: str = "least_loaded") -> StatusSample:
@@ -114,11 +172,22 @@ def assert_report_agrees_with_results(folder: Path) -> dict[str, Any]:
         mine = [r for r in requests if r["outcome"] == "admitted" and r["substation"] == substation["substation"]]
         assert substation["admitted"] == len(mine)
         assert abs(substation["admitted_kw"] - sum(r["amount_kw"] for r in mine)) < 1e-6
-    assert summary["capacity_violations"] == len(results["capacity_violations"])
+    assert summary["capacity_violations"] == summary["history_violations"] + summary["sample_violations"]
+    listed = [v["source"] for v in results["capacity_violations"]]
+    assert listed.count("history") == min(summary["history_violations"], 1000)
+    assert listed.count("samples") == min(summary["sample_violations"], 1000)
+    served = [r for r in requests if r["outcome"] == "admitted"]
+    assert summary["vehicles_requested"] == len(requests) and summary["vehicles_served"] == len(served)
+    assert summary["queued"] == sum(1 for r in requests if r["status"] == 202)
+    assert abs(summary["energy_requested_kwh"] - sum(r["energy_requested_kwh"] for r in requests)) < 1e-5
+    known = [r["energy_kwh"] for r in served if r["energy_kwh"] is not None]
+    assert abs(summary["energy_delivered_kwh"] - sum(known)) < 1e-5
+    assert summary["vehicles_energy_unknown"] == len(served) - len(known)
 
     report = (folder / "report.md").read_text()
     figures = dict(markdown_rows(report, "Figure"))
     latency = summary["latency"] or {}
+    shares = summary["share_of_request"]
     expected = {
         "Requests planned": str(summary["planned"]),
         "Requests sent": str(summary["sent"]),
@@ -136,7 +205,26 @@ def assert_report_agrees_with_results(folder: Path) -> dict[str, Any]:
         "Throughput (answers/s)": one_decimal(summary["throughput_rps"]),
         "Spread at end (points of load %)": one_decimal(summary["spread_end"]),
         "Largest spread (points of load %)": one_decimal(summary["spread_peak"]),
+        "Vehicles served": f"{summary['vehicles_served']} of {summary['vehicles_requested']}",
+        "Energy requested (kWh)": digits(summary["energy_requested_kwh"], 3),
+        "Energy delivered (kWh)": digits(summary["energy_delivered_kwh"], 3),
+        "Energy delivered (% of requested)": one_decimal(
+            None if summary["energy_delivered_ratio"] is None else summary["energy_delivered_ratio"] * 100
+        ),
+        "Jain's fairness index, served vehicles": digits(summary["jain_index_served"], 3),
+        "Jain's fairness index, all requested vehicles": digits(summary["jain_index_all"], 3),
+        "Share of request delivered, min / p5 / p50 / p95 (%)": (
+            "-" if shares is None else " / ".join(one_decimal(shares[k] * 100) for k in ("min", "p5", "p50", "p95"))
+        ),
+        "Queued (202)": str(summary["queued"]),
+        "Queue wait p50 (s)": digits(summary["queue_wait_p50_seconds"], 2),
+        "Queue wait p95 (s)": digits(summary["queue_wait_p95_seconds"], 2),
+        "Peak load % (allocated / limit, any substation)": one_decimal(summary["peak_load_percentage"]),
         "Capacity violations": str(summary["capacity_violations"]),
+        "Capacity violations in allocation histories": str(summary["history_violations"]),
+        "Capacity violations in substation samples": str(summary["sample_violations"]),
+        "Allocation instants checked": str(summary["history_instants_checked"]),
+        "Substation samples checked": str(summary["substation_samples"]),
     }
     for label, value in expected.items():
         assert figures[label] == value, f"report.md shows {label} = {figures[label]}, results.json {value}"
@@ -149,12 +237,19 @@ def assert_report_agrees_with_results(folder: Path) -> dict[str, Any]:
             one_decimal(s["capacity_kw"]),
             one_decimal(s["end_load_percentage"]),
             one_decimal(s["peak_load_percentage"]),
+            digits(s["energy_delivered_kwh"], 3),
+            str(s["capacity_violations"]),
         ]
     assert "![Load per substation over time](load.png)" in report
     assert "![Latency distribution](latency.png)" in report
-    assert_png(folder / "load.png")
-    assert_png(folder / "latency.png")
+    assert "![Power and energy per vehicle](vehicles.png)" in report
+    for plot in ("load.png", "latency.png", "vehicles.png"):
+        assert_png(folder / plot)
     return results
+
+
+def digits(value: float | None, places: int) -> str:
+    return "-" if value is None else f"{value:.{places}f}"
 
 
 def start_interruptible(

@@ -57,6 +57,12 @@ def test_sustained_is_open_loop_at_the_given_rate():
         (("--session-duration", "nan"), "nan is outside the allowed range"),
         (("--scenario", "lunch"), "invalid choice: 'lunch'"),
         (("--policies", "round_robin"), "--policies chooses the policies of --compare-policies"),
+        (("--compare-policies", "--compare-allocation", "strict"), "choose one of them"),
+        (("--derate-at", "3"), "--derate-at applies only to --scenario derate"),
+        (("--derate-substation", "substation-1"), "--derate-substation applies only to --scenario derate"),
+        (("--scenario", "derate", "--derate-for", "0"), "0 is outside the allowed range (0, 86400]"),
+        (("--substation-sample-hz", "0"), "0 is outside the allowed range (0, 100]"),
+        (("--compare-allocation", ","), "name at least one allocation policy"),
     ],
 )
 def test_bad_options_are_refused_with_a_sentence_that_names_them(capsys, argv, message):
@@ -124,3 +130,45 @@ def test_an_output_folder_that_cannot_be_created_is_a_clear_error(tmp_path, caps
     code = main(["--output", str(blocker / "results")], environ={})
     assert code == EXIT_USAGE
     assert f"cannot create the output folder {blocker / 'results'}" in capsys.readouterr().err
+
+
+def test_wait_and_the_substation_sample_rate_are_in_the_plan_and_the_settings():
+    parser = build_parser(Defaults())
+    args = parser.parse_args(["--wait", "--substation-sample-hz", "50"])
+    plan = resolve_plan(parser, args)
+    settings = run_settings(plan, generate_requests(plan), args)
+    assert (plan.wait, settings["wait"], settings["substation_sample_hz"]) == (True, True, 50.0)
+    assert settings["derate"] is None
+    args = parser.parse_args([])
+    assert (resolve_plan(parser, args).wait, args.substation_sample_hz) == (False, 20.0)
+
+
+def test_the_derate_scenario_is_rush_hour_with_a_derate_relative_to_the_session_length():
+    plan = plan_of("--scenario", "derate", "--session-duration", "8")
+    assert (plan.requests, plan.concurrency, plan.ramp_up_seconds) == (100, 100, 0.0)
+    assert (plan.derate.at_seconds, plan.derate.for_seconds, plan.derate.substation) == (2.0, 2.0, None)
+    plan = plan_of("--scenario", "derate", "--derate-at", "1.5", "--derate-for", "4", "--derate-substation", "s-2")
+    assert (plan.derate.at_seconds, plan.derate.for_seconds, plan.derate.substation) == (1.5, 4.0, "s-2")
+    assert plan_of("--scenario", "rush-hour").derate is None
+
+
+def test_compare_allocation_takes_a_list_or_nothing_for_every_policy():
+    parser = build_parser(Defaults())
+    assert parser.parse_args(["--compare-allocation", "strict, fair_share"]).compare_allocation == (
+        "strict", "fair_share"
+    )
+    assert parser.parse_args(["--compare-allocation"]).compare_allocation == ()
+    assert parser.parse_args([]).compare_allocation is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--compare-allocation", "strict,fair_share"], "--compare-allocation switches the substations' allocation"),
+        (["--scenario", "derate"], "--scenario derate lowers a substation's limit (PUT /limit): set ADMIN_TOKEN"),
+    ],
+)
+def test_operator_runs_without_an_admin_token_say_which_variable_to_set(tmp_path, capsys, argv, message):
+    code = main([*argv, "--output", str(tmp_path)], environ={})
+    assert code == EXIT_USAGE
+    assert message in capsys.readouterr().err

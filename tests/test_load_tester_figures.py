@@ -11,8 +11,10 @@ from load_tester.records import (
     INTERRUPT,
     REJECTED,
     TIME_LIMIT,
+    DerateRecord,
     RunData,
     RunTiming,
+    cancelled_at_time_limit,
     classify_response,
     not_sent,
     parse_status,
@@ -22,8 +24,18 @@ from load_tester.records import (
 from load_tester.scenarios import PlannedRequest
 from load_tester.stats import percentile, summarise
 from load_tester.verdict import Limits, judge
-from load_tester.violations import find_violations, session_violations, status_violations
-from tests.load_tester_support import admitted, iso, sample
+from load_tester.violations import Witnesses, find_violations, run_start_by_substation
+from tests.load_tester_support import (
+    BASE_EPOCH,
+    admitted,
+    audit,
+    iso,
+    sample,
+    session_record,
+    substation_sample,
+)
+
+NO_WITNESSES = Witnesses((), ())
 
 PLANNED = PlannedRequest(index=3, vehicle_id="ev-1-00004", amount_kw=12.5, duration_seconds=60.0, offset_seconds=0.5)
 
@@ -80,68 +92,17 @@ def test_status_entries_without_figures_are_skipped():
     assert parse_status(0, ["not", "an", "object"]).substations == ()
 
 
-# Capacity violations ----------------------------------------------------------------------------------------------
+# Capacity violations (the witnesses themselves: tests/test_load_tester_witnesses.py) ---------------------------
 
 
-def test_overlapping_sessions_above_capacity_are_a_violation_at_the_admission_that_broke_it():
-    results = [
-        admitted(0, "substation-1", 60.0, start=0, duration=10, capacity=100.0),
-        admitted(1, "substation-1", 30.0, start=2, duration=10, capacity=100.0),
-        admitted(2, "substation-1", 20.0, start=5, duration=10, capacity=100.0),  # 110 kW from t=5
-    ]
-    [violation] = session_violations(results)
-    assert (violation.substation, violation.at, violation.source) == ("substation-1", iso(5), "sessions")
-    assert violation.load_kw == pytest.approx(110.0) and violation.excess_kw == pytest.approx(10.0)
-
-
-def test_a_session_no_longer_counts_from_its_end_so_back_to_back_sessions_fit():
-    results = [
-        admitted(0, "substation-1", 80.0, start=0, duration=5, capacity=100.0),
-        admitted(1, "substation-1", 80.0, start=5, duration=5, capacity=100.0),  # starts the moment the first ends
-        admitted(2, "substation-1", 20.0, start=6, duration=5, capacity=100.0),  # exactly full
-    ]
-    assert session_violations(results) == []
-
-
-def test_sessions_at_different_substations_do_not_add_up():
-    results = [
-        admitted(0, "substation-1", 70.0, start=0, duration=10, capacity=100.0),
-        admitted(1, "substation-2", 70.0, start=1, duration=10, capacity=100.0),
-    ]
-    assert session_violations(results) == []
-
-
-def test_the_load_the_substation_reports_counts_even_when_the_run_cannot_see_other_sessions():
-    results = [admitted(0, "substation-1", 10.0, start=0, duration=10, capacity=100.0, load=105.0)]
-    [violation] = session_violations(results)
-    assert violation.load_kw == 105.0
-
-
-def test_admissions_in_one_millisecond_are_ordered_by_state_version():
-    # Power from a peer raised the capacity between two admissions of the same millisecond. In admission
-    # order (state_version) both fit: 90 of 100, then 110 of 120. In send order the 90 kW would seem to
-    # land on 20 kW already charging, against the capacity of 100 it saw.
-    results = [
-        admitted(0, "substation-1", 20.0, start=1, duration=10, capacity=120.0, load=110.0, state_version=2),
-        admitted(1, "substation-1", 90.0, start=1, duration=10, capacity=100.0, load=90.0, state_version=1),
-    ]
-    assert session_violations(results) == []
-
-
-def test_a_status_sample_above_capacity_is_a_violation_and_a_down_substation_is_not_judged():
-    samples = [
-        sample(0.5, ("substation-1", 50.0, 100.0), ("substation-2", 100.0, 100.0)),
-        sample(1.0, ("substation-1", 101.0, 100.0)),
-    ]
-    [violation] = status_violations(samples)
-    assert (violation.substation, violation.at, violation.source) == ("substation-1", "t=1.0s", "status")
-    assert "1.0 kW over" in violation.describe()
-
-
-def test_find_violations_reports_both_witnesses():
-    results = [admitted(0, "substation-1", 150.0, start=0, duration=10, capacity=100.0)]
-    samples = [sample(0.5, ("substation-1", 150.0, 100.0))]
-    assert {v.source for v in find_violations(results, samples)} == {"sessions", "status"}
+def test_violations_of_both_witnesses_are_counted_apart_and_together():
+    records = audit([(0, 100.0)], session_record("A", [(0, 150.0), (10, 0.0)]), taken_at=20.0)
+    samples = [substation_sample(0.5, [150.0], 100.0), substation_sample(1.0, [150.0], 100.0)]
+    witnesses = find_violations([records], samples, run_start_by_substation(samples), BASE_EPOCH)
+    summary = summarise([], [], witnesses, RunTiming(1.0, 0.1))
+    assert (summary.history_violations, summary.sample_violations, summary.capacity_violations) == (1, 2, 3)
+    assert (summary.history_instants_checked, summary.substation_samples) == (2, 2)
+    assert summary.peak_load_percentage == pytest.approx(150.0)
 
 
 # Statistics --------------------------------------------------------------------------------------------------------
@@ -154,8 +115,8 @@ def test_percentiles_interpolate_between_the_nearest_values():
     assert percentile([7.0], 99) == 7.0
 
 
-def _run(results, samples=(), wall=2.0, cpu=0.5, stopped_by=None):
-    return RunData(tuple(results), tuple(samples), RunTiming(wall, cpu), iso(0), iso(2), stopped_by, 0)
+def _run(results, samples=(), wall=2.0, cpu=0.5, stopped_by=None, **more):
+    return RunData(tuple(results), tuple(samples), RunTiming(wall, cpu), iso(0), iso(2), stopped_by, 0, **more)
 
 
 def test_the_summary_counts_outcomes_latency_and_load_per_substation():
@@ -174,7 +135,7 @@ def test_the_summary_counts_outcomes_latency_and_load_per_substation():
         sample(1.0, ("substation-1", 25.0, 100.0), ("substation-2", 20.0, 100.0)),  # spread 5
     ]
     data = _run(results, samples)
-    summary = summarise(data.results, data.samples, [], data.timing)
+    summary = summarise(data.results, data.samples, NO_WITNESSES, data.timing)
     assert (summary.planned, summary.sent, summary.admitted, summary.rejected, summary.failed, summary.not_sent) == (
         7, 6, 3, 1, 2, 1,
     )  # fmt: skip
@@ -200,7 +161,7 @@ def test_the_summary_counts_outcomes_latency_and_load_per_substation():
 
 def test_without_samples_the_peak_comes_from_the_admissions_and_there_is_no_spread():
     results = [admitted(0, "substation-1", 10.0, start=0, duration=60, capacity=200.0, load=50.0)]
-    summary = summarise(results, [], [], RunTiming(1.0, 0.1))
+    summary = summarise(results, [], NO_WITNESSES, RunTiming(1.0, 0.1))
     [substation] = summary.substations
     assert substation.peak_load_percentage == pytest.approx(25.0)
     assert substation.end_load_percentage is None
@@ -210,11 +171,13 @@ def test_without_samples_the_peak_comes_from_the_admissions_and_there_is_no_spre
 # Verdict ---------------------------------------------------------------------------------------------------------
 
 
-def _verdict(results, samples=(), cpu=0.5, stopped_by=None, open_loop=False, **limits):
-    data = _run(results, samples, cpu=cpu, stopped_by=stopped_by)
-    violations = find_violations(data.results, data.samples)
-    summary = summarise(data.results, data.samples, violations, data.timing)
-    return judge(summary, violations, data, Limits(**limits), open_loop)
+def _verdict(results, samples=(), cpu=0.5, stopped_by=None, open_loop=False, audits=(), substation_samples=(),
+             derate=None, **limits):  # fmt: skip
+    data = _run(results, samples, cpu=cpu, stopped_by=stopped_by, audits=tuple(audits),
+                substation_samples=tuple(substation_samples), derate=derate, started_epoch=BASE_EPOCH)  # fmt: skip
+    witnesses = find_violations(data.audits, data.substation_samples, None, data.started_epoch)
+    summary = summarise(data.results, data.samples, witnesses, data.timing)
+    return judge(summary, witnesses, data, Limits(**limits), open_loop)
 
 
 def _three_admitted_and(*others):
@@ -268,11 +231,44 @@ def test_both_limits_are_judged_and_each_names_its_own_problem():
     assert [p.split(" is above")[0] for p in problems] == ["error rate 20.0%", "rejection rate 20.0%"]
 
 
-def test_a_capacity_violation_fails_the_run_whatever_the_error_rate():
+def test_a_capacity_violation_of_either_witness_fails_the_run_whatever_the_error_rate():
     results = [admitted(0, "substation-1", 150.0, start=0, duration=60, capacity=100.0)]
-    verdict = _verdict(results, [sample(0.1, ("substation-1", 0.0, 100.0))], max_error_rate=1.0)
+    records = audit([(0, 100.0)], session_record("session-0", [(0, 150.0), (60, 0.0)]), taken_at=70.0)
+    verdict = _verdict(results, audits=[records], max_error_rate=1.0)
     assert not verdict.passed
-    assert "substation-1 carried 150.0 kW of 100.0 kW capacity" in verdict.problems[0]
+    [problem] = verdict.problems
+    assert problem.startswith("1 capacity violation(s) in the sessions' allocation histories: substation-1 allocated "
+                              "150.000 kW to 1 session(s) under a limit of 100.000 kW")  # fmt: skip
+    many = [substation_sample(t / 10, [101.0], 100.0) for t in range(5)]
+    [problem] = _verdict(results, audits=[audit([(0, 100.0)], taken_at=70.0)], substation_samples=many).problems
+    assert problem.startswith("5 capacity violation(s) in the samples of the substations' sessions")
+    assert "(and 2 more)" in problem and "The worst: 1.000 kW over at substation-1" in problem
+    # The balancer's estimate between polls is no witness: its load above capacity is no violation.
+    assert _verdict(results, [sample(0.1, ("substation-1", 150.0, 100.0))], audits=[audit([(0, 200.0)])]).passed
+
+
+def test_a_derate_that_did_not_happen_or_was_not_undone_fails_the_run():
+    results, samples = _three_admitted_and()
+    never = DerateRecord("substation-1", 5.0, 5.0, error="the limit could not be lowered: HTTP 401")
+    [problem] = _verdict(results, samples, derate=never).problems
+    assert problem == "The derate did not happen: the limit could not be lowered: HTTP 401."
+    stuck = DerateRecord("substation-1", 5.0, 5.0, 100.0, 50.0, 5.0, iso(5), error="the limit could NOT be restored")
+    [problem] = _verdict(results, samples, derate=stuck).problems
+    assert "lowered from 100.0 kW to 50.0 kW at t=5.0 s" in problem and "NOT restored" in problem
+    done = DerateRecord("substation-1", 5.0, 5.0, 100.0, 50.0, 5.0, iso(5), 10.0, iso(10))
+    assert _verdict(results, samples, derate=done).passed
+
+
+def test_missing_witnesses_and_requests_left_in_the_queue_are_warnings():
+    results, samples = _three_admitted_and()
+    warnings = _verdict(results, samples).warnings
+    assert any("no substation's allocation history could be read" in w for w in warnings)
+    queued = classify_response(PLANNED, "q", 0.1, 5.0, 202, {"session_id": "q"}, "/sessions/q")
+    left = cancelled_at_time_limit(queued, None, None, 30.0)
+    warnings = _verdict([*results, left], samples, audits=[audit([(0, 100.0)])],
+                        substation_samples=[substation_sample(0.0, [], 100.0)]).warnings  # fmt: skip
+    assert any("1 request(s) were still waiting in the queue at the time limit" in w for w in warnings)
+    assert not any("allocation history" in w for w in warnings)
 
 
 def test_warnings_name_a_saturated_tool_missing_samples_and_an_interruption_is_a_problem():
@@ -287,7 +283,7 @@ def test_requests_still_open_at_the_time_limit_fail_the_run_and_are_not_called_a
     results, samples = _three_admitted_and(unanswered(PLANNED, "r1", 0.5), unanswered(PLANNED, "r2", 0.6))
     data = _run(results, samples, stopped_by=TIME_LIMIT)
     assert (data.unanswered, data.interrupted) == (2, False)
-    assert summarise(data.results, data.samples, [], data.timing).failed_by_status == {"unanswered": 2}
+    assert summarise(data.results, data.samples, NO_WITNESSES, data.timing).failed_by_status == {"unanswered": 2}
     # However many failures are allowed, requests the run gave up on fail it.
     verdict = _verdict(results, samples, stopped_by=TIME_LIMIT, max_error_rate=1)
     [problem] = verdict.problems

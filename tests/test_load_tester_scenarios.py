@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from load_tester.scenarios import MAX_REQUESTS, SCENARIOS, LoadPlan, generate_requests
+from load_tester.scenarios import MAX_REQUESTS, SCENARIOS, DeratePlan, LoadPlan, default_derate, generate_requests
 
 PLAN = LoadPlan(
     scenario="normal",
@@ -30,7 +30,9 @@ def test_the_presets_are_the_ones_of_the_design_documents():
         "normal": (100, 10, 60.0),
         "high": (500, 50, 120.0),
         "burst": (200, 20, 0.0),
+        "derate": (100, 100, 0.0),  # rush hour, with one substation's limit halved for a while
     }
+    assert [name for name, s in SCENARIOS.items() if s.derate] == ["derate"]
     assert SCENARIOS["sustained"].arrival_rate is not None
     assert all(s.arrival_rate is None for name, s in SCENARIOS.items() if name != "sustained")
 
@@ -83,3 +85,18 @@ def test_open_loop_arrivals_follow_the_rate_within_the_duration():
 def test_open_loop_arrivals_stop_at_the_request_cap():
     plan = replace(PLAN, requests=25, duration_seconds=1000.0, arrival_rate=50.0)
     assert len(generate_requests(plan)) == 25
+
+
+def test_a_request_asks_to_wait_only_when_told_and_asks_for_its_amount_for_its_whole_session():
+    [first, *_] = generate_requests(PLAN)
+    assert "wait" not in first.body()
+    assert first.body(wait=True)["wait"] is True
+    assert first.energy_kwh == pytest.approx(first.amount_kw * 60.0 / 3600.0)
+
+
+def test_the_derate_defaults_follow_the_session_length():
+    # A quarter of the way in, for a quarter: every rush-hour session still charges when it is undone.
+    assert default_derate(60.0) == (15.0, 15.0)
+    assert default_derate(4.0) == (1.0, 1.0)
+    assert DeratePlan(at_seconds=2.0, for_seconds=3.0).until_seconds == 5.0
+    assert DeratePlan(2.0, 3.0).factor == 0.5
