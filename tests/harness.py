@@ -5,6 +5,7 @@ Tests never use the ports of ``make run``, so both can run at once.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -209,7 +210,8 @@ def start_stack(
 ) -> Stack:
     """Substations, then the balancer pointed at them, then the charge request service.
 
-    ``peers`` lists every substation in each one's PEERS, so they balance power together.
+    ``peers`` lists every substation in each one's PEERS and gives them one PEER_KEY, so they
+    balance power together.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     substations = [
@@ -226,8 +228,11 @@ def start_stack(
         for index, capacity in enumerate(capacities, start=1)
     ]
     if peers:
+        # The group signs its peer traffic with one key (PEER_KEY): new for every stack.
+        group_key = secrets.token_hex(32)
         for substation in substations:
             substation.env.setdefault("PEERS", ",".join(peer.url for peer in substations))
+            substation.env.setdefault("PEER_KEY", group_key)
     started: list[Service] = []
     try:
         for substation in substations:

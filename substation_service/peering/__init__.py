@@ -1,7 +1,8 @@
 """Peer-to-peer power balancing among substations, after FREEDM's Load Balancing module.
 
 ``machine.py`` is the protocol as a plain state machine; ``service.py`` runs
-it between substation processes over HTTP. ``build_peering`` makes the
+it between substation processes over HTTP, every message and poll signed
+with the group's ``PEER_KEY`` (``auth.py``). ``build_peering`` makes the
 service for one substation, ``install_peering`` adds its endpoints, metrics
 and, when asked, its background threads to the substation's app.
 """
@@ -35,7 +36,7 @@ def build_peering(
     ``readings`` reads its devices (see ``PeeringNode.readings``); ``on_peer_power`` is told
     every change of the power exchanged with peers, at once.
     """
-    machine = BalancingMachine(substation_id, settings.balancing, epoch_origin=clock())
+    machine = BalancingMachine(substation_id, settings.balancing, epoch_origin=clock(), schedule=settings.schedule)
     node = PeeringNode(machine, readings, clock, on_peer_power)
     return PeeringService(node, settings, public_url, clock)
 

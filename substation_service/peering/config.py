@@ -3,6 +3,8 @@
 | Variable                        | Default | Meaning                                                                  |
 |---------------------------------|---------|--------------------------------------------------------------------------|
 | `PEERS`                         | (empty) | Comma-separated base URLs of the peer substations; this substation's own `PUBLIC_URL` may be listed and is skipped. Empty: no peer balancing |
+| `PEER_KEY`                      | (empty) | The group's secret, the same on every substation of the group: every peer message and membership poll is signed with it (HMAC-SHA256, see `auth.py`). At least 32 characters with at least 8 different ones, e.g. `python3 -c 'import secrets; print(secrets.token_hex(32))'`. Empty: peer balancing stays off even when `PEERS` is set |
+| `PEER_CLOCK_TOLERANCE_SECONDS`  | `5`     | How far a peer's clock may be from this one's: older or newer signed timestamps are refused as replays, link epochs further ahead as implausible |
 | `PEER_BALANCING_ENABLED`        | `true`  | FREEDM's `dgiEnable`: `false` computes and reports but migrates nothing  |
 | `GENERATION_KW`                 | `0`     | Local generation, kW                                                     |
 | `GENERATION_PROFILE`            | (empty) | `hour:kW,...` step profile over a day; replaces `GENERATION_KW` when set |
@@ -20,6 +22,8 @@
 | `MALICIOUS`                     | `false` | Drop every Draft Select silently (FREEDM's experiment flag)              |
 
 The migration step follows FREEDM's documentation (2 kW); its code defaults to 1.
+Every substation of a group must have the same `MIGRATION_STEP_KW`: a Draft
+Select of more than the receiver's step is refused.
 """
 from __future__ import annotations
 
@@ -32,10 +36,18 @@ from substation_service.peering.machine import BalancingParams
 from substation_service.peering.power import SECONDS_PER_DAY, LocalPower, parse_profile
 from substation_service.peering.schedule import PhaseSchedule
 
+# 32 hex digits are 16 random bytes; fewer characters are too few for an HMAC key anyone can reach.
+MIN_PEER_KEY_CHARACTERS = 32
+# A random 32-character key has far more; a repeated word ("changeme...") has fewer.
+MIN_PEER_KEY_DISTINCT = 8
+GENERATE_KEY_HINT = "python3 -c 'import secrets; print(secrets.token_hex(32))'"
+
 
 @dataclass(frozen=True)
 class PeeringSettings:
     peers: tuple[str, ...] = ()
+    # repr=False: settings may be logged or shown in a traceback, the key never.
+    peer_key: str = field(default="", repr=False)
     balancing: BalancingParams = field(default_factory=BalancingParams)
     power: LocalPower = field(default_factory=LocalPower)
     schedule: PhaseSchedule = field(default_factory=lambda: PhaseSchedule(phase_seconds=4.0, round_seconds=0.4))
@@ -49,6 +61,7 @@ class PeeringSettings:
         defaults = cls()
         return cls(
             peers=tuple(_peer_url(url) for url in env_list(env, "PEERS")),
+            peer_key=_peer_key(env),
             balancing=_balancing(env, defaults.balancing),
             power=_power(env),
             schedule=_schedule(env, defaults.schedule),
@@ -68,6 +81,23 @@ def _peer_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def _peer_key(env: Mapping[str, str]) -> str:
+    key = env_str(env, "PEER_KEY", "")
+    if not key:
+        return ""
+    if len(key) < MIN_PEER_KEY_CHARACTERS:
+        raise SettingsError(
+            f"PEER_KEY must be at least {MIN_PEER_KEY_CHARACTERS} characters, it has {len(key)}. Generate one with "
+            f"{GENERATE_KEY_HINT} and give the same key to every substation of the group"
+        )
+    if len(set(key)) < MIN_PEER_KEY_DISTINCT:
+        raise SettingsError(
+            f"PEER_KEY has only {len(set(key))} different characters: that is a word or a pattern, not a random "
+            f"key. Generate one with {GENERATE_KEY_HINT} and give the same key to every substation of the group"
+        )
+    return key
+
+
 def _balancing(env: Mapping[str, str], defaults: BalancingParams) -> BalancingParams:
     step = env_float(env, "MIGRATION_STEP_KW", defaults.migration_step_kw, minimum=0.001)
     limit = env_float(env, "INVARIANT_LIMIT_KW", defaults.invariant_limit_kw, minimum=0)
@@ -81,6 +111,9 @@ def _balancing(env: Mapping[str, str], defaults: BalancingParams) -> BalancingPa
         malicious=env_bool(env, "MALICIOUS", defaults.malicious),
         invariant_check=env_bool(env, "INVARIANT_CHECK", defaults.invariant_check),
         invariant_limit_kw=limit,
+        clock_tolerance_seconds=env_float(
+            env, "PEER_CLOCK_TOLERANCE_SECONDS", defaults.clock_tolerance_seconds, minimum=0.1, maximum=300
+        ),
     )
 
 

@@ -675,7 +675,7 @@ class BalancingMachine:
 
     def _on_draft_select(self, message: DraftSelect, view: PeerView) -> Delivery:
         # One Draft Age, one offer: a second select for the same request is unsolicited.
-        del self._solicited[(message.sender, message.phase, message.round)]
+        self._solicited.pop((message.sender, message.phase, message.round), None)
         if self.params.malicious:
             return Delivery(ignored="dropped_by_malicious_flag")
         amount = message.amount

@@ -17,6 +17,9 @@ are still in force). The fields after those depend on the ``type``:
 
 Anything else (an unknown type, a missing or extra field, a wrong type, a
 number that is not finite) is rejected with the name of the faulty field.
+A well-formed message is not yet a trusted one: its ``sender`` must be the
+substation that signed it (``auth.py``) and its fields must fit the state of
+the receiver (``BalancingMachine.handle``).
 """
 from __future__ import annotations
 

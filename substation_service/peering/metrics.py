@@ -84,7 +84,7 @@ class PeeringCollector(Collector):
                        "type", MESSAGE_TYPES, report.received)
         yield _counter("peer_send_failures", "Messages a peer did not take (unreachable or refused), by type.",
                        substation, "type", MESSAGE_TYPES, report.send_failures)
-        yield _counter("peer_messages_rejected", "Messages refused: malformed, unknown sender or stale link.",
+        yield _counter("peer_messages_rejected", "Messages and poll answers refused or not acted on, by reason.",
                        substation, "reason", [reason.value for reason in Rejection], report.rejected)
         yield _counter("peer_migrations", "Migrations this substation offered as supplier, by outcome.", substation,
                        "outcome", [outcome.value for outcome in Outcome], report.outcomes)

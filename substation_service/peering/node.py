@@ -26,6 +26,7 @@ from substation_service.peering.machine import (
     LoadTable,
     Outgoing,
     Readings,
+    Rejection,
 )
 from substation_service.peering.messages import DraftAccept, parse_message
 
@@ -111,16 +112,24 @@ class PeeringNode:
             self._push_peer_power()
             return outgoing
 
-    def receive(self, document: Any) -> Delivery:
-        """Handle one received JSON document; raises ``ValidationError`` when it is not a valid message."""
+    def receive(self, document: Any, signed_by: str) -> Delivery:
+        """Handle one received JSON document whose signature ``signed_by`` made (see ``auth.py``).
+
+        Raises ``ValidationError`` when it is not a valid message. A message whose ``sender`` is not
+        the signer is refused (``SENDER_MISMATCH``): a member must not speak for another.
+        """
         try:
             message = parse_message(document)
         except ValueError:
             self.count_malformed()
             raise
+        if message.sender != signed_by:
+            self.count_rejection(Rejection.SENDER_MISMATCH)
+            return Delivery(rejected=Rejection.SENDER_MISMATCH)
         readings = self.readings()
         with self._lock:
-            delivery = self._machine.handle(message, readings)
+            delivery = self._machine.handle(message, readings, self._clock())
+            # Every path, rejections included: the ledger learns at once whatever the machine did.
             self._push_peer_power()
         if delivery.link_reset is LinkReset.LATE_ACCEPT and isinstance(message, DraftAccept):
             log.warning(
@@ -133,12 +142,19 @@ class PeeringNode:
     def count_malformed(self) -> None:
         with self._lock:
             self._machine.reject_malformed()
+            self._push_peer_power()
+
+    def count_rejection(self, reason: Rejection) -> None:
+        """A message or poll answer refused before the machine saw it (no key, bad signature...)."""
+        with self._lock:
+            self._machine.count_rejection(reason)
+            self._push_peer_power()
 
     def peer_seen(self, peer_id: str, link_epoch: float | None) -> bool:
         """Record a peer that answered; True when it (re)joined the group just now."""
         with self._lock:
             was_member = peer_id in self._machine.members
-            self._machine.peer_seen(peer_id, link_epoch)
+            self._machine.peer_seen(peer_id, link_epoch, self._clock())
             self._push_peer_power()
             return not was_member and peer_id in self._machine.members
 

@@ -6,6 +6,11 @@ Event: the runner (phases and rounds, see ``schedule.py``) and the poller
 (group membership, see ``membership.py``). Received messages are handled on
 the HTTP request's thread; every message out leaves through the transport's
 pool, so no thread waits for a peer's answer.
+
+Without ``PEER_KEY`` nothing can be signed or checked, so peer balancing stays
+off even when ``PEERS`` lists peers: no thread starts, every message is
+refused (``peering_off``), and the substation says so once at start and in
+``/peer-balancing``'s ``off_reason``.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from substation_service.peering.config import PeeringSettings
+from substation_service.peering.auth import PeerKey
+from substation_service.peering.config import GENERATE_KEY_HINT, PeeringSettings
 from substation_service.peering.machine import Delivery, Outgoing
 from substation_service.peering.membership import Membership
 from substation_service.peering.node import PeeringNode
@@ -37,16 +43,36 @@ class PeeringService:
         self.settings = settings
         self.own_url = own_url
         self._clock = clock
-        self._transport = PeerTransport(node.node_id, settings.peer_timeout_seconds)
+        self.key = PeerKey.from_text(settings.peer_key) if settings.peer_key else None
+        self._transport = PeerTransport(node.node_id, settings.peer_timeout_seconds, self.key, clock)
         peer_urls = [url for url in settings.peers if url != own_url]
         self.membership = Membership(node, peer_urls, self._transport.scrape_all, settings.peer_missed_polls)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._said_off = False
 
     @property
     def configured(self) -> bool:
-        """Peer balancing runs only with peers to balance with."""
+        """``PEERS`` lists peers to balance with."""
         return bool(self.settings.peers)
+
+    @property
+    def off_reason(self) -> str | None:
+        """Why peer balancing does not run although peers are listed; None when nothing stops it."""
+        if self.configured and self.key is None:
+            return (
+                f"PEERS lists peers but PEER_KEY is not set, so {self.node.node_id} cannot sign or check peer "
+                "messages and peer balancing is off. Give every substation of the group the same PEER_KEY "
+                f"(at least 32 random characters, e.g. from {GENERATE_KEY_HINT}) and restart them."
+            )
+        return None
+
+    @property
+    def clock_tolerance_seconds(self) -> float:
+        return self.settings.balancing.clock_tolerance_seconds
+
+    def now(self) -> float:
+        return self._clock()
 
     @property
     def running(self) -> bool:
@@ -55,11 +81,17 @@ class PeeringService:
     def start(self) -> None:
         if not self.configured or self._threads:
             return
+        if self.off_reason is not None:
+            if not self._said_off:  # start() may be called again: say it once
+                self._said_off = True
+                log.warning("%s", self.off_reason)
+            return
         for name, target in (("peer-rounds", self._run_rounds), ("peer-membership", self._poll_membership)):
             thread = threading.Thread(target=target, name=f"{name}-{self.node.node_id}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        log.info("peer balancing started with peers %s", ", ".join(self.settings.peers))
+        log.info("peer balancing started with peers %s; every message and poll is signed with PEER_KEY",
+                 ", ".join(self.settings.peers))
 
     def stop(self) -> None:
         self._stop.set()
@@ -67,9 +99,9 @@ class PeeringService:
             thread.join(timeout=5)
         self._transport.close()
 
-    def receive(self, document: Any) -> Delivery:
-        """Handle a message POSTed by a peer and send the answers it calls for."""
-        delivery = self.node.receive(document)
+    def receive(self, document: Any, signed_by: str) -> Delivery:
+        """Handle a message POSTed by a peer, signed by ``signed_by``, and send the answers it calls for."""
+        delivery = self.node.receive(document, signed_by)
         self._dispatch(delivery.outgoing)
         return delivery
 

@@ -18,6 +18,7 @@ from substation_service.peering.messages import (
     CollectedState,
     DraftAccept,
     DraftAge,
+    DraftRequest,
     DraftSelect,
     NodeState,
     StateChange,
@@ -261,8 +262,10 @@ def test_disabled_node_computes_and_reports_but_migrates_nothing() -> None:
     assert bus.sent("DraftRequest") == [] and bus.gateway("b") == 0
 
     # A node switched off while a supplier still counts on it refuses the offer.
-    machine = BalancingMachine("b", off)
+    machine = BalancingMachine("b", BalancingParams())
     machine.peer_seen("a")
+    machine.handle(DraftRequest(sender="a", phase=0, round=0, epoch=0), demand())  # told its need while on
+    machine.params = off
     delivery = machine.handle(DraftSelect(sender="a", phase=0, round=0, epoch=0, migration="a:1", amount=2), demand())
     assert [item.message.type for item in delivery.outgoing] == ["TooLate"]
     assert machine.gateway_kw == 0
@@ -435,7 +438,9 @@ def test_collected_state_for_an_old_or_synchronised_phase_is_ignored() -> None:
     old = machine.handle(_collected(phase=4, total=1.0), normal())
     assert old.ignored == "old_phase" and not machine.synchronized
     assert machine.handle(_collected(phase=5, total=0.0), normal()).ignored is None
-    assert machine.handle(_collected(phase=5, total=3.0), normal()).ignored == "already_synchronized"
+    # The same phase's collected state again is a duplicate; another one for it changes nothing either.
+    assert machine.handle(_collected(phase=5, total=3.0), normal()).rejected is Rejection.DUPLICATE
+    assert machine.handle(_collected(phase=5, total=3.0, round_=1), normal()).ignored == "already_synchronized"
     assert machine.collected_total_kw == 0.0
 
 
@@ -463,5 +468,5 @@ def test_load_table_lists_this_node_and_its_peers() -> None:
     assert lines[1:] == ["(SUPPLY) a", "(DEMAND) b flow +0.00 kW", "(GONE) c flow +0.00 kW"]
 
 
-def _collected(phase: int, total: float) -> CollectedState:
-    return CollectedState(sender="a", phase=phase, round=0, epoch=0, gateway_total_kw=total)
+def _collected(phase: int, total: float, round_: int = 0) -> CollectedState:
+    return CollectedState(sender="a", phase=phase, round=round_, epoch=0, gateway_total_kw=total)

@@ -1,6 +1,7 @@
 """Three real substation processes balancing power over HTTP on loopback."""
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,7 +11,9 @@ import pytest
 import requests
 
 from gridcommon.promtext import parse_metrics
+from substation_service.peering.transport import MESSAGES_PATH
 from tests.harness import Service, wait_until_healthy
+from tests.peering.signing import OTHER_KEY, encode, signed_headers
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +31,8 @@ FAST = {
 # supply nor in demand; substation-3 also generates 30 kW, so it alone has power to spare.
 CAPACITY_KW = "2"
 GENERATION = {3: {"GENERATION_KW": "30"}}
+# One key for the group, new for every run: nothing here may depend on a key written down anywhere.
+GROUP_KEY = secrets.token_hex(32)
 
 T = TypeVar("T")
 
@@ -36,7 +41,7 @@ T = TypeVar("T")
 def start_group(tmp_path: Path) -> Iterator[Callable[..., list[Service]]]:
     started: list[Service] = []
 
-    def start(extra_env: dict[int, dict[str, str]] = GENERATION) -> list[Service]:
+    def start(extra_env: dict[int, dict[str, str]] = GENERATION, wait_for_group: bool = True) -> list[Service]:
         services = [
             Service(name=f"substation-{index}", app="substation_service:create_app()", env={}, log_dir=tmp_path)
             for index in (1, 2, 3)
@@ -49,13 +54,15 @@ def start_group(tmp_path: Path) -> Iterator[Callable[..., list[Service]]]:
                 CAPACITY_KW=CAPACITY_KW,
                 PUBLIC_URL=service.url,
                 PEERS=peers,
-                **extra_env.get(index, {}),
+                PEER_KEY=GROUP_KEY,
             )
+            service.env.update(extra_env.get(index, {}))
         for service in services:
             started.append(service.start(wait=False))
         for service in services:
             wait_until_healthy(f"{service.url}/health", service.process)
-        wait_for(lambda: all(len(members(service)) == 2 for service in services), "the group to form")
+        if wait_for_group:
+            wait_for(lambda: all(len(members(service)) == 2 for service in services), "the group to form")
         return services
 
     yield start
@@ -96,6 +103,13 @@ def charge(service: Service, amount: float) -> requests.Response:
 def metric(service: Service, name: str, **labels: str) -> float | None:
     scrape = parse_metrics(requests.get(f"{service.url}/metrics", timeout=2).text)
     return scrape.value(name, **labels)
+
+
+def post_as(signer: str, service: Service, document: dict[str, Any], key: str = GROUP_KEY) -> requests.Response:
+    """A message POSTed to ``service`` as ``signer`` signs it with ``key``."""
+    body = encode(document)
+    headers = {"Content-Type": "application/json", **signed_headers(body, signer, key=key)}
+    return requests.post(f"{service.url}{MESSAGES_PATH}", data=body, headers=headers, timeout=2)
 
 
 def link_epoch(service: Service, peer: str) -> float | None:
@@ -173,9 +187,11 @@ def test_a_step_that_no_supplier_sends_is_released_on_both_sides(start_group) ->
     # The newer process's start time wins a link's epoch at the polls after the group forms.
     epoch = wait_for(lambda: agreed_epoch(s1, s2), "substation-1 and substation-2 to agree on their link's epoch")
     # A Draft Select substation-2 no longer knows of, as when its Draft Accept came after the offer was dropped.
-    select = {"type": "DraftSelect", "sender": "substation-2", "phase": table(s1)["phase"], "round": 0,
-              "epoch": epoch, "migration": "substation-2:1000", "amount": 4}
-    response = requests.post(f"{s1.url}/peer-balancing/messages", json=select, timeout=2)
+    # Played here with the group's key, answering a Draft Request as the real one would have.
+    message_header = {"sender": "substation-2", "phase": table(s1)["phase"], "round": 0, "epoch": epoch}
+    assert post_as("substation-2", s1, {**message_header, "type": "DraftRequest"}).status_code == 202
+    select = {**message_header, "type": "DraftSelect", "migration": "substation-2:1000", "amount": 4}
+    response = post_as("substation-2", s1, select)
     assert response.status_code == 202 and response.json() == {"status": "accepted"}
 
     wait_for(lambda: metric(s2, "peer_link_resets_total", substation="substation-2", reason="late_accept") == 1,
@@ -186,3 +202,39 @@ def test_a_step_that_no_supplier_sends_is_released_on_both_sides(start_group) ->
     wait_for(lambda: link_epoch(s1, "substation-2") == new_epoch, "substation-1 to follow the new epoch")
     assert requests.get(f"{s1.url}/status", timeout=2).json()["capacity"] == 2.0
     assert "no longer offers" in s2.log_text()
+
+
+def test_a_substation_with_another_key_cannot_influence_the_group(start_group) -> None:
+    # substation-3, the only one with power to spare, has a key of its own: the others do not take it in.
+    s1, s2, s3 = start_group(extra_env={3: {"GENERATION_KW": "30", "PEER_KEY": OTHER_KEY}}, wait_for_group=False)
+    wait_for(lambda: members(s1) == ["substation-2"] and members(s2) == ["substation-1"], "substation-1 and -2 to pair")
+    assert charge(s1, 22).status_code == 201  # curtailed by 20 kW: in demand, and substation-3 could help
+    wait_for(lambda: table(s1)["state"] == "demand", "substation-1 to be in demand")
+
+    # Each side refuses the other's polls and poll answers, and says so.
+    for service in (s1, s2, s3):
+        wait_for(lambda: (metric(service, "peer_messages_rejected_total", substation=service.name,
+                                 reason="bad_signature") or 0) >= 2, f"{service.name} to count bad signatures")
+    assert "is not signed by a substation of this group" in s1.log_text()
+    assert members(s3) == []
+    # What substation-3 would send, were it to try: refused at the door, counted, and nothing moves.
+    phase = table(s1)["phase"]
+    before = metric(s1, "peer_messages_rejected_total", substation="substation-1", reason="bad_signature")
+    for document in (
+        {"type": "StateChange", "state": "supply"},
+        {"type": "DraftSelect", "migration": "substation-3:1", "amount": 30},
+        {"type": "CollectedState", "gateway_total_kw": 0.0, "phase": 10**12},
+    ):
+        message = {"sender": "substation-3", "phase": phase, "round": 0, "epoch": 0.0, **document}
+        response = post_as("substation-3", s1, message, key=OTHER_KEY)
+        assert response.status_code == 401 and response.json()["error"] == "bad_signature", response.text
+    assert metric(s1, "peer_messages_rejected_total", substation="substation-1", reason="bad_signature") >= before + 3
+
+    # Phases go on in the pair; no power ever crosses to or from substation-3.
+    wait_for(lambda: table(s1)["phase"] >= phase + 2 and table(s1)["synchronized"], "phases to go on")
+    assert gateways([s1, s2, s3]) == [0.0, 0.0, 0.0]
+    status = requests.get(f"{s1.url}/status", timeout=2).json()
+    assert (status["capacity"], status["load"]) == (2.0, 2.0)
+    limit = requests.get(f"{s1.url}/limit", timeout=2).json()
+    assert limit["parts"]["peer_kw"] == 0.0
+    assert metric(s3, "peer_messages_sent_total", substation="substation-3", type="DraftSelect") == 0

@@ -78,6 +78,20 @@ def test_settings_defaults() -> None:
     assert settings.draft_request_timeout_seconds < settings.schedule.round_seconds
 
 
+def test_peer_key_is_read_and_never_shown() -> None:
+    assert PeeringSettings.from_env({}).peer_key == ""
+    key = "0123456789abcdef" * 2
+    settings = PeeringSettings.from_env({"PEER_KEY": f" {key} ", "PEER_CLOCK_TOLERANCE_SECONDS": "2"})
+    assert settings.peer_key == key and settings.balancing.clock_tolerance_seconds == 2
+    # Settings are printed in tracebacks and debug sessions: the key must not be in them.
+    assert key not in repr(settings) and key not in repr(Settings(peering=settings))
+
+
+def test_a_short_peer_key_says_how_to_make_a_good_one() -> None:
+    with pytest.raises(SettingsError, match="at least 32 characters.*secrets.token_hex"):
+        PeeringSettings.from_env({"PEER_KEY": "x" * 31})
+
+
 def test_the_charge_services_request_timeout_leaves_the_substations_alone() -> None:
     # make run and compose give every service one environment; REQUEST_TIMEOUT_SECONDS is the charge service's.
     settings = Settings.from_env({"REQUEST_TIMEOUT_SECONDS": "20"})
@@ -119,6 +133,9 @@ def test_settings_from_env() -> None:
         ({"GENERATION_KW": "-3"}, "GENERATION_KW"),
         ({"MALICIOUS": "maybe"}, "MALICIOUS"),
         ({"PEER_MISSED_POLLS": "0"}, "PEER_MISSED_POLLS"),
+        ({"PEER_KEY": "too-short-to-be-a-key"}, "PEER_KEY"),
+        ({"PEER_KEY": "changeme" * 4}, "PEER_KEY"),
+        ({"PEER_CLOCK_TOLERANCE_SECONDS": "0"}, "PEER_CLOCK_TOLERANCE_SECONDS"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
