@@ -143,12 +143,50 @@ def memory(log_dir: Path) -> None:
         substation.stop()
 
 
+def admitted_per_second(url: str, count: int, clients: int = 8) -> float:
+    """A closed loop of ``clients`` sending ``count`` admissions in all; admitted answers per second."""
+    sessions = [requests.Session() for _ in range(clients)]
+
+    def send(index: int) -> int:
+        body = {"vehicle_id": f"EV-{index}", "amount": 1, "duration_seconds": 600}
+        return sessions[index % clients].post(url, json=body, timeout=10).status_code
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        statuses = list(pool.map(send, range(count)))
+    elapsed = time.perf_counter() - started
+    return sum(status == 201 for status in statuses) / elapsed
+
+
+def durable_state(log_dir: Path) -> None:
+    """Admissions per second of one substation with its ledger in SQLite and in memory only, same run."""
+    print("\n## Admitted throughput of one substation, durable ledger (SQLite, WAL) vs in memory only")
+    rates: dict[str, list[float]] = {"memory": [], "durable": []}
+    for repeat in range(2):  # alternated, so a noisy neighbour hurts both alike
+        for kind in ("memory", "durable"):
+            env = {"SUBSTATION_ID": f"substation-{kind}", "CAPACITY_KW": "1000000"}
+            if kind == "durable":
+                env["STATE_DIR"] = str(log_dir / f"state-{repeat}")
+            substation = Service(name=f"substation-{kind}", app="substation_service:create_app()", env=env,
+                                 log_dir=log_dir).start()
+            try:
+                admitted_per_second(f"{substation.url}/charge", 200)  # warm-up: connections, caches
+                rates[kind].append(admitted_per_second(f"{substation.url}/charge", 2_000))
+            finally:
+                substation.stop()
+    memory, durable = max(rates["memory"]), max(rates["durable"])
+    print(f"  in memory      1.00x ({memory:.0f} admitted/s)")
+    print(f"  durable        {durable / memory:5.2f}x ({durable:.0f} admitted/s)")
+    print(f"  floor: durable at least 0.8x the in-memory path -> {durable / memory:.2f}x")
+
+
 def main() -> None:
     print("# Smart Grid Load Balancer benchmarks (ratios within this run)")
     admission_cost()
     routing_cost()
     with tempfile.TemporaryDirectory(prefix="sglb-bench-") as tmp:
         hop_overhead(Path(tmp))
+        durable_state(Path(tmp))
         memory(Path(tmp))
 
 

@@ -4,8 +4,9 @@ A repeat of a request with the same key and the same body gets the first
 answer again, and books nothing new; the same key with another body is a
 client error (422); a repeat that arrives while the first is still being
 answered is told to retry (409). Only final answers are kept: a 201, a 202 or
-a client error. A 502, 503 or 429 may be different a moment later, so a
-repeat of those tries again.
+a client error in the request itself. A 502, 503, 429 or 409 (the vehicle
+still has a session) may be different a moment later, so a repeat of those
+tries again.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from charge_request_service.store import ChargeStore, StoredAnswer
 KEY_HEADER = "Idempotency-Key"
 # Printable ASCII, as the draft asks of a key; long enough for a UUID or a ULID with a prefix.
 KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
-KEPT_STATUSES = frozenset({201, 202, 400, 409, 413, 415, 422})
+KEPT_STATUSES = frozenset({201, 202, 400, 413, 415, 422})
 ANSWERS_IN_MEMORY = 100_000
 
 

@@ -329,8 +329,10 @@ class _LevelHistory:
     def __init__(self, at: float) -> None:
         self._points: deque[tuple[float, int | None]] = deque([(at, None)])
         self._base = 0
-        # The first position changed since the store was last told (None: nothing changed).
+        # The first position changed since the store was last told (None: nothing changed), and
+        # whether points after the last were dropped meanwhile (a change undone at the same instant).
         self.dirty_from: int | None = 0
+        self.dropped_past = False
 
     def restore(self, points: list[tuple[int, float, int | None]]) -> None:
         self._base = points[0][0]
@@ -345,6 +347,10 @@ class _LevelHistory:
         points = [(position, *self._points[position - self._base]) for position in range(start, self.last_position + 1)]
         self.dirty_from = None
         return start, points
+
+    def take_dropped_past(self) -> bool:
+        dropped, self.dropped_past = self.dropped_past, False
+        return dropped
 
     def _touch(self, position: int) -> None:
         self.dirty_from = position if self.dirty_from is None else min(self.dirty_from, position)
@@ -362,6 +368,7 @@ class _LevelHistory:
             self._points[-1] = (at, level_mw)  # several changes at one instant: the last one holds
             if len(self._points) > 1 and self._points[-2][1] == level_mw:
                 self._points.pop()
+                self.dropped_past = True
             return
         self._points.append((at, level_mw))
         self._touch(self.last_position)
@@ -699,7 +706,7 @@ class Ledger:
             return
         changed = self._levels.changed_points()
         if changed is not None:
-            self._store.levels_from(*changed)
+            self._store.levels_from(*changed, dropped_past=self._levels.take_dropped_past())
         if self._finished_since_trim >= TRIM_EVERY_FINISHES:
             self._store.trim(now, ENDED_SESSIONS_KEPT, LIMIT_HISTORY_KEPT)
             self._finished_since_trim = 0

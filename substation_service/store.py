@@ -103,23 +103,27 @@ class LedgerStore:
         self._pending: list[tuple[str, Iterable[Any]]] = []
 
     def _check_owner(self) -> None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'substation_id'").fetchone()
-        if row is not None and json.loads(row[0]) != self._substation_id:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'state'").fetchone()
+        if row is None:
+            return
+        meta = json.loads(row[0])
+        if meta.get("substation_id") != self._substation_id:
             raise StoreError(
-                f"the state file {self.path} belongs to {json.loads(row[0])!r}, not {self._substation_id!r}: give "
-                "each substation its own STATE_DIR"
+                f"the state file {self.path} belongs to {meta.get('substation_id')!r}, not {self._substation_id!r}: "
+                "give each substation its own STATE_DIR"
             )
-        version = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if version is not None and json.loads(version[0]) != SCHEMA_VERSION:
+        if meta.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(
-                f"the state file {self.path} has schema {version[0]}, this substation reads {SCHEMA_VERSION}"
+                f"the state file {self.path} has schema {meta.get('schema_version')}, this substation reads "
+                f"{SCHEMA_VERSION}"
             )
 
     # ----- reading ---------------------------------------------------------------------------
 
     def load(self) -> StoredState:
         db = self._db
-        meta = {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
+        row = db.execute("SELECT value FROM meta WHERE key = 'state'").fetchone()
+        meta = json.loads(row[0]) if row else {}
         active = [
             StoredSession(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
                           [(at, bool(charging)) for at, charging in json.loads(row[7])])
@@ -157,11 +161,13 @@ class LedgerStore:
              (ended_at, json.dumps(report), session_id))
         )
 
-    def levels_from(self, position: int, points: list[tuple[int, float, int | None]]) -> None:
-        """Replace the level history from ``position`` on with ``points``."""
-        self._pending.append(("DELETE FROM levels WHERE position >= ?", (position,)))
+    def levels_from(self, position: int, points: list[tuple[int, float, int | None]], dropped_past: bool) -> None:
+        """Write the level history from ``position`` on; ``dropped_past``: points after them were removed."""
+        if dropped_past:
+            last = points[-1][0] if points else position - 1
+            self._pending.append(("DELETE FROM levels WHERE position > ?", (last,)))
         for point in points:
-            self._pending.append(("INSERT INTO levels (position, at, level_mw) VALUES (?, ?, ?)", point))
+            self._pending.append(("INSERT OR REPLACE INTO levels (position, at, level_mw) VALUES (?, ?, ?)", point))
 
     def prune_levels_before(self, position: int) -> None:
         self._pending.append(("DELETE FROM levels WHERE position < ?", (position,)))
@@ -175,10 +181,8 @@ class LedgerStore:
         )
 
     def meta(self, values: dict[str, Any]) -> None:
-        for key, value in values.items():
-            self._pending.append(
-                ("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
-            )
+        """The counters, all in one row: one statement per change, however many there are."""
+        self._pending.append(("INSERT OR REPLACE INTO meta (key, value) VALUES ('state', ?)", (json.dumps(values),)))
 
     def trim(self, now: float, ended_kept: int, limits_kept: int) -> None:
         """Forget what no longer needs keeping: old ended sessions and limits, retired ids past their time."""

@@ -228,7 +228,8 @@ def test_compare_policies_runs_each_policy_from_an_empty_grid_and_restores_the_p
     # The grid is still full from an earlier run: the comparison waits for it to empty rather than
     # let the first policy admit nothing and look worst.
     for capacity in (120, 100, 80):
-        body = {"vehicle_id": f"ev-earlier-{capacity}", "amount": capacity, "duration_seconds": 2}
+        # Long enough to outlast the tester's own start-up (imports, plots) on a busy machine.
+        body = {"vehicle_id": f"ev-earlier-{capacity}", "amount": capacity, "duration_seconds": 6}
         earlier = requests.post(f"{stack.charge.url}/charge", json=body, timeout=TIMEOUT)
         assert earlier.status_code == 201, earlier.text
 
