@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gridcommon.sqlitestate import StateFileError, open_state_file
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY,
@@ -40,8 +42,7 @@ FINISHED_KEPT = 10_000
 ANSWERS_KEPT = 100_000
 
 
-class StoreError(RuntimeError):
-    """The state cannot be opened or written; the message says what to do."""
+StoreError = StateFileError
 
 
 @dataclass(frozen=True)
@@ -60,19 +61,7 @@ class ChargeStore:
         self.path = path
         self._lock = threading.Lock()
         self._writes = 0
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={'FULL' if full_sync else 'NORMAL'}")
-            self._db.executescript(SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"the state file {path} cannot be used ({exc}). If it is damaged, move it away or restore it "
-                "from a backup; check that the folder is writable."
-            ) from None
-        except OSError as exc:
-            raise StoreError(f"the state folder {path.parent} cannot be used ({exc}): check STATE_DIR") from None
+        self._db = open_state_file(path, SCHEMA, full_sync)
 
     def put_session(self, session_id: str, vehicle_id: str, state: str, record: dict[str, Any], now: float) -> None:
         self._write(

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gridcommon.sqlitestate import StateFileError, open_state_file
+
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -47,8 +49,7 @@ CREATE TABLE IF NOT EXISTS retired (session_id TEXT PRIMARY KEY, forget_at REAL 
 """
 
 
-class StoreError(RuntimeError):
-    """The state cannot be opened or written; the message says what to do."""
+StoreError = StateFileError
 
 
 @dataclass(frozen=True)
@@ -85,21 +86,8 @@ class LedgerStore:
     def __init__(self, path: Path, substation_id: str, full_sync: bool = False) -> None:
         self.path = path
         self._substation_id = substation_id
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # check_same_thread off: gunicorn's threads take turns under the ledger's lock.
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={'FULL' if full_sync else 'NORMAL'}")
-            self._db.executescript(SCHEMA)
-            self._check_owner()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"the state file {path} cannot be used ({exc}). If it is damaged, move it away (the substation "
-                "then starts with no sessions) or restore it from a backup; check that the folder is writable."
-            ) from None
-        except OSError as exc:
-            raise StoreError(f"the state folder {path.parent} cannot be used ({exc}): check STATE_DIR") from None
+        self._db = open_state_file(path, SCHEMA, full_sync)
+        self._check_owner()
         self._pending: list[tuple[str, Iterable[Any]]] = []
 
     def _check_owner(self) -> None:
