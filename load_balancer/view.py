@@ -143,8 +143,9 @@ class SubstationSnapshot:
         """
         pending = self.in_flight + 1
         if self.fair_share_kw is not None and self.curtailed:
+            # Requests on their way will be curtailed too: they take a share of the level, not their amounts.
             uncurtailed = self.load_kw - self.curtailed * self.fair_share_kw
-            level = (self.capacity_kw - uncurtailed - self.reserved_kw) / (self.curtailed + pending)
+            level = (self.capacity_kw - uncurtailed) / (self.curtailed + pending)
         else:
             left = self.capacity_kw - self.committed_kw
             if amount_kw <= left:
