@@ -9,6 +9,7 @@ from flask import Flask
 from charge_request_service.balancer import BalancerClient
 from charge_request_service.config import Settings
 from charge_request_service.limits import install_rate_limits
+from charge_request_service.openapi_spec import SPEC
 from charge_request_service.metrics import ChargeMetrics
 from charge_request_service.queue import WaitingQueue
 from charge_request_service.routes import EXTENSION_KEY, SERVICE_NAME, ChargeService, blueprint
@@ -19,6 +20,7 @@ from charge_request_service.store import ChargeStore, StoreError
 from charge_request_service.waiting import Dispatcher
 from gridcommon.httpclient import HttpClient
 from gridcommon.logs import configure_logging
+from gridcommon.openapi import install_openapi
 from gridcommon.web import install_common
 
 log = logging.getLogger("charge")
@@ -39,6 +41,7 @@ def create_app(settings: Settings | None = None, start_background: bool = True, 
     service = build_service(settings, clock)
     app.extensions[EXTENSION_KEY] = service
     app.register_blueprint(blueprint)
+    install_openapi(app, SPEC)
     install_rate_limits(app, settings)
     if start_background:
         service.dispatcher.start()

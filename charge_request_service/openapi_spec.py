@@ -244,7 +244,8 @@ PATHS: dict[str, Any] = {
                     "required": False,
                     "description": "1 to 255 printable ASCII characters. A repeat with the same key and body "
                     "gets the first answer again (`Idempotent-Replayed: true`) and books nothing new; kept are "
-                    "201, 202 and client errors, while a 429, 502 or 503 is tried again.",
+                    "201, 202 and errors in the request itself (400, 413, 415, 422), while a 409, 429, 502 or "
+                    "503 may be different a moment later, so a repeat of those is tried again.",
                     "schema": {"type": "string", "examples": ["7c0e2b7c-2f64-4b8e-9f1d-0d5b6a1c9e21"]},
                 },
             ],
@@ -279,8 +280,7 @@ PATHS: dict[str, Any] = {
                     "(`idempotency_key_in_use`, with `Retry-After`).",
                     ["vehicle_already_charging", "idempotency_key_in_use"],
                     headers={"Retry-After": {"description": "With `idempotency_key_in_use`: retry after this "
-                                             "many seconds.", "schema": {"type": "integer", "minimum": 1}},
-                             **REPLAYED},
+                                             "many seconds.", "schema": {"type": "integer", "minimum": 1}}},
                     session_id=SESSION_ID,
                 ),
                 "422": error_response(

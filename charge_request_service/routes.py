@@ -345,6 +345,10 @@ def stop_session(session_id: str) -> Response:
         current.metrics.left_queue("cancelled", max(0.0, (current.tracker.now() - waiting.queued_at).total_seconds()))
         log.info("queued request %s cancelled by its client", session_id)
         return jsonify({"session_id": session_id, "state": "cancelled", "vehicle_id": waiting.request.vehicle_id})
+    finished = current.tracker.finished(session_id)
+    if finished is not None and current.tracker.get(session_id) is None:
+        # Only its own client (or the operator) may learn that it is over.
+        require_session_access(finished.token_digest, current.settings.admin_token)
     session = active_session(current, session_id)
     require_session_access(session.token_digest, current.settings.admin_token)
     # A failed call raises before forget(), so the session stays tracked and the client can retry.

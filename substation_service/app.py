@@ -8,11 +8,13 @@ import time
 from flask import Flask
 
 from gridcommon.logs import configure_logging
+from gridcommon.openapi import install_openapi
 from gridcommon.web import ROUTINE_PATHS, install_common
 from substation_service.config import Settings
 from substation_service.ledger import Clock, Ledger
 from substation_service.limit_routes import limit_blueprint
 from substation_service.metrics import SubstationMetrics
+from substation_service.openapi_spec import SPEC
 from substation_service.peering import build_peering, install_peering
 from substation_service.peering.machine import Readings
 from substation_service.peering.transport import MESSAGES_PATH
@@ -45,6 +47,7 @@ def create_app(settings: Settings | None = None, start_background: bool = True, 
     app.extensions[EXTENSION_KEY] = substation
     app.register_blueprint(blueprint)
     app.register_blueprint(limit_blueprint)
+    install_openapi(app, SPEC)
     install_peering(app, peering, substation.metrics.registry, start_background)
     return app
 

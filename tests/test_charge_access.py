@@ -153,3 +153,12 @@ def test_operator_token_is_compared_whole(stack: Stack) -> None:
     url = f"{stack.charge.url}/sessions"
     for near_miss in (OPERATOR_TOKEN[:-1], OPERATOR_TOKEN + "x", OPERATOR_TOKEN.upper(), OPERATOR_TOKEN[1:]):
         assert requests.get(url, headers=bearer(near_miss), timeout=5).status_code == 401, near_miss
+
+
+def test_a_wrong_token_does_not_learn_that_a_session_ended(stack: Stack) -> None:
+    session = start(stack, "ev-ended-quietly", duration_seconds=0.5)
+    time.sleep(0.8)
+    url = f"{stack.charge.url}/sessions/{session['session_id']}"
+    assert requests.get(url, headers=bearer("made-up"), timeout=5).status_code == 403
+    assert requests.delete(url, headers=bearer("made-up"), timeout=5).status_code == 403
+    assert requests.delete(url, headers=bearer(session["session_token"]), timeout=5).status_code == 404

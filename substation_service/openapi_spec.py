@@ -1,0 +1,597 @@
+"""OpenAPI 3.1 document of a substation, served at ``GET /openapi.json``.
+
+One source of truth: the app serves this dict (``gridcommon.openapi.install_openapi``),
+tests/test_openapi_specs.py checks it against the app's routes, and
+tests/test_schemathesis.py fuzzes the running service with it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from gridcommon.openapi import (
+    COUNT,
+    FIELD,
+    KW,
+    NULLABLE_KW,
+    OPENAPI_PATH,
+    OPENAPI_VERSION,
+    SUBSTATION_ID,
+    body_errors,
+    capacity_exceeded_schema,
+    capacity_schema,
+    charge_request_schema,
+    common_components,
+    error_response,
+    error_schema,
+    health_operation,
+    info_description,
+    json_request,
+    json_response,
+    metrics_operation,
+    openapi_operation,
+    operator_errors,
+    path_errors,
+    ref,
+    schema_ref,
+    session_with_capacity_schema,
+    substation_session_schema,
+    with_server_refusals,
+)
+from substation_service.allocation import ALLOCATION_POLICIES
+from substation_service.limit_routes import MAX_LIMIT_KW
+from substation_service.peering.messages import MIGRATION_ID_PATTERN, NODE_ID_PATTERN
+
+SERVICE = "substation"
+X_REQUEST_ID = ref("parameters", "X-Request-ID")
+OPERATOR = [{"operatorToken": []}]
+PEER_SIGNED = [{"peerSender": [], "peerTimestamp": [], "peerNonce": [], "peerSignature": []}]
+
+SESSION_ID_PARAMETER: dict[str, Any] = {
+    "name": "session_id",
+    "in": "path",
+    "required": True,
+    "description": "The session's id (`session_id` of the admission).",
+    "schema": {"type": "string"},
+}
+
+
+def _flag(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": f"{description} `0`, `1`, `true` or `false` (default `0`); anything else is a 400.",
+        "schema": {"enum": ["0", "1", "true", "false"]},
+    }
+
+
+SESSION_LINKS = {
+    "GetSession": {"operationId": "showSession", "parameters": {"session_id": "$response.body#/session_id"}},
+    "StopSession": {"operationId": "stopSession", "parameters": {"session_id": "$response.body#/session_id"}},
+}
+
+STATUS = {
+    "allOf": [
+        capacity_schema(),
+        {
+            "required": ["substation", "url"],
+            "properties": {"substation": SUBSTATION_ID, "url": {"type": "string", "description": "`PUBLIC_URL`."}},
+        },
+    ]
+}
+
+_CAPACITY_BUT_LIMIT = capacity_schema()
+_CAPACITY_BUT_LIMIT["required"] = [key for key in _CAPACITY_BUT_LIMIT["required"] if key != "capacity"]
+del _CAPACITY_BUT_LIMIT["properties"]["capacity"]
+
+LIMIT = {
+    "description": "The limit and what it is made of, with the load under it.",
+    "allOf": [
+        _CAPACITY_BUT_LIMIT,
+        {
+            "required": ["substation", "limit_kw", "source", "operator_limit_kw", "substation_kw", "parts"],
+            "properties": {
+                "substation": SUBSTATION_ID,
+                "limit_kw": {**KW, "minimum": 0, "description": "What the vehicles may draw together now."},
+                "source": {"enum": ["substation", "operator"]},
+                "operator_limit_kw": {**NULLABLE_KW, "description": "The operator's limit; null: none."},
+                "substation_kw": {**KW, "minimum": 0, "description": "Transformer + generation + storage + peers."},
+                "parts": {
+                    "type": "object",
+                    "required": ["capacity_kw", "generation_kw", "storage_kw", "peer_kw"],
+                    "properties": {"capacity_kw": KW, "generation_kw": KW, "storage_kw": KW, "peer_kw": KW},
+                },
+                "history": {
+                    "type": "array",
+                    "description": "`[seconds since the epoch, kW, source]` at every change of the limit.",
+                    "items": {
+                        "type": "array",
+                        "items": {"anyOf": [{"type": "number"}, {"enum": ["substation", "operator"]}]},
+                        "minItems": 3,
+                        "maxItems": 3,
+                    },
+                },
+            },
+        },
+    ],
+}
+
+ALLOCATION_POLICY = {
+    "type": "object",
+    "required": ["policy", "available"],
+    "properties": {
+        "policy": {"enum": list(ALLOCATION_POLICIES)},
+        "previous": {"enum": list(ALLOCATION_POLICIES), "description": "After a change: the policy before it."},
+        "available": {"type": "array", "items": {"enum": list(ALLOCATION_POLICIES)}},
+    },
+}
+
+COUNTS_BY_NAME = {"type": "object", "additionalProperties": COUNT}
+
+PEER_BALANCING = {
+    "type": "object",
+    "description": "FREEDM's load table of this substation and its peers, the message counts and timings.",
+    "required": [
+        "substation", "enabled", "state", "phase", "round", "synchronized", "leader", "migration_step_kw",
+        "load_kw", "rating_kw", "generation_kw", "storage_kw", "net_generation_kw", "gateway_kw",
+        "predicted_gateway_kw", "power_imbalance_kw", "peers", "url", "configured", "running", "peer_key_set",
+        "off_reason", "unidentified_peers", "load_table", "messages", "migrations", "invariant_blocks", "timings",
+    ],
+    "properties": {
+        "substation": SUBSTATION_ID,
+        "enabled": {"type": "boolean"},
+        "state": {"enum": ["supply", "demand", "normal"]},
+        "phase": COUNT,
+        "round": COUNT,
+        "synchronized": {"type": "boolean"},
+        "leader": SUBSTATION_ID,
+        "migration_step_kw": KW,
+        "load_kw": KW,
+        "rating_kw": KW,
+        "generation_kw": KW,
+        "storage_kw": KW,
+        "net_generation_kw": KW,
+        "gateway_kw": KW,
+        "predicted_gateway_kw": KW,
+        "power_imbalance_kw": KW,
+        "peers": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["substation", "member", "state", "flow_kw", "link_epoch", "url"],
+                "properties": {
+                    "substation": SUBSTATION_ID,
+                    "member": {"type": "boolean"},
+                    "state": {"enum": ["supply", "demand", "normal", None]},
+                    "flow_kw": KW,
+                    "link_epoch": KW,
+                    "url": {"type": ["string", "null"]},
+                },
+            },
+        },
+        "url": {"type": "string"},
+        "configured": {"type": "boolean", "description": "`PEERS` lists peers."},
+        "running": {"type": "boolean"},
+        "peer_key_set": {"type": "boolean"},
+        "off_reason": {"type": ["string", "null"], "description": "Why balancing is off although peers are listed."},
+        "unidentified_peers": {"type": "array", "items": {"type": "string"}},
+        "load_table": {"type": "array", "items": {"type": "string"}},
+        "messages": {
+            "type": "object",
+            "required": ["sent", "received", "rejected", "ignored", "send_failures"],
+            "properties": {name: COUNTS_BY_NAME for name in ("sent", "received", "rejected", "ignored", "send_failures")},
+        },
+        "migrations": COUNTS_BY_NAME,
+        "invariant_blocks": COUNT,
+        "timings": {
+            "type": "object",
+            "required": ["phase_seconds", "round_seconds", "rounds_per_phase", "draft_request_timeout_seconds",
+                         "clock_tolerance_seconds"],
+            "properties": {
+                "phase_seconds": KW,
+                "round_seconds": KW,
+                "rounds_per_phase": {"type": "integer", "minimum": 1},
+                "draft_request_timeout_seconds": KW,
+                "clock_tolerance_seconds": KW,
+            },
+        },
+    },
+}
+
+
+def _message(message_type: str, description: str, **fields: dict[str, Any]) -> dict[str, Any]:
+    """One peer-balancing message (``substation_service.peering.messages``): strict, no extra field."""
+    return {
+        "type": "object",
+        "description": description,
+        "additionalProperties": False,
+        "required": ["type", "sender", "phase", "round", "epoch", *fields],
+        "properties": {
+            "type": {"const": message_type},
+            "sender": {"type": "string", "pattern": NODE_ID_PATTERN, "description": "The signing substation.",
+                       "examples": ["substation-2"]},
+            "phase": {"type": "integer", "minimum": 0},
+            "round": {"type": "integer", "minimum": 0},
+            "epoch": {"type": "number", "minimum": 0, "description": "The sender's link epoch (clock seconds)."},
+            **fields,
+        },
+    }
+
+
+MIGRATION = {"type": "string", "pattern": MIGRATION_ID_PATTERN}
+STEP_KW = {"type": "number", "exclusiveMinimum": 0, "description": "At most one `MIGRATION_STEP_KW`."}
+
+PEER_MESSAGES = {
+    "StateChange": _message("StateChange", "The sender's state, to every group member.",
+                            state={"enum": ["supply", "demand", "normal"]}),
+    "DraftRequest": _message("DraftRequest", "A supplier asks the demand peers what they lack."),
+    "DraftAge": _message("DraftAge", "A demand peer says what it lacks (kW, 0 if nothing).",
+                         age={"type": "number", "minimum": 0}),
+    "DraftSelect": _message("DraftSelect", "A supplier offers one step of power.", migration=MIGRATION, amount=STEP_KW),
+    "DraftAccept": _message("DraftAccept", "The demand peer takes the offer.", migration=MIGRATION, amount=STEP_KW),
+    "TooLate": _message("TooLate", "The demand peer no longer needs the offer.", migration=MIGRATION, amount=STEP_KW),
+    "CollectedState": _message("CollectedState", "The leader's sum of the group's gateways.",
+                               gateway_total_kw={"type": "number"}),
+}
+
+PEER_MESSAGE = {
+    "oneOf": [schema_ref(name) for name in PEER_MESSAGES],
+    "discriminator": {
+        "propertyName": "type",
+        "mapping": {name: f"#/components/schemas/{name}" for name in PEER_MESSAGES},
+    },
+}
+
+SENDER = {"sender": {"type": "string", "description": "The body's `sender`, when the body was read."}}
+
+PEER_HEADERS_IN = [
+    {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": f"{description} Only on a peer's signed membership poll; see the `peer*` security schemes.",
+        "schema": {"type": "string"},
+    }
+    for name, description in (
+        ("X-Peer-Sender", "The polling substation's id."),
+        ("X-Peer-Timestamp", "When the poll was signed."),
+        ("X-Peer-Nonce", "A new random value per poll."),
+        ("X-Peer-Signature", "HMAC-SHA256 of the poll under `PEER_KEY`."),
+    )
+]
+
+PATHS: dict[str, Any] = {
+    "/charge": {
+        "post": {
+            "operationId": "admitCharge",
+            "tags": ["charging"],
+            "summary": "Admit a charging session",
+            "description": "Under `fair_share` a session is admitted while every session, the new one "
+            "included, can get its minimum (`MIN_CHARGE_KW`, or its amount if smaller); under `strict` only "
+            "with its whole amount free. The same `session_id` sent again answers the session already admitted "
+            "(`replayed`).",
+            "security": [],
+            "parameters": [
+                X_REQUEST_ID,
+                {
+                    "name": "X-Request-Deadline",
+                    "in": "header",
+                    "required": False,
+                    "description": "When the caller stops waiting, seconds since the epoch: past it, nothing is "
+                    "admitted (409 `deadline_passed`). Not a number, or more than an hour ahead: ignored.",
+                    "schema": {"type": "string"},
+                },
+            ],
+            "requestBody": json_request(
+                charge_request_schema(with_session_id=True, with_wait=False),
+                "The charge request; other fields are ignored.",
+            ),
+            "responses": {
+                "201": json_response(
+                    "Admitted: the session and the substation's load after it.",
+                    {"allOf": [session_with_capacity_schema(),
+                               {"properties": {"replayed": {"const": True}}}]},
+                    links=SESSION_LINKS,
+                ),
+                **body_errors(),
+                "409": json_response(
+                    "No room for its minimum (`capacity_exceeded`, with the capacity, `retry_after_seconds` and "
+                    "`Retry-After`), its `session_id` belongs to another session (`session_id_in_use`), the id "
+                    "was used by a session that ended or was retired (`session_id_retired`), or its "
+                    "`X-Request-Deadline` has passed (`deadline_passed`, with the capacity).",
+                    {
+                        "oneOf": [
+                            capacity_exceeded_schema(),
+                            {"allOf": [error_schema(["deadline_passed"]), capacity_schema()]},
+                            {"allOf": [schema_ref("Error"),
+                                       {"required": ["session_id"],
+                                        "properties": {"error": {"enum": ["session_id_in_use", "session_id_retired"]},
+                                                       "session_id": {"type": "string"}}}]},
+                        ]
+                    },
+                    headers={"Retry-After": {
+                        "description": "With `capacity_exceeded`: whole seconds until a session ends by itself.",
+                        "schema": {"type": "integer", "minimum": 1},
+                    }},
+                ),
+            },
+        }
+    },
+    "/charge/{session_id}": {
+        "parameters": [SESSION_ID_PARAMETER],
+        "get": {
+            "operationId": "showSession",
+            "tags": ["charging"],
+            "summary": "A session, running or ended",
+            "security": [],
+            "parameters": [X_REQUEST_ID],
+            "responses": {
+                "200": json_response(
+                    "The session with its allocation history.",
+                    {"allOf": [substation_session_schema(), {"required": ["history"]}]},
+                ),
+                **path_errors(["session_not_found"], "`session_not_found` (with `session_id`): never here, or "
+                                                     "ended too long ago; or"),
+            },
+        },
+        "delete": {
+            "operationId": "stopSession",
+            "tags": ["charging"],
+            "summary": "Stop a session early",
+            "security": [],
+            "parameters": [X_REQUEST_ID],
+            "responses": {
+                "200": json_response(
+                    "Stopped: its last record and the load after.", session_with_capacity_schema()
+                ),
+                **path_errors(["session_not_found"], "`session_not_found` (with `session_id`): not active here; or"),
+            },
+        },
+    },
+    "/sessions": {
+        "get": {
+            "operationId": "listSessions",
+            "tags": ["charging"],
+            "summary": "The active sessions and the limit, at one instant",
+            "security": [],
+            "parameters": [
+                X_REQUEST_ID,
+                _flag("history", "Add each session's allocation history."),
+                _flag("ended", "Add the ended sessions kept for audits."),
+            ],
+            "responses": {
+                "200": json_response(
+                    "Every session at one instant.",
+                    {
+                        "type": "object",
+                        "required": ["substation", "taken_at", "limit_kw", "limit_source", "load", "sessions"],
+                        "properties": {
+                            "substation": SUBSTATION_ID,
+                            "taken_at": {"type": "number", "description": "Seconds since the epoch."},
+                            "limit_kw": {**KW, "minimum": 0},
+                            "limit_source": {"enum": ["substation", "operator"]},
+                            "load": KW,
+                            "sessions": {"type": "array", "items": substation_session_schema()},
+                        },
+                    },
+                ),
+                "400": error_response("A flag is not 0, 1, true or false (`invalid_query`, with `field`).",
+                                      ["invalid_query"], **FIELD),
+            },
+        }
+    },
+    "/status": {
+        "get": {
+            "operationId": "status",
+            "tags": ["observability"],
+            "summary": "Load, limit and allocation now",
+            "security": [],
+            "parameters": [X_REQUEST_ID],
+            "responses": {"200": json_response("The substation now.", STATUS)},
+        }
+    },
+    "/health": {
+        "get": health_operation({
+            "type": "object",
+            "required": ["status", "substation"],
+            "properties": {"status": {"const": "ok"}, "substation": SUBSTATION_ID},
+        })
+    },
+    "/metrics": {
+        "get": metrics_operation(
+            "Load, limit, allocation and session gauges and counters, labelled `substation`, and the peer "
+            "balancing's metrics. A peer's membership poll is signed (`X-Peer-*` headers): its answer is "
+            "signed too (`X-Peer-Sender`, `X-Peer-Signature`), or says why not (`X-Peer-Refused`).",
+            parameters=PEER_HEADERS_IN,
+            headers={
+                "X-Peer-Sender": {"description": "This substation's id, on the answer to a good signed poll.",
+                                  "schema": {"type": "string", "pattern": NODE_ID_PATTERN}},
+                "X-Peer-Signature": {"description": "HMAC-SHA256 of the answer, bound to the poll's signature.",
+                                     "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                "X-Peer-Refused": {"description": "Why a signed poll's answer is not signed.",
+                                   "schema": {"enum": ["bad_signature", "stale_timestamp"]}},
+            },
+        )
+    },
+    "/limit": {
+        "get": {
+            "operationId": "showLimit",
+            "tags": ["limit"],
+            "summary": "The limit, its parts and its history",
+            "security": [],
+            "parameters": [X_REQUEST_ID],
+            "responses": {"200": json_response("The limit now, with its history.",
+                                               {"allOf": [LIMIT, {"required": ["history"]}]})},
+        },
+        "put": {
+            "operationId": "setLimit",
+            "tags": ["limit"],
+            "summary": "Cap what the vehicles may draw together (operator only)",
+            "description": "The sessions are re-allocated in the same step: their allocations never pass the "
+            "new limit. The token is checked before the body is read.",
+            "security": OPERATOR,
+            "parameters": [X_REQUEST_ID],
+            "requestBody": json_request(
+                {"type": "object", "required": ["limit_kw"],
+                 "properties": {"limit_kw": {"type": "number", "minimum": 0, "maximum": MAX_LIMIT_KW}}},
+                "The operator's limit in kW.",
+            ),
+            "responses": {"200": json_response("The limit now.", LIMIT), **body_errors(), **operator_errors(SERVICE)},
+        },
+        "delete": {
+            "operationId": "liftLimit",
+            "tags": ["limit"],
+            "summary": "Lift the operator's limit (operator only)",
+            "security": OPERATOR,
+            "parameters": [X_REQUEST_ID],
+            "responses": {"200": json_response("The limit now.", LIMIT), **operator_errors(SERVICE)},
+        },
+    },
+    "/allocation-policy": {
+        "get": {
+            "operationId": "showAllocationPolicy",
+            "tags": ["limit"],
+            "summary": "How the limit is shared among the sessions",
+            "security": [],
+            "parameters": [X_REQUEST_ID],
+            "responses": {"200": json_response("The policy in force.", ALLOCATION_POLICY)},
+        },
+        "put": {
+            "operationId": "setAllocationPolicy",
+            "tags": ["limit"],
+            "summary": "Switch between fair_share and strict (operator only)",
+            "description": "The token is checked before the body is read.",
+            "security": OPERATOR,
+            "parameters": [X_REQUEST_ID],
+            "requestBody": json_request(
+                {"type": "object", "required": ["policy"],
+                 "properties": {"policy": {"enum": list(ALLOCATION_POLICIES)}}},
+                "The policy to allocate by from now on.",
+            ),
+            "responses": {
+                "200": json_response("Switched.", ALLOCATION_POLICY),
+                **body_errors(),
+                **operator_errors(SERVICE),
+            },
+        },
+    },
+    "/peer-balancing": {
+        "get": {
+            "operationId": "peerBalancing",
+            "tags": ["peering"],
+            "summary": "The load table, message counts and timings of peer balancing",
+            "security": [],
+            "parameters": [X_REQUEST_ID],
+            "responses": {"200": json_response("Peer balancing now.", PEER_BALANCING)},
+        }
+    },
+    "/peer-balancing/messages": {
+        "post": {
+            "operationId": "receivePeerMessage",
+            "tags": ["peering"],
+            "summary": "A peer's balancing message (signed with the group's PEER_KEY)",
+            "description": "Checked in this order: this substation has a `PEER_KEY` (403 `peering_off`), "
+            "the signature and its timestamp (401), the body (413, 415, 400), the sender is the signer (401) "
+            "and a group member (403), then the message against this substation's state (422, 409). A message "
+            "handled once already is acknowledged again (202 `duplicate`) without being acted on.",
+            "security": PEER_SIGNED,
+            "parameters": [X_REQUEST_ID],
+            "requestBody": json_request(PEER_MESSAGE, "One message; the signature covers its exact bytes."),
+            "responses": {
+                "202": json_response(
+                    "Taken: acted on (`accepted`), ignored as outdated or unasked for (`ignored`, with `reason`), "
+                    "or handled once already (`duplicate`).",
+                    {
+                        "type": "object",
+                        "required": ["status"],
+                        "properties": {
+                            "status": {"enum": ["accepted", "ignored", "duplicate"]},
+                            "reason": {"type": "string"},
+                        },
+                    },
+                ),
+                "400": error_response(
+                    "Not a JSON object (`invalid_json`) or not a valid message (`invalid_message`, with `field`).",
+                    ["invalid_json", "invalid_message"],
+                    **FIELD,
+                ),
+                "401": error_response(
+                    "Unsigned or badly signed (`bad_signature`), signed outside the clock tolerance "
+                    "(`stale_timestamp`), or the body's `sender` is not the signer (`sender_mismatch`).",
+                    ["bad_signature", "stale_timestamp", "sender_mismatch"],
+                    **SENDER,
+                ),
+                "403": error_response(
+                    "This substation has no `PEER_KEY` (`peering_off`), or the sender is not in its group "
+                    "(`unknown_sender`).",
+                    ["peering_off", "unknown_sender"],
+                    **SENDER,
+                ),
+                "409": error_response(
+                    "The message contradicts this substation's state now: a link reset since "
+                    "(`stale_link`), a Collected State from a non-leader (`not_leader`), a Draft Select nobody "
+                    "asked for (`unsolicited_select`).",
+                    ["stale_link", "not_leader", "unsolicited_select"],
+                    **SENDER,
+                ),
+                "413": body_errors()["413"],
+                "415": body_errors()["415"],
+                "422": error_response(
+                    "The message can never be right: a phase or round this clock cannot be near "
+                    "(`implausible_phase`), an epoch ahead of this clock (`implausible_epoch`), a migration "
+                    "larger than one step (`amount_out_of_bounds`).",
+                    ["implausible_phase", "implausible_epoch", "amount_out_of_bounds"],
+                    **SENDER,
+                ),
+            },
+        }
+    },
+    OPENAPI_PATH: {"get": openapi_operation()},
+}
+
+
+def _components() -> dict[str, Any]:
+    components = common_components(
+        "The operator's token (`ADMIN_TOKEN`): `PUT`/`DELETE /limit` and `PUT /allocation-policy`. Without "
+        "`ADMIN_TOKEN` they are off (403)."
+    )
+    for scheme, header, description in (
+        ("peerSender", "X-Peer-Sender", "The signing substation's id."),
+        ("peerTimestamp", "X-Peer-Timestamp", "The signer's clock, seconds since the epoch (e.g. `1718000000.125`)."),
+        ("peerNonce", "X-Peer-Nonce", "16 to 64 lowercase hex digits, new for every request."),
+        (
+            "peerSignature",
+            "X-Peer-Signature",
+            "64 lowercase hex digits: HMAC-SHA256 under the group's `PEER_KEY` of `peer-request-v1`, the "
+            "method, the path, the sender, the timestamp, the nonce and the SHA-256 of the body, joined by "
+            "newlines (`substation_service/peering/auth.py`).",
+        ),
+    ):
+        components["securitySchemes"][scheme] = {"type": "apiKey", "in": "header", "name": header,
+                                                 "description": description}
+    components["schemas"].update(PEER_MESSAGES)
+    return components
+
+
+SPEC: dict[str, Any] = {
+    "openapi": OPENAPI_VERSION,
+    "info": {
+        "title": "Smart Grid substation",
+        "version": "1.0.0",
+        "description": info_description(
+            "One simulated substation: admits charging sessions while its limit allows, shares the limit "
+            "among them, takes an operator's limit, and balances power with its peers."
+        ),
+    },
+    "servers": [{"url": "/"}],
+    "tags": [
+        {"name": "charging", "description": "Sessions."},
+        {"name": "limit", "description": "The limit and how it is shared."},
+        {"name": "peering", "description": "Peer-to-peer power balancing."},
+        {"name": "observability", "description": "Health, status and metrics."},
+    ],
+    "paths": with_server_refusals(PATHS),
+    "components": _components(),
+}
+
+__all__ = ["SPEC"]
