@@ -359,8 +359,8 @@ def stop_session(session_id: str) -> Response:
         raise ApiError(
             404,
             "session_not_found",
-            f"Session {session_id!r} was no longer running at {session.substation} (the load balancer says: "
-            f"{reply.body['message']}). Nothing charges for it any more, and it is no longer tracked here.",
+            f"Session {session_id!r} was no longer running at {session.substation}: it had already ended. Nothing "
+            "charges for it any more.",
             session_id=session_id,
             substation=session.substation,
         )
@@ -375,7 +375,8 @@ def status() -> Response:
     return jsonify(
         {
             "service": SERVICE_NAME,
-            "load_balancer": {"url": current.settings.load_balancer_url, "healthy": current.balancer.is_healthy()},
+            # Whether the grid can be reached, not where: the balancers' addresses are not the public's business.
+            "load_balancer": {"healthy": current.balancer.is_healthy()},
             "active_sessions": counts.active,
             "queued_requests": len(current.queue),
             "sessions": counts.as_json(),

@@ -1,8 +1,20 @@
-"""Outgoing HTTP: pooled connections, a timeout on every call, request ids passed on."""
+"""Outgoing HTTP: pooled connections, a timeout on every call, request ids passed on.
+
+``get_bounded`` is for answers the caller cannot trust to be small or quick (a
+URL someone registered): the whole exchange has one time limit and the body a
+size limit, however slowly or endlessly the other end sends.
+"""
 from __future__ import annotations
 
+import functools
+import http.client
 import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -19,6 +31,131 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 def broke_before_answer(exc: requests.ConnectionError) -> bool:
     """The connection was reset or closed before any answer's headers (urllib3's ProtocolError)."""
     return bool(exc.args) and isinstance(exc.args[0], ProtocolError)
+
+
+class BoundedGetError(Exception):
+    """A bounded GET got no usable answer; the message says why, never quoting what came back."""
+
+
+class AnswerTooSlow(BoundedGetError):
+    """The whole exchange took longer than its total time limit."""
+
+
+class AnswerTooLarge(BoundedGetError):
+    """The body is larger than the caller accepts."""
+
+
+@dataclass(frozen=True)
+class BoundedAnswer:
+    status: int
+    body: bytes
+
+
+class _Deadline:
+    """Makes every socket operation wait at most the time left until one moment.
+
+    requests' timeouts apply to each socket operation, so a server that sends one
+    byte a second (of its headers or its body) keeps a call going for ever. Here
+    every read and write is armed with ``min(per operation, time left)`` first.
+    """
+
+    _deadline: float
+    _per_operation: float
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("total time limit reached")
+        self.settimeout(min(self._per_operation, left))  # type: ignore[attr-defined]
+
+    def recv_into(self, *args: Any, **kwargs: Any) -> int:
+        self._arm()
+        return super().recv_into(*args, **kwargs)  # type: ignore[misc]
+
+    def recv(self, *args: Any, **kwargs: Any) -> bytes:
+        self._arm()
+        return super().recv(*args, **kwargs)  # type: ignore[misc]
+
+    def send(self, *args: Any, **kwargs: Any) -> int:
+        self._arm()
+        return super().send(*args, **kwargs)  # type: ignore[misc]
+
+    def sendall(self, *args: Any, **kwargs: Any) -> None:
+        self._arm()
+        return super().sendall(*args, **kwargs)  # type: ignore[misc]
+
+
+class _DeadlineSocket(_Deadline, socket.socket):
+    pass
+
+
+class _DeadlineSSLSocket(_Deadline, ssl.SSLSocket):
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    # The wrapped socket keeps the deadline: SSLContext builds its sockets from this class.
+    context.sslsocket_class = _DeadlineSSLSocket
+    return context
+
+
+def _open_socket(
+    scheme: str, host: str, port: int, deadline: float, connect_timeout: float, read_timeout: float
+) -> socket.socket:
+    """A connected socket (TLS for https) whose every operation respects ``deadline``."""
+    last_error: OSError = OSError(f"{host} has no address")
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = _DeadlineSocket(family, kind, proto)
+        sock._deadline, sock._per_operation = deadline, connect_timeout
+        try:
+            sock._arm()
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+            if isinstance(exc, TimeoutError):
+                break  # the time is used up; another address would only overrun it
+            continue
+        sock._per_operation = read_timeout
+        if scheme != "https":
+            return sock
+        left = deadline - time.monotonic()
+        if left <= 0:
+            sock.close()
+            raise TimeoutError("total time limit reached")
+        # The handshake runs inside the ssl module; its timeout is one deadline for the whole of it.
+        sock.settimeout(min(connect_timeout + read_timeout, left))
+        tls = _tls_context().wrap_socket(sock, server_hostname=host)
+        tls._deadline, tls._per_operation = deadline, read_timeout
+        return tls
+    raise last_error
+
+
+class _BoundedConnection(http.client.HTTPConnection):
+    """http.client on a socket of ours; no proxies, no redirects followed, no pooling."""
+
+    def __init__(self, host: str, port: int, open_socket: Any) -> None:
+        super().__init__(host, port)
+        self._open_socket = open_socket
+
+    def connect(self) -> None:
+        self.sock = self._open_socket()
+
+
+def _read_limited(response: http.client.HTTPResponse, max_bytes: int) -> bytes:
+    declared = response.getheader("Content-Length", "")
+    if declared.strip().isdigit() and int(declared) > max_bytes:
+        raise AnswerTooLarge(f"its answer is larger than {max_bytes} bytes")
+    body = bytearray()
+    while True:
+        chunk = response.read(min(64 * 1024, max_bytes + 1 - len(body)))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > max_bytes:
+            raise AnswerTooLarge(f"its answer is larger than {max_bytes} bytes")
 
 
 class HttpClient:
@@ -62,6 +199,73 @@ class HttpClient:
             log.info("connection to %s broke before an answer; sending the request again on a new one", url)
             # urllib3 put a fresh slot in place of the broken connection, on top of its LIFO pool.
             return self.session.request(method, url, headers=headers, **kwargs)
+
+    def get_bounded(
+        self,
+        url: str,
+        *,
+        max_bytes: int,
+        total_seconds: float,
+        headers: dict[str, str] | None = None,
+    ) -> BoundedAnswer:
+        """GET ``url`` on a new connection, all of it within ``total_seconds`` and ``max_bytes``.
+
+        Connecting waits at most this client's connect timeout, each read at most its
+        read timeout, and everything together at most ``total_seconds``: a server
+        that trickles its headers or body is cut off there. A body past
+        ``max_bytes`` is refused while it streams in, before it is all read.
+        Redirects are not followed. Raises :class:`BoundedGetError` (or its
+        :class:`AnswerTooSlow` and :class:`AnswerTooLarge`) with a message that
+        says what went wrong without quoting the answer.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise BoundedGetError("the URL is not an http(s) URL with a host")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        deadline = time.monotonic() + total_seconds
+        connect_timeout, read_timeout = self.timeout
+        sent_headers = {
+            "User-Agent": str(self.session.headers.get("User-Agent", "")),
+            "Accept": "text/plain, */*;q=0.1",
+            # One connection per call: nothing idle is left to break, nothing is shared with a slow server.
+            "Connection": "close",
+            **(headers or {}),
+        }
+        request_id = current_request_id()
+        if request_id != "-":
+            sent_headers.setdefault(REQUEST_ID_HEADER, request_id)
+        connection = _BoundedConnection(
+            parts.hostname,
+            port,
+            lambda: _open_socket(parts.scheme, parts.hostname, port, deadline, connect_timeout, read_timeout),
+        )
+        try:
+            connection.request("GET", path, headers=sent_headers)
+            response = connection.getresponse()
+            body = _read_limited(response, max_bytes)
+            return BoundedAnswer(response.status, body)
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise AnswerTooSlow(f"no complete answer within {total_seconds:g} s") from None
+            raise BoundedGetError("no answer within the timeout") from None
+        except socket.gaierror:
+            raise BoundedGetError("its host name could not be resolved") from None
+        except ssl.SSLError:
+            raise BoundedGetError("the TLS connection failed (certificate or protocol)") from None
+        except http.client.RemoteDisconnected:
+            raise BoundedGetError("it closed the connection without answering") from None
+        except http.client.IncompleteRead:
+            raise BoundedGetError("its answer ended before the length it announced") from None
+        except http.client.HTTPException:
+            # A status line that is not HTTP's, headers too long or too many, a broken chunk.
+            raise BoundedGetError("it did not answer with valid HTTP") from None
+        except OSError:
+            raise BoundedGetError("connection refused or broken (is it running?)") from None
+        except ValueError:
+            raise BoundedGetError("the request could not be sent (a malformed URL or header)") from None
+        finally:
+            connection.close()
 
     def get(self, url: str, **kwargs: Any) -> requests.Response:
         return self.request("GET", url, **kwargs)

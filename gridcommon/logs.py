@@ -1,12 +1,66 @@
-"""One log format for every service, each line carrying the request id."""
+"""One log format for every service, each line carrying the request id.
+
+Log lines are one record each: paths, query strings, ids and anything else a
+caller chose end up in messages, so the formatter escapes every character that
+could end a line (or hide text on a terminal) instead of trusting each call
+site to do it. A traceback keeps its line breaks, but each of its lines is
+indented, so no line of it can pass for a record of its own.
+"""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from gridcommon.request_context import current_request_id
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(service)s [%(request_id)s] %(name)s: %(message)s"
+
+# C0 and C1 control characters (\n, \r, \x1b, NEL ...), Unicode's line and paragraph
+# separators (str.splitlines() and some log viewers break lines there) and the bidi
+# overrides that make a terminal show text in another order than it was written.
+_UNSAFE_IN_LOGS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Marks the lines of a traceback as part of the record above them.
+TRACEBACK_INDENT = "  | "
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape_for_log(text: str) -> str:
+    """``text`` on one line: control characters written as escapes (``\\n``, ``\\x1b``, ``\\u2028``)."""
+    return _UNSAFE_IN_LOGS.sub(_escape_one, text)
+
+
+class SafeFormatter(logging.Formatter):
+    """The shared format, with whatever a caller put in a message unable to start a new line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        parts = [escape_for_log(self.formatMessage(record))]
+        # Not the record's cached exc_text: another handler's formatter may have made it unindented.
+        if record.exc_info:
+            parts.append(self._indented(self.formatException(record.exc_info)))
+        elif record.exc_text:
+            parts.append(self._indented(record.exc_text))
+        if record.stack_info:
+            parts.append(self._indented(self.formatStack(record.stack_info)))
+        return "\n".join(parts)
+
+    @staticmethod
+    def _indented(text: str) -> str:
+        # An exception's message may carry a caller's text with line breaks in it: every line
+        # is escaped and indented, so even those cannot look like a record of their own.
+        return "\n".join(TRACEBACK_INDENT + escape_for_log(line) for line in text.splitlines())
 
 
 class _ContextFilter(logging.Filter):
@@ -28,7 +82,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
             root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler._gridcommon = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(SafeFormatter(LOG_FORMAT))
     handler.addFilter(_ContextFilter(service))
     root.addHandler(handler)
     root.setLevel(level.upper())

@@ -13,8 +13,9 @@ REQUEST_ID_HEADER = "X-Request-ID"
 
 _current_request_id: ContextVar[str] = ContextVar("request_id", default="-")
 
-# Ids passed in by clients end up in log lines: keep them short and printable.
-_ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Ids passed in by clients end up in log lines and in the answer's header: keep them short
+# and printable. \Z, not $: "$" also matches before a trailing newline.
+_ACCEPTABLE_ID = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
 
 
 def current_request_id() -> str:
@@ -31,6 +32,6 @@ def reset_request_id(token: object) -> None:
 
 def choose_request_id(incoming: str | None) -> str:
     """Keep a caller's id when it is sane, otherwise make a new one."""
-    if incoming and _ACCEPTABLE_ID.match(incoming):
+    if incoming and _ACCEPTABLE_ID.fullmatch(incoming):
         return incoming
     return uuid.uuid4().hex

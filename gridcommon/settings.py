@@ -124,7 +124,9 @@ def normalise_base_url(raw: object, example: str) -> str:
         raise ValueError(f"{text!r} is not a valid URL; use {hint}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{text!r} must start with http:// or https:// and name a host, {hint}")
-    if parts.query or parts.fragment or parts.username or parts.password:
+    # Checked on the text, not only on the parts: "http://@host", "http://host?" and "http://host#"
+    # have an empty user, query and fragment, which urlsplit reports as none at all.
+    if "?" in text or "#" in text or "@" in parts.netloc:
         raise ValueError(f"{text!r} must be a plain base URL without credentials, query or fragment, {hint}")
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 

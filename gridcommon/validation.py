@@ -10,10 +10,18 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-VEHICLE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# \A and \Z, used with fullmatch: "^...$" with match() also takes "EV-1\n", because "$"
+# matches before a trailing newline, and that newline would then travel into logs and URLs.
+VEHICLE_ID_PATTERN = re.compile(r"\A[A-Za-z0-9_-]{1,64}\Z")
 SESSION_ID_PATTERN = VEHICLE_ID_PATTERN
+# A substation's id travels in the balancer's URLs (DELETE /charge/<substation>/<session>),
+# in metric labels and in log lines; the balancer reads it from a /metrics page it polls.
+SUBSTATION_ID_PATTERN = re.compile(r"\A[A-Za-z0-9._-]{1,64}\Z")
 DEFAULT_MAX_AMOUNT_KW = 350.0
 DEFAULT_MAX_DURATION_SECONDS = 3600.0
+# Times are reported in milliseconds: a shorter session (5e-324 s is a valid JSON number) would
+# start and end at the same instant, and its duration would read as 0.
+MIN_DURATION_SECONDS = 0.001
 
 
 class ValidationError(ValueError):
@@ -43,6 +51,11 @@ class ChargeRequest:
         return body
 
 
+def is_substation_id(value: object) -> bool:
+    """Whether ``value`` is a valid substation id: 1 to 64 of A-Z, a-z, 0-9, '.', '_' and '-'."""
+    return isinstance(value, str) and SUBSTATION_ID_PATTERN.fullmatch(value) is not None
+
+
 def finite_number(value: Any) -> float | None:
     """``value`` as a float when it is a finite JSON number, else None.
 
@@ -66,7 +79,7 @@ def parse_charge_request(
 ) -> ChargeRequest:
     """The validated request; ``session_id`` is read only where ``accept_session_id`` (internal hops)."""
     vehicle_id = body.get("vehicle_id")
-    if not isinstance(vehicle_id, str) or not VEHICLE_ID_PATTERN.match(vehicle_id):
+    if not isinstance(vehicle_id, str) or not VEHICLE_ID_PATTERN.fullmatch(vehicle_id):
         raise ValidationError(
             "vehicle_id",
             "vehicle_id must be a string of 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'.",
@@ -79,13 +92,14 @@ def parse_charge_request(
         )
     raw_duration = body.get("duration_seconds")
     duration = finite_number(raw_duration)
-    if raw_duration is not None and (duration is None or not 0 < duration <= max_duration_seconds):
+    if raw_duration is not None and (duration is None or not MIN_DURATION_SECONDS <= duration <= max_duration_seconds):
         raise ValidationError(
             "duration_seconds",
-            f"duration_seconds, when given, must be a number greater than 0 and at most {max_duration_seconds:g}.",
+            f"duration_seconds, when given, must be a number of seconds from {MIN_DURATION_SECONDS:g} "
+            f"to {max_duration_seconds:g}.",
         )
     session_id = body.get("session_id") if accept_session_id else None
-    if session_id is not None and (not isinstance(session_id, str) or not SESSION_ID_PATTERN.match(session_id)):
+    if session_id is not None and (not isinstance(session_id, str) or not SESSION_ID_PATTERN.fullmatch(session_id)):
         raise ValidationError(
             "session_id",
             "session_id, when given, must be a string of 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'.",

@@ -5,17 +5,25 @@ Errors always leave as JSON of one shape::
 
     {"error": "<machine-readable code>", "message": "<what went wrong and what to do>", ...}
 
-so clients never see an HTML page or a traceback, whatever the path or method.
+so clients never see an HTML page or a traceback, whatever the path, method or
+body. Hostile input is a 4xx like any other mistake: a body nested thousands of
+levels deep, a key given twice, bytes that are not UTF-8, a path with a control
+character in it. Error bodies say what was wrong without naming an internal host,
+URL or exception class.
 """
 from __future__ import annotations
 
+import json
 import logging
+import re
+import sys
 import time
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Request, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from gridcommon.validation import ChargeRequest, ValidationError, parse_charge_request
 from gridcommon.request_context import (
@@ -26,6 +34,10 @@ from gridcommon.request_context import (
 )
 
 MAX_BODY_BYTES = 16 * 1024
+# No request of any service nests deeper than a few levels; a deep one is an attack on the
+# parser (Python's json raises RecursionError, which is not a ValueError) or on whoever
+# walks the result later.
+MAX_JSON_DEPTH = 32
 
 access_log = logging.getLogger("access")
 error_log = logging.getLogger("errors")
@@ -53,6 +65,108 @@ def error_response(status: int, error: str, message: str, **extra: Any) -> Respo
     return response
 
 
+class InvalidJson(ValueError):
+    """A request body that is not one well-formed JSON document; the message says why."""
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # With a key given twice, two parsers can read two different requests from one body
+    # (which "amount" counts?); none of our clients ever sends one.
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        raise InvalidJson("an object in it has the same key more than once")
+    return body
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects or arrays more than ``limit`` levels deep (no recursion)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def loads_request_json(data: str | bytes, **kwargs: Any) -> Any:
+    """Parse a request body; every way it can fail is an :class:`InvalidJson` saying how.
+
+    NaN and Infinity are still read (as Python's json does): the fields' own checks refuse
+    them, naming the field.
+    """
+    kwargs.setdefault("object_pairs_hook", _refuse_duplicate_keys)
+    try:
+        value = json.loads(data, **kwargs)
+    except InvalidJson:
+        raise
+    except RecursionError:
+        raise InvalidJson(f"it is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except UnicodeDecodeError:
+        raise InvalidJson("it is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        # exc.msg names the problem ("Expecting value") without quoting the body.
+        raise InvalidJson(f"{exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except (ValueError, TypeError):
+        # e.g. an integer of more than 4300 digits
+        raise InvalidJson("it could not be read as JSON") from None
+    if isinstance(value, (dict, list)) and _nested_deeper_than(value, MAX_JSON_DEPTH):
+        raise InvalidJson(f"it is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def invalid_json(exc: ValueError) -> ApiError:
+    reason = str(exc) if isinstance(exc, InvalidJson) else "it could not be read as JSON"
+    return ApiError(400, "invalid_json", f"The request body is not valid JSON: {reason}. Send one JSON object.")
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Flask's JSON, reading request bodies with :func:`loads_request_json`'s rules.
+
+    Covers ``request.get_json()`` wherever an endpoint calls it, not only
+    :func:`json_object_body`.
+    """
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return loads_request_json(s, **kwargs)
+
+
+class JsonErrorRequest(Request):
+    """A request whose JSON failures are the same JSON errors as everywhere else."""
+
+    def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
+        try:
+            return super().get_json(force=force, silent=silent, cache=cache)
+        except RequestEntityTooLarge:
+            # silent=True promises None instead of an error, but werkzeug raises a body's size
+            # anyway: a caller peeking at the body (a rate limiter's key) would fail on it. The
+            # endpoint's own read of the body still answers 413.
+            if silent:
+                return None
+            raise
+
+    def on_json_loading_failed(self, e: ValueError | None) -> Any:
+        if e is None:
+            raise ApiError(415, "unsupported_media_type", _HTTP_ERROR_MESSAGES[415])
+        raise invalid_json(e)
+
+
+# A control character (a newline, NUL, ESC, NEL...) or Unicode line separator anywhere in the
+# decoded path: no endpoint has an id like that, and in a log line it would start a forged one.
+_UNSAFE_IN_PATH = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _check_path(path: str) -> None:
+    if _UNSAFE_IN_PATH.search(path) or any(segment in (".", "..") for segment in path.split("/")):
+        raise ApiError(
+            400,
+            "invalid_path",
+            "The URL path contains a control character or a '.' or '..' segment; no endpoint takes one. "
+            "Ids in paths are made of letters, digits, '.', '_' and '-'.",
+        )
+
+
 _HTTP_ERROR_MESSAGES = {
     404: "No such endpoint. See the README's endpoint table for what this service offers.",
     405: "This endpoint does not accept that HTTP method.",
@@ -66,15 +180,25 @@ ROUTINE_PATHS = frozenset({"/metrics", "/health"})
 
 
 def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) -> None:
-    """Attach request ids, access logging, JSON errors and the body size limit."""
+    """Attach request ids, access logging, JSON errors, strict JSON bodies and the body size limit."""
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json = StrictJSONProvider(app)
     app.json.sort_keys = False  # keep fields in the order the code builds them
+    app.request_class = JsonErrorRequest
+    answer_server_refusals_as_json()
 
     @app.before_request
     def _start_request() -> None:
         g.request_id = choose_request_id(request.headers.get(REQUEST_ID_HEADER))
         g.request_id_token = set_request_id(g.request_id)
         g.started = time.perf_counter()
+        _check_path(request.path)
+        if request.method == "OPTIONS" and request.url_rule is not None:
+            # Flask would answer an empty 200 on its own; no client here needs CORS preflights,
+            # and every answer is JSON. Allow lists the methods of every rule for this path (GET,
+            # PUT and DELETE /limit are three rules), as Flask's own 405 does.
+            methods = set(app.create_url_adapter(request).allowed_methods())  # type: ignore[union-attr]
+            raise MethodNotAllowed(valid_methods=sorted(methods - {"OPTIONS"}))
 
     @app.after_request
     def _finish_request(response: Response) -> Response:
@@ -127,12 +251,15 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
 
 
 def json_object_body() -> dict[str, Any]:
-    """The request body as a JSON object, or an ApiError saying what is wrong."""
+    """The request body as a JSON object, or an ApiError saying what is wrong (never a 500)."""
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", _HTTP_ERROR_MESSAGES[415])
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ApiError(400, "invalid_json", "The request body is not valid JSON.")
+    # Parsed here rather than with request.get_json(), so the rules hold even in an app
+    # that did not install StrictJSONProvider. get_data() enforces MAX_CONTENT_LENGTH (413).
+    try:
+        body = loads_request_json(request.get_data(cache=True))
+    except InvalidJson as exc:
+        raise invalid_json(exc) from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
     return body
@@ -157,3 +284,51 @@ def charge_from_body(
         return parse_charge_request(body, max_amount_kw, max_duration_seconds, accept_session_id)
     except ValidationError as exc:
         raise ApiError(400, "invalid_field", exc.message, field=exc.field) from None
+
+
+# Refusals by gunicorn itself ---------------------------------------------------------
+
+# gunicorn answers a request it cannot parse (a raw newline or NUL in a header or the request
+# line, a header over 8190 bytes, a request line over 4094) before any app sees it, with an
+# HTML page that quotes the offending line. These say the same without quoting anything.
+_SERVER_REFUSALS = {
+    400: ("bad_request", "The request is not valid HTTP/1.1: its request line, method or a header is malformed "
+                         "(control characters are not allowed in any of them). Fix the request and send it again."),
+    403: ("forbidden", "The request was refused before it reached the service."),
+    414: ("uri_too_long", "The request line is too long: keep the URL under 4 KiB."),
+    417: ("expectation_failed", "The request's Expect header is not supported; send the request without it."),
+    431: ("request_header_fields_too_large", "A request header is too large, or there are too many of them: "
+                                             "keep each header under 8 KiB."),
+    501: ("not_implemented", "The request's Transfer-Encoding is not supported; send the body with a "
+                             "Content-Length instead."),
+}
+
+
+def _write_server_refusal(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    from gunicorn import util  # only ever called by gunicorn, so it is there
+
+    error, message = _SERVER_REFUSALS.get(
+        status_int,
+        ("internal_error", "The server could not handle the request. Retry; report it if it persists.")
+        if status_int >= 500
+        else ("bad_request", _SERVER_REFUSALS[400][1]),
+    )
+    body = json.dumps({"error": error, "message": message}).encode()
+    # reason is gunicorn's own fixed phrase ("Bad Request"), never the client's text.
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+def answer_server_refusals_as_json() -> None:
+    """Make gunicorn's own refusals JSON errors of the usual shape (in a gunicorn worker only).
+
+    gunicorn offers no hook for them: its workers call ``gunicorn.util.write_error``,
+    which this replaces. Outside gunicorn (tests' Flask clients) it does nothing.
+    """
+    util = sys.modules.get("gunicorn.util")
+    if util is None or not callable(getattr(util, "write_error", None)) or not hasattr(util, "write_nonblock"):
+        return
+    util.write_error = _write_server_refusal

@@ -8,10 +8,12 @@ from flask import Flask
 
 from gridcommon.httpclient import HttpClient
 from gridcommon.logs import configure_logging
+from gridcommon.openapi import install_openapi
 from gridcommon.web import install_common
 from load_balancer.config import Settings
 from load_balancer.lost_answers import LostAnswers
 from load_balancer.metrics import BalancerMetrics
+from load_balancer.openapi_spec import SPEC
 from load_balancer.policies import make_policy
 from load_balancer.poller import Poller
 from load_balancer.registry import SubstationRegistry
@@ -49,6 +51,9 @@ def build_balancer(settings: Settings) -> Balancer:
         refresh_min_interval_seconds=settings.refresh_min_interval_seconds,
         observe_duration=metrics.polling_duration.observe,
         after_successful_poll=lambda url: router.free_lost_sessions(url),
+        max_metrics_bytes=settings.max_metrics_bytes,
+        # Room for every substation's poll at once, and for the lost-session work polls hand on.
+        parallel_polls=2 * settings.max_substations,
     )
     router = Router(
         view,
@@ -64,7 +69,13 @@ def build_balancer(settings: Settings) -> Balancer:
         deadline_seconds=settings.route_deadline_seconds,
         refresh_seconds=poller.round_timeout,
     )
-    registry = SubstationRegistry(view, poller, on_removed=metrics.forget_substation)
+    registry = SubstationRegistry(
+        view,
+        poller,
+        on_removed=metrics.forget_substation,
+        allow=settings.url_allow_list(),
+        max_substations=settings.max_substations,
+    )
     registry.add_configured(settings.substations)
     return Balancer(settings, view, metrics, poller, router, registry)
 
@@ -81,6 +92,7 @@ def create_app(settings: Settings | None = None, start_background: bool = True) 
 
     app.register_blueprint(api)
     app.register_blueprint(admin)
+    install_openapi(app, SPEC)
     if start_background:
         balancer.poller.start()
     return app

@@ -3,8 +3,18 @@
 | Variable                       | Default        | Meaning                                                        |
 | ------------------------------ | -------------- | -------------------------------------------------------------- |
 | SUBSTATIONS                    | (none)         | Comma-separated base URLs of the substations to balance over.  |
+| SUBSTATION_URL_ALLOW           | the hosts of   | Hosts POST /substations may register, comma-separated: names   |
+|                                | SUBSTATIONS,   | with `*` for any run of letters, digits, '-', '_' within one   |
+|                                | 127.0.0.1,     | label (`substation_*`), IP addresses (`127.0.0.1`, `[::1]`) or |
+|                                | localhost      | CIDRs (`10.0.0.0/8`); a name or address may end in `:port`.    |
+|                                |                | Names match only names, addresses and CIDRs only URLs written  |
+|                                |                | with an IP (nothing is resolved). A value replaces the default.|
+| MAX_SUBSTATIONS                | 64             | Most substations tracked, configured and registered together.  |
+| MAX_METRICS_BYTES              | 1048576        | Largest /metrics page a poll reads (1 MiB); a larger one fails.|
 | POLL_INTERVAL_SECONDS          | 5              | Pause between two polls of every substation's /metrics.        |
-| POLL_TIMEOUT_SECONDS           | 2              | Read timeout of one poll.                                      |
+| POLL_TIMEOUT_SECONDS           | 2              | Read timeout of one poll. A whole poll, connecting included,   |
+|                                |                | ends within CONNECT_TIMEOUT_SECONDS + POLL_TIMEOUT_SECONDS,    |
+|                                |                | however slowly the substation sends.                           |
 | CONNECT_TIMEOUT_SECONDS        | 1              | Connect timeout of every outgoing call.                        |
 | FORWARD_TIMEOUT_SECONDS        | 5              | Read timeout of a forwarded charge request.                    |
 | ROUTE_DEADLINE_SECONDS         | 8              | Most time spent routing one charge request, retries included;  |
@@ -12,7 +22,8 @@
 | ROUTING_POLICY                 | least_loaded   | least_loaded, least_connections, round_robin, random, power_of_two. |
 | REFRESH_MIN_INTERVAL_SECONDS   | 0.5            | Least time between two on-demand refreshes of the view.        |
 | FAILURE_THRESHOLD              | 1              | Failed polls or forwards in a row that mark a substation down. |
-| ADMIN_TOKEN                    | (empty)        | Bearer token of the admin API; empty disables the admin API.   |
+| ADMIN_TOKEN                    | (empty)        | Bearer token of the admin API and of POST and DELETE           |
+|                                |                | /substations; empty disables all of them (403).                |
 | MAX_AMOUNT_KW                  | 350            | Largest charge request accepted, in kW.                        |
 | MAX_SESSION_SECONDS            | 3600           | Longest duration_seconds accepted.                             |
 | LOG_LEVEL                      | INFO           | DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).            |
@@ -25,8 +36,11 @@ from typing import Mapping
 from gridcommon.settings import SettingsError, env_choice, env_float, env_int, env_list, env_str, env_log_level
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
 from load_balancer.policies import DEFAULT_POLICY, POLICY_NAMES
-from load_balancer.registry import normalise_substation_url
+from load_balancer.poller import DEFAULT_MAX_METRICS_BYTES
+from load_balancer.registry import UrlAllowList, normalise_substation_url
 from load_balancer.router import shortest_forward_seconds
+
+DEFAULT_MAX_SUBSTATIONS = 64
 
 
 @dataclass(frozen=True)
@@ -44,13 +58,35 @@ class Settings:
     max_amount_kw: float = DEFAULT_MAX_AMOUNT_KW
     max_session_seconds: float = DEFAULT_MAX_DURATION_SECONDS
     log_level: str = "info"
+    # None: the default, worked out from ``substations`` (see url_allow_list()).
+    substation_url_allow: tuple[str, ...] | None = None
+    max_substations: int = DEFAULT_MAX_SUBSTATIONS
+    max_metrics_bytes: int = DEFAULT_MAX_METRICS_BYTES
+
+    def url_allow_list(self) -> UrlAllowList:
+        """SUBSTATION_URL_ALLOW, or by default the configured substations' hosts, 127.0.0.1 and localhost."""
+        if self.substation_url_allow is None:
+            return UrlAllowList.default_for(self.substations)
+        return UrlAllowList.parse(self.substation_url_allow)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
         connect_timeout = env_float(env, "CONNECT_TIMEOUT_SECONDS", 1.0, minimum=0.05)
         forward_timeout = env_float(env, "FORWARD_TIMEOUT_SECONDS", 5.0, minimum=0.05)
+        substations = _substation_urls(env)
+        max_substations = env_int(env, "MAX_SUBSTATIONS", DEFAULT_MAX_SUBSTATIONS, minimum=1, maximum=4096)
+        if len(substations) > max_substations:
+            raise SettingsError(
+                f"SUBSTATIONS lists {len(substations)} substations but MAX_SUBSTATIONS is {max_substations}; "
+                "raise MAX_SUBSTATIONS or list fewer"
+            )
         return cls(
-            substations=_substation_urls(env),
+            substations=substations,
+            substation_url_allow=_url_allow(env),
+            max_substations=max_substations,
+            max_metrics_bytes=env_int(
+                env, "MAX_METRICS_BYTES", DEFAULT_MAX_METRICS_BYTES, minimum=1024, maximum=64 * 1024 * 1024
+            ),
             poll_interval_seconds=env_float(env, "POLL_INTERVAL_SECONDS", 5.0, minimum=0.05),
             poll_timeout_seconds=env_float(env, "POLL_TIMEOUT_SECONDS", 2.0, minimum=0.05),
             connect_timeout_seconds=connect_timeout,
@@ -89,3 +125,14 @@ def _substation_urls(env: Mapping[str, str]) -> tuple[str, ...]:
         if url not in urls:
             urls.append(url)
     return tuple(urls)
+
+
+def _url_allow(env: Mapping[str, str]) -> tuple[str, ...] | None:
+    entries = env_list(env, "SUBSTATION_URL_ALLOW")
+    if not entries:
+        return None
+    try:
+        UrlAllowList.parse(entries)
+    except ValueError as exc:
+        raise SettingsError(f"SUBSTATION_URL_ALLOW: {exc}") from None
+    return entries

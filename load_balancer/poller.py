@@ -6,10 +6,17 @@ the view, the view may just be old (sessions ended since the last poll, or the
 balancer has only just started). One refresh serves every request waiting at
 that moment, and at most one runs per REFRESH_MIN_INTERVAL_SECONDS, so a burst
 of rejected requests cannot turn into a burst of polls.
+
+A poll trusts nothing it reads: the whole of it (connecting, headers, body) ends
+within CONNECT_TIMEOUT_SECONDS + POLL_TIMEOUT_SECONDS however slowly the other
+end sends, its body stops being read past MAX_METRICS_BYTES, and a failure is
+described in our words, never by quoting the answer. A URL that trickles or
+floods therefore costs one poll thread for a bounded time, like a dead one.
 """
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -17,13 +24,16 @@ from typing import Callable
 
 import requests
 
-from gridcommon.httpclient import HttpClient
+from gridcommon.httpclient import BoundedGetError, HttpClient
 from gridcommon.promtext import parse_metrics
+from gridcommon.validation import is_substation_id
 from load_balancer.view import GridView, Observation, SubstationConflict
 
 log = logging.getLogger(__name__)
 
 MAX_PARALLEL_POLLS = 32
+# A substation's page is about 10 KB; a thousand times that is not a substation's.
+DEFAULT_MAX_METRICS_BYTES = 1024 * 1024
 
 
 class PollError(Exception):
@@ -48,22 +58,36 @@ def record_failure(view: GridView, url: str, reason: str) -> None:
 def read_substation_metrics(text: str) -> tuple[str, Observation]:
     """The substation id and its state from a substation's /metrics page.
 
-    Raises ``ValueError`` when the page is not a substation's metrics page.
+    Raises ``ValueError`` when the page is not a substation's metrics page; its
+    message is ours and never quotes the page, which may be anything.
     """
-    scrape = parse_metrics(text)
+    try:
+        scrape = parse_metrics(text)
+    except Exception:  # the parser's errors quote the offending line, and are not all ValueErrors
+        raise ValueError("it is not in the Prometheus text format") from None
     labels = scrape.labels_of("current_load") or {}
     substation_id = labels.get("substation")
     if not substation_id:
         raise ValueError("it has no current_load{substation=...} sample")
+    if not is_substation_id(substation_id):
+        # The id goes into URLs, metric labels and log lines.
+        raise ValueError("its substation label is not a substation id (1 to 64 of A-Z, a-z, 0-9, '.', '_', '-')")
+
+    def checked(name: str, value: float | None) -> float | None:
+        # Every figure here is a count or a power: NaN, infinity or below zero would poison routing
+        # (an infinite capacity would draw every request).
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"its {name} sample is not a finite number of at least 0")
+        return value
 
     def required(name: str) -> float:
-        value = scrape.value(name, substation=substation_id)
+        value = checked(name, scrape.value(name, substation=substation_id))
         if value is None:
             raise ValueError(f"it has no {name} sample")
         return value
 
     def optional(name: str, **labels: str) -> float | None:
-        return scrape.value(name, substation=substation_id, **labels)
+        return checked(name, scrape.value(name, substation=substation_id, **labels))
 
     curtailed = int(optional("curtailed_sessions") or 0)
     min_charge = optional("min_charge_kw")
@@ -94,6 +118,8 @@ class Poller:
         observe_duration: Callable[[float], None],
         after_successful_poll: Callable[[str], None] = lambda url: None,
         clock: Callable[[], float] = time.monotonic,
+        max_metrics_bytes: int = DEFAULT_MAX_METRICS_BYTES,
+        parallel_polls: int = MAX_PARALLEL_POLLS,
     ) -> None:
         self._view = view
         self._after_successful_poll = after_successful_poll
@@ -102,10 +128,14 @@ class Poller:
         self._refresh_min_interval = refresh_min_interval_seconds
         self._observe_duration = observe_duration
         self._clock = clock
+        self._max_metrics_bytes = max_metrics_bytes
         connect_timeout, read_timeout = client.timeout
-        # requests' timeouts are per socket operation; this bounds a whole round.
-        self._round_timeout = connect_timeout + read_timeout + 0.5
-        self._executor = ThreadPoolExecutor(MAX_PARALLEL_POLLS, thread_name_prefix="poll")
+        # The most one poll takes, from connecting to its last byte (a total, not per socket read).
+        self._poll_limit = connect_timeout + read_timeout
+        # A round waits that long for its polls, and a moment more for the threads to report.
+        self._round_timeout = self._poll_limit + 0.5
+        # Threads start only when needed; enough of them that every substation's poll starts at once.
+        self._executor = ThreadPoolExecutor(max(MAX_PARALLEL_POLLS, parallel_polls), thread_name_prefix="poll")
         self._cond = threading.Condition()
         self._polling = False
         self._rounds_done = 0
@@ -120,16 +150,29 @@ class Poller:
 
     # One substation ---------------------------------------------------------
 
+    @property
+    def poll_limit(self) -> float:
+        """The most one poll of one substation takes, however slowly it answers."""
+        return self._poll_limit
+
     def fetch(self, url: str) -> tuple[str, Observation]:
-        """Read one substation's id and state; raises :class:`PollError`."""
+        """Read one substation's id and state, within :attr:`poll_limit`; raises :class:`PollError`.
+
+        The message says what was wrong (no answer, an HTTP status, too slow, too
+        large, not a substation's page) and never quotes what the URL sent.
+        """
         try:
-            response = self._client.get(f"{url}/metrics")
-        except requests.RequestException as exc:
-            raise PollError(f"polling {url}/metrics failed: {describe_request_error(exc)}") from None
-        if response.status_code != 200:
-            raise PollError(f"polling {url}/metrics failed: it answered HTTP {response.status_code}")
+            answer = self._client.get_bounded(
+                f"{url}/metrics", max_bytes=self._max_metrics_bytes, total_seconds=self._poll_limit
+            )
+        except BoundedGetError as exc:
+            raise PollError(f"polling {url}/metrics failed: {exc}") from None
+        if answer.status != 200:
+            raise PollError(f"polling {url}/metrics failed: it answered HTTP {answer.status}")
         try:
-            return read_substation_metrics(response.text)
+            return read_substation_metrics(answer.body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise PollError(f"{url}/metrics is not a substation's metrics page: it is not UTF-8 text") from None
         except ValueError as exc:
             raise PollError(f"{url}/metrics is not a substation's metrics page: {exc}") from None
 
@@ -139,6 +182,11 @@ class Poller:
             came_up = self._view.record_poll(url, substation_id, observation, marker)
         except (PollError, SubstationConflict) as exc:
             record_failure(self._view, url, str(exc))
+            return
+        except Exception:
+            # A bug here must still count as a failed poll, not vanish inside the executor's future.
+            log.exception("polling %s/metrics failed unexpectedly", url)
+            record_failure(self._view, url, f"polling {url}/metrics failed: unexpected error in the balancer")
             return
         if came_up:
             log.info("substation %s at %s is up and routable", substation_id, url)

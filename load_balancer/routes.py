@@ -1,16 +1,18 @@
 """HTTP endpoints of the load balancer: parse, call the domain, answer JSON."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from gridcommon.auth import require_operator
+from gridcommon.deadline import DEADLINE_HEADER, parse_deadline
 from gridcommon.web import ApiError, json_object_body, metrics_response, parse_charge_body
 from load_balancer.policies import POLICY_NAMES
 from load_balancer.poller import PollError
-from load_balancer.router import Admitted, ForwardError, Refused, UnknownSubstation
+from load_balancer.registry import TooManySubstations, UrlNotAllowed
+from load_balancer.router import Admitted, Answer, ForwardError, Refused, UnknownSubstation
 from load_balancer.view import SubstationConflict
 
 if TYPE_CHECKING:
@@ -47,8 +49,9 @@ def charge() -> tuple[Response, int]:
     except (ApiError, HTTPException):
         balancer.metrics.count_request("invalid")
         raise
+    deadline = parse_deadline(request.headers.get(DEADLINE_HEADER))
     try:
-        outcome = balancer.router.route(charge_request)
+        outcome = balancer.router.route(charge_request, deadline=deadline)
     except Exception:
         balancer.metrics.count_request("error")
         raise
@@ -65,32 +68,47 @@ def charge() -> tuple[Response, int]:
     ).with_header("Retry-After", str(outcome.retry_after_seconds))
 
 
+@api.delete("/sessions/<session_id>")
+def stop_session_anywhere(session_id: str) -> tuple[Response, int]:
+    """Stop a session at whichever substation holds it, and retire its id at every one.
+
+    For a caller that gave up waiting on an answer: the session may exist
+    somewhere or not yet, and a late copy of its request must not start it.
+    """
+    answer = _balancer().router.stop_everywhere(session_id)
+    if answer is None:
+        raise ApiError(
+            404,
+            "session_not_found",
+            f"No substation holds session {session_id!r}; each one will refuse it if its request arrives late.",
+            session_id=session_id,
+        )
+    return jsonify(answer.body), answer.status
+
+
 @api.get("/charge/<substation_id>/<session_id>")
 def show_session(substation_id: str, session_id: str) -> tuple[Response, int]:
-    try:
-        answer = _balancer().router.show_session(substation_id, session_id)
-    except UnknownSubstation:
-        raise _unknown_substation(substation_id) from None
-    except ForwardError as exc:
-        raise ApiError(
-            502,
-            "substation_unreachable",
-            f"Substation {substation_id} could not be asked about the session: {exc}. Retry in a few seconds.",
-        ) from None
-    return jsonify(answer.body), answer.status
+    return _ask_substation(substation_id, "about the session", _balancer().router.show_session, session_id)
 
 
 @api.delete("/charge/<substation_id>/<session_id>")
 def stop_session(substation_id: str, session_id: str) -> tuple[Response, int]:
+    return _ask_substation(substation_id, "to stop the session", _balancer().router.stop_session, session_id)
+
+
+def _ask_substation(
+    substation_id: str, what: str, ask: Callable[[str, str], Answer], session_id: str
+) -> tuple[Response, int]:
+    """The substation's answer about one of its sessions, passed on; 404 or 502 when it cannot be asked."""
     try:
-        answer = _balancer().router.stop_session(substation_id, session_id)
+        answer = ask(substation_id, session_id)
     except UnknownSubstation:
         raise _unknown_substation(substation_id) from None
     except ForwardError as exc:
         raise ApiError(
             502,
             "substation_unreachable",
-            f"Substation {substation_id} could not be asked to stop the session: {exc}. Retry in a few seconds.",
+            f"Substation {substation_id} could not be asked {what}: {exc}. Retry in a few seconds.",
         ) from None
     return jsonify(answer.body), answer.status
 
@@ -105,13 +123,32 @@ def list_substations() -> Response:
 
 @api.post("/substations")
 def register_substation() -> tuple[Response, int]:
+    # The balancer polls what is registered and routes by what it reports: an operator's act.
     balancer = _balancer()
+    require_operator(balancer.settings.admin_token, "load balancer")
     url = json_object_body().get("url")
     try:
         entry, created = balancer.registry.register(url)
     except ValueError as exc:
         raise ApiError(400, "invalid_field", f"url: {exc}.", field="url") from None
+    except UrlNotAllowed as exc:
+        raise ApiError(
+            403,
+            "url_not_allowed",
+            f"url: {exc} is not on a host SUBSTATION_URL_ALLOW allows. Register a substation on an allowed "
+            "host, or add its host to SUBSTATION_URL_ALLOW and restart the balancer.",
+            field="url",
+        ) from None
+    except TooManySubstations as exc:
+        raise ApiError(
+            409,
+            "too_many_substations",
+            f"Not registered: {exc}. DELETE /substations/<id> one that is no longer used, or raise MAX_SUBSTATIONS.",
+            max_substations=exc.limit,
+        ) from None
     except PollError as exc:
+        # PollError's text is the balancer's own account (status, too slow, too large, not a metrics
+        # page); it never quotes what the URL sent.
         raise ApiError(
             502,
             "substation_unreachable",
@@ -125,6 +162,7 @@ def register_substation() -> tuple[Response, int]:
 @api.delete("/substations/<substation_id>")
 def deregister_substation(substation_id: str) -> Response:
     balancer = _balancer()
+    require_operator(balancer.settings.admin_token, "load balancer")
     removed = balancer.registry.deregister(substation_id)
     if removed is None:
         raise _unknown_substation(substation_id)

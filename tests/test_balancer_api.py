@@ -18,6 +18,13 @@ from tests.harness import free_port
 TOKEN = "s3cret-admin-token"
 
 
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+OPERATOR = bearer(TOKEN)
+
+
 @pytest.fixture
 def app() -> Iterator[Flask]:
     app = create_app(
@@ -101,23 +108,93 @@ def test_stopping_a_session_at_an_unknown_substation_is_404(client: FlaskClient)
     [{}, {"url": ""}, {"url": 5}, {"url": "ftp://127.0.0.1:21"}, {"url": "127.0.0.1:5011"}, {"url": "http://h:99999"}],
 )
 def test_registering_needs_a_valid_url(client: FlaskClient, body: dict) -> None:
-    error = assert_json_error(client.post("/substations", json=body), 400, "invalid_field")
+    error = assert_json_error(client.post("/substations", json=body, headers=OPERATOR), 400, "invalid_field")
     assert error["field"] == "url"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://@127.0.0.1:5011",  # an empty user is still credentials
+        "http://127.0.0.1:5011?",
+        "http://127.0.0.1:5011/#",
+        "http://127.0.0.1:5011\\@evil.example",  # a backslash: parsers disagree on the host
+        "http://127.0.0.1:5011/a b",
+        "http://127.0.0.1:5011/\x1b[31m",
+        "http://127.1:5011",  # inet_aton would read it as 127.0.0.1
+        "http://2130706433:5011",
+        "http://0x7f000001:5011",
+        "http://sub*:5011",
+        "http://127.0.0.1:0",
+    ],
+)
+def test_registering_refuses_urls_that_hide_what_they_point_at(client: FlaskClient, url: str) -> None:
+    error = assert_json_error(client.post("/substations", json={"url": url}, headers=OPERATOR), 400, "invalid_field")
+    assert error["field"] == "url"
+
+
+@pytest.mark.parametrize("headers", [{}, bearer("wrong"), {"Authorization": TOKEN}])
+def test_registering_and_deregistering_need_the_operator_token(client: FlaskClient, headers: dict) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    response = client.post("/substations", json={"url": url}, headers=headers)
+    assert_json_error(response, 401, "unauthorized")
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert_json_error(client.delete("/substations/substation-1", headers=headers), 401, "unauthorized")
+
+
+def test_registration_is_off_without_an_admin_token() -> None:
+    client = create_app(Settings(admin_token=""), start_background=False).test_client()
+    for response in (
+        client.post("/substations", json={"url": "http://127.0.0.1:5011"}, headers=bearer("")),
+        client.delete("/substations/substation-1"),
+    ):
+        error = assert_json_error(response, 403, "admin_disabled")
+        assert "ADMIN_TOKEN" in error["message"]
 
 
 def test_registering_an_unreachable_substation_is_502_and_adds_nothing(client: FlaskClient) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    error = assert_json_error(client.post("/substations", json={"url": url}), 502, "substation_unreachable")
+    response = client.post("/substations", json={"url": url}, headers=OPERATOR)
+    error = assert_json_error(response, 502, "substation_unreachable")
     assert url in error["message"]
     assert client.get("/substations").get_json() == {"substations": []}
 
 
 def test_registering_needs_a_json_body(client: FlaskClient) -> None:
-    assert_json_error(client.post("/substations", data="url", content_type="text/plain"), 415, "unsupported_media_type")
+    response = client.post("/substations", data="url", content_type="text/plain", headers=OPERATOR)
+    assert_json_error(response, 415, "unsupported_media_type")
 
 
 def test_deregistering_an_unknown_substation_is_404(client: FlaskClient) -> None:
-    assert_json_error(client.delete("/substations/substation-9"), 404, "unknown_substation")
+    assert_json_error(client.delete("/substations/substation-9", headers=OPERATOR), 404, "unknown_substation")
+
+
+def test_by_default_only_the_configured_hosts_and_loopback_may_be_registered() -> None:
+    settings = Settings(admin_token=TOKEN, substations=("http://substation_1:5011", "http://10.1.2.3:5012"))
+    app = create_app(settings, start_background=False)
+    client = app.test_client()
+    for url in ("http://substation_9:5011", "http://10.1.2.4:5012", "http://[::1]:5011", "http://metadata.internal"):
+        response = client.post("/substations", json={"url": url}, headers=OPERATOR)
+        error = assert_json_error(response, 403, "url_not_allowed")
+        assert error["field"] == "url" and "SUBSTATION_URL_ALLOW" in error["message"]
+    allow = settings.url_allow_list()
+    for url in ("http://substation_1:9999", "http://10.1.2.3:1", "http://127.0.0.1:5011", "http://LOCALHOST:1"):
+        assert allow.allows(url), url
+    assert client.get("/substations").get_json()["substations"][0]["url"] == "http://10.1.2.3:5012"
+    app.extensions["load_balancer"].stop()
+
+
+def test_the_cap_on_substations_counts_the_configured_ones() -> None:
+    urls = tuple(f"http://127.0.0.1:{free_port()}" for _ in range(2))
+    app = create_app(Settings(admin_token=TOKEN, substations=urls, max_substations=2), start_background=False)
+    client = app.test_client()
+    response = client.post("/substations", json={"url": f"http://127.0.0.1:{free_port()}"}, headers=OPERATOR)
+    error = assert_json_error(response, 409, "too_many_substations")
+    assert error["max_substations"] == 2 and "MAX_SUBSTATIONS" in error["message"]
+    # A URL already tracked is polled again, not counted again: unreachable, so 502, not 409.
+    again = client.post("/substations", json={"url": urls[0]}, headers=OPERATOR)
+    assert_json_error(again, 502, "substation_unreachable")
+    app.extensions["load_balancer"].stop()
 
 
 def test_configured_substations_wait_for_their_first_poll() -> None:
@@ -129,10 +206,6 @@ def test_configured_substations_wait_for_their_first_poll() -> None:
 
 
 # Admin ----------------------------------------------------------------------------
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def test_admin_api_is_forbidden_without_admin_token_setting() -> None:
@@ -225,6 +298,42 @@ def test_settings_from_env_normalise_urls_and_read_every_value() -> None:
     assert Settings.from_env({}) == Settings()
 
 
+def test_the_registration_limits_are_read_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "SUBSTATIONS": "http://substation_1:5011",
+            "SUBSTATION_URL_ALLOW": "substation_*, 10.0.0.0/8, [fd00::1]:5011, localhost:5011",
+            "MAX_SUBSTATIONS": "3",
+            "MAX_METRICS_BYTES": "65536",
+        }
+    )
+    assert (settings.max_substations, settings.max_metrics_bytes) == (3, 65536)
+    allow = settings.url_allow_list()
+    assert allow.entries == ("substation_*", "10.0.0.0/8", "[fd00::1]:5011", "localhost:5011")
+    for url in ("http://substation_2:5012", "http://SUBSTATION_X", "https://10.200.0.1:8443", "http://[fd00::1]:5011",
+                "http://localhost:5011", "http://[::ffff:10.0.0.9]:1"):
+        assert allow.allows(url), url
+    for url in ("http://substation_2.evil.example:5012", "http://x.substation_2:1", "http://11.0.0.1:5011",
+                "http://[fd00::1]:5012", "http://localhost:5012", "http://127.0.0.1:5011", "http://substation:1"):
+        assert not allow.allows(url), url
+    defaults = Settings.from_env({})
+    assert (defaults.max_substations, defaults.max_metrics_bytes, defaults.substation_url_allow) == (64, 1 << 20, None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["http://substation_1", "10.0.0.1/8", "10.0.0.0/33", "substation_*:99999", "[::1", "sub station", "127.1", "a/b"],
+)
+def test_a_bad_allow_list_entry_stops_the_balancer_naming_it(value: str) -> None:
+    with pytest.raises(SettingsError, match="SUBSTATION_URL_ALLOW"):
+        Settings.from_env({"SUBSTATION_URL_ALLOW": value})
+
+
+def test_more_configured_substations_than_the_cap_stop_the_balancer() -> None:
+    with pytest.raises(SettingsError, match="MAX_SUBSTATIONS"):
+        Settings.from_env({"SUBSTATIONS": "http://a:1,http://b:1", "MAX_SUBSTATIONS": "1"})
+
+
 @pytest.mark.parametrize(
     "env, variable",
     [
@@ -236,6 +345,8 @@ def test_settings_from_env_normalise_urls_and_read_every_value() -> None:
         # No time for even one forward: connecting may take 1 s, and the answer needs a moment.
         ({"ROUTE_DEADLINE_SECONDS": "1.2"}, "ROUTE_DEADLINE_SECONDS"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+        ({"MAX_SUBSTATIONS": "0"}, "MAX_SUBSTATIONS"),
+        ({"MAX_METRICS_BYTES": "lots"}, "MAX_METRICS_BYTES"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:

@@ -17,6 +17,9 @@ from tests.substation_support import epoch_of, max_overlapping_load
 pytestmark = pytest.mark.integration
 
 LONG_SESSION_SECONDS = 600  # outlasts every test: nothing ends while a test looks at the load
+# Registering and deregistering substations is the operator's: POST/DELETE /substations need it.
+REGISTRY_TOKEN = "integration-token"
+OPERATOR = {"Authorization": f"Bearer {REGISTRY_TOKEN}"}
 
 Launcher = Callable[..., list[Service]]
 
@@ -218,17 +221,20 @@ def test_substations_can_be_registered_and_deregistered_at_run_time(launch: Laun
             {"SUBSTATION_ID": "substation-1", "CAPACITY_KW": "50", "ALLOCATION_POLICY": "strict"},
         ],
     )
-    lb = balancer(launch, [small])  # started last, so stopped first: no idle connections delay the others
+    # started last, so stopped first: no idle connections delay the others
+    lb = balancer(launch, [small], ADMIN_TOKEN=REGISTRY_TOKEN)
     wait_for(lambda: status_of(lb).get("substation-1", {}).get("up", False), timeout=5, what="first poll")
     assert charge(lb, "ev-big", 30.0).status_code == 503, "30 kW does not fit the 10 kW substation"
 
-    registered = requests.post(f"{lb.url}/substations", json={"url": extra.url}, timeout=5)
+    anonymous = requests.post(f"{lb.url}/substations", json={"url": extra.url}, timeout=5)
+    assert anonymous.status_code == 401 and anonymous.json()["error"] == "unauthorized"
+    registered = requests.post(f"{lb.url}/substations", json={"url": extra.url}, headers=OPERATOR, timeout=5)
     assert registered.status_code == 201, registered.text
     entry = registered.json()
     assert (entry["id"], entry["url"], entry["up"], entry["capacity"]) == ("substation-extra", extra.url, True, 50.0)
-    again = requests.post(f"{lb.url}/substations", json={"url": extra.url + "/"}, timeout=5)
+    again = requests.post(f"{lb.url}/substations", json={"url": extra.url + "/"}, headers=OPERATOR, timeout=5)
     assert again.status_code == 200 and again.json()["id"] == "substation-extra"
-    clash = requests.post(f"{lb.url}/substations", json={"url": impostor.url}, timeout=5)
+    clash = requests.post(f"{lb.url}/substations", json={"url": impostor.url}, headers=OPERATOR, timeout=5)
     assert clash.status_code == 409 and clash.json()["error"] == "substation_conflict"
     assert {e["id"] for e in requests.get(f"{lb.url}/substations", timeout=5).json()["substations"]} == {
         "substation-1",
@@ -249,14 +255,15 @@ def test_substations_can_be_registered_and_deregistered_at_run_time(launch: Laun
     gone = requests.delete(f"{lb.url}/charge/substation-extra/{session_id}", timeout=5)
     assert gone.status_code == 404 and gone.json()["error"]
 
-    removed = requests.delete(f"{lb.url}/substations/substation-extra", timeout=5)
+    assert requests.delete(f"{lb.url}/substations/substation-extra", timeout=5).status_code == 401
+    removed = requests.delete(f"{lb.url}/substations/substation-extra", headers=OPERATOR, timeout=5)
     assert removed.status_code == 200 and removed.json()["id"] == "substation-extra"
     assert set(status_of(lb)) == {"substation-1"}
     metrics = scrape(lb)
     assert metrics.value("substation_up", substation="substation-extra") is None
     assert metrics.value("routing_decisions_total", substation="substation-extra") is None
     assert charge(lb, "ev-big-2", 30.0).status_code == 503
-    assert requests.delete(f"{lb.url}/substations/substation-extra", timeout=5).status_code == 404
+    assert requests.delete(f"{lb.url}/substations/substation-extra", headers=OPERATOR, timeout=5).status_code == 404
 
 
 # (e) ------------------------------------------------------------------------------
@@ -264,7 +271,7 @@ def test_substations_can_be_registered_and_deregistered_at_run_time(launch: Laun
 
 def test_bad_input_gets_json_errors_and_the_balancer_stays_healthy(launch: Launcher) -> None:
     (only,) = substations(launch, 100)
-    lb = balancer(launch, [only], ADMIN_TOKEN="integration-token")
+    lb = balancer(launch, [only], ADMIN_TOKEN=REGISTRY_TOKEN)
     json_headers = {"Content-Type": "application/json"}
     cases = [
         ("POST", "/charge", {"data": b"\xff\xfe\x00garbage", "headers": json_headers}, 400),
@@ -273,8 +280,10 @@ def test_bad_input_gets_json_errors_and_the_balancer_stays_healthy(launch: Launc
         ("POST", "/charge", {"data": b"x" * 40_000, "headers": json_headers}, 413),
         ("POST", "/charge", {"data": b"amount=5", "headers": {"Content-Type": "text/plain"}}, 415),
         ("POST", "/charge", {"json": {"vehicle_id": "ev-1", "amount": "10"}}, 400),
-        ("POST", "/substations", {"json": {"url": f"{only.url}/status"}}, 502),  # answers, but 404 on /metrics
-        ("POST", "/substations", {"json": {"url": "javascript:alert(1)"}}, 400),
+        # answers, but 404 on /metrics
+        ("POST", "/substations", {"json": {"url": f"{only.url}/status"}, "headers": OPERATOR}, 502),
+        ("POST", "/substations", {"json": {"url": "javascript:alert(1)"}, "headers": OPERATOR}, 400),
+        ("POST", "/substations", {"json": {"url": only.url}}, 401),
         ("DELETE", "/charge", {}, 405),
         ("DELETE", "/charge/nobody/abc", {}, 404),
         ("PUT", "/admin/policy", {"json": {"policy": "random"}, "headers": {"Authorization": "Bearer \u00e9"}}, 401),

@@ -1,13 +1,17 @@
 """Unit tests of reading a substation's metrics page and of the single-flight refresh."""
 from __future__ import annotations
 
+import socket
 import threading
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 
 from gridcommon.httpclient import HttpClient
-from load_balancer.poller import Poller, read_substation_metrics
+from load_balancer.poller import PollError, Poller, read_substation_metrics
 from load_balancer.view import GridView
 from substation_service import create_app as create_substation_app
 from substation_service.config import Settings as SubstationSettings
@@ -55,9 +59,143 @@ def test_pages_that_are_not_a_substations_are_refused(page: str, complaint: str)
         read_substation_metrics(page)
 
 
-def test_unparseable_text_is_refused() -> None:
-    with pytest.raises(ValueError):
-        read_substation_metrics("<html>not metrics</html>")
+def test_unparseable_text_is_refused_without_quoting_it() -> None:
+    with pytest.raises(ValueError) as raised:
+        read_substation_metrics("<html>internal admin console of 10.0.0.7</html>")
+    assert "10.0.0.7" not in str(raised.value) and "html" not in str(raised.value)
+
+
+def fake_page(substation_id: str = "sub-x", capacity: str = "100", load: str = "0") -> str:
+    return (
+        f'current_load{{substation="{substation_id}"}} {load}\n'
+        f'substation_state_version{{substation="{substation_id}"}} 3\n'
+        f'admission_capacity{{substation="{substation_id}"}} {capacity}\n'
+        f'total_capacity{{substation="{substation_id}"}} {capacity}\n'
+        f'active_chargers{{substation="{substation_id}"}} 0\n'
+    )
+
+
+def test_a_minimal_page_is_read() -> None:
+    substation_id, observation = read_substation_metrics(fake_page())
+    assert (substation_id, observation.capacity_kw, observation.state_version) == ("sub-x", 100.0, 3)
+
+
+@pytest.mark.parametrize(
+    "page, complaint",
+    [
+        (fake_page(substation_id="a b"), "substation id"),
+        (fake_page(substation_id="x" * 65), "substation id"),
+        (fake_page(capacity="+Inf"), "admission_capacity"),  # would draw every request
+        (fake_page(capacity="NaN"), "admission_capacity"),
+        (fake_page(load="-5"), "current_load"),
+    ],
+)
+def test_ids_and_figures_a_substation_could_not_report_are_refused(page: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        read_substation_metrics(page)
+
+
+# Polls of servers that answer slowly or endlessly --------------------------------
+
+
+@contextmanager
+def serving(handler: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A local server running ``handler`` on each connection in a thread of its own; yields its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=handler, args=(connection,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        listener.close()
+
+
+def trickle(after: bytes) -> Callable[[socket.socket], None]:
+    """Send ``after`` at once, then one byte every 0.2 s for ever (until the poller hangs up)."""
+
+    def handler(connection: socket.socket) -> None:
+        with connection:
+            connection.recv(65536)
+            try:
+                connection.sendall(after)
+                while True:
+                    connection.sendall(b"#")
+                    time.sleep(0.2)
+            except OSError:
+                return
+
+    return handler
+
+
+def flood(connection: socket.socket) -> None:
+    with connection:
+        connection.recv(65536)
+        try:
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + fake_page().encode())
+            while True:
+                connection.sendall(b"# padding\n" * 4096)
+        except OSError:
+            return
+
+
+def poller_with(connect: float, read: float, max_bytes: int = 1024 * 1024) -> Poller:
+    return Poller(
+        GridView(),
+        HttpClient("test", timeout=(connect, read)),
+        interval_seconds=60.0,
+        refresh_min_interval_seconds=0.0,
+        observe_duration=lambda _seconds: None,
+        max_metrics_bytes=max_bytes,
+    )
+
+
+@pytest.mark.parametrize(
+    "handler, complaint",
+    [
+        (trickle(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"), "no complete answer within 1.2 s"),
+        (trickle(b"HTTP/1.1 200 OK\r\nX-Slow: "), "no complete answer within 1.2 s"),  # headers never end
+        (flood, "larger than 65536 bytes"),
+    ],
+    ids=["trickled body", "trickled headers", "endless body"],
+)
+def test_a_poll_ends_within_its_total_limit_however_the_server_sends(handler, complaint: str) -> None:
+    # Each byte comes well within the read timeout: only a limit on the whole poll ends it.
+    poller = poller_with(connect=0.4, read=0.8, max_bytes=65536)
+    assert poller.poll_limit == pytest.approx(1.2)
+    with serving(handler) as url:
+        started = time.monotonic()
+        with pytest.raises(PollError, match=complaint) as raised:
+            poller.fetch(url)
+        assert time.monotonic() - started < poller.poll_limit + 0.5
+        assert "#" not in str(raised.value) and "padding" not in str(raised.value)
+    poller.stop()
+
+
+def test_an_answer_that_is_not_http_is_refused_without_quoting_it() -> None:
+    def banner(connection: socket.socket) -> None:
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"SSH-2.0-OpenSSH_9.6 internal-bastion\r\n")
+
+    poller = poller_with(connect=0.5, read=0.5)
+    with serving(banner) as url:
+        with pytest.raises(PollError, match="did not answer with valid HTTP") as raised:
+            poller.fetch(url)
+        assert "bastion" not in str(raised.value)
+    poller.stop()
 
 
 class WaiterCountingCondition(threading.Condition):

@@ -230,7 +230,7 @@ def test_unreachable_balancer_is_502_json_and_counted(offline_client):
 
 def test_status_says_when_the_balancer_does_not_answer(offline_client, closed_port_url):
     status = offline_client.get("/status").get_json()
-    assert status["load_balancer"] == {"url": closed_port_url, "healthy": False}
+    assert status["load_balancer"] == {"healthy": False}  # no internal address in a public answer
     assert offline_client.get("/health").get_json() == {"status": "ok", "service": "charge_request_service"}
 
 
@@ -284,7 +284,7 @@ def test_status_reports_the_balancer_and_the_counts(grid, grid_client):
     admitted = grid_client.post("/charge", json={"vehicle_id": "EV-api-2", "amount": 1}).get_json()
     grid_client.post("/charge", json={"vehicle_id": "EV-api-2", "amount": -1})
     status = grid_client.get("/status").get_json()
-    assert status["load_balancer"] == {"url": grid.balancer.url, "healthy": True}
+    assert status["load_balancer"] == {"healthy": True}
     assert status["active_sessions"] == 1
     assert status["sessions"] == {"recorded": 1, "stopped": 0, "expired": 0, "active": 1}
     assert status["charge_requests"] == {"201": 1, "400": 1}

@@ -1,11 +1,18 @@
 """The shared package: charge-request validation, settings, time format, metrics parsing."""
 from __future__ import annotations
 
+import io
+import json
+import logging
 import math
+import socket
 
 import pytest
+from flask import Flask, jsonify, request
 
+from gridcommon.logs import SafeFormatter, escape_for_log
 from gridcommon.promtext import parse_metrics
+from gridcommon.request_context import choose_request_id
 from gridcommon.settings import (
     SettingsError,
     env_base_url,
@@ -16,7 +23,15 @@ from gridcommon.settings import (
     env_log_level,
 )
 from gridcommon.timefmt import format_time, parse_time
-from gridcommon.validation import ValidationError, parse_charge_request
+from gridcommon.validation import ValidationError, is_substation_id, parse_charge_request
+from gridcommon.web import (
+    MAX_JSON_DEPTH,
+    InvalidJson,
+    _write_server_refusal,
+    install_common,
+    json_object_body,
+    loads_request_json,
+)
 
 
 def test_a_public_request_cannot_choose_its_session_id() -> None:
@@ -48,12 +63,176 @@ def test_an_internal_hop_passes_the_session_id_on() -> None:
         ({"vehicle_id": "EV-1", "amount": 350.01}, "amount"),
         ({"vehicle_id": "EV-1", "amount": 11, "duration_seconds": 0}, "duration_seconds"),
         ({"vehicle_id": "EV-1", "amount": 11, "duration_seconds": 3601}, "duration_seconds"),
+        ({"vehicle_id": "EV-1", "amount": 11, "duration_seconds": 5e-324}, "duration_seconds"),
+        ({"vehicle_id": "EV-1", "amount": 11, "duration_seconds": 0.0009}, "duration_seconds"),
+        # "$" would match before a trailing newline; the newline would then reach logs and URLs.
+        ({"vehicle_id": "EV-1\n", "amount": 11}, "vehicle_id"),
+        ({"vehicle_id": "EV-1\r\n", "amount": 11}, "vehicle_id"),
+        ({"vehicle_id": "\nEV-1", "amount": 11}, "vehicle_id"),
     ],
 )
 def test_each_bad_field_is_named(body: dict, field: str) -> None:
     with pytest.raises(ValidationError) as raised:
         parse_charge_request(body)
     assert raised.value.field == field
+
+
+def test_ids_with_a_trailing_newline_are_refused_everywhere() -> None:
+    with pytest.raises(ValidationError, match="session_id"):
+        parse_charge_request({"vehicle_id": "EV-1", "amount": 11, "session_id": "abc\n"}, accept_session_id=True)
+    assert is_substation_id("substation-1.a_b") and not is_substation_id("substation-1\n")
+    assert not is_substation_id("x" * 65) and not is_substation_id(None)
+    assert choose_request_id("trace-1:a.b") == "trace-1:a.b"
+    for hostile in ("trace-1\n", "trace-1\nFORGED", "a b", "x" * 129, ""):
+        chosen = choose_request_id(hostile)
+        assert chosen != hostile and len(chosen) == 32
+
+
+# Logs -------------------------------------------------------------------------------
+
+
+def test_control_characters_cannot_start_a_log_line() -> None:
+    assert escape_for_log("GET /a\nFORGED\r\x00\x1b[31m\x85\u2028\u202e\t") == (
+        "GET /a\\nFORGED\\r\\x00\\x1b[31m\\x85\\u2028\\u202e\\t"
+    )
+    assert escape_for_log("plain é text") == "plain é text"
+
+
+def test_the_formatter_keeps_every_record_on_lines_of_its_own() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(SafeFormatter("%(levelname)s %(message)s"))
+    log = logging.getLogger("test-safe-formatter")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("path %s", "/x\n2026-01-01 INFO forged")
+        try:
+            raise ValueError("bad value\nFORGED line")
+        except ValueError:
+            log.exception("failed on %s", "/y\rFORGED")
+    finally:
+        log.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "WARNING path /x\\n2026-01-01 INFO forged"
+    assert lines[1] == "ERROR failed on /y\\rFORGED"
+    assert all(line.startswith("  | ") for line in lines[2:]), lines
+    assert any("Traceback" in line for line in lines) and not any(line.startswith("FORGED") for line in lines)
+
+
+# JSON bodies --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"[" * 5000 + b"]" * 5000, "nested"),  # RecursionError inside json
+        (b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1), "nested"),
+        (b'{"a":' * 40 + b"1" + b"}" * 40, "nested"),
+        (b'{"amount": 1, "amount": 2}', "same key"),
+        (b'{"a": {"b": 1, "b": 1}}', "same key"),
+        (b'{"vehicle_id": "\xff\xfe"}', "UTF-8"),
+        (b'{"vehicle_id": ', "line 1"),
+        (b"", "line 1"),
+        (b'{"amount": ' + b"9" * 5000 + b"}", "could not be read"),
+    ],
+)
+def test_every_bad_json_body_is_an_invalid_json_saying_why(raw: bytes, reason: str) -> None:
+    with pytest.raises(InvalidJson, match=reason):
+        loads_request_json(raw)
+
+
+def test_json_bodies_that_are_merely_odd_are_still_read() -> None:
+    nested = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert loads_request_json(nested)
+    # The fields' own checks refuse these, naming the field.
+    assert math.isnan(loads_request_json('{"amount": NaN}')["amount"])
+    assert loads_request_json('{"amount": 1e999}')["amount"] == math.inf
+
+
+@pytest.fixture
+def hardened_app() -> Flask:
+    app = Flask(__name__)
+    install_common(app)
+
+    @app.post("/object")
+    def read_object():
+        return jsonify(json_object_body())
+
+    @app.post("/flask-json")
+    def read_with_flask():
+        return jsonify({"type": type(request.get_json()).__name__})
+
+    @app.post("/peek")
+    def peek():
+        # What a rate limiter's key function does before the endpoint reads the body itself.
+        peeked = request.get_json(silent=True)
+        return jsonify({"peeked": peeked is not None, "body": json_object_body()})
+
+    @app.get("/things/<thing_id>")
+    def thing(thing_id: str):
+        return jsonify({"id": thing_id})
+
+    @app.delete("/things/<thing_id>")
+    def forget_thing(thing_id: str):
+        return jsonify({"forgotten": thing_id})
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("secret internal detail at http://10.0.0.7:5011")
+
+    return app
+
+
+@pytest.mark.parametrize("path", ["/object", "/flask-json"])
+def test_deep_json_is_a_400_on_every_way_of_reading_it(hardened_app: Flask, path: str) -> None:
+    client = hardened_app.test_client()
+    for body in (b"[" * 5000 + b"]" * 5000, b'{"a": 1, "a": 2}', b"\xff"):
+        response = client.post(path, data=body, content_type="application/json")
+        assert response.status_code == 400, response.get_data(as_text=True)
+        assert response.get_json()["error"] == "invalid_json"
+    response = client.post(path, data="x", content_type="text/plain")
+    assert response.status_code == 415 and response.get_json()["error"] == "unsupported_media_type"
+
+
+def test_a_silent_peek_at_a_bad_body_is_none_and_the_endpoint_still_refuses_it(hardened_app: Flask) -> None:
+    client = hardened_app.test_client()
+    assert client.post("/peek", json={"a": 1}).get_json() == {"peeked": True, "body": {"a": 1}}
+    too_large = client.post("/peek", data=b'{"a": "' + b"x" * 20_000 + b'"}', content_type="application/json")
+    assert too_large.status_code == 413 and too_large.get_json()["error"] == "request_entity_too_large"
+    deep = client.post("/peek", data=b"[" * 5000 + b"]" * 5000, content_type="application/json")
+    assert deep.status_code == 400 and deep.get_json()["error"] == "invalid_json"
+
+
+def test_paths_with_control_characters_options_and_crashes_get_json_errors(hardened_app: Flask) -> None:
+    client = hardened_app.test_client()
+    assert client.get("/things/abc").get_json() == {"id": "abc"}
+    for path in ("/things/abc%0A", "/things/a%00b", "/things/%E2%80%A8", "/things/%C2%85", "/things/.."):
+        response = client.get(path)
+        assert response.status_code == 400 and response.get_json()["error"] == "invalid_path", path
+    options = client.options("/things/abc")
+    assert options.status_code == 405 and options.get_json()["error"] == "method_not_allowed"
+    assert options.headers["Allow"] == "DELETE, GET, HEAD", "every method of the path, from each of its rules"
+    crash = client.get("/boom")
+    assert crash.status_code == 500 and crash.get_json()["error"] == "internal_error"
+    assert "10.0.0.7" not in crash.get_data(as_text=True) and "RuntimeError" not in crash.get_data(as_text=True)
+
+
+def test_gunicorns_own_refusals_are_json_and_quote_nothing() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        _write_server_refusal(ours, 400, "Bad Request", "Invalid HTTP Header: 'X-REQUEST-ID\nFORGED'")
+        ours.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := theirs.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"Content-Type: application/json" in head
+    error = json.loads(body)
+    assert error["error"] == "bad_request" and error["message"] and "FORGED" not in error["message"]
+
+
+# Settings -----------------------------------------------------------------------------
 
 
 def test_settings_read_typed_values_and_name_the_bad_variable() -> None:
@@ -90,6 +269,10 @@ def test_base_urls_are_normalised_and_bad_ones_named() -> None:
     env = {"LB": "http://load_balancer:5002/", "PEERS": "http://a:1, https://b:2/x/"}
     assert env_base_url(env, "LB", "http://127.0.0.1:5002") == "http://load_balancer:5002"
     assert env_base_urls(env, "PEERS", "http://substation_2:5012") == ("http://a:1", "https://b:2/x")
-    for bad in ("load_balancer:5002", "http://:5002", "http://u:p@host:1", "http://host:99999", "http://h/?q=1"):
+    bad_urls = (
+        "load_balancer:5002", "http://:5002", "http://u:p@host:1", "http://host:99999", "http://h/?q=1",
+        "http://@host:1", "http://host:1?", "http://host:1/#",
+    )
+    for bad in bad_urls:
         with pytest.raises(SettingsError, match="LB"):
             env_base_url({"LB": bad}, "LB", "http://127.0.0.1:5002")

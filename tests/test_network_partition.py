@@ -237,7 +237,8 @@ def grid(lan: VirtualLan, launch: Launcher, tmp_path: Path) -> Grid:
             Service(
                 name="load-balancer",
                 app="load_balancer:create_app()",
-                env={"SUBSTATIONS": ",".join(s.url for s in substations), **BALANCER_TIMINGS},
+                env={"SUBSTATIONS": ",".join(s.url for s in substations), "ADMIN_TOKEN": OPERATOR_TOKEN,
+                     **BALANCER_TIMINGS},
                 log_dir=tmp_path,
             )
         ]
@@ -479,7 +480,8 @@ def test_connections_closed_behind_a_cut_do_not_take_the_restored_substation_dow
     cut_host.restore()
     # Polled at once (registering a known URL again), so the next request follows the restore before
     # substation-3's kernel sends its lost FIN again.
-    registered = requests.post(f"{grid.balancer.url}/substations", json={"url": cut_substation.url}, timeout=3)
+    registered = requests.post(f"{grid.balancer.url}/substations", json={"url": cut_substation.url},
+                               headers=OPERATOR, timeout=3)
     assert registered.status_code == 200 and registered.json()["up"], registered.text
 
     after = charge_through(grid.charge, "ev-after", 1.0)
