@@ -266,7 +266,8 @@ def json_object_body() -> dict[str, Any]:
 
 
 def metrics_response(registry: CollectorRegistry) -> Response:
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+    # content_type, not mimetype: prometheus-client's type already names its charset; Werkzeug would add another.
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
 def parse_charge_body(
