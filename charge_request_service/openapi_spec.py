@@ -182,8 +182,8 @@ STATUS = {
         "service": {"const": "charge_request_service"},
         "load_balancer": {
             "type": "object",
-            "required": ["url", "healthy"],
-            "properties": {"url": {"type": "string"}, "healthy": {"type": "boolean"}},
+            "required": ["healthy"],
+            "properties": {"healthy": {"type": "boolean", "description": "Whether any load balancer answers."}},
         },
         "active_sessions": COUNT,
         "queued_requests": COUNT,
