@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from charge_request_service.balancer import BalancerClient, BalancerUnavailable
+from charge_request_service.balancer import BalancerClient, BalancerUnavailable, NoAnswer
 from charge_request_service.metrics import ChargeMetrics
 from charge_request_service.queue import QueuedRequest, WaitingQueue
 from charge_request_service.sessions import ChargeSession, InvalidAdmission, SessionTracker
@@ -80,6 +80,19 @@ class Dispatcher:
     def _offer(self, entry: QueuedRequest) -> bool:
         try:
             reply = self._balancer.start_charge(entry.request)
+        except NoAnswer as exc:
+            # It may have been admitted behind the lost answer: offered again under its id, a second
+            # balancer could start a second session. Stopped everywhere, it leaves the queue instead.
+            log.warning("%s while offering queued request %s; stopping it wherever it is", exc, entry.session_id)
+            if not self._balancer.stop_everywhere(entry.session_id):
+                return False  # nobody answers: it stays at the head and is offered again later
+            self._queue.remove(entry.session_id)
+            self._tracker.finish_waiting(
+                entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "expired", entry.queued_at,
+                entry.token_digest,
+            )
+            self._metrics.left_queue("expired", self._waited(entry))
+            return True
         except BalancerUnavailable as exc:
             log.warning("could not offer queued request %s to the load balancer: %s", entry.session_id, exc)
             return False

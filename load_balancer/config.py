@@ -19,7 +19,7 @@
 | FORWARD_TIMEOUT_SECONDS        | 5              | Read timeout of a forwarded charge request.                    |
 | ROUTE_DEADLINE_SECONDS         | 8              | Most time spent routing one charge request, retries included;  |
 |                                |                | keep it below the charge API's REQUEST_TIMEOUT_SECONDS (10).   |
-| ROUTING_POLICY                 | least_loaded   | least_loaded, least_connections, round_robin, random, power_of_two. |
+| ROUTING_POLICY                 | fair_share     | fair_share, least_loaded, least_connections, round_robin, random, power_of_two. |
 | REFRESH_MIN_INTERVAL_SECONDS   | 0.5            | Least time between two on-demand refreshes of the view.        |
 | FAILURE_THRESHOLD              | 1              | Failed polls or forwards in a row that mark a substation down. |
 | ADMIN_TOKEN                    | (empty)        | Bearer token of the admin API and of POST and DELETE           |
