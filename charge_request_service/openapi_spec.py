@@ -14,7 +14,6 @@ from gridcommon.openapi import (
     HISTORY,
     KW,
     OPENAPI_PATH,
-    OPENAPI_VERSION,
     RETRY_AFTER,
     SESSION_ID,
     SUBSTATION_ID,
@@ -24,9 +23,9 @@ from gridcommon.openapi import (
     body_errors,
     charge_request_schema,
     common_components,
+    document,
     error_response,
     health_operation,
-    info_description,
     json_request,
     json_response,
     metrics_operation,
@@ -37,7 +36,6 @@ from gridcommon.openapi import (
     retry_after_field,
     schema_ref,
     session_with_capacity_schema,
-    with_server_refusals,
 )
 
 SERVICE = "charge request service"
@@ -421,24 +419,17 @@ def _components() -> dict[str, Any]:
     return components
 
 
-SPEC: dict[str, Any] = {
-    "openapi": OPENAPI_VERSION,
-    "info": {
-        "title": "Smart Grid charge API",
-        "version": "1.0.0",
-        "description": info_description(
-            "The public API of the smart grid: a vehicle asks for power (`POST /charge`), gets a session and "
-            "its token, reads how it charges and stops it. Requests go to the load balancer, which places them "
-            "at a substation with room."
-        ),
-    },
-    "servers": [{"url": "/"}],
-    "tags": [
-        {"name": "sessions", "description": "Charging sessions."},
-        {"name": "observability", "description": "Health, status and metrics."},
+SPEC: dict[str, Any] = document(
+    "Smart Grid charge API",
+    "The public API of the smart grid: a vehicle asks for power (`POST /charge`), gets a session and "
+    "its token, reads how it charges and stops it. Requests go to the load balancer, which places them "
+    "at a substation with room.",
+    [
+        ("sessions", "Charging sessions."),
+        ("observability", "Health, status and metrics."),
     ],
-    "paths": with_server_refusals(PATHS),
-    "components": _components(),
-}
+    PATHS,
+    _components(),
+)
 
 __all__ = ["SPEC"]

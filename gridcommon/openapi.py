@@ -448,3 +448,16 @@ def capacity_exceeded_schema() -> Schema:
              "properties": {"retry_after_seconds": retry_after_field("Seconds until a session ends by itself.")}},
         ]
     }
+
+
+def document(title: str, summary: str, tags: list[tuple[str, str]], paths: Mapping[str, Any],
+             components: dict[str, Any]) -> dict[str, Any]:
+    """A service's whole OpenAPI document: its title, what it does, its tags, paths and components."""
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": title, "version": "1.0.0", "description": info_description(summary)},
+        "servers": [{"url": "/"}],
+        "tags": [{"name": name, "description": description} for name, description in tags],
+        "paths": with_server_refusals(paths),
+        "components": components,
+    }

@@ -12,15 +12,14 @@ from gridcommon.openapi import (
     COUNT,
     NULLABLE_KW,
     OPENAPI_PATH,
-    OPENAPI_VERSION,
     RETRY_AFTER,
     SUBSTATION_ID,
     body_errors,
     charge_request_schema,
     common_components,
+    document,
     error_response,
     health_operation,
-    info_description,
     json_request,
     json_response,
     metrics_operation,
@@ -32,7 +31,6 @@ from gridcommon.openapi import (
     schema_ref,
     session_with_capacity_schema,
     substation_session_schema,
-    with_server_refusals,
 )
 from load_balancer.policies import POLICY_NAMES
 
@@ -392,25 +390,18 @@ def _components() -> dict[str, Any]:
     return components
 
 
-SPEC: dict[str, Any] = {
-    "openapi": OPENAPI_VERSION,
-    "info": {
-        "title": "Smart Grid load balancer",
-        "version": "1.0.0",
-        "description": info_description(
-            "Routes charge requests to the substations it polls, by a routing policy; registers and "
-            "deregisters substations at run time. Called by the charge API, not by the public."
-        ),
-    },
-    "servers": [{"url": "/"}],
-    "tags": [
-        {"name": "charging", "description": "Charge requests and sessions, forwarded to substations."},
-        {"name": "substations", "description": "Which substations are balanced over."},
-        {"name": "admin", "description": "Operator settings."},
-        {"name": "observability", "description": "Health, status and metrics."},
+SPEC: dict[str, Any] = document(
+    "Smart Grid load balancer",
+    "Routes charge requests to the substations it polls, by a routing policy; registers and "
+    "deregisters substations at run time. Called by the charge API, not by the public.",
+    [
+        ("charging", "Charge requests and sessions, forwarded to substations."),
+        ("substations", "Which substations are balanced over."),
+        ("admin", "Operator settings."),
+        ("observability", "Health, status and metrics."),
     ],
-    "paths": with_server_refusals(PATHS),
-    "components": _components(),
-}
+    PATHS,
+    _components(),
+)
 
 __all__ = ["SPEC"]

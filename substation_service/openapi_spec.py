@@ -14,17 +14,16 @@ from gridcommon.openapi import (
     KW,
     NULLABLE_KW,
     OPENAPI_PATH,
-    OPENAPI_VERSION,
     SUBSTATION_ID,
     body_errors,
     capacity_exceeded_schema,
     capacity_schema,
     charge_request_schema,
     common_components,
+    document,
     error_response,
     error_schema,
     health_operation,
-    info_description,
     json_request,
     json_response,
     metrics_operation,
@@ -35,7 +34,6 @@ from gridcommon.openapi import (
     schema_ref,
     session_with_capacity_schema,
     substation_session_schema,
-    with_server_refusals,
 )
 from substation_service.allocation import ALLOCATION_POLICIES
 from substation_service.limit_routes import MAX_LIMIT_KW
@@ -573,25 +571,18 @@ def _components() -> dict[str, Any]:
     return components
 
 
-SPEC: dict[str, Any] = {
-    "openapi": OPENAPI_VERSION,
-    "info": {
-        "title": "Smart Grid substation",
-        "version": "1.0.0",
-        "description": info_description(
-            "One simulated substation: admits charging sessions while its limit allows, shares the limit "
-            "among them, takes an operator's limit, and balances power with its peers."
-        ),
-    },
-    "servers": [{"url": "/"}],
-    "tags": [
-        {"name": "charging", "description": "Sessions."},
-        {"name": "limit", "description": "The limit and how it is shared."},
-        {"name": "peering", "description": "Peer-to-peer power balancing."},
-        {"name": "observability", "description": "Health, status and metrics."},
+SPEC: dict[str, Any] = document(
+    "Smart Grid substation",
+    "One simulated substation: admits charging sessions while its limit allows, shares the limit "
+    "among them, takes an operator's limit, and balances power with its peers.",
+    [
+        ("charging", "Sessions."),
+        ("limit", "The limit and how it is shared."),
+        ("peering", "Peer-to-peer power balancing."),
+        ("observability", "Health, status and metrics."),
     ],
-    "paths": with_server_refusals(PATHS),
-    "components": _components(),
-}
+    PATHS,
+    _components(),
+)
 
 __all__ = ["SPEC"]
