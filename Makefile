@@ -1,5 +1,6 @@
 # Smart Grid Load Balancer — every command a user needs.
-#   make run    start the whole stack as local processes (no Docker needed)
+#   make run    start the whole stack as local processes (no Docker needed), restarting any that dies
+#   make wipe-state  delete the local services' durable state (.run/state); stop `make run` first
 #   make test   install what the tests need, then run the whole suite
 #   make loadtest  rush hour against the running stack, report in loadtest-results/
 #   make bench  print benchmark figures
@@ -8,12 +9,12 @@
 BOOTSTRAP_PYTHON ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
-# gunicorn, honcho, docker-compose and hadolint are called by name: the venv's come first.
+# gunicorn, supervisord, docker-compose and hadolint are called by name: the venv's come first.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 STAMP := $(VENV)/installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: run test bench loadtest install install-test prometheus iproute2 grafana-schema clean help
+.PHONY: run test bench loadtest install install-test prometheus iproute2 grafana-schema wipe-state clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -60,16 +61,37 @@ install-test: install prometheus iproute2 grafana-schema
 test: install-test
 	$(PYTHON) -m pytest
 
-LOCAL_SERVICES := substation-1 substation-2 substation-3 load-balancer charge-request-service
+# The substations sign their peer-balancing traffic with one group key (PEER_KEY). `make run`
+# generates it once, readable only by you, and the Procfile reads it from here; a PEER_KEY in your
+# environment or .env wins. `make clean` (or deleting the file) makes the next run use a new one.
+PEER_KEY_FILE := .run/peer.key
+$(PEER_KEY_FILE): | $(VENV)/bin/python
+	@mkdir -p $(@D)
+	@umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_hex(32))' > $@.tmp && mv $@.tmp $@
+	@echo "Generated the substations' peer key in $@"
 
-run: install
-	@if command -v prometheus >/dev/null; then \
-		echo "Charge API http://127.0.0.1:5000  balancer :5002  substations :5011-5013  Prometheus http://127.0.0.1:9090"; \
-		exec honcho -f Procfile start $(LOCAL_SERVICES) prometheus; \
-	else \
-		echo "Charge API http://127.0.0.1:5000  balancer :5002  substations :5011-5013 (prometheus not installed: 'make prometheus' adds it)"; \
-		exec honcho -f Procfile start $(LOCAL_SERVICES); \
-	fi
+# Local mode: every process of the Procfile under supervisord (localrun/), in the foreground, each
+# line prefixed by its process's name. A process that dies is started again (a growing back-off if
+# it keeps dying at start) while the others keep running; Ctrl-C stops them all. The Procfile's
+# prometheus line runs only where prometheus is installed (`make prometheus`).
+run: install $(PEER_KEY_FILE)
+	@echo "Charge API http://127.0.0.1:5000  balancers :5002 :5003  substations :5011-5013  Prometheus http://127.0.0.1:9090 (if installed)"
+	@exec $(PYTHON) -m localrun --optional prometheus
+
+# The durable state of `make run`: the substations' ledgers and the charge API's records.
+STATE_DIR := .run/state
+# Removing files under running services would lose them without the services noticing.
+SUPERVISORD_PID := .run/supervisor/supervisord.pid
+define refuse_while_running
+	@if [ -f $(SUPERVISORD_PID) ] && kill -0 "$$(cat $(SUPERVISORD_PID))" 2>/dev/null; then \
+		echo "make run is still running (supervisord pid $$(cat $(SUPERVISORD_PID))): stop it first (Ctrl-C)"; exit 1; fi
+endef
+
+# Only the state: sessions, ledgers and queued requests are gone at the next `make run`; the peer
+# key, Prometheus's data and the logs stay. (docker compose: `docker compose down -v`.)
+wipe-state:
+	$(refuse_while_running)
+	rm -rf $(STATE_DIR)
 
 # Rush hour against `make run`; extra options: make loadtest LOADTEST_ARGS="--scenario burst"
 loadtest: install
@@ -78,5 +100,8 @@ loadtest: install
 bench: install
 	$(PYTHON) -m benchmarks
 
+# Everything `make` made: the venv, and .run with all of local mode's files (the state, the peer key,
+# Prometheus's data, supervisord's configuration and logs), the test caches and load test results.
 clean:
+	$(refuse_while_running)
 	rm -rf $(VENV) .run .pytest_cache .hypothesis loadtest-results

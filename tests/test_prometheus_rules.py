@@ -26,7 +26,7 @@ from tests.observability_support import (
 # The compose service names and their internal ports (README, "Architecture").
 COMPOSE_TARGETS = {
     "substation": {"substation_1:5011", "substation_2:5012", "substation_3:5013"},
-    "load_balancer": {"load_balancer:5002"},
+    "load_balancer": {"load_balancer:5002", "load_balancer_2:5003"},
     "charge_request_service": {"charge_request_service:5000"},
     "prometheus": {"localhost:9090"},
 }
