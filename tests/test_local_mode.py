@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,7 +169,10 @@ def local_runner(procfile_path: Path, workdir: Path, *args: str) -> Iterator[Run
         runner.wait_for_rpc()
         yield runner
     finally:
-        runner.stop()
+        try:
+            runner.stop()
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture
