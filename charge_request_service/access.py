@@ -30,13 +30,8 @@ def token_digest(token: str) -> str:
 
 def require_session_access(session_digest: str | None, admin_token: str) -> None:
     """Let the request through with the session's own token or the operator's; else 401 or 403."""
+    require_some_credential()
     given = bearer_token()
-    if given is None:
-        raise ApiError(
-            401,
-            "unauthorized",
-            "Send the session_token that came with the session: 'Authorization: Bearer <session_token>'.",
-        ).with_header("WWW-Authenticate", 'Bearer realm="charge session"')
     if token_matches(given, admin_token):
         return
     if session_digest is not None and hmac.compare_digest(token_digest(given), session_digest):

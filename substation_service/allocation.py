@@ -122,10 +122,6 @@ class ChargingSet:
         return self._minimum_total + self._suspended_minimum_total
 
     @property
-    def charging_minimum_mw(self) -> int:
-        return self._minimum_total
-
-    @property
     def suspended_count(self) -> int:
         return len(self._suspended)
 

@@ -176,10 +176,6 @@ class Snapshot:
         return self.charging + self.suspended
 
     @property
-    def admission_capacity_kw(self) -> float:
-        return self.limit_kw
-
-    @property
     def curtailed_kw(self) -> float:
         return max(0.0, self.requested_kw - self.load_kw)
 
@@ -446,6 +442,7 @@ class Ledger:
         self._store = store
         self._substation_id = substation_id
         self._finished_since_trim = 0
+        self._flushed_version = -1
         state = store.load() if store is not None else None
         if state is not None and not state.empty:
             self._restore(state, now)
@@ -455,9 +452,6 @@ class Ledger:
         self._flush(now)
 
     # ----- sessions --------------------------------------------------------------------------
-
-    def minimum_kw(self, amount_kw: float) -> float:
-        return to_kw(minimum_mw(self.policy, amount_to_mw(amount_kw), self._min_charge_mw))
 
     def admit(
         self,
@@ -705,6 +699,10 @@ class Ledger:
         if self._store is None:
             return
         changed = self._levels.changed_points()
+        if changed is None and not self._store.has_pending and self._state_version == self._flushed_version:
+            # A read that changed nothing (a scrape, a status): no write. The time and energy since the
+            # last change are replayed from it at a restart.
+            return
         if changed is not None:
             self._store.levels_from(*changed, dropped_past=self._levels.take_dropped_past())
         if self._finished_since_trim >= TRIM_EVERY_FINISHES:
@@ -721,6 +719,7 @@ class Ledger:
             "peer_kw": self._peer_kw,
         })
         self._store.commit()
+        self._flushed_version = self._state_version
 
     def _restore(self, state: StoredState, now: float) -> None:
         """Carry on from what the store holds: its sessions, histories and counters.

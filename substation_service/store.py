@@ -181,6 +181,10 @@ class LedgerStore:
             ("DELETE FROM limits WHERE id <= (SELECT MAX(id) FROM limits) - ?", (limits_kept,)),
         ]
 
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
     def commit(self) -> None:
         """Write every queued change in one transaction; raises ``StoreError`` if it cannot."""
         if not self._pending:

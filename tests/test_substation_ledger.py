@@ -216,13 +216,13 @@ def test_power_from_peers_raises_and_lowers_the_headroom(clock: FakeClock) -> No
     ledger.set_peer_kw(20.0)
 
     admission = ledger.admit("ev-1", 120.0)
-    assert admission.snapshot.admission_capacity_kw == 120.0
+    assert admission.snapshot.limit_kw == 120.0
     assert admission.snapshot.total_capacity_kw == 100.0
     assert admission.snapshot.load_percentage == 100.0
 
     ledger.set_peer_kw(-30.0)
     snapshot = ledger.snapshot()
-    assert snapshot.admission_capacity_kw == 70.0
+    assert snapshot.limit_kw == 70.0
     # Strict: the session no longer fits whole, so it is suspended rather than carried past the limit.
     assert (snapshot.load_kw, snapshot.suspended) == (0.0, 1)
     with pytest.raises(CapacityExceeded):
@@ -243,7 +243,7 @@ def test_the_limit_counts_at_every_decision(clock: FakeClock) -> None:
 def test_local_power_adds_to_the_transformer(clock: FakeClock) -> None:
     ledger = Ledger(100.0, 60.0, clock=clock, power=LocalPower(generation_kw=30.0, storage_kw=20.0), policy=STRICT)
 
-    assert ledger.admit("ev-1", 150.0).snapshot.admission_capacity_kw == 150.0
+    assert ledger.admit("ev-1", 150.0).snapshot.limit_kw == 150.0
 
 
 @pytest.mark.parametrize("kw", [math.nan, math.inf])

@@ -73,18 +73,13 @@ class PeeringNode:
         """Step 2 of a round: what the substation's devices read now."""
         return self._read()
 
-    def peer_power_kw(self) -> float:
-        """Power taken from peers (+) or sent and offered to them (-): what the ledger's limit counts.
-
-        Power received relieves the transformer; power sent, or already offered to
-        a peer (the larger of gateway and predicted gateway), is not handed out to
-        local vehicles as well.
-        """
-        with self._lock:
-            return -max(self._machine.gateway_kw, self._machine.predicted_gateway_kw)
-
     def _push_peer_power(self) -> None:
-        # Called with the lock held, right after the machine changed: the ledger re-allocates at once.
+        """Tell the ledger the power taken from peers (+) or sent and offered to them (-).
+
+        Called with the lock held, right after the machine changed: the ledger re-allocates at
+        once. Power received relieves the transformer; power sent, or already offered to a peer
+        (the larger of gateway and predicted gateway), is not handed out to local vehicles as well.
+        """
         peer_kw = -max(self._machine.gateway_kw, self._machine.predicted_gateway_kw)
         if peer_kw != self._pushed_peer_kw:
             self._pushed_peer_kw = peer_kw
