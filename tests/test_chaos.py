@@ -225,7 +225,8 @@ def test_killing_every_service_in_turn_never_forgets_duplicates_or_overbooks(gri
         holders = held.get(session_id, [])
         assert record.substation in holders, (session_id, holders, record)
         for copy in (s for s in every_session if s["session_id"] == session_id and s["substation"] != record.substation):
-            assert copy["end_reason"] == "stopped", copy
+            # Stopped by the sweep, or, a short session, run out while its substation was down.
+            assert copy["end_reason"] in ("stopped", "completed"), copy
             assert copy["ended_at"] - restarted_at[copy["substation"]] <= LOST_ANSWER_FREED_WITHIN_SECONDS, copy
             freed_copies.append(copy)
 
