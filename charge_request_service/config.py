@@ -14,7 +14,7 @@
 | `ADMIN_TOKEN`             | (empty)                 | Operator token: lists every session (`GET /sessions`) and reads or stops any one; empty turns that off (403) |
 | `RATE_LIMIT_PER_VEHICLE`  | `2/second;30/minute`    | Charge requests one vehicle may send (Flask-Limiter syntax, `;` between limits); set but empty turns it off |
 | `RATE_LIMIT_PER_CLIENT`   | (empty)                 | Charge requests one client address may send; empty (off) because one charge-point backend may speak for thousands of vehicles |
-| `RATE_LIMIT_STORAGE_URI`  | `memory://`             | Where the limits count: `memory://` (this process) or `redis://host:6379` (shared by several) |
+| `RATE_LIMIT_STORAGE_URI`  | `bounded-memory://`     | Where the limits count: `bounded-memory://` (this process, at most 100,000 keys, nothing done between requests) or `redis://host:6379` (shared by several); limits' own `memory://` works too |
 | `STATE_DIR`               | (empty)                 | Folder of the durable records (`charge_request_service.sqlite3`): sessions, queue, idempotency answers; empty keeps them in memory |
 | `STATE_SYNC`              | `normal`                | `normal` survives a killed process; `full` also a power cut   |
 | `RECONCILE_SECONDS`       | `30`                    | How often sessions are checked against the substations (and at start) |
@@ -56,7 +56,7 @@ class Settings:
     admin_token: str = ""
     rate_limit_per_vehicle: str = "2/second;30/minute"
     rate_limit_per_client: str = ""
-    rate_limit_storage_uri: str = "memory://"
+    rate_limit_storage_uri: str = "bounded-memory://"
     state_dir: str = ""
     state_full_sync: bool = False
     reconcile_seconds: float = 30.0

@@ -15,6 +15,8 @@ from flask import Flask, Response, request
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
 
+# Registers the bounded-memory:// scheme, the default store.
+import charge_request_service.rate_limit_store  # noqa: F401
 from charge_request_service.config import Settings
 from gridcommon.validation import VEHICLE_ID_PATTERN
 from gridcommon.web import error_response
