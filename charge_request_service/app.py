@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None, start_background: bool = True, 
     test calls ``dispatcher.work_once()`` itself).
     """
     settings = settings or Settings.from_env(os.environ)
-    configure_logging(SERVICE_NAME, settings.log_level)
+    configure_logging(SERVICE_NAME, settings.log_level, settings.log_sampling)
     app = Flask(__name__)
     install_common(app)
     service = build_service(settings, clock)

@@ -23,7 +23,7 @@ import requests
 import urllib3
 
 from gridcommon.deadline import DEADLINE_HEADER, format_deadline
-from gridcommon.httpclient import HttpClient
+from gridcommon.httpclient import HttpClient, HttpResponse
 from gridcommon.validation import ChargeRequest
 
 # Used when a 503 arrives without the header; Retry-After is whole seconds >= 1.
@@ -166,7 +166,7 @@ class BalancerClient:
             if self._preferred == index:
                 self._preferred = (index + 1) % len(self.base_urls)
 
-    def _checked(self, method: str, path: str, expected: set[int], response: requests.Response) -> BalancerReply:
+    def _checked(self, method: str, path: str, expected: set[int], response: HttpResponse) -> BalancerReply:
         if response.status_code not in expected:
             raise BalancerUnavailable(
                 f"the load balancer answered {method} {path} with unexpected HTTP {response.status_code}"
@@ -198,7 +198,7 @@ def _describe(exc: requests.RequestException) -> str:
     return f"request failed ({type(exc).__name__})"
 
 
-def _json_object(response: requests.Response) -> dict[str, Any] | None:
+def _json_object(response: HttpResponse) -> dict[str, Any] | None:
     try:
         body = response.json()
     except ValueError:

@@ -19,13 +19,15 @@
 | `STATE_SYNC`              | `normal`                | `normal` survives a killed process; `full` also a power cut   |
 | `RECONCILE_SECONDS`       | `30`                    | How often sessions are checked against the substations (and at start) |
 | `LOG_LEVEL`               | `info`                  | Python log level, shared with gunicorn                        |
+| `ACCESS_LOG_BURST`        | `20`                    | Requests a second whose log lines are all written             |
+| `ACCESS_LOG_SAMPLE`       | `100`                   | Past the burst, one request in this many is logged (1: every one, 0: none); named, failed and slow requests always are |
 
 `HOST`, `PORT` and `THREADS` are gunicorn's (gridcommon/gunicorn_conf.py).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from limits import parse_many
@@ -37,8 +39,10 @@ from gridcommon.settings import (
     env_float,
     env_int,
     env_log_level,
+    env_log_sampling,
     env_str,
 )
+from gridcommon.log_sampling import LogSampling
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
 
 
@@ -61,6 +65,7 @@ class Settings:
     state_full_sync: bool = False
     reconcile_seconds: float = 30.0
     log_level: str = "info"
+    log_sampling: LogSampling = field(default_factory=LogSampling)
 
     @property
     def load_balancer_urls(self) -> tuple[str, ...]:
@@ -93,6 +98,7 @@ class Settings:
             state_full_sync=env_choice(env, "STATE_SYNC", "normal", ("normal", "full")) == "full",
             reconcile_seconds=env_float(env, "RECONCILE_SECONDS", cls.reconcile_seconds, minimum=0.1),
             log_level=env_log_level(env),
+            log_sampling=env_log_sampling(env),
         )
 
 

@@ -12,7 +12,8 @@ import logging
 import re
 import sys
 
-from gridcommon.request_context import current_request_id
+from gridcommon.log_sampling import LogSampler, LogSampling
+from gridcommon.request_context import current_request_id, current_request_logged
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(service)s [%(request_id)s] %(name)s: %(message)s"
 
@@ -69,13 +70,27 @@ class _ContextFilter(logging.Filter):
         self.service = service
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # A request left out of the sample keeps only its warnings and the lines marked always.
+        if record.levelno < logging.WARNING and not current_request_logged() and not getattr(record, "always", False):
+            return False
         record.request_id = current_request_id()
         record.service = self.service
         return True
 
 
-def configure_logging(service: str, level: str = "INFO") -> None:
+# Set by configure_logging; the web layer asks it, once per request, whether to log that request.
+request_sampler = LogSampler(LogSampling())
+
+
+def configure_logging(service: str, level: str = "INFO", sampling: LogSampling | None = None) -> None:
     """Send this process's logs to stderr in the shared format (idempotent)."""
+    global request_sampler
+    request_sampler = LogSampler(sampling or LogSampling())
+    # No format here or in gunicorn's names a source file, line or thread: not looking them up for
+    # every record is the optimisation Python's logging HOWTO describes. (gunicorn's shows the process.)
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_gridcommon", False):

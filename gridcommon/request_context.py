@@ -12,6 +12,9 @@ from contextvars import ContextVar
 REQUEST_ID_HEADER = "X-Request-ID"
 
 _current_request_id: ContextVar[str] = ContextVar("request_id", default="-")
+# Whether the request's log lines below WARNING are written (gridcommon.log_sampling); lines
+# written outside any request always are.
+_current_request_logged: ContextVar[bool] = ContextVar("request_logged", default=True)
 
 # Ids passed in by clients end up in log lines and in the answer's header: keep them short
 # and printable. \Z, not $: "$" also matches before a trailing newline.
@@ -28,6 +31,18 @@ def set_request_id(request_id: str) -> object:
 
 def reset_request_id(token: object) -> None:
     _current_request_id.reset(token)  # type: ignore[arg-type]
+
+
+def current_request_logged() -> bool:
+    return _current_request_logged.get()
+
+
+def set_request_logged(logged: bool) -> object:
+    return _current_request_logged.set(logged)
+
+
+def reset_request_logged(token: object) -> None:
+    _current_request_logged.reset(token)  # type: ignore[arg-type]
 
 
 def choose_request_id(incoming: str | None) -> str:

@@ -10,6 +10,8 @@ import math
 from typing import Mapping
 from urllib.parse import urlsplit
 
+from gridcommon.log_sampling import DEFAULT_BURST_PER_SECOND, DEFAULT_SAMPLE_EVERY, LogSampling
+
 
 class SettingsError(ValueError):
     """A setting in the environment has a value the service cannot use."""
@@ -106,6 +108,14 @@ def env_log_level(env: Mapping[str, str]) -> str:
     if level not in LOG_LEVELS:
         raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}; got {level!r}")
     return level
+
+
+def env_log_sampling(env: Mapping[str, str]) -> LogSampling:
+    """ACCESS_LOG_BURST and ACCESS_LOG_SAMPLE: which requests' log lines are written (gridcommon.log_sampling)."""
+    return LogSampling(
+        burst_per_second=env_int(env, "ACCESS_LOG_BURST", DEFAULT_BURST_PER_SECOND, minimum=0),
+        every=env_int(env, "ACCESS_LOG_SAMPLE", DEFAULT_SAMPLE_EVERY, minimum=0),
+    )
 
 
 def normalise_base_url(raw: object, example: str) -> str:

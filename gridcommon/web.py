@@ -25,13 +25,17 @@ from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
-from gridcommon.validation import ChargeRequest, ValidationError, parse_charge_request
+from gridcommon import logs
+from gridcommon.log_sampling import REQUEST_LOGGED_HEADER
 from gridcommon.request_context import (
     REQUEST_ID_HEADER,
     choose_request_id,
     reset_request_id,
+    reset_request_logged,
     set_request_id,
+    set_request_logged,
 )
+from gridcommon.validation import ChargeRequest, ValidationError, parse_charge_request
 
 MAX_BODY_BYTES = 16 * 1024
 # No request of any service nests deeper than a few levels; a deep one is an attack on the
@@ -175,6 +179,9 @@ _HTTP_ERROR_MESSAGES = {
 }
 
 
+# An answer that took this long has its access line written even when its request is not sampled.
+SLOW_REQUEST_SECONDS = 1.0
+
 # Scraped or called every few seconds: their access lines only appear at DEBUG level.
 ROUTINE_PATHS = frozenset({"/metrics", "/health"})
 
@@ -189,8 +196,12 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
 
     @app.before_request
     def _start_request() -> None:
-        g.request_id = choose_request_id(request.headers.get(REQUEST_ID_HEADER))
+        named = request.headers.get(REQUEST_ID_HEADER)
+        g.request_id = choose_request_id(named)
         g.request_id_token = set_request_id(g.request_id)
+        g.request_logged_token = set_request_logged(
+            logs.request_sampler.decide(request.headers.get(REQUEST_LOGGED_HEADER), g.request_id == named)
+        )
         g.started = time.perf_counter()
         _check_path(request.path)
         if request.method == "OPTIONS" and request.url_rule is not None:
@@ -207,6 +218,7 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
             response.headers[REQUEST_ID_HEADER] = request_id
         started = g.get("started")
         if started is not None:
+            elapsed = time.perf_counter() - started
             level = logging.DEBUG if request.path in routine_paths else logging.INFO
             access_log.log(
                 level,
@@ -214,7 +226,9 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
                 request.method,
                 request.path,
                 response.status_code,
-                (time.perf_counter() - started) * 1000,
+                elapsed * 1000,
+                # Refusals, failures and slow answers are written even for a request left out of the sample.
+                extra={"always": response.status_code >= 400 or elapsed >= SLOW_REQUEST_SECONDS},
             )
         return response
 
@@ -223,6 +237,9 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
         token = g.pop("request_id_token", None)
         if token is not None:
             reset_request_id(token)
+        token = g.pop("request_logged_token", None)
+        if token is not None:
+            reset_request_logged(token)
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:

@@ -83,7 +83,7 @@ def build_balancer(settings: Settings) -> Balancer:
 def create_app(settings: Settings | None = None, start_background: bool = True) -> Flask:
     """The balancer app; ``start_background=False`` leaves the poller off (tests)."""
     settings = settings or Settings.from_env(os.environ)
-    configure_logging("load_balancer", settings.log_level)
+    configure_logging("load_balancer", settings.log_level, settings.log_sampling)
     balancer = build_balancer(settings)
 
     app = Flask(__name__)

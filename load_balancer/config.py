@@ -27,13 +27,16 @@
 | MAX_AMOUNT_KW                  | 350            | Largest charge request accepted, in kW.                        |
 | MAX_SESSION_SECONDS            | 3600           | Longest duration_seconds accepted.                             |
 | LOG_LEVEL                      | INFO           | DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).            |
+| ACCESS_LOG_BURST               | 20             | Requests a second whose log lines are all written.             |
+| ACCESS_LOG_SAMPLE              | 100            | Past the burst, one request in this many is logged.            |
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
-from gridcommon.settings import SettingsError, env_choice, env_float, env_int, env_list, env_str, env_log_level
+from gridcommon.settings import SettingsError, env_choice, env_float, env_int, env_list, env_str, env_log_level, env_log_sampling
+from gridcommon.log_sampling import LogSampling
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
 from load_balancer.policies import DEFAULT_POLICY, POLICY_NAMES
 from load_balancer.poller import DEFAULT_MAX_METRICS_BYTES
@@ -58,6 +61,7 @@ class Settings:
     max_amount_kw: float = DEFAULT_MAX_AMOUNT_KW
     max_session_seconds: float = DEFAULT_MAX_DURATION_SECONDS
     log_level: str = "info"
+    log_sampling: LogSampling = field(default_factory=LogSampling)
     # None: the default, worked out from ``substations`` (see url_allow_list()).
     substation_url_allow: tuple[str, ...] | None = None
     max_substations: int = DEFAULT_MAX_SUBSTATIONS
@@ -101,6 +105,7 @@ class Settings:
                 env, "MAX_SESSION_SECONDS", DEFAULT_MAX_DURATION_SECONDS, minimum=0.001
             ),
             log_level=env_log_level(env),
+            log_sampling=env_log_sampling(env),
         )
 
 

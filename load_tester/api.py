@@ -9,7 +9,7 @@ from urllib.parse import urljoin
 
 import requests
 
-from gridcommon.httpclient import HttpClient
+from gridcommon.httpclient import HttpClient, HttpResponse
 from gridcommon.request_context import REQUEST_ID_HEADER
 
 USER_AGENT = "smart-grid-load-tester/0.1"
@@ -41,14 +41,14 @@ class GridClient:
     def close(self) -> None:
         self.http.close()
 
-    def charge(self, body: dict[str, Any], request_id: str) -> requests.Response:
+    def charge(self, body: dict[str, Any], request_id: str) -> HttpResponse:
         return self.http.post(f"{self.target}/charge", json=body, headers={REQUEST_ID_HEADER: request_id})
 
-    def follow(self, location: str, request_id: str, session_token: str | None = None) -> requests.Response:
+    def follow(self, location: str, request_id: str, session_token: str | None = None) -> HttpResponse:
         """``GET`` a session at the charge API (a queued request's ``Location``: ``/sessions/<id>``)."""
         return self.http.get(self._at_target(location), headers=self._session_headers(request_id, session_token))
 
-    def cancel(self, location: str, request_id: str, session_token: str | None = None) -> requests.Response:
+    def cancel(self, location: str, request_id: str, session_token: str | None = None) -> HttpResponse:
         """``DELETE`` a queued request's ``Location``: it leaves the queue (or stops, if it just started)."""
         return self.http.delete(self._at_target(location), headers=self._session_headers(request_id, session_token))
 

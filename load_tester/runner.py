@@ -36,6 +36,7 @@ from itertools import zip_longest
 import requests
 from tqdm import tqdm
 
+from gridcommon.httpclient import HttpResponse
 from gridcommon.timefmt import format_time, parse_time, utc_now
 from load_tester.api import GridClient, StackError
 from load_tester.energy import CHARGE_API, attach_energy, unfinished_sessions
@@ -549,7 +550,7 @@ def _ms_since(moment: float) -> float:
     return (time.monotonic() - moment) * 1000.0
 
 
-def _json(response: requests.Response) -> object:
+def _json(response: HttpResponse) -> object:
     try:
         return response.json()
     except ValueError:

@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None, start_background: bool = True, 
     its own has none.
     """
     settings = settings or Settings.from_env(os.environ)
-    configure_logging(settings.substation_id, settings.log_level)
+    configure_logging(settings.substation_id, settings.log_level, settings.log_sampling)
     app = Flask(__name__)
     install_common(app, routine_paths=ROUTINE_PATHS | {MESSAGES_PATH})
     substation = build_substation(settings, clock)

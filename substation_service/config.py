@@ -14,6 +14,8 @@
 | `STATE_DIR`           | (empty)                      | Folder of the durable ledger (`<SUBSTATION_ID>.sqlite3`, SQLite in WAL mode); empty keeps state in memory only |
 | `STATE_SYNC`          | `normal`                     | `normal` survives a killed process; `full` also a power cut (an fsync per change) |
 | `LOG_LEVEL`           | `info`                       | Python log level, shared with gunicorn                         |
+| `ACCESS_LOG_BURST`    | `20`                         | Requests a second whose log lines are all written (unless the charge API chose) |
+| `ACCESS_LOG_SAMPLE`   | `100`                        | Past the burst, one request in this many is logged             |
 
 Peer balancing, local generation and storage have settings of their own
 (`PEERS`, `GENERATION_KW`, `STORAGE_KW`, `MIGRATION_STEP_KW`, ...), read into
@@ -29,7 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from dataclasses import dataclass, field
 
-from gridcommon.settings import SettingsError, env_choice, env_float, env_int, env_str, env_log_level
+from gridcommon.settings import SettingsError, env_choice, env_float, env_int, env_str, env_log_level, env_log_sampling
+from gridcommon.log_sampling import LogSampling
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
 from substation_service.allocation import ALLOCATION_POLICIES, AllocationPolicy
 from substation_service.peering.config import PeeringSettings
@@ -47,6 +50,7 @@ class Settings:
     max_amount_kw: float = DEFAULT_MAX_AMOUNT_KW
     public_url: str = "http://127.0.0.1:8000"
     log_level: str = "info"
+    log_sampling: LogSampling = field(default_factory=LogSampling)
     allocation_policy: AllocationPolicy = AllocationPolicy.FAIR_SHARE
     min_charge_kw: float = 1.4
     admin_token: str = ""
@@ -82,6 +86,7 @@ class Settings:
             max_amount_kw=env_float(env, "MAX_AMOUNT_KW", cls.max_amount_kw, minimum=0.001),
             public_url=env_str(env, "PUBLIC_URL", f"http://127.0.0.1:{port}").rstrip("/"),
             log_level=env_log_level(env),
+            log_sampling=env_log_sampling(env),
             allocation_policy=AllocationPolicy(
                 env_choice(env, "ALLOCATION_POLICY", cls.allocation_policy.value, ALLOCATION_POLICIES)
             ),
