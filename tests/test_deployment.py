@@ -209,7 +209,7 @@ def test_each_service_listens_on_its_own_port_and_finds_the_others_by_name():
 
 def test_the_two_balancers_are_one_image_with_the_same_settings():
     first, second = (services()[name] for name in BALANCERS)
-    assert first["build"] == second["build"]
+    assert first["image"] == second["image"]
     assert {k: v for k, v in first["environment"].items() if k != "PORT"} == {
         k: v for k, v in second["environment"].items() if k != "PORT"
     }
@@ -322,11 +322,31 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
 
 
 def built_dockerfiles() -> dict[str, Path]:
-    return {
-        name: REPO_ROOT / service["build"]["context"] / service["build"]["dockerfile"]
-        for name, service in services().items()
+    """Service -> the Dockerfile of its image: its own build's, or that of the service that builds it."""
+    by_image = {
+        service["image"]: REPO_ROOT / service["build"]["context"] / service["build"]["dockerfile"]
+        for service in services().values()
         if "build" in service
     }
+    return {name: by_image[service["image"]] for name, service in services().items() if service["image"] in by_image}
+
+
+def test_each_image_is_built_once_and_shared_by_name():
+    builders = {name: service["image"] for name, service in services().items() if "build" in service}
+    assert len(set(builders.values())) == len(builders), "two services build the same image"
+    for group in (tuple(SUBSTATIONS), BALANCERS):
+        assert [name for name in group if name in builders] == [group[0]], group
+        assert len({services()[name]["image"] for name in group}) == 1, group
+
+
+def test_healthcheck_timing_has_one_source():
+    """Compose's x-healthcheck block times every healthcheck; no Dockerfile declares one to disagree with it."""
+    anchor = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["x-healthcheck"]
+    for name, service in services().items():
+        check = service["healthcheck"]
+        assert {key: check[key] for key in anchor} == anchor, name
+    for dockerfile in dockerfiles():
+        assert "HEALTHCHECK" not in dict(instructions(dockerfile)), dockerfile
 
 
 def test_every_built_service_has_its_dockerfile_with_the_repo_root_as_context():
@@ -357,11 +377,11 @@ def test_service_dockerfiles_share_one_shape(package):
     steps = instructions(REPO_ROOT / package / "Dockerfile")
     keywords = [keyword for keyword, _ in steps]
     arguments = dict(steps)  # the last of each kind
-    assert steps[0] == ("FROM", "python:3.11-slim")
+    # A build stage, then the image: both from the same Python.
+    assert [args for keyword, args in steps if keyword == "FROM"] == ["python:3.11-slim AS build", "python:3.11-slim"]
     user = arguments["USER"]
     assert re.fullmatch(r"[1-9]\d*:\d+", user), f"{package} must run as a numeric non-root user, not {user!r}"
     assert keywords.index("USER") < keywords.index("CMD")
-    assert "gridcommon.healthcheck" in arguments["HEALTHCHECK"]
     gunicorn = ["gunicorn", "-c", "python:gridcommon.gunicorn_conf", f"{package}:create_app()"]
     assert json.loads(arguments["CMD"]) == gunicorn
     port = re.search(r"\bPORT=(\d+)", " ".join(args for keyword, args in steps if keyword == "ENV")).group(1)
