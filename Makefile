@@ -14,7 +14,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 STAMP := $(VENV)/installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: run test bench loadtest install install-test prometheus iproute2 grafana-schema wipe-state clean help
+.PHONY: run test bench loadtest install install-test prometheus iproute2 podman grafana-schema wipe-state clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -45,6 +45,16 @@ iproute2:
 		echo "Installing iproute2 from Debian's packages..."; \
 		apt-get update -qq && $(APT_INSTALL) iproute2 >/dev/null; }
 
+# The container test (tests/test_containers.py) runs the compose stack on podman's Docker API where
+# no Docker engine answers: podman with runc (crun refuses these machines' cgroups), netavark and
+# aardvark-dns (networks, service names), iptables (published ports), and mmdebstrap for the
+# stand-in base images where no image registry answers (containers/).
+PODMAN_PACKAGES := podman runc netavark aardvark-dns catatonit iptables mmdebstrap
+podman:
+	@[ "$$(dpkg-query -W -f='$${Status}\n' $(PODMAN_PACKAGES) 2>/dev/null | grep -c 'ok installed')" = $(words $(PODMAN_PACKAGES)) ] || { \
+		echo "Installing podman, runc and mmdebstrap from Debian's packages..."; \
+		apt-get update -qq && $(APT_INSTALL) $(PODMAN_PACKAGES) >/dev/null; }
+
 # Grafana's dashboard schema and TypeScript, to type-check grafana/dashboards/*.json
 # (tests/test_grafana_dashboards.py); npm ci runs again only when the lock file changes.
 SCHEMA_CHECK := grafana/schema-check
@@ -56,7 +66,7 @@ $(SCHEMA_CHECK)/node_modules/.package-lock.json: $(SCHEMA_CHECK)/package-lock.js
 
 grafana-schema: $(SCHEMA_CHECK)/node_modules/.package-lock.json
 
-install-test: install prometheus iproute2 grafana-schema
+install-test: install prometheus iproute2 podman grafana-schema
 
 test: install-test
 	$(PYTHON) -m pytest
