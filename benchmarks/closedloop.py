@@ -21,6 +21,8 @@ class LoopResult:
     statuses: Counter = field(default_factory=Counter)
     # No answer within the client's timeout, or the connection broke.
     failures: int = 0
+    # The bodies of the 201 answers, when the loop was asked to keep them.
+    admitted: list[dict] = field(default_factory=list)
     elapsed_seconds: float = 0.0
 
     @property
@@ -39,7 +41,7 @@ class LoopResult:
         return max((latency for sent, latency in self.requests if sent < end and sent + latency >= start), default=0.0)
 
 
-async def _read_status(reader: asyncio.StreamReader) -> int:
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
@@ -48,13 +50,12 @@ async def _read_status(reader: asyncio.StreamReader) -> int:
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-length":
             length = int(value)
-    await reader.readexactly(length)
-    return status
+    return status, await reader.readexactly(length)
 
 
 async def _run(
     host: str, port: int, clients: int, seconds: float, max_requests: int, timeout: float, amount_kw: float,
-    duration_seconds: float, prefix: str,
+    duration_seconds: float, prefix: str, keep_admitted: bool,
 ) -> LoopResult:
     result = LoopResult()
     numbers = itertools.count()
@@ -77,7 +78,7 @@ async def _run(
                 if writer is None:
                     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
                 writer.write(head + body)
-                status = await asyncio.wait_for(_read_status(reader), timeout)
+                status, answer = await asyncio.wait_for(_read_answer(reader), timeout)
             except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError):
                 result.failures += 1
                 if writer is not None:
@@ -86,6 +87,8 @@ async def _run(
                 continue
             result.requests.append((sent - started, time.monotonic() - sent))
             result.statuses[status] += 1
+            if keep_admitted and status == 201:
+                result.admitted.append(json.loads(answer))
         if writer is not None:
             writer.close()
 
@@ -96,13 +99,14 @@ async def _run(
 
 def closed_loop(
     url: str, clients: int, seconds: float, *, max_requests: int = 1_000_000, timeout: float = 10.0,
-    amount_kw: float = 1.0, duration_seconds: float = 5.0, prefix: str = "EV-loop",
+    amount_kw: float = 1.0, duration_seconds: float = 5.0, prefix: str = "EV-loop", keep_admitted: bool = False,
 ) -> LoopResult:
     """``clients`` clients sending ``POST /charge`` to ``url`` for ``seconds`` or ``max_requests`` in all.
 
     Every request names a vehicle of its own (``prefix``-number), so none is refused as a repeat.
+    ``keep_admitted`` keeps the body of every 201.
     """
     host_port = url.split("://", 1)[1].rstrip("/")
     host, _, port = host_port.partition(":")
     return asyncio.run(_run(host, int(port), clients, seconds, max_requests, timeout, amount_kw,
-                            duration_seconds, prefix))
+                            duration_seconds, prefix, keep_admitted))

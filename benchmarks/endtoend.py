@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.closedloop import LoopResult, closed_loop
-from tests.harness import OPERATOR_TOKEN, Service, Stack, start_all, start_stack, stop_all
+from tests.harness import OPERATOR_TOKEN, Service, Stack, scrape, start_all, start_stack, stop_all
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Enough room that every tiny request is admitted whole: the loop measures the path, not a full grid.
@@ -80,13 +80,13 @@ def start_chain(log_dir: Path) -> list[Service]:
     return start_all(list(reversed(hops)))[::-1]
 
 
-def start_deployed_stack(log_dir: Path) -> Stack:
+def start_deployed_stack(log_dir: Path, balancer_env: dict[str, str] | None = None) -> Stack:
     state = str(log_dir / "state")
     return start_stack(
         log_dir,
         capacities=ROOMY_CAPACITIES,
         substation_env={"STATE_DIR": state, "ADMIN_TOKEN": OPERATOR_TOKEN},
-        balancer_env={"ADMIN_TOKEN": OPERATOR_TOKEN},
+        balancer_env={"ADMIN_TOKEN": OPERATOR_TOKEN, **(balancer_env or {})},
         charge_env={"STATE_DIR": state},
         peers=True,
     )
@@ -128,10 +128,11 @@ def throughput(log_dir: Path, seconds: float = 10.0) -> None:
         stop_all([*chain_hops, *stack.services])
 
 
-def frozen_substation(log_dir: Path, clients: int = 16) -> None:
+def frozen_substation(log_dir: Path, clients: int = 16, hedging: bool = True) -> None:
     """The loop while one substation is frozen (SIGSTOP) for a few seconds, then thawed."""
-    print(f"\n## {clients} clients while one substation is frozen (SIGSTOP) for 4 s")
-    stack = start_deployed_stack(log_dir / "frozen")
+    print(f"\n## {clients} clients while one substation is frozen (SIGSTOP) for 4 s, "
+          f"hedged forwards {'on' if hedging else 'off'}")
+    stack = start_deployed_stack(log_dir / f"frozen-{hedging}", {"HEDGE_FORWARDS": str(hedging).lower()})
     freeze_at, thaw_at, seconds = 5.0, 9.0, 14.0
     try:
         closed_loop(stack.charge.url, clients, 1.0, prefix="EV-freeze-warm")
@@ -146,6 +147,8 @@ def frozen_substation(log_dir: Path, clients: int = 16) -> None:
         freezer.start()
         loop = closed_loop(stack.charge.url, clients, seconds, prefix="EV-freeze")
         freezer.join()
+        time.sleep(2.0)  # the sweep after the thawed substation's next poll
+        balancer = scrape(stack.balancer)
     finally:
         stack.substations[1].resume()
         stack.stop()
@@ -156,6 +159,11 @@ def frozen_substation(log_dir: Path, clients: int = 16) -> None:
     print(f"    before the freeze: p99 {1000 * usual_p99:.1f} ms, longest wait {1000 * usual_longest:.0f} ms")
     print(f"    during the freeze: p99 {1000 * frozen_p99:.1f} ms, longest wait {1000 * frozen_longest:.0f} ms")
     print(f"    statuses {dict(loop.statuses)}, failures {loop.failures}")
+    def counted(name: str) -> dict[str, int]:
+        return {",".join(labels.values()): int(value) for labels, value in balancer.samples.get(name, [])}
+
+    print(f"    hedges {counted('load_balancer_hedges_total')}; forward failures {counted('forward_failures_total')}; "
+          f"copies admitted after their answer was lost, then stopped {counted('lost_sessions_freed_total')}")
     print(f"    floors: longest wait at most 0.5 s over usual -> {frozen_longest - usual_longest:+.3f} s;"
           f" p99 <= 3x -> {frozen_p99 / usual_p99:.2f}x; 0 failures -> {loop.failures}")
 

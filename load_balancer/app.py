@@ -37,10 +37,15 @@ class Balancer:
 
     def stop(self) -> None:
         self.poller.stop()
+        self.router.close()
 
 
 def build_balancer(settings: Settings) -> Balancer:
-    view = GridView(failure_threshold=settings.failure_threshold)
+    view = GridView(
+        failure_threshold=settings.failure_threshold,
+        ejection_base_seconds=settings.ejection_base_seconds,
+        ejection_max_seconds=settings.ejection_max_seconds,
+    )
     metrics = BalancerMetrics(view.snapshots, view.now, settings.poll_interval_seconds)
     # The router refreshes through the poller, and the poller frees lost sessions through the
     # router: the poller reaches the router through a function first called once both exist.
@@ -68,7 +73,10 @@ def build_balancer(settings: Settings) -> Balancer:
         longest_session_seconds=settings.max_session_seconds,
         deadline_seconds=settings.route_deadline_seconds,
         refresh_seconds=poller.round_timeout,
+        tail=settings.tail_settings(),
+        on_hedge=metrics.count_hedge,
     )
+    metrics.watch_forward_timing(router.timing)
     registry = SubstationRegistry(
         view,
         poller,

@@ -16,7 +16,17 @@
 |                                |                | ends within CONNECT_TIMEOUT_SECONDS + POLL_TIMEOUT_SECONDS,    |
 |                                |                | however slowly the substation sends.                           |
 | CONNECT_TIMEOUT_SECONDS        | 1              | Connect timeout of every outgoing call.                        |
-| FORWARD_TIMEOUT_SECONDS        | 5              | Read timeout of a forwarded charge request.                    |
+| FORWARD_TIMEOUT_SECONDS        | 5              | Longest read timeout of a forwarded charge request; the one    |
+|                                |                | used is 4x the recent forwards' p99, at least                  |
+|                                |                | MIN_FORWARD_TIMEOUT_SECONDS.                                   |
+| MIN_FORWARD_TIMEOUT_SECONDS    | 0.25           | Shortest read timeout of a forward.                            |
+| HEDGE_FORWARDS                 | true           | Ask the next candidate too when a forward is unanswered after  |
+|                                |                | 2x the recent p95 (at least HEDGE_MIN_DELAY_SECONDS); the first|
+|                                |                | admission is used, the other one stopped.                      |
+| HEDGE_MIN_DELAY_SECONDS        | 0.05           | Least time a forward waits before it is hedged.                |
+| EJECTION_BASE_SECONDS          | 1              | How long a substation that timed out or answered 5xx is left   |
+|                                |                | out; doubled for each ejection soon after the last one.        |
+| EJECTION_MAX_SECONDS           | 30             | Longest ejection.                                              |
 | ROUTE_DEADLINE_SECONDS         | 8              | Most time spent routing one charge request, retries included;  |
 |                                |                | keep it below the charge API's REQUEST_TIMEOUT_SECONDS (10).   |
 | ROUTING_POLICY                 | fair_share     | fair_share, least_loaded, least_connections, round_robin, random, power_of_two. |
@@ -35,13 +45,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from gridcommon.settings import SettingsError, env_choice, env_float, env_int, env_list, env_str, env_log_level, env_log_sampling
+from gridcommon.settings import SettingsError, env_bool, env_choice, env_float, env_int, env_list, env_str, env_log_level, env_log_sampling
 from gridcommon.log_sampling import LogSampling
 from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
 from load_balancer.policies import DEFAULT_POLICY, POLICY_NAMES
 from load_balancer.poller import DEFAULT_MAX_METRICS_BYTES
 from load_balancer.registry import UrlAllowList, normalise_substation_url
 from load_balancer.router import shortest_forward_seconds
+from load_balancer.tail import TailSettings
 
 DEFAULT_MAX_SUBSTATIONS = 64
 
@@ -66,6 +77,19 @@ class Settings:
     substation_url_allow: tuple[str, ...] | None = None
     max_substations: int = DEFAULT_MAX_SUBSTATIONS
     max_metrics_bytes: int = DEFAULT_MAX_METRICS_BYTES
+    min_forward_timeout_seconds: float = 0.25
+    hedge_forwards: bool = True
+    hedge_min_delay_seconds: float = 0.05
+    ejection_base_seconds: float = 1.0
+    ejection_max_seconds: float = 30.0
+
+    def tail_settings(self) -> TailSettings:
+        return TailSettings(
+            max_timeout_seconds=self.forward_timeout_seconds,
+            min_timeout_seconds=min(self.min_forward_timeout_seconds, self.forward_timeout_seconds),
+            hedging=self.hedge_forwards,
+            min_hedge_delay_seconds=self.hedge_min_delay_seconds,
+        )
 
     def url_allow_list(self) -> UrlAllowList:
         """SUBSTATION_URL_ALLOW, or by default the configured substations' hosts, 127.0.0.1 and localhost."""
@@ -106,6 +130,11 @@ class Settings:
             ),
             log_level=env_log_level(env),
             log_sampling=env_log_sampling(env),
+            min_forward_timeout_seconds=env_float(env, "MIN_FORWARD_TIMEOUT_SECONDS", 0.25, minimum=0.01),
+            hedge_forwards=env_bool(env, "HEDGE_FORWARDS", True),
+            hedge_min_delay_seconds=env_float(env, "HEDGE_MIN_DELAY_SECONDS", 0.05, minimum=0.001),
+            ejection_base_seconds=env_float(env, "EJECTION_BASE_SECONDS", 1.0, minimum=0.0),
+            ejection_max_seconds=env_float(env, "EJECTION_MAX_SECONDS", 30.0, minimum=0.0),
         )
 
 

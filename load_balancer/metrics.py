@@ -14,6 +14,10 @@
 | healthy_substations                      | gauge     |            | Substations up                                       |
 | load_balancer_poll_interval_seconds      | gauge     |            | POLL_INTERVAL_SECONDS                                |
 | polling_duration_seconds                 | histogram |            | Duration of one poll of every substation             |
+| load_balancer_hedges_total               | counter   | outcome    | Hedged forwards: sent, first_won, hedge_won, and what became of the unused forward: stopped, refused, lost |
+| substation_ejected                       | gauge     | substation | 1 while ejected as an outlier (timeouts, 5xx)        |
+| load_balancer_forward_timeout_seconds    | gauge     |            | Read timeout of the next forward (adaptive)          |
+| load_balancer_hedge_delay_seconds        | gauge     |            | Time a forward waits before it is hedged             |
 
 The per-substation gauges are computed from the view at scrape time, so they are
 exact when read and a deregistered substation's series disappear with it.
@@ -25,9 +29,11 @@ from typing import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from load_balancer.tail import ForwardTiming
 from load_balancer.view import SubstationSnapshot
 
 OUTCOMES = ("routed", "no_capacity", "invalid", "error")
+HEDGE_OUTCOMES = ("sent", "first_won", "hedge_won", "stopped", "refused", "lost")
 POLL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -81,7 +87,24 @@ class BalancerMetrics:
             buckets=POLL_BUCKETS,
             registry=self.registry,
         )
+        self.hedges = Counter(
+            "load_balancer_hedges",
+            "Hedged forwards: sent; which answer was used (first_won, hedge_won); and what became of the "
+            "unused forward: stopped (it admitted too), refused, lost (no answer).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        # Made once: counting is then one increment, no label lookup.
+        self._hedge_counters = {outcome: self.hedges.labels(outcome) for outcome in HEDGE_OUTCOMES}
+        self._forward_timing: ForwardTiming | None = None
         self.registry.register(_ScrapeTimeCollector(self._view_gauges))
+
+    def watch_forward_timing(self, timing: ForwardTiming) -> None:
+        """Report the router's adaptive forward timeout and hedge delay."""
+        self._forward_timing = timing
+
+    def count_hedge(self, outcome: str) -> None:
+        self._hedge_counters[outcome].inc()
 
     def count_request(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()
@@ -120,6 +143,10 @@ class BalancerMetrics:
                 "Seconds since the last successful poll of the substation.",
                 lambda s: now - s.last_poll_at,
             ),
+            "substation_ejected": (
+                "1 while the substation is ejected as an outlier (a forward timed out or answered 5xx), else 0.",
+                lambda s: float(s.ejected_until is not None and s.ejected_until > now),
+            ),
         }
         for name, (documentation, read) in per_substation.items():
             family = GaugeMetricFamily(name, documentation, labels=["substation"])
@@ -129,6 +156,19 @@ class BalancerMetrics:
         yield GaugeMetricFamily(
             "healthy_substations", "Substations that are up and routable.", value=sum(s.up for s in known)
         )
+        if self._forward_timing is not None:
+            yield GaugeMetricFamily(
+                "load_balancer_forward_timeout_seconds",
+                "Read timeout of the next forward: 4x the recent forwards' p99, within its bounds.",
+                value=self._forward_timing.timeout_seconds,
+            )
+            hedge_delay = self._forward_timing.hedge_delay_seconds
+            if hedge_delay is not None:
+                yield GaugeMetricFamily(
+                    "load_balancer_hedge_delay_seconds",
+                    "Seconds a forward goes unanswered before the next candidate is asked too.",
+                    value=hedge_delay,
+                )
         yield GaugeMetricFamily(
             "load_balancer_poll_interval_seconds",
             "Seconds between two polls of every substation (POLL_INTERVAL_SECONDS).",

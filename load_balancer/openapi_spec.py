@@ -102,6 +102,7 @@ SUBSTATION_STATUS = {
         "id", "url", "up", "load", "capacity", "total_capacity", "load_percentage", "available",
         "active_chargers", "reserved_kw", "minimum_load", "suspended", "curtailed", "fair_share_kw",
         "in_flight", "state_version", "last_poll_age_seconds", "consecutive_failures", "last_error",
+        "ejected_for_seconds", "ejections",
     ],
     "properties": {
         "id": {"anyOf": [SUBSTATION_ID, {"type": "null"}], "description": "Null until its first poll."},
@@ -123,6 +124,11 @@ SUBSTATION_STATUS = {
         "last_poll_age_seconds": {"type": ["number", "null"], "minimum": 0},
         "consecutive_failures": COUNT,
         "last_error": {"type": ["string", "null"]},
+        "ejected_for_seconds": {
+            "type": ["number", "null"], "minimum": 0,
+            "description": "Time left of its ejection as an outlier (timeouts, 5xx); null when not ejected.",
+        },
+        "ejections": {**COUNT, "description": "Ejections in a row: each one lasts twice the one before."},
     },
 }
 

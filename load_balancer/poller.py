@@ -49,10 +49,11 @@ def describe_request_error(exc: requests.RequestException) -> str:
     return f"request failed ({type(exc).__name__})"
 
 
-def record_failure(view: GridView, url: str, reason: str) -> None:
+def record_failure(view: GridView, url: str, reason: str, eject: bool = False) -> None:
     """Count a failed poll or forward in the view; say so once when it marks the substation down."""
-    if view.record_failure(url, reason):
-        log.warning("substation at %s marked down; no requests go there until a poll succeeds: %s", url, reason)
+    if view.record_failure(url, reason, eject=eject):
+        until = "it is ejected for a while, then a poll must succeed" if eject else "until a poll succeeds"
+        log.warning("substation at %s marked down; no requests go there %s: %s", url, until, reason)
 
 
 def read_substation_metrics(text: str) -> tuple[str, Observation]:

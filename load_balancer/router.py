@@ -16,15 +16,18 @@ the time left.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import time
 import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 from urllib.parse import quote
 
 import requests
+from urllib3.exceptions import NewConnectionError
 
 from gridcommon.deadline import DEADLINE_HEADER, format_deadline
 from gridcommon.httpclient import HttpClient
@@ -32,6 +35,7 @@ from gridcommon.validation import ChargeRequest, finite_number
 from load_balancer.lost_answers import LostAnswers, UnansweredForward
 from load_balancer.policies import Policy, make_policy
 from load_balancer.poller import describe_request_error, record_failure
+from load_balancer.tail import ForwardTiming, TailSettings
 from load_balancer.view import GridView, Observation, SubstationSnapshot
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,13 @@ def shortest_forward_seconds(connect_timeout_seconds: float, forward_timeout_sec
 
 class ForwardError(Exception):
     """A substation did not give a usable answer; the message says why."""
+
+    def __init__(self, message: str, sick: bool = True) -> None:
+        super().__init__(message)
+        # A timeout, a 5xx or a broken answer: the substation is there but unwell, and is ejected
+        # for a while. A refused connection is not: nothing listens, and the next poll tells when
+        # it is back.
+        self.sick = sick
 
 
 class UnknownSubstation(LookupError):
@@ -170,9 +181,20 @@ class Router:
         deadline_seconds: float,
         refresh_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        tail: TailSettings | None = None,
+        on_hedge: Callable[[str], None] = lambda outcome: None,
+        forward_threads: int = 64,
     ) -> None:
-        """``refresh_seconds`` is the longest ``refresh`` takes; ``client.timeout`` bounds each forward."""
+        """``refresh_seconds`` is the longest ``refresh`` takes; ``client.timeout`` bounds each forward.
+
+        ``tail`` sets the adaptive forward timeout and hedging (``load_balancer.tail``); its
+        ceiling is the client's read timeout. ``on_hedge`` counts hedges by outcome.
+        """
         self._view = view
+        self.timing = ForwardTiming(replace(tail or TailSettings(), max_timeout_seconds=client.timeout[1]))
+        self._on_hedge = on_hedge
+        # Forwards run here so that one still unanswered can be hedged while it waits.
+        self._forwards = ThreadPoolExecutor(max_workers=forward_threads, thread_name_prefix="forward")
         self._deadline = deadline_seconds
         self._refresh_seconds = refresh_seconds
         self._clock = clock
@@ -231,12 +253,15 @@ class Router:
         return search.deadline - self._clock()
 
     def _forward_timeout(self, search: _Search) -> tuple[float, float] | None:
-        """``(connect, read)`` timeouts of a forward that ends by the deadline; None if too little time is left."""
+        """``(connect, read)`` timeouts of a forward that ends by the deadline; None if too little time is left.
+
+        The read timeout follows what forwards take now (``load_balancer.tail``).
+        """
         connect_timeout, forward_timeout = self._client.timeout
         left = self._time_left(search)
         if left < shortest_forward_seconds(connect_timeout, forward_timeout):
             return None
-        return connect_timeout, min(forward_timeout, left - connect_timeout)
+        return connect_timeout, min(self.timing.timeout_seconds, left - connect_timeout)
 
     def _remember_unanswered(self, search: _Search) -> None:
         # Only once the request is finished: no later attempt can still be admitted under its id.
@@ -249,38 +274,90 @@ class Router:
                 )
 
     def _try_candidates(self, search: _Search) -> Admitted | Refused | None:
+        """Forward to the policy's candidates in turn; hedge one that is slow to answer.
+
+        One forward is under way at a time, except when it goes unanswered for the hedge
+        delay: then the next candidate is asked too, and the first admission wins.
+        """
         amount = search.request.amount_kw
-        for index, candidate in enumerate(self._view.choose(amount, search.policy)):
-            # The first candidate was reserved by choose(); later ones may have filled up since.
-            if index > 0 and not self._view.reserve(candidate.url, amount):
+        candidates = iter(enumerate(self._view.choose(amount, search.policy)))
+        under_way: dict[Future, SubstationSnapshot] = {}
+        hedged = False
+
+        def start_next() -> bool:
+            for index, candidate in candidates:
+                # The first candidate was reserved by choose(); later ones may have filled up since.
+                if index > 0 and not self._view.reserve(candidate.url, amount):
+                    continue
+                timeout = self._forward_timeout(search)
+                if timeout is None:
+                    self._view.release(candidate.url, amount)
+                    search.out_of_time = True
+                    return False
+                search.attempts += 1
+                # The request's context (its id, whether it is logged) goes along to the forwarding thread.
+                context = contextvars.copy_context()
+                under_way[self._forwards.submit(context.run, self._send, candidate, search, timeout)] = candidate
+                return True
+            return False
+
+        if not start_next():
+            return None
+        first = next(iter(under_way))
+        while under_way:
+            hedge_delay = None if hedged else self.timing.hedge_delay_seconds
+            done, _ = wait(under_way, timeout=hedge_delay, return_when=FIRST_COMPLETED)
+            if not done:
+                hedged = True
+                if start_next():
+                    self._on_hedge("sent")
                 continue
-            timeout = self._forward_timeout(search)
-            if timeout is None:
-                self._view.release(candidate.url, amount)
-                search.out_of_time = True
-                return None
-            outcome = self._forward(candidate, search, timeout)
-            if outcome is not None:
-                return outcome
+            for future in done:
+                candidate = under_way.pop(future)
+                outcome = self._settle(candidate, search, future.result())
+                if outcome is not None:
+                    if hedged:
+                        self._on_hedge("hedge_won" if future is not first else "first_won")
+                    self._abandon(under_way, search)
+                    return outcome
+            if not under_way and not start_next():
+                break
         return None
 
-    def _forward(
+    def _send(
         self, candidate: SubstationSnapshot, search: _Search, timeout: tuple[float, float]
-    ) -> Admitted | Refused | None:
-        search.attempts += 1
-        amount = search.request.amount_kw
+    ) -> Answer | Exception:
+        """One forward of the request to ``candidate``: its answer, or why there is none."""
+        # The substation admits nothing after this forward's own end, so a copy that arrives
+        # late (at a substation that was frozen, say) is refused there, not admitted twice.
+        connect_timeout, read_timeout = timeout
+        own_end = time.time() + connect_timeout + read_timeout
+        deadline = own_end if search.caller_deadline is None else min(search.caller_deadline, own_end)
+        started = time.perf_counter()
         try:
-            deadline = search.caller_deadline if search.caller_deadline is not None else (
-                time.time() + self._time_left(search)
-            )
             answer = self._call("POST", f"{candidate.url}/charge", json=search.request.as_json(), timeout=timeout,
                                 headers={DEADLINE_HEADER: format_deadline(deadline)})
+        except ForwardError as exc:
+            return exc
+        self.timing.record(time.perf_counter() - started)
+        return answer
+
+    def _settle(
+        self, candidate: SubstationSnapshot, search: _Search, result: Answer | Exception
+    ) -> Admitted | Refused | None:
+        """Apply one forward's answer to the view; the outcome if it ends the search."""
+        amount = search.request.amount_kw
+        try:
+            if isinstance(result, Exception):
+                raise result
+            answer = result
             observation = observation_from_answer(answer.body) if answer.status in (201, 409) else None
         except (ForwardError, ValueError) as exc:
             # A timeout may hide an admission whose answer got lost: it is freed after a later poll.
             search.unanswered.append(candidate)
             self._view.release(candidate.url, amount)
-            self._mark_failed(candidate, f"forwarding to {candidate.url}/charge failed: {exc}")
+            self._mark_failed(candidate, f"forwarding to {candidate.url}/charge failed: {exc}",
+                              eject=getattr(exc, "sick", True))
             return None
         self._view.release(candidate.url, amount, observation, admitted=answer.status == 201)
         if answer.status == 201:
@@ -302,6 +379,45 @@ class Router:
                 search.retry_hints.append(hint)
             return None
         return Refused(answer, search.attempts)
+
+    def _abandon(self, under_way: dict[Future, SubstationSnapshot], search: _Search) -> None:
+        """The search is over, with forwards still under way: each is settled when it ends.
+
+        One that admits is stopped at once; one that never answers is remembered, so the
+        sweep after its substation's next poll stops whatever it may hold.
+        """
+        for future, candidate in under_way.items():
+            future.add_done_callback(lambda done, candidate=candidate: self._settle_abandoned(candidate, search, done))
+
+    def _settle_abandoned(self, candidate: SubstationSnapshot, search: _Search, done: Future) -> None:
+        assert search.request.session_id is not None
+        result = done.result()
+        amount = search.request.amount_kw
+        if isinstance(result, Exception):
+            self._view.release(candidate.url, amount)
+            self._mark_failed(candidate, f"forwarding to {candidate.url}/charge failed: {result}",
+                              eject=getattr(result, "sick", True))
+            self._lost_answers.remember(candidate.url, candidate.polled_id, search.request.session_id,
+                                        search.request.duration_seconds or self._longest_session)
+            self._on_hedge("lost")
+            return
+        try:
+            observation = observation_from_answer(result.body) if result.status in (201, 409) else None
+        except ValueError:
+            observation = None
+        self._view.release(candidate.url, amount, observation, admitted=result.status == 201)
+        if result.status != 201:
+            self._on_hedge("refused")
+            return
+        # Admitted here too, after the request was answered from elsewhere: stop this copy now.
+        self._on_hedge("stopped")
+        try:
+            self._delete_session(candidate.url, search.request.session_id)
+        except ForwardError as exc:
+            log.info("could not stop the unused copy of session %s at %s yet (%s); the next sweep will",
+                     search.request.session_id, candidate.url, exc)
+            self._lost_answers.remember(candidate.url, candidate.polled_id, search.request.session_id,
+                                        search.request.duration_seconds or self._longest_session)
 
     def _no_capacity(self, search: _Search) -> NoCapacity:
         retry_after = whole_seconds(min(search.retry_hints, default=self._poll_interval))
@@ -431,7 +547,10 @@ class Router:
             # Every forward carries the request's session id: sending it twice admits it once.
             response = self._client.request(method, url, resend_if_broken=True, **kwargs)
         except requests.RequestException as exc:
-            raise ForwardError(describe_request_error(exc)) from None
+            refused = isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.Timeout) and (
+                isinstance(exc.args[0] if exc.args else None, NewConnectionError)
+            )
+            raise ForwardError(describe_request_error(exc), sick=not refused) from None
         if response.status_code >= 500:
             raise ForwardError(f"it answered HTTP {response.status_code}")
         try:
@@ -442,6 +561,9 @@ class Router:
             raise ForwardError(f"its HTTP {response.status_code} answer is not a JSON object")
         return Answer(response.status_code, body)
 
-    def _mark_failed(self, substation: SubstationSnapshot, reason: str) -> None:
+    def _mark_failed(self, substation: SubstationSnapshot, reason: str, eject: bool = False) -> None:
         self._on_forward_failure(substation.polled_id)
-        record_failure(self._view, substation.url, reason)
+        record_failure(self._view, substation.url, reason, eject=eject)
+
+    def close(self) -> None:
+        self._forwards.shutdown(wait=False, cancel_futures=True)

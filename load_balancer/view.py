@@ -20,6 +20,15 @@ keep the picture good enough to route on without overloading anyone:
 A substation is routable only while it is up, and it only comes up through a
 successful poll: a new entry waits for its first poll, and one marked down by
 failures waits for the poll that finds it back.
+
+A substation that is there but unwell (a forward timed out, answered 5xx or
+nonsense) is also ejected, as Envoy's outlier detection does: no poll brings it
+back for ``ejection_base_seconds``, doubled at each ejection that follows
+within ``ejection_memory_seconds`` of the last, up to ``ejection_max_seconds``.
+So one that keeps failing right after it returns is tried less and less often.
+As Envoy's ``max_ejection_percent``, at most ``max_ejected_fraction`` of the
+substations (but always one) are ejected at once: when the whole machine is slow,
+ejecting everyone would leave nowhere to route.
 """
 from __future__ import annotations
 
@@ -93,6 +102,9 @@ class SubstationSnapshot:
     last_poll_at: float | None = None
     consecutive_failures: int = 0
     last_error: str | None = None
+    # Outlier ejection: how often in a row, and until when (on the view's clock).
+    ejections: int = 0
+    ejected_until: float | None = None
 
     @property
     def polled_id(self) -> str:
@@ -176,6 +188,11 @@ class SubstationSnapshot:
             "last_poll_age_seconds": round(now - self.last_poll_at, 3) if polled else None,
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
+            "ejected_for_seconds": (
+                round(self.ejected_until - now, 3)
+                if self.ejected_until is not None and self.ejected_until > now else None
+            ),
+            "ejections": self.ejections,
         }
 
 
@@ -224,10 +241,22 @@ def _with_admission(current: SubstationSnapshot, answer: Observation, amount_kw:
 class GridView:
     """Thread-safe map of substation URL -> :class:`SubstationSnapshot`."""
 
-    def __init__(self, failure_threshold: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        failure_threshold: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        ejection_base_seconds: float = 1.0,
+        ejection_max_seconds: float = 30.0,
+        ejection_memory_seconds: float = 60.0,
+        max_ejected_fraction: float = 0.5,
+    ) -> None:
         if failure_threshold < 1:
             raise ValueError("failure_threshold must be at least 1")
         self._failure_threshold = failure_threshold
+        self._ejection_base = ejection_base_seconds
+        self._ejection_max = ejection_max_seconds
+        self._ejection_memory = ejection_memory_seconds
+        self._max_ejected_fraction = max_ejected_fraction
         self._clock = clock
         self._lock = threading.Lock()
         self._substations: dict[str, SubstationSnapshot] = {}
@@ -315,13 +344,15 @@ class GridView:
         if observation.state_version >= entry.state_version or accept_older:
             entry = _rebased(entry, observation, restarted=observation.state_version < entry.state_version)
             self._applied[url] += 1
+        now = self._clock()
+        ejected = entry.ejected_until is not None and now < entry.ejected_until
         self._substations[url] = replace(
             entry,
             substation_id=substation_id,
-            up=True,
-            last_poll_at=self._clock(),
-            consecutive_failures=0,
-            last_error=None,
+            up=not ejected,
+            last_poll_at=now,
+            consecutive_failures=entry.consecutive_failures if ejected else 0,
+            last_error=entry.last_error if ejected else None,
         )
 
     def _check_identity_locked(self, entry: SubstationSnapshot, substation_id: str) -> None:
@@ -337,21 +368,39 @@ class GridView:
                 "give every substation its own SUBSTATION_ID"
             )
 
-    def record_failure(self, url: str, reason: str) -> bool:
-        """Count a failed poll or forward; True when this failure marks the substation down."""
+    def record_failure(self, url: str, reason: str, eject: bool = False) -> bool:
+        """Count a failed poll or forward; True when this failure marks the substation down.
+
+        ``eject``: the substation answered badly or not in time (not: refused the connection);
+        it is ejected, for longer if it was ejected recently too.
+        """
         with self._lock:
             entry = self._substations.get(url)
             if entry is None:
                 return False
             failures = entry.consecutive_failures + 1
-            down = entry.up and failures >= self._failure_threshold
+            now = self._clock()
+            ejections, ejected_until = entry.ejections, entry.ejected_until
+            already = ejected_until is not None and now < ejected_until
+            eject = eject and (already or self._may_eject_locked(now))
+            down = entry.up and (failures >= self._failure_threshold or eject)
+            if eject and not already:
+                recent = ejected_until is not None and now - ejected_until < self._ejection_memory
+                ejections = ejections + 1 if recent else 1
+                ejected_until = now + min(self._ejection_max, self._ejection_base * 2 ** (ejections - 1))
             self._substations[url] = replace(
                 entry,
                 up=entry.up and not down,
                 consecutive_failures=failures,
                 last_error=reason,
+                ejections=ejections,
+                ejected_until=ejected_until,
             )
             return down
+
+    def _may_eject_locked(self, now: float) -> bool:
+        ejected = sum(1 for e in self._substations.values() if e.ejected_until is not None and now < e.ejected_until)
+        return ejected < max(1, math.floor(self._max_ejected_fraction * len(self._substations)))
 
     # Routing --------------------------------------------------------------
 

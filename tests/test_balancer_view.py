@@ -281,4 +281,6 @@ def test_status_entry_reports_reservations_and_poll_age() -> None:
         "last_poll_age_seconds": 2.5,
         "consecutive_failures": 0,
         "last_error": None,
+        "ejected_for_seconds": None,
+        "ejections": 0,
     }
