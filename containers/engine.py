@@ -10,9 +10,11 @@ systemd timers; without systemd ``driving_healthchecks`` runs them instead.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -103,7 +105,10 @@ def podman_service(root: Path, socket_dir: Path, start_timeout: float = 60) -> I
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            # Its own session keeps a Ctrl-C from stopping it before the stack is removed; it still
+            # ends with this process, however that ends.
             start_new_session=True,
+            preexec_fn=_end_with_parent,
         )
     engine = Engine(
         "podman",
@@ -123,6 +128,11 @@ def podman_service(root: Path, socket_dir: Path, start_timeout: float = 60) -> I
         except subprocess.TimeoutExpired:
             service.kill()
             service.wait(timeout=10)
+
+
+def _end_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _wait_for_api(engine: Engine, service: subprocess.Popen, log_path: Path, timeout: float) -> None:
