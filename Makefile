@@ -4,6 +4,7 @@
 #   make test   install what the tests need, then run the whole suite
 #   make loadtest  rush hour against the running stack, report in loadtest-results/
 #   make bench  print benchmark figures
+#   make profile  where each service's CPU goes under load (py-spy), stacks in profile-results/
 # Everything Python runs from a virtual environment of the project's own, so no system
 # Python is changed (Debian's refuses pip installs anyway, PEP 668).
 BOOTSTRAP_PYTHON ?= python3
@@ -14,7 +15,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 STAMP := $(VENV)/installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: run test bench loadtest install install-test prometheus iproute2 podman grafana-schema wipe-state clean help
+.PHONY: run test bench profile loadtest install install-test prometheus iproute2 podman grafana-schema wipe-state clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -110,8 +111,11 @@ loadtest: install
 bench: install
 	$(PYTHON) -m benchmarks
 
+profile: install
+	$(PYTHON) -m benchmarks.profile --output profile-results
+
 # Everything `make` made: the venv, and .run with all of local mode's files (the state, the peer key,
 # Prometheus's data, supervisord's configuration and logs), the test caches and load test results.
 clean:
 	$(refuse_while_running)
-	rm -rf $(VENV) .run .pytest_cache .hypothesis loadtest-results
+	rm -rf $(VENV) .run .pytest_cache .hypothesis loadtest-results profile-results

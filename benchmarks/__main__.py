@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: admission and routing cost, hop overhead and memory, as ratios."""
+"""``python -m benchmarks``: admission and routing cost, hop overhead, memory and the whole path end to end, as ratios."""
 from __future__ import annotations
 
 import random
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import requests
 
+from benchmarks import endtoend
 from load_balancer.policies import POLICY_NAMES, make_policy
 from load_balancer.view import GridView, Observation
 from substation_service.ledger import Ledger
@@ -188,6 +189,10 @@ def main() -> None:
         hop_overhead(Path(tmp))
         durable_state(Path(tmp))
         memory(Path(tmp))
+        endtoend.throughput(Path(tmp))
+        endtoend.frozen_substation(Path(tmp), hedging=True)
+        endtoend.frozen_substation(Path(tmp), hedging=False)
+        endtoend.memory_growth(Path(tmp))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 async def _run(
     host: str, port: int, clients: int, seconds: float, max_requests: int, timeout: float, amount_kw: float,
-    duration_seconds: float, prefix: str, keep_admitted: bool,
+    duration_seconds: float, prefix: str, keep_admitted: bool, fleet: int | None,
 ) -> LoopResult:
     result = LoopResult()
     numbers = itertools.count()
@@ -69,7 +69,8 @@ async def _run(
             number = next(numbers)
             if number >= max_requests:
                 break
-            body = json.dumps({"vehicle_id": f"{prefix}-{number}", "amount": amount_kw,
+            vehicle = number if fleet is None else number % fleet
+            body = json.dumps({"vehicle_id": f"{prefix}-{vehicle}", "amount": amount_kw,
                                "duration_seconds": duration_seconds}).encode()
             head = (f"POST /charge HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n").encode()
@@ -100,13 +101,15 @@ async def _run(
 def closed_loop(
     url: str, clients: int, seconds: float, *, max_requests: int = 1_000_000, timeout: float = 10.0,
     amount_kw: float = 1.0, duration_seconds: float = 5.0, prefix: str = "EV-loop", keep_admitted: bool = False,
+    fleet: int | None = None,
 ) -> LoopResult:
     """``clients`` clients sending ``POST /charge`` to ``url`` for ``seconds`` or ``max_requests`` in all.
 
-    Every request names a vehicle of its own (``prefix``-number), so none is refused as a repeat.
-    ``keep_admitted`` keeps the body of every 201.
+    Every request names a vehicle of its own (``prefix``-number), so none is refused as a repeat;
+    with ``fleet``, the vehicles of a fleet that size take turns instead. ``keep_admitted`` keeps
+    the body of every 201.
     """
     host_port = url.split("://", 1)[1].rstrip("/")
     host, _, port = host_port.partition(":")
     return asyncio.run(_run(host, int(port), clients, seconds, max_requests, timeout, amount_kw,
-                            duration_seconds, prefix, keep_admitted))
+                            duration_seconds, prefix, keep_admitted, fleet))

@@ -20,10 +20,9 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
-import urllib3
 
 from gridcommon.deadline import DEADLINE_HEADER, format_deadline
-from gridcommon.httpclient import HttpClient, HttpResponse
+from gridcommon.httpclient import HttpClient, HttpResponse, NotSent
 from gridcommon.validation import ChargeRequest
 
 # Used when a 503 arrives without the header; Retry-After is whole seconds >= 1.
@@ -147,9 +146,7 @@ class BalancerClient:
             try:
                 response = self._http.request(method, f"{base_url}{path}", **kwargs)
             except requests.RequestException as exc:
-                never_sent = isinstance(exc, requests.ConnectTimeout) or (
-                    isinstance(exc, requests.ConnectionError) and _connection_refused(exc)
-                )
+                never_sent = isinstance(exc, (requests.ConnectTimeout, NotSent))
                 if not never_sent and not repeatable:
                     self._avoid(index)
                     kind = "did not answer in time" if isinstance(exc, requests.Timeout) else "broke the connection"
@@ -181,13 +178,6 @@ class BalancerClient:
                 f"the load balancer answered {method} {path} with HTTP {response.status_code} but no error and message"
             )
         return BalancerReply(response.status_code, body, response.headers.get("Retry-After"))
-
-
-def _connection_refused(exc: requests.ConnectionError) -> bool:
-    """True when no connection was made at all (refused, unreachable): nothing was sent."""
-    reason = exc.args[0] if exc.args else None
-    reason = getattr(reason, "reason", reason)
-    return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
 def _describe(exc: requests.RequestException) -> str:

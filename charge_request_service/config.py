@@ -12,7 +12,7 @@
 | `QUEUE_TIMEOUT_SECONDS`   | `300`                   | Longest a request waits for power before it expires           |
 | `QUEUE_RETRY_SECONDS`     | `1`                     | How often the request at the head of the queue is offered to the balancer while the grid is full |
 | `ADMIN_TOKEN`             | (empty)                 | Operator token: lists every session (`GET /sessions`) and reads or stops any one; empty turns that off (403) |
-| `RATE_LIMIT_PER_VEHICLE`  | `2/second;30/minute`    | Charge requests one vehicle may send (Flask-Limiter syntax, `;` between limits); set but empty turns it off |
+| `RATE_LIMIT_PER_VEHICLE`  | `2/second;30/minute`    | Charge requests one vehicle may send (the syntax of `limits` and Flask-Limiter, `;` between limits); set but empty turns it off |
 | `RATE_LIMIT_PER_CLIENT`   | (empty)                 | Charge requests one client address may send; empty (off) because one charge-point backend may speak for thousands of vehicles |
 | `RATE_LIMIT_STORAGE_URI`  | `bounded-memory://`     | Where the limits count: `bounded-memory://` (this process, at most 100,000 keys, nothing done between requests) or `redis://host:6379` (shared by several); limits' own `memory://` works too |
 | `STATE_DIR`               | (empty)                 | Folder of the durable records (`charge_request_service.sqlite3`): sessions, queue, idempotency answers; empty keeps them in memory |

@@ -7,7 +7,7 @@ first drops the windows at the old end that ran out, and past ``MAX_KEYS`` the k
 least recently goes (its vehicle's count starts again: the limit errs towards letting a
 request through, never towards refusing one wrongly).
 
-``bounded-memory://`` names it for Flask-Limiter (``RATE_LIMIT_STORAGE_URI``); importing
+``bounded-memory://`` names it for ``limits`` (``RATE_LIMIT_STORAGE_URI``); importing
 this module registers the scheme. It supports the moving-window strategy the charge API
 uses and the fixed-window one, in one process.
 """

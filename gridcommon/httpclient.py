@@ -1,10 +1,16 @@
-"""Outgoing HTTP: pooled connections, a timeout on every call, request ids passed on.
+"""Outgoing HTTP: pooled keep-alive connections, a timeout on every call, request ids passed on.
 
-``HttpClient`` speaks through urllib3's connection pools directly: requests' session
-layer (cookies, hooks, redirects, proxies from the environment, a new adapter
-lookup per call) is work no call between the services needs, and it was a third
-of a forward's CPU. Failures are raised as requests' exceptions (``ConnectTimeout``,
-``ReadTimeout``, ``ConnectionError``), the vocabulary every caller already speaks.
+``HttpClient`` speaks HTTP/1.1 through the standard library's ``http.client`` on
+connections it keeps per host: requests' session layer (cookies, hooks,
+redirects, proxies from the environment, an adapter lookup per call) and
+urllib3's pool bookkeeping are work no call between the services needs, and
+they were a third of a forward's CPU. A call can also be split in two:
+``send`` puts the request on the wire and ``Exchange.ready`` waits for the
+first byte of its answer, so a caller can do something else (hedge it) if the
+answer is slow, without a thread per call. Failures are raised as requests'
+exceptions (``ConnectTimeout``, ``ReadTimeout``, ``ConnectionError``), the
+vocabulary every caller already speaks; ``NotSent`` and ``BrokeBeforeAnswer``
+say when the request cannot have reached the server.
 
 ``get_bounded`` is for answers the caller cannot trust to be small or quick (a
 URL someone registered): the whole exchange has one time limit and the body a
@@ -16,23 +22,18 @@ import functools
 import http.client
 import json as json_module
 import logging
+import select
 import socket
 import ssl
+import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-import urllib3
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    LocationParseError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-)
 
 from gridcommon.log_sampling import REQUEST_LOGGED_HEADER
 from gridcommon.request_context import REQUEST_ID_HEADER, current_request_id, current_request_logged
@@ -43,9 +44,17 @@ log = logging.getLogger(__name__)
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
+class NotSent(requests.ConnectionError):
+    """No connection could be made (refused, unreachable, unknown host): the request was never sent."""
+
+
+class BrokeBeforeAnswer(requests.ConnectionError):
+    """A kept-alive connection turned out closed before any answer: the server never read the request."""
+
+
 def broke_before_answer(exc: requests.ConnectionError) -> bool:
-    """The connection was reset or closed before any answer's headers (urllib3's ProtocolError)."""
-    return bool(exc.args) and isinstance(exc.args[0], ProtocolError)
+    """The connection was reset or closed before any answer's headers."""
+    return isinstance(exc, BrokeBeforeAnswer)
 
 
 class BoundedGetError(Exception):
@@ -200,19 +209,108 @@ class HttpResponse:
             raise requests.HTTPError(f"HTTP {self.status_code} from {self.url}", response=self)  # type: ignore[arg-type]
 
 
+class _HostConnections:
+    """The idle keep-alive connections to one host, the last used first (it is the least likely closed)."""
+
+    def __init__(self, scheme: str, host: str, port: int, keep: int) -> None:
+        self._scheme, self._host, self._port, self._keep = scheme, host, port, keep
+        self._idle: deque[http.client.HTTPConnection] = deque()
+        self._lock = threading.Lock()
+
+    def take(self, connect_timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection and whether it was used before (and may have been closed at the other end)."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        if self._scheme == "https":
+            return http.client.HTTPSConnection(self._host, self._port, timeout=connect_timeout), False
+        return http.client.HTTPConnection(self._host, self._port, timeout=connect_timeout), False
+
+    def give_back(self, connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self._keep:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def close(self) -> None:
+        with self._lock:
+            while self._idle:
+                self._idle.pop().close()
+
+
+class Exchange:
+    """A request on the wire; its answer is read by ``finish``, at once or after ``ready`` says it came."""
+
+    def __init__(self, connections: _HostConnections, connection: http.client.HTTPConnection, reused: bool,
+                 url: str, read_timeout: float) -> None:
+        self._connections = connections
+        self._connection = connection
+        self._reused = reused
+        self.url = url
+        self._read_timeout = read_timeout
+        self._waited = 0.0
+
+    def ready(self, seconds: float) -> bool:
+        """Whether the answer began to arrive within ``seconds`` (waiting no longer than its read timeout)."""
+        sock = self._connection.sock
+        if sock is None:
+            return True  # closed under it: finish() says how
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        wait = max(0.0, min(seconds, self._read_timeout - self._waited))
+        readable, _, _ = select.select([sock], [], [], wait)
+        self._waited += wait
+        return bool(readable) or self._waited >= self._read_timeout
+
+    def finish(self) -> HttpResponse:
+        """The answer, read whole; raises requests' ``ReadTimeout`` or ``ConnectionError``."""
+        connection = self._connection
+        try:
+            if self._waited >= self._read_timeout and not self._answer_waiting():
+                raise TimeoutError("no answer within the read timeout")
+            answer = connection.getresponse()
+            body = answer.read()
+        except TimeoutError as exc:
+            connection.close()
+            raise requests.ReadTimeout(f"{self.url}: no answer within {self._read_timeout:g} s") from exc
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+            connection.close()
+            if self._reused:
+                raise BrokeBeforeAnswer(f"{self.url}: the kept-alive connection was closed ({exc})") from None
+            raise requests.ConnectionError(f"{self.url}: the connection broke ({exc})") from None
+        except (http.client.HTTPException, OSError) as exc:
+            connection.close()
+            raise requests.ConnectionError(f"{self.url}: the answer could not be read ({type(exc).__name__})") from None
+        if answer.will_close:
+            connection.close()
+        else:
+            self._connections.give_back(connection)
+        return HttpResponse(answer.status, answer.headers, body, self.url)
+
+    def abandon(self) -> None:
+        """Give up on the answer: the connection cannot carry another request, so it is closed."""
+        self._connection.close()
+
+    def _answer_waiting(self) -> bool:
+        sock = self._connection.sock
+        return sock is not None and bool(select.select([sock], [], [], 0)[0])
+
+
 class HttpClient:
-    """Pooled keep-alive connections per host; never a call without a timeout.
+    """Kept-alive connections per host; never a call without a timeout.
 
     ``timeout`` is ``(connect, read)`` in seconds, as requests takes it. Redirects
-    are not followed and nothing is retried here: the callers decide what may be
-    sent twice.
+    are not followed and nothing is retried here but a request on a kept-alive
+    connection found closed: the callers decide what may be sent twice.
     """
 
     def __init__(self, user_agent: str, timeout: tuple[float, float], pool_size: int = 32) -> None:
         self.timeout = timeout
         self.user_agent = user_agent
-        # One pool per host; a balancer may know many substations.
-        self._pools = urllib3.PoolManager(num_pools=64, maxsize=pool_size, block=False, retries=False)
+        self._pool_size = pool_size
+        self._hosts: dict[tuple[str, str, int], _HostConnections] = {}
+        self._hosts_lock = threading.Lock()
         self._headers = {"User-Agent": user_agent, "Accept": "application/json, text/plain;q=0.9, */*;q=0.1"}
 
     def request(
@@ -226,15 +324,48 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         timeout: tuple[float, float] | None = None,
     ) -> HttpResponse:
-        """Send the request; once more on a new connection if a pooled one broke before any answer.
+        """Send the request and read its answer; once more if a kept-alive connection broke before any answer.
 
-        A pooled connection may already be closed at the server's end (its
+        A kept-alive connection may already be closed at the server's end (its
         keep-alive ran out, perhaps while a network cut swallowed the FIN); the
         request then never reached the server. Sending again is safe for
         idempotent methods, and for others when the caller says so
         (``resend_if_broken``), e.g. because the body carries an id the server
         de-duplicates on. A timeout is never sent again.
         """
+        if resend_if_broken is None:
+            resend_if_broken = method.upper() in IDEMPOTENT_METHODS
+        try:
+            return self.send(method, url, json=json, data=data, headers=headers, timeout=timeout).finish()
+        except BrokeBeforeAnswer:
+            if not resend_if_broken:
+                raise
+            log.info("connection to %s broke before an answer; sending the request again on a new one", url)
+            return self.send(method, url, json=json, data=data, headers=headers, timeout=timeout,
+                             fresh=True).finish()
+
+    def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: Any = None,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: tuple[float, float] | None = None,
+        fresh: bool = False,
+    ) -> Exchange:
+        """Put the request on the wire; its answer is the returned ``Exchange``'s to read.
+
+        Raises ``NotSent`` when no connection can be made, ``ConnectTimeout`` when
+        making it takes too long, ``BrokeBeforeAnswer`` when a kept-alive one is found
+        closed. ``fresh`` skips the kept-alive connections.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise requests.exceptions.InvalidURL(f"{url!r} is not an http(s) URL with a host")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         sent_headers = {**self._headers, **(headers or {})}
         request_id = current_request_id()
         if request_id != "-":
@@ -246,39 +377,41 @@ class HttpClient:
             body = json_module.dumps(json).encode()
             sent_headers.setdefault("Content-Type", "application/json")
         connect_timeout, read_timeout = timeout or self.timeout
-        limits = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
-        if resend_if_broken is None:
-            resend_if_broken = method.upper() in IDEMPOTENT_METHODS
+        connections = self._connections(parts.scheme, parts.hostname, port)
+        connection, reused = connections.take(connect_timeout)
+        if fresh and reused:
+            connection.close()
+            reused = False
+        if connection.sock is None:
+            connection.timeout = connect_timeout
+            try:
+                connection.connect()
+            except TimeoutError:
+                connection.close()
+                raise requests.ConnectTimeout(f"{url}: no connection within {connect_timeout:g} s") from None
+            except ssl.SSLError as exc:
+                connection.close()
+                raise requests.exceptions.SSLError(f"{url}: TLS failed ({exc.reason})") from None
+            except OSError as exc:
+                connection.close()
+                raise NotSent(f"{url}: cannot connect ({exc.strerror or type(exc).__name__})") from None
+        connection.sock.settimeout(read_timeout)
         try:
-            return self._send(method, url, body, sent_headers, limits)
-        except requests.ConnectionError as exc:
-            if not (resend_if_broken and broke_before_answer(exc)):
-                raise
-            log.info("connection to %s broke before an answer; sending the request again on a new one", url)
-            # urllib3 put a fresh slot in place of the broken connection, on top of its LIFO pool.
-            return self._send(method, url, body, sent_headers, limits)
+            connection.request(method, path, body=body, headers=sent_headers)
+        except (ConnectionResetError, BrokenPipeError, http.client.HTTPException, OSError) as exc:
+            connection.close()
+            if reused:
+                raise BrokeBeforeAnswer(f"{url}: the kept-alive connection was closed ({exc})") from None
+            raise requests.ConnectionError(f"{url}: the request could not be sent ({type(exc).__name__})") from None
+        return Exchange(connections, connection, reused, url, read_timeout)
 
-    def _send(
-        self, method: str, url: str, body: bytes | None, headers: dict[str, str], limits: urllib3.Timeout
-    ) -> HttpResponse:
-        try:
-            answer = self._pools.request(
-                method, url, body=body, headers=headers, timeout=limits, redirect=False, preload_content=True
-            )
-        # NewConnectionError is a ConnectTimeoutError to urllib3: nothing was sent either way.
-        except NewConnectionError as exc:
-            raise requests.ConnectionError(exc) from None
-        except ConnectTimeoutError as exc:
-            raise requests.ConnectTimeout(exc) from None
-        except ReadTimeoutError as exc:
-            raise requests.ReadTimeout(exc) from None
-        except (LocationParseError, urllib3.exceptions.LocationValueError) as exc:
-            raise requests.exceptions.InvalidURL(str(exc)) from None
-        except urllib3.exceptions.SSLError as exc:
-            raise requests.exceptions.SSLError(exc) from None
-        except (ProtocolError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise requests.ConnectionError(exc) from None
-        return HttpResponse(answer.status, answer.headers, answer.data, url)
+    def _connections(self, scheme: str, host: str, port: int) -> _HostConnections:
+        key = (scheme, host, port)
+        connections = self._hosts.get(key)
+        if connections is None:
+            with self._hosts_lock:
+                connections = self._hosts.setdefault(key, _HostConnections(scheme, host, port, self._pool_size))
+        return connections
 
     def get_bounded(
         self,
@@ -357,4 +490,6 @@ class HttpClient:
         return self.request("DELETE", url, **kwargs)
 
     def close(self) -> None:
-        self._pools.clear()
+        with self._hosts_lock:
+            for connections in self._hosts.values():
+                connections.close()

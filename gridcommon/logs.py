@@ -70,12 +70,22 @@ class _ContextFilter(logging.Filter):
         self.service = service
 
     def filter(self, record: logging.LogRecord) -> bool:
-        # A request left out of the sample keeps only its warnings and the lines marked always.
-        if record.levelno < logging.WARNING and not current_request_logged() and not getattr(record, "always", False):
-            return False
         record.request_id = current_request_id()
         record.service = self.service
         return True
+
+
+class SampledLogger(logging.Logger):
+    """A logger that skips its lines below WARNING for a request left out of the sample.
+
+    Skipped in ``isEnabledFor``, before the record and its arguments are made: a
+    filter would only drop them after paying for both.
+    """
+
+    def isEnabledFor(self, level: int) -> bool:
+        if level < logging.WARNING and not current_request_logged():
+            return False
+        return super().isEnabledFor(level)
 
 
 # Set by configure_logging; the web layer asks it, once per request, whether to log that request.
@@ -86,6 +96,11 @@ def configure_logging(service: str, level: str = "INFO", sampling: LogSampling |
     """Send this process's logs to stderr in the shared format (idempotent)."""
     global request_sampler
     request_sampler = LogSampler(sampling or LogSampling())
+    # Loggers made from now on are sampled; those the modules already made at import become so too.
+    logging.setLoggerClass(SampledLogger)
+    for logger in logging.Logger.manager.loggerDict.values():
+        if type(logger) is logging.Logger:
+            logger.__class__ = SampledLogger
     # No format here or in gunicorn's names a source file, line or thread: not looking them up for
     # every record is the optimisation Python's logging HOWTO describes. (gunicorn's shows the process.)
     logging._srcfile = None  # type: ignore[attr-defined]

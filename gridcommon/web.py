@@ -220,6 +220,9 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
         if started is not None:
             elapsed = time.perf_counter() - started
             level = logging.DEBUG if request.path in routine_paths else logging.INFO
+            # Refusals, failures and slow answers are written even for a request left out of the sample.
+            always = response.status_code >= 400 or elapsed >= SLOW_REQUEST_SECONDS
+            token = set_request_logged(True) if always else None
             access_log.log(
                 level,
                 "%s %s -> %s in %.1f ms",
@@ -227,9 +230,9 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
                 request.path,
                 response.status_code,
                 elapsed * 1000,
-                # Refusals, failures and slow answers are written even for a request left out of the sample.
-                extra={"always": response.status_code >= 400 or elapsed >= SLOW_REQUEST_SECONDS},
             )
+            if token is not None:
+                reset_request_logged(token)
         return response
 
     @app.teardown_request

@@ -19,7 +19,7 @@
 | FORWARD_TIMEOUT_SECONDS        | 5              | Longest read timeout of a forwarded charge request; the one    |
 |                                |                | used is 4x the recent forwards' p99, at least                  |
 |                                |                | MIN_FORWARD_TIMEOUT_SECONDS.                                   |
-| MIN_FORWARD_TIMEOUT_SECONDS    | 0.25           | Shortest read timeout of a forward.                            |
+| MIN_FORWARD_TIMEOUT_SECONDS    | 1              | Shortest read timeout of a forward.                            |
 | HEDGE_FORWARDS                 | true           | Ask the next candidate too when a forward is unanswered after  |
 |                                |                | 2x the recent p95 (at least HEDGE_MIN_DELAY_SECONDS); the first|
 |                                |                | admission is used, the other one stopped.                      |
@@ -77,7 +77,7 @@ class Settings:
     substation_url_allow: tuple[str, ...] | None = None
     max_substations: int = DEFAULT_MAX_SUBSTATIONS
     max_metrics_bytes: int = DEFAULT_MAX_METRICS_BYTES
-    min_forward_timeout_seconds: float = 0.25
+    min_forward_timeout_seconds: float = 1.0
     hedge_forwards: bool = True
     hedge_min_delay_seconds: float = 0.05
     ejection_base_seconds: float = 1.0
@@ -130,7 +130,7 @@ class Settings:
             ),
             log_level=env_log_level(env),
             log_sampling=env_log_sampling(env),
-            min_forward_timeout_seconds=env_float(env, "MIN_FORWARD_TIMEOUT_SECONDS", 0.25, minimum=0.01),
+            min_forward_timeout_seconds=env_float(env, "MIN_FORWARD_TIMEOUT_SECONDS", 1.0, minimum=0.01),
             hedge_forwards=env_bool(env, "HEDGE_FORWARDS", True),
             hedge_min_delay_seconds=env_float(env, "HEDGE_MIN_DELAY_SECONDS", 0.05, minimum=0.001),
             ejection_base_seconds=env_float(env, "EJECTION_BASE_SECONDS", 1.0, minimum=0.0),

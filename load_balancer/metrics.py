@@ -14,7 +14,7 @@
 | healthy_substations                      | gauge     |            | Substations up                                       |
 | load_balancer_poll_interval_seconds      | gauge     |            | POLL_INTERVAL_SECONDS                                |
 | polling_duration_seconds                 | histogram |            | Duration of one poll of every substation             |
-| load_balancer_hedges_total               | counter   | outcome    | Hedged forwards: sent, first_won, hedge_won, and what became of the unused forward: stopped, refused, lost |
+| load_balancer_hedges_total               | counter   | outcome    | Hedged forwards: sent, over_budget, first_won, hedge_won, and what became of the unused forward: stopped, refused, lost |
 | substation_ejected                       | gauge     | substation | 1 while ejected as an outlier (timeouts, 5xx)        |
 | load_balancer_forward_timeout_seconds    | gauge     |            | Read timeout of the next forward (adaptive)          |
 | load_balancer_hedge_delay_seconds        | gauge     |            | Time a forward waits before it is hedged             |
@@ -33,7 +33,7 @@ from load_balancer.tail import ForwardTiming
 from load_balancer.view import SubstationSnapshot
 
 OUTCOMES = ("routed", "no_capacity", "invalid", "error")
-HEDGE_OUTCOMES = ("sent", "first_won", "hedge_won", "stopped", "refused", "lost")
+HEDGE_OUTCOMES = ("sent", "over_budget", "first_won", "hedge_won", "stopped", "refused", "lost")
 POLL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -89,8 +89,8 @@ class BalancerMetrics:
         )
         self.hedges = Counter(
             "load_balancer_hedges",
-            "Hedged forwards: sent; which answer was used (first_won, hedge_won); and what became of the "
-            "unused forward: stopped (it admitted too), refused, lost (no answer).",
+            "Hedged forwards: sent, or over_budget (not sent); which answer was used (first_won, hedge_won); and "
+            "what became of the unused forward: stopped (it admitted too), refused, lost (no answer).",
             ["outcome"],
             registry=self.registry,
         )

@@ -56,6 +56,13 @@ def record_failure(view: GridView, url: str, reason: str, eject: bool = False) -
         log.warning("substation at %s marked down; no requests go there %s: %s", url, until, reason)
 
 
+# What read_substation_metrics reads of a substation's page.
+SUBSTATION_FAMILIES = frozenset({
+    "current_load", "substation_state_version", "admission_capacity", "total_capacity", "active_chargers",
+    "minimum_load_kw", "charging_sessions", "curtailed_sessions", "fair_share_kw", "min_charge_kw",
+})
+
+
 def read_substation_metrics(text: str) -> tuple[str, Observation]:
     """The substation id and its state from a substation's /metrics page.
 
@@ -63,7 +70,7 @@ def read_substation_metrics(text: str) -> tuple[str, Observation]:
     message is ours and never quotes the page, which may be anything.
     """
     try:
-        scrape = parse_metrics(text)
+        scrape = parse_metrics(text, only=SUBSTATION_FAMILIES)
     except Exception:  # the parser's errors quote the offending line, and are not all ValueErrors
         raise ValueError("it is not in the Prometheus text format") from None
     labels = scrape.labels_of("current_load") or {}

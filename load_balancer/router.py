@@ -27,10 +27,9 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 import requests
-from urllib3.exceptions import NewConnectionError
 
 from gridcommon.deadline import DEADLINE_HEADER, format_deadline
-from gridcommon.httpclient import HttpClient
+from gridcommon.httpclient import BrokeBeforeAnswer, Exchange, HttpClient, HttpResponse, NotSent
 from gridcommon.validation import ChargeRequest, finite_number
 from load_balancer.lost_answers import LostAnswers, UnansweredForward
 from load_balancer.policies import Policy, make_policy
@@ -276,15 +275,14 @@ class Router:
     def _try_candidates(self, search: _Search) -> Admitted | Refused | None:
         """Forward to the policy's candidates in turn; hedge one that is slow to answer.
 
-        One forward is under way at a time, except when it goes unanswered for the hedge
-        delay: then the next candidate is asked too, and the first admission wins.
+        A forward is sent and its answer awaited in this thread. Only one still
+        unanswered after the hedge delay is handed to a thread of its own, while the
+        next candidate is asked too; the first admission wins (``_race``).
         """
         amount = search.request.amount_kw
-        candidates = iter(enumerate(self._view.choose(amount, search.policy)))
-        under_way: dict[Future, SubstationSnapshot] = {}
-        hedged = False
+        candidates = iter(enumerate(self._view.choose(amount, search.policy, self.timing.unresponsive_seconds)))
 
-        def start_next() -> bool:
+        def start_next() -> tuple[SubstationSnapshot, _Forward] | None:
             for index, candidate in candidates:
                 # The first candidate was reserved by choose(); later ones may have filled up since.
                 if index > 0 and not self._view.reserve(candidate.url, amount):
@@ -293,54 +291,92 @@ class Router:
                 if timeout is None:
                     self._view.release(candidate.url, amount)
                     search.out_of_time = True
-                    return False
+                    return None
                 search.attempts += 1
-                # The request's context (its id, whether it is logged) goes along to the forwarding thread.
-                context = contextvars.copy_context()
-                under_way[self._forwards.submit(context.run, self._send, candidate, search, timeout)] = candidate
-                return True
-            return False
-
-        if not start_next():
+                return candidate, _Forward(self, candidate, search, timeout)
             return None
-        first = next(iter(under_way))
+
+        while (started := start_next()) is not None:
+            candidate, forward = started
+            if not self._answered_or_hedge(candidate, forward):
+                return self._race(candidate, forward, start_next, search)
+            outcome = self._settle(candidate, search, forward.finish())
+            if outcome is not None:
+                return outcome
+        return None
+
+    def _answered_or_hedge(self, candidate: SubstationSnapshot, forward: "_Forward") -> bool:
+        """Wait for the forward's answer: True once it is there to read (or timed out), False to hedge it.
+
+        A forward unanswered after the hedge delay is hedged if its substation went silent
+        (whatever the budget), or if the budget allows; otherwise it is looked at again after
+        each further hedge delay.
+        """
+        delay = self.timing.hedge_delay_seconds
+        if delay is None:
+            return True
+        over_budget = False
+        while not forward.ready(delay):
+            self._eject_if_stalled(candidate)
+            if self._suspect(candidate) or self.timing.take_hedge():
+                return False
+            if not over_budget:
+                over_budget = True
+                self._on_hedge("over_budget")
+        return True
+
+    def _race(
+        self,
+        first_candidate: SubstationSnapshot,
+        first_forward: "_Forward",
+        start_next: Callable[[], tuple[SubstationSnapshot, "_Forward"] | None],
+        search: _Search,
+    ) -> Admitted | Refused | None:
+        """The slow forward and the next candidate, each answered in a thread of its own: the first admission wins."""
+        under_way: dict[Future, SubstationSnapshot] = {}
+
+        def finish_elsewhere(candidate: SubstationSnapshot, forward: _Forward) -> Future:
+            # The request's context (its id, whether it is logged) goes along to the forwarding thread.
+            future = self._forwards.submit(contextvars.copy_context().run, forward.finish)
+            under_way[future] = candidate
+            return future
+
+        def hedge() -> bool:
+            started = start_next()
+            if started is None:
+                return False
+            finish_elsewhere(*started)
+            return True
+
+        first = finish_elsewhere(first_candidate, first_forward)
+        if hedge():
+            self._on_hedge("sent")
         while under_way:
-            hedge_delay = None if hedged else self.timing.hedge_delay_seconds
-            done, _ = wait(under_way, timeout=hedge_delay, return_when=FIRST_COMPLETED)
-            if not done:
-                hedged = True
-                if start_next():
-                    self._on_hedge("sent")
-                continue
+            done, _ = wait(under_way, return_when=FIRST_COMPLETED)
             for future in done:
                 candidate = under_way.pop(future)
                 outcome = self._settle(candidate, search, future.result())
                 if outcome is not None:
-                    if hedged:
-                        self._on_hedge("hedge_won" if future is not first else "first_won")
+                    self._on_hedge("first_won" if future is first else "hedge_won")
                     self._abandon(under_way, search)
                     return outcome
-            if not under_way and not start_next():
+            if not under_way and not hedge():
                 break
         return None
 
-    def _send(
-        self, candidate: SubstationSnapshot, search: _Search, timeout: tuple[float, float]
-    ) -> Answer | Exception:
-        """One forward of the request to ``candidate``: its answer, or why there is none."""
-        # The substation admits nothing after this forward's own end, so a copy that arrives
-        # late (at a substation that was frozen, say) is refused there, not admitted twice.
-        connect_timeout, read_timeout = timeout
-        own_end = time.time() + connect_timeout + read_timeout
-        deadline = own_end if search.caller_deadline is None else min(search.caller_deadline, own_end)
-        started = time.perf_counter()
-        try:
-            answer = self._call("POST", f"{candidate.url}/charge", json=search.request.as_json(), timeout=timeout,
-                                headers={DEADLINE_HEADER: format_deadline(deadline)})
-        except ForwardError as exc:
-            return exc
-        self.timing.record(time.perf_counter() - started)
-        return answer
+    def _suspect(self, candidate: SubstationSnapshot) -> bool:
+        """Whether ``candidate`` has answered nothing for a while although forwards wait on it."""
+        current = self._view.entry(candidate.url)
+        return current is not None and current.unresponsive(self._view.now(), self.timing.unresponsive_seconds)
+
+    def _eject_if_stalled(self, candidate: SubstationSnapshot) -> None:
+        """Eject a substation that has answered nothing for a while although forwards wait on it."""
+        now = self._view.now()
+        current = self._view.entry(candidate.url)
+        if current is not None and current.up and current.unresponsive(now, self.timing.stall_seconds):
+            silent = now - (current.last_answer_at or now)
+            self._mark_failed(current, f"it has answered nothing for {silent:.2f} s while forwards wait on it",
+                              eject=True)
 
     def _settle(
         self, candidate: SubstationSnapshot, search: _Search, result: Answer | Exception
@@ -547,19 +583,8 @@ class Router:
             # Every forward carries the request's session id: sending it twice admits it once.
             response = self._client.request(method, url, resend_if_broken=True, **kwargs)
         except requests.RequestException as exc:
-            refused = isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.Timeout) and (
-                isinstance(exc.args[0] if exc.args else None, NewConnectionError)
-            )
-            raise ForwardError(describe_request_error(exc), sick=not refused) from None
-        if response.status_code >= 500:
-            raise ForwardError(f"it answered HTTP {response.status_code}")
-        try:
-            body = response.json()
-        except ValueError:
-            raise ForwardError(f"its HTTP {response.status_code} answer is not JSON") from None
-        if not isinstance(body, dict):
-            raise ForwardError(f"its HTTP {response.status_code} answer is not a JSON object")
-        return Answer(response.status_code, body)
+            raise forward_error(exc) from None
+        return answer_of(response)
 
     def _mark_failed(self, substation: SubstationSnapshot, reason: str, eject: bool = False) -> None:
         self._on_forward_failure(substation.polled_id)
@@ -567,3 +592,72 @@ class Router:
 
     def close(self) -> None:
         self._forwards.shutdown(wait=False, cancel_futures=True)
+
+
+def forward_error(exc: requests.RequestException) -> ForwardError:
+    return ForwardError(describe_request_error(exc), sick=not isinstance(exc, NotSent))
+
+
+def answer_of(response: HttpResponse) -> Answer:
+    """A substation's answer as the router uses it; ``ForwardError`` if it is a 5xx or not a JSON object."""
+    if response.status_code >= 500:
+        raise ForwardError(f"it answered HTTP {response.status_code}")
+    try:
+        body = response.json()
+    except ValueError:
+        raise ForwardError(f"its HTTP {response.status_code} answer is not JSON") from None
+    if not isinstance(body, dict):
+        raise ForwardError(f"its HTTP {response.status_code} answer is not a JSON object")
+    return Answer(response.status_code, body)
+
+
+class _Forward:
+    """One charge request sent to one substation; its answer read when it comes (``finish``)."""
+
+    def __init__(self, router: Router, candidate: SubstationSnapshot, search: _Search,
+                 timeout: tuple[float, float]) -> None:
+        self._router = router
+        # The substation admits nothing after this forward's own end, so a copy that arrives
+        # late (at a substation that was frozen, say) is refused there, not admitted twice.
+        connect_timeout, read_timeout = timeout
+        own_end = time.time() + connect_timeout + read_timeout
+        deadline = own_end if search.caller_deadline is None else min(search.caller_deadline, own_end)
+        self._call = dict(url=f"{candidate.url}/charge", json=search.request.as_json(), timeout=timeout,
+                          headers={DEADLINE_HEADER: format_deadline(deadline)})
+        self._started = time.perf_counter()
+        self._exchange: Exchange | None = None
+        self._error: ForwardError | None = None
+        try:
+            self._exchange = self._send(fresh=False)
+        except requests.RequestException as exc:
+            self._error = forward_error(exc)
+
+    def _send(self, fresh: bool) -> Exchange:
+        client = self._router._client
+        try:
+            return client.send("POST", fresh=fresh, **self._call)
+        except BrokeBeforeAnswer:
+            # The request never reached the substation; it carries its session id, so sending it
+            # again cannot admit it twice.
+            return client.send("POST", fresh=True, **self._call)
+
+    def ready(self, seconds: float) -> bool:
+        return self._exchange is None or self._exchange.ready(seconds)
+
+    def finish(self) -> Answer | ForwardError:
+        """The answer, or why there is none."""
+        if self._error is not None:
+            return self._error
+        assert self._exchange is not None
+        try:
+            try:
+                response = self._exchange.finish()
+            except BrokeBeforeAnswer:
+                response = self._send(fresh=True).finish()
+            answer = answer_of(response)
+        except requests.RequestException as exc:
+            return forward_error(exc)
+        except ForwardError as exc:
+            return exc
+        self._router.timing.record(time.perf_counter() - self._started)
+        return answer

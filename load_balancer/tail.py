@@ -12,6 +12,17 @@ means a frozen substation stalls every request sent to it for 5 s. Instead, as i
   request, under the same session id, to the next candidate. Whichever admits
   first is used, and the other admission is stopped.
 
+Hedges for mere slowness are paid from a budget, as Finagle's retry budget: each
+answered forward adds ``hedge_budget_ratio`` of a hedge, up to ``hedge_budget_burst``,
+and none is sent before the first percentiles are known, so a burst that makes
+every substation slow does not double the load on them.
+
+A substation with forwards waiting that has answered nothing at all (no forward,
+no poll) for ``unresponsive_seconds`` is suspect: it is put last by the routing,
+and a forward waiting on it is hedged whatever the budget. One silent for half
+the forward timeout is ejected (``GridView``). A busy substation still answers
+something every few milliseconds; only a stuck one goes quiet.
+
 The percentiles come from the last ``window`` answered forwards, recomputed every
 ``recompute_every`` of them so that no request pays for sorting.
 """
@@ -24,11 +35,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class TailSettings:
     max_timeout_seconds: float = 5.0
-    min_timeout_seconds: float = 0.25
+    min_timeout_seconds: float = 1.0
     timeout_factor: float = 4.0
     hedging: bool = True
     min_hedge_delay_seconds: float = 0.05
     hedge_factor: float = 2.0
+    hedge_budget_ratio: float = 0.05
+    hedge_budget_burst: float = 10.0
+    min_unresponsive_seconds: float = 0.2
     window: int = 512
     recompute_every: int = 64
 
@@ -44,11 +58,15 @@ class ForwardTiming:
         # Until enough forwards were seen: the configured ceiling and the least hedge delay.
         self._timeout = settings.max_timeout_seconds
         self._hedge_delay = settings.min_hedge_delay_seconds
-        self._p95 = self._p99 = None
+        self._p95: float | None = None
+        self._p99: float | None = None
+        self._hedge_tokens = settings.hedge_budget_burst
 
     def record(self, seconds: float) -> None:
         """An answered forward took ``seconds``; failures and abandoned forwards are not recorded."""
         with self._lock:
+            self._hedge_tokens = min(self.settings.hedge_budget_burst,
+                                     self._hedge_tokens + self.settings.hedge_budget_ratio)
             self._latencies[self._count % len(self._latencies)] = seconds
             self._count += 1
             if self._count % self.settings.recompute_every == 0:
@@ -62,6 +80,24 @@ class ForwardTiming:
         self._timeout = min(limits.max_timeout_seconds,
                             max(limits.min_timeout_seconds, limits.timeout_factor * self._p99))
         self._hedge_delay = min(self._timeout, max(limits.min_hedge_delay_seconds, limits.hedge_factor * self._p95))
+
+    def take_hedge(self) -> bool:
+        """Whether the budget allows one more hedge for slowness now (and spends it)."""
+        with self._lock:
+            if self._p95 is None or self._hedge_tokens < 1:
+                return False
+            self._hedge_tokens -= 1
+            return True
+
+    @property
+    def unresponsive_seconds(self) -> float:
+        """Silence, with forwards waiting, after which a substation is put last."""
+        return max(self.settings.min_unresponsive_seconds, 2 * self._hedge_delay)
+
+    @property
+    def stall_seconds(self) -> float:
+        """Silence, with forwards waiting, after which a substation is ejected without waiting for a timeout."""
+        return self._timeout / 2
 
     @property
     def timeout_seconds(self) -> float:

@@ -105,6 +105,12 @@ class SubstationSnapshot:
     # Outlier ejection: how often in a row, and until when (on the view's clock).
     ejections: int = 0
     ejected_until: float | None = None
+    # When it last answered anything (a poll or a forward), on the view's clock.
+    last_answer_at: float | None = None
+
+    def unresponsive(self, now: float, after_seconds: float) -> bool:
+        """Forwards wait on it, and it has answered nothing for ``after_seconds``: frozen, most likely."""
+        return self.in_flight > 0 and self.last_answer_at is not None and now - self.last_answer_at > after_seconds
 
     @property
     def polled_id(self) -> str:
@@ -310,6 +316,11 @@ class GridView:
             entries = list(self._substations.values())
         return sorted(entries, key=lambda s: (s.substation_id is None, s.substation_id or "", s.url))
 
+    def entry(self, url: str) -> SubstationSnapshot | None:
+        """The substation at ``url`` as the view has it now."""
+        with self._lock:
+            return self._substations.get(url)
+
     def find(self, substation_id: str) -> SubstationSnapshot | None:
         with self._lock:
             return self._find_locked(substation_id)
@@ -351,6 +362,7 @@ class GridView:
             substation_id=substation_id,
             up=not ejected,
             last_poll_at=now,
+            last_answer_at=now,
             consecutive_failures=entry.consecutive_failures if ejected else 0,
             last_error=entry.last_error if ejected else None,
         )
@@ -404,14 +416,21 @@ class GridView:
 
     # Routing --------------------------------------------------------------
 
-    def choose(self, amount_kw: float, policy: "Policy") -> list[SubstationSnapshot]:
+    def choose(
+        self, amount_kw: float, policy: "Policy", unresponsive_after: float | None = None
+    ) -> list[SubstationSnapshot]:
         """The policy's candidates for ``amount_kw``, with the amount reserved on the first.
 
         Ranking and reserving under one lock is what makes concurrent requests
-        see each other's choices.
+        see each other's choices. With ``unresponsive_after``, a substation that has
+        forwards waiting and has answered nothing for that long goes last: a frozen
+        one stops drawing requests within moments, long before anything times out.
         """
         with self._lock:
             candidates = policy.order(self._substations.values(), amount_kw)
+            if unresponsive_after is not None:
+                now = self._clock()
+                candidates.sort(key=lambda candidate: candidate.unresponsive(now, unresponsive_after))
             if candidates:
                 self._reserve_locked(candidates[0].url, amount_kw)
             return candidates
@@ -455,6 +474,8 @@ class GridView:
                 ),
                 in_flight=in_flight,
             )
+            if answer is not None:
+                entry = replace(entry, last_answer_at=self._clock())
             self._substations[url] = entry
             if answer is not None:
                 self._apply_answer_locked(url, answer, amount_kw if admitted else None)

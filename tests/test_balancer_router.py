@@ -45,14 +45,30 @@ class SilentSubstations(HttpClient):
         self.hold: threading.Event | None = None
         self.call_started = threading.Event()
 
-    def request(self, method: str, url: str, *, resend_if_broken: bool | None = None, **kwargs: Any) -> Any:
-        _, read_timeout = kwargs.get("timeout", self.timeout)
+    def send(self, method: str, url: str, **kwargs: Any) -> Any:
+        _, read_timeout = kwargs.get("timeout") or self.timeout
         self.calls.append((method, url, read_timeout))
         self.call_started.set()
-        if self.hold is not None:
-            assert self.hold.wait(timeout=5)
-        self.clock.advance(read_timeout)
-        raise requests.ReadTimeout(f"{url} did not answer within {read_timeout:g} s")
+        return SilentExchange(self, url, read_timeout)
+
+    def request(self, method: str, url: str, *, resend_if_broken: bool | None = None, **kwargs: Any) -> Any:
+        return self.send(method, url, **kwargs).finish()
+
+
+class SilentExchange:
+    """A forward on its way whose answer never comes: reading it waits out the timeout on the fake clock."""
+
+    def __init__(self, client: SilentSubstations, url: str, read_timeout: float) -> None:
+        self.client, self.url, self.read_timeout = client, url, read_timeout
+
+    def ready(self, seconds: float) -> bool:
+        return True  # read at once: finish() plays the wait on the fake clock
+
+    def finish(self) -> Any:
+        if self.client.hold is not None:
+            assert self.client.hold.wait(timeout=5)
+        self.client.clock.advance(self.read_timeout)
+        raise requests.ReadTimeout(f"{self.url} did not answer within {self.read_timeout:g} s")
 
 
 @dataclass

@@ -51,8 +51,9 @@ def test_the_timeout_and_hedge_delay_follow_the_recent_forwards_within_their_bou
         timing.record(0.010 if index % 100 < 98 else 0.040)  # p95 10 ms, p99 40 ms
     p95, p99 = timing.percentiles()
     assert (p95, p99) == (0.010, 0.040)
-    # 4 x p99 = 160 ms is under the 250 ms floor; 2 x p95 = 20 ms under the 50 ms floor.
-    assert timing.timeout_seconds == 0.25 and timing.hedge_delay_seconds == 0.05
+    # 4 x p99 = 160 ms is under the 1 s floor; 2 x p95 = 20 ms under the 50 ms floor.
+    assert timing.timeout_seconds == 1.0 and timing.hedge_delay_seconds == 0.05
+    assert timing.stall_seconds == 0.5 and timing.unresponsive_seconds == 0.2
     for _ in range(100):
         timing.record(0.5)
     assert timing.timeout_seconds == 2.0 and timing.hedge_delay_seconds == 1.0
@@ -64,6 +65,32 @@ def test_the_timeout_and_hedge_delay_follow_the_recent_forwards_within_their_bou
 
 def test_hedging_can_be_switched_off() -> None:
     assert ForwardTiming(TailSettings(hedging=False)).hedge_delay_seconds is None
+
+
+def test_hedges_are_paid_from_a_budget_that_answered_forwards_refill() -> None:
+    timing = ForwardTiming(TailSettings(hedge_budget_burst=3, hedge_budget_ratio=0.5, window=10, recompute_every=2))
+    assert not timing.take_hedge(), "no hedge for slowness before the first percentiles"
+    timing.record(0.01)
+    timing.record(0.01)
+    assert [timing.take_hedge() for _ in range(4)] == [True, True, True, False]
+    timing.record(0.01)
+    assert not timing.take_hedge(), "half a hedge is not a hedge"
+    timing.record(0.01)
+    assert timing.take_hedge()
+
+
+def test_a_substation_that_went_silent_with_forwards_waiting_is_tried_last() -> None:
+    clock = FakeClock()
+    view = view_of(3, clock)
+    [first, *_] = view.choose(1.0, LeastLoaded(), unresponsive_after=0.2)  # reserves on s0: a forward waits
+    assert first.url == URLS[0]
+    clock.advance(0.1)
+    assert view.choose(1.0, LeastLoaded(), unresponsive_after=0.2)[0].url == URLS[1]  # s0 has one more in flight
+    view.release(URLS[1], 1.0, observed(2))  # s1 answered
+    clock.advance(0.15)
+    # s0: 0.25 s of silence with a forward waiting; s1 answered 0.15 s ago; s2 has nothing in flight.
+    order = [c.url for c in view.choose(1.0, LeastLoaded(), unresponsive_after=0.2)]
+    assert order[-1] == URLS[0] and set(order) == set(URLS[:3])
 
 
 # ----- outlier ejection ------------------------------------------------------------------------------

@@ -248,11 +248,12 @@ def test_settings_defaults_are_the_documented_ones():
         "admin_token": "",
         "rate_limit_per_vehicle": "2/second;30/minute",
         "rate_limit_per_client": "",
-        "rate_limit_storage_uri": "memory://",
+        "rate_limit_storage_uri": "bounded-memory://",
         "state_dir": "",
         "state_full_sync": False,
         "reconcile_seconds": 30.0,
         "log_level": "info",
+        "log_sampling": {"burst_per_second": 20, "every": 100},
     }
 
 

@@ -276,3 +276,19 @@ def test_base_urls_are_normalised_and_bad_ones_named() -> None:
     for bad in bad_urls:
         with pytest.raises(SettingsError, match="LB"):
             env_base_url({"LB": bad}, "LB", "http://127.0.0.1:5002")
+
+
+def test_parsing_only_some_families_reads_the_same_samples_as_parsing_all() -> None:
+    page = (
+        "# HELP current_load Load, kW.\n# TYPE current_load gauge\n"
+        'current_load{substation="s-1"} 12.5\n'
+        "# HELP requests Requests.\n# TYPE requests counter\n"
+        'requests_total{outcome="ok"} 7.0\nrequests_created{outcome="ok"} 1.7e9\n'
+        "# HELP unrelated_seconds Something else.\n# TYPE unrelated_seconds histogram\n"
+        'unrelated_seconds_bucket{le="+Inf"} 3.0\nunrelated_seconds_count 3.0\nunrelated_seconds_sum 0.5\n'
+    )
+    full = parse_metrics(page)
+    some = parse_metrics(page, only=frozenset({"current_load", "requests"}))
+    assert set(some.samples) == {"current_load", "requests_total"}
+    assert some.samples["current_load"] == full.samples["current_load"]
+    assert some.samples["requests_total"] == full.samples["requests_total"]

@@ -58,10 +58,14 @@ class PeerReport:
     flow_kw: float | None
 
 
+# What peer_report reads of a peer's page.
+PEER_FAMILIES = frozenset({ID_METRIC, "peer_gateway_kw", "peer_link_epoch", "peer_flow_kw"})
+
+
 def peer_report(source: str, metrics_text: str, own_id: str) -> PeerReport:
     """What a peer's /metrics page (read from ``source``) tells the node ``own_id``."""
     try:
-        scrape = parse_metrics(metrics_text)
+        scrape = parse_metrics(metrics_text, only=PEER_FAMILIES)
     except ValueError as exc:
         raise PeerUnreachable(f"{source}: {exc}") from None
     labels = scrape.labels_of(ID_METRIC)
