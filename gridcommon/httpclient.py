@@ -259,9 +259,9 @@ class Exchange:
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
         wait = max(0.0, min(seconds, self._read_timeout - self._waited))
-        readable, _, _ = select.select([sock], [], [], wait)
+        readable = _readable(sock, wait)
         self._waited += wait
-        return bool(readable) or self._waited >= self._read_timeout
+        return readable or self._waited >= self._read_timeout
 
     def finish(self) -> HttpResponse:
         """The answer, read whole; raises requests' ``ReadTimeout`` or ``ConnectionError``."""
@@ -294,7 +294,17 @@ class Exchange:
 
     def _answer_waiting(self) -> bool:
         sock = self._connection.sock
-        return sock is not None and bool(select.select([sock], [], [], 0)[0])
+        return sock is not None and _readable(sock, 0.0)
+
+
+def _readable(sock: socket.socket, seconds: float) -> bool:
+    """Whether ``sock`` has something to read (or was closed) within ``seconds``.
+
+    poll, not select: select cannot watch a descriptor numbered 1024 or more.
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(seconds * 1000))
 
 
 class HttpClient:
