@@ -374,8 +374,8 @@ class Router:
         now = self._view.now()
         current = self._view.entry(candidate.url)
         if current is not None and current.up and current.unresponsive(now, self.timing.stall_seconds):
-            silent = now - (current.last_answer_at or now)
-            self._mark_failed(current, f"it has answered nothing for {silent:.2f} s while forwards wait on it",
+            silent = now - (current.waiting_since or now)
+            self._mark_failed(current, f"forwards have waited on it for {silent:.2f} s with no answer",
                               eject=True)
 
     def _settle(

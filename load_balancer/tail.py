@@ -17,8 +17,8 @@ answered forward adds ``hedge_budget_ratio`` of a hedge, up to ``hedge_budget_bu
 and none is sent before the first percentiles are known, so a burst that makes
 every substation slow does not double the load on them.
 
-A substation with forwards waiting that has answered nothing at all (no forward,
-no poll) for ``unresponsive_seconds`` is suspect: it is put last by the routing,
+A substation on which forwards have waited for ``unresponsive_seconds`` with no
+answer from it meanwhile is suspect: it is put last by the routing,
 and a forward waiting on it is hedged whatever the budget. One silent for half
 the forward timeout is ejected (``GridView``). A busy substation still answers
 something every few milliseconds; only a stuck one goes quiet.

@@ -107,10 +107,13 @@ class SubstationSnapshot:
     ejected_until: float | None = None
     # When it last answered anything (a poll or a forward), on the view's clock.
     last_answer_at: float | None = None
+    # Since when forwards have waited on it with no answer from it: set when the first one leaves,
+    # moved on by every answer, None while none waits.
+    waiting_since: float | None = None
 
     def unresponsive(self, now: float, after_seconds: float) -> bool:
-        """Forwards wait on it, and it has answered nothing for ``after_seconds``: frozen, most likely."""
-        return self.in_flight > 0 and self.last_answer_at is not None and now - self.last_answer_at > after_seconds
+        """Forwards have waited on it for ``after_seconds`` and it answered nothing meanwhile: frozen, most likely."""
+        return self.in_flight > 0 and self.waiting_since is not None and now - self.waiting_since > after_seconds
 
     @property
     def polled_id(self) -> str:
@@ -451,6 +454,7 @@ class GridView:
             reserved_kw=entry.reserved_kw + amount_kw,
             reserved_minimum_kw=entry.reserved_minimum_kw + entry.minimum_for(amount_kw),
             in_flight=entry.in_flight + 1,
+            waiting_since=entry.waiting_since if entry.in_flight else self._clock(),
         )
 
     def release(
@@ -475,7 +479,9 @@ class GridView:
                 in_flight=in_flight,
             )
             if answer is not None:
-                entry = replace(entry, last_answer_at=self._clock())
+                entry = replace(entry, last_answer_at=self._clock(), waiting_since=self._clock())
+            if not in_flight:
+                entry = replace(entry, waiting_since=None)
             self._substations[url] = entry
             if answer is not None:
                 self._apply_answer_locked(url, answer, amount_kw if admitted else None)

@@ -687,7 +687,9 @@ class Ledger:
 
     def _prune_levels(self) -> None:
         oldest = next(iter(self._sessions.values()), None)
-        position = oldest.start_position if oldest else self._levels.last_position
+        # The point before the oldest session's own is kept too: it may be the level in effect when it
+        # started (see _integrate).
+        position = oldest.start_position - 1 if oldest else self._levels.last_position
         self._levels.prune_before(position)
         if self._store is not None:
             self._store.prune_levels_before(position)
@@ -840,7 +842,9 @@ class Ledger:
         points: list[tuple[float, float]] = []
         energy = 0.0
         suspended = 0.0
-        level_points = list(self._levels.since(entry.start_position))
+        # From the point before the session's own: a change undone at the instant it started removes its
+        # point, and the level in effect then is the one before (the time of each point picks the right one).
+        level_points = list(self._levels.since(entry.start_position - 1))
         started = entry.session.started_at
         # Segment boundaries: every level change and every suspension or resumption, up to ``until``.
         times = sorted({started, *(t for t, _ in level_points), *(t for t, _ in changes)})
