@@ -81,8 +81,15 @@ class AllocationSwitch:
         return original, offered
 
     def switch(self, policy: str) -> None:
+        switched_at = time.monotonic()
         for _, url in self.substations:
             self.client.set_allocation_policy(url, policy)
+        # The balancer routes by the minimum each substation grants (none under strict): until it has
+        # polled them after the switch it would route the first requests by the old policy.
+        if not wait_for_polls_since(self.client, switched_at, settle_timeout(self.client)):
+            log.warning("The balancer did not poll every substation within %.0f s of the switch to %s; "
+                        "the run's first requests may be routed by the previous policy.",
+                        settle_timeout(self.client), policy)
 
     def restore(self, original: object) -> None:
         assert isinstance(original, dict)
@@ -201,6 +208,22 @@ def settle_timeout(client: GridClient) -> float:
     # The balancer's view may lag by a poll interval: allow two, and a little more.
     interval = client.balancer_status().get("poll_interval_seconds")
     return 2.0 * float(interval if isinstance(interval, (int, float)) else 5.0) + 2.0
+
+
+def wait_for_polls_since(client: GridClient, since: float, timeout: float) -> bool:
+    """Wait (bounded) until the balancer has polled every substation it lists after ``since`` (monotonic)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            entries = client.balancer_status().get("substations") or []
+            ages = [entry.get("last_poll_age_seconds") for entry in entries if isinstance(entry, dict)]
+            elapsed = time.monotonic() - since
+            if ages and all(isinstance(age, (int, float)) and age < elapsed for age in ages):
+                return True
+        except StackError:
+            pass  # a missed reading only delays the check until the next one
+        time.sleep(SETTLE_POLL_SECONDS)
+    return False
 
 
 def wait_for_load_at_most(client: GridClient, limit_kw: float, timeout: float) -> bool:
