@@ -156,7 +156,8 @@ def test_at_most_half_of_the_substations_are_ejected_at_once() -> None:
 def test_a_frozen_substation_is_hedged_around_and_ejected_and_no_session_is_held_twice(tmp_path: Path) -> None:
     stack = start_stack(
         tmp_path,
-        capacities=(1000.0, 1000.0, 1000.0),
+        # Room for every request of the loop (1 kW, 60 s) on the two that stay awake: this is about time.
+        capacities=(10_000.0, 10_000.0, 10_000.0),
         balancer_env={"POLL_INTERVAL_SECONDS": "0.5", "POLL_TIMEOUT_SECONDS": "0.5", "ADMIN_TOKEN": "x"},
     )
     frozen = stack.substations[1]
