@@ -218,10 +218,19 @@ class _HostConnections:
         self._lock = threading.Lock()
 
     def take(self, connect_timeout: float) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection and whether it was used before (and may have been closed at the other end)."""
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
+        """A connection and whether it was used before (and may have been closed at the other end).
+
+        An idle connection with something to read has been closed by the server (its keep-alive
+        ran out): it is dropped here, as urllib3 does, rather than found broken by a request.
+        """
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                connection = self._idle.pop()
+            if connection.sock is not None and not _readable(connection.sock, 0.0):
+                return connection, True
+            connection.close()
         if self._scheme == "https":
             return http.client.HTTPSConnection(self._host, self._port, timeout=connect_timeout), False
         return http.client.HTTPConnection(self._host, self._port, timeout=connect_timeout), False

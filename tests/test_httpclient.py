@@ -57,9 +57,12 @@ def test_calls_reuse_one_kept_alive_connection(server: ThreadingHTTPServer) -> N
 
 
 class OneAnswerPerConnection:
-    """Answers one request per connection, promising keep-alive, then closes it: a keep-alive that ran out."""
+    """Answers the first request of each connection, promising keep-alive; then, with ``close_idle``,
+    closes the connection at once (a keep-alive that ran out), else closes it when the next request
+    arrives, unanswered (a server going away just as the request reached it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, close_idle: bool) -> None:
+        self.close_idle = close_idle
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen()
@@ -78,32 +81,48 @@ class OneAnswerPerConnection:
                 return
             self.connections += 1
             with connection:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    chunk = connection.recv(4096)
-                    if not chunk:
-                        break
-                    request += chunk
-                if request:
+                if self._read_request(connection):
                     connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                        b"Content-Length: 2\r\nConnection: keep-alive\r\n\r\n{}")
+                    if not self.close_idle:
+                        self._read_request(connection)
+
+    @staticmethod
+    def _read_request(connection: socket.socket) -> bool:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = connection.recv(4096)
+            if not chunk:
+                return False
+            request += chunk
+        return True
 
     def close(self) -> None:
         self.listener.close()
 
 
-def test_a_kept_alive_connection_closed_by_the_server_is_replaced_for_what_may_be_sent_again() -> None:
-    server = OneAnswerPerConnection()
+def test_an_idle_connection_the_server_closed_is_not_used_again() -> None:
+    server = OneAnswerPerConnection(close_idle=True)
     try:
         client = HttpClient("test", (1.0, 1.0))
         assert client.get(server.url).json() == {}
         time.sleep(0.1)  # the server has closed its end by now
+        assert client.post(server.url, json={"a": 1}).status_code == 200, "found closed before use: a new one"
+        assert server.connections == 2
+    finally:
+        server.close()
+
+
+def test_a_connection_that_breaks_before_any_answer_is_sent_again_only_when_that_is_safe() -> None:
+    server = OneAnswerPerConnection(close_idle=False)
+    try:
+        client = HttpClient("test", (1.0, 1.0))
+        assert client.get(server.url).status_code == 200
         with pytest.raises(BrokeBeforeAnswer):
             client.post(server.url, json={"a": 1})  # not idempotent: the caller decides whether to send again
         assert client.get(server.url).status_code == 200  # a new connection
-        time.sleep(0.1)
         assert client.get(server.url).status_code == 200, "an idempotent call is sent again on a new connection"
-        # The first, the one after the refused POST (which made none), and the one the last GET was sent again on.
+        # The first; the one after the POST (which broke on the first); the one the last GET was sent again on.
         assert server.connections == 3
     finally:
         server.close()
