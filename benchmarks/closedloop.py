@@ -13,6 +13,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from load_tester.stats import percentile
+
 
 @dataclass
 class LoopResult:
@@ -31,10 +33,10 @@ class LoopResult:
 
     def latency_percentile(self, fraction: float, start: float = 0.0, end: float = float("inf")) -> float:
         """The latency below which ``fraction`` of the requests sent in [start, end) were answered."""
-        latencies = sorted(latency for sent, latency in self.requests if start <= sent < end)
+        latencies = [latency for sent, latency in self.requests if start <= sent < end]
         if not latencies:
             return float("nan")
-        return latencies[min(len(latencies) - 1, int(fraction * len(latencies)))]
+        return percentile(latencies, round(fraction * 100))
 
     def longest(self, start: float = 0.0, end: float = float("inf")) -> float:
         """The longest wait of a request in flight at any moment of [start, end)."""

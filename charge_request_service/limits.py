@@ -29,7 +29,7 @@ from limits.strategies import MovingWindowRateLimiter
 import charge_request_service.rate_limit_store  # noqa: F401
 from charge_request_service.config import Settings
 from gridcommon.validation import VEHICLE_ID_PATTERN
-from gridcommon.web import ApiError
+from gridcommon.web import ApiError, json_object_body
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,15 @@ CHARGE_ENDPOINT = "charge.start_charging"
 
 
 def vehicle_key() -> str:
-    """The vehicle a charge request is for; requests too broken to name one share one bucket."""
-    body = request.get_json(silent=True)
-    vehicle_id = body.get("vehicle_id") if isinstance(body, dict) else None
+    """The vehicle a charge request is for; requests too broken to name one share one bucket.
+
+    The body is read as the endpoint reads it (and kept for it); what is wrong with it, the
+    endpoint says after the limits.
+    """
+    try:
+        vehicle_id = json_object_body().get("vehicle_id")
+    except ApiError:
+        vehicle_id = None
     if isinstance(vehicle_id, str) and VEHICLE_ID_PATTERN.fullmatch(vehicle_id):
         return vehicle_id
     return "(unnamed)"

@@ -272,6 +272,10 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
 
 def json_object_body() -> dict[str, Any]:
     """The request body as a JSON object, or an ApiError saying what is wrong (never a 500)."""
+    # Parsed once per request: a rate limit that needs the vehicle reads it before the endpoint does.
+    body = g.get("json_object_body")
+    if body is not None:
+        return body
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", _HTTP_ERROR_MESSAGES[415])
     # Parsed here rather than with request.get_json(), so the rules hold even in an app
@@ -282,6 +286,7 @@ def json_object_body() -> dict[str, Any]:
         raise invalid_json(exc) from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
+    g.json_object_body = body
     return body
 
 

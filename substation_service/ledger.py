@@ -659,10 +659,11 @@ class Ledger:
         ended = self._report(entry, now, with_history=True, ended_at=now, end_reason=reason)
         suspended, resumed = self._set.remove(session.session_id)
         self._record_state_changes(now, suspended, resumed)
-        self._keep_ended(ended)
+        record = report_to_json(ended)
+        self._keep_ended(session.session_id, record)
         self._retire(session.session_id, now)
         if self._store is not None:
-            self._store.ended(session.session_id, now, report_to_json(ended))
+            self._store.ended(session.session_id, now, record)
             self._finished_since_trim += 1
         self._state_version += 1
         self._unreported.append((session, now - session.started_at))
@@ -682,8 +683,8 @@ class Ledger:
         if self._store is not None:
             self._store.retire(session_id, forget_at)
 
-    def _keep_ended(self, report: SessionReport) -> None:
-        self._ended[report.session.session_id] = _packed(report)
+    def _keep_ended(self, session_id: str, record: dict) -> None:
+        self._ended[session_id] = _packed(record)
         while len(self._ended) > ENDED_SESSIONS_KEPT:
             self._ended.popitem(last=False)
 
@@ -763,7 +764,7 @@ class Ledger:
                 suspended.append((last_at, -stored.admitted, stored.session_id))
         self._set.restore(members, [key for *_, key in sorted(suspended)], to_mw(self._parts().limit_kw))
         for record in state.ended[-ENDED_SESSIONS_KEPT:]:
-            self._ended[record["session_id"]] = _packed(report_from_json(record))
+            self._ended[record["session_id"]] = _packed(record)
         self._retired.restore(state.retired)
         self._limit_history.extend(state.limits)
         self._apply_limit(self._time)
@@ -902,8 +903,9 @@ def report_to_json(report: SessionReport) -> dict:
     }
 
 
-def _packed(report: SessionReport) -> bytes:
-    return json.dumps(report_to_json(report), separators=(",", ":")).encode()
+def _packed(record: dict) -> bytes:
+    """A finished session's record (``report_to_json``) as the ledger keeps it in memory."""
+    return json.dumps(record, separators=(",", ":")).encode()
 
 
 def _unpacked(packed: bytes) -> SessionReport:
