@@ -34,8 +34,3 @@ def parse_deadline(value: str | None, now: float | None = None) -> float | None:
         return None
     return deadline
 
-
-def seconds_left(deadline: float | None, now: float | None = None) -> float | None:
-    if deadline is None:
-        return None
-    return deadline - (time.time() if now is None else now)

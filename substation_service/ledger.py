@@ -62,6 +62,9 @@ LIMIT_HISTORY_KEPT = 10_000
 # How often the store forgets what no longer needs keeping (ended sessions past the last kept, ...).
 TRIM_EVERY_FINISHES = 1_000
 SECONDS_PER_HOUR = 3600.0
+# An ended session's id stays retired this long past its copies' latest deadline. The ledger judges
+# deadlines by its own clock, so this is room for rounding, not for clocks that disagree.
+RETIRE_MARGIN_SECONDS = 1.0
 
 
 def steady_wall_clock() -> Clock:
@@ -264,38 +267,77 @@ class SessionIdRetired(Exception):
         self.session_id = session_id
 
 
+class DeadlinePassed(Exception):
+    """The request's caller stopped waiting for the answer (X-Request-Deadline): nothing is admitted."""
+
+    def __init__(self, session_id: str | None, late_seconds: float, snapshot: Snapshot) -> None:
+        super().__init__(
+            f"the deadline of the request for session {session_id or '(unnamed)'} passed {late_seconds:.3f} s ago; "
+            "its caller no longer waits for the answer, so nothing was admitted"
+        )
+        self.session_id = session_id
+        self.late_seconds = late_seconds
+        self.snapshot = snapshot
+
+
 class RetiredIds:
     """Ids of sessions that ended, were stopped, or were asked to stop before they existed.
 
     A copy of a request can arrive late (a resend after a lost answer, packets
     held up by a network cut), even after the balancer asked to stop the
-    session it might have created. Remembering the id for as long as a session
-    can last means such a copy is refused instead of charging a vehicle twice.
+    session it might have created. Remembering the id means such a copy is
+    refused instead of charging a vehicle twice. How long: until the latest
+    deadline any copy of the request carried (a copy is refused after its
+    deadline anyway), or, for a request sent without a deadline or an id never
+    seen here, for as long as a session can last. So ids do not pile up with
+    traffic: the balancer's copies all carry deadlines of a few seconds.
     Not thread-safe: the ledger calls it under its lock.
     """
 
     def __init__(self, keep_seconds: float, limit: int = 100_000) -> None:
         self._keep_seconds = keep_seconds
         self._limit = limit
-        self._forget_at: OrderedDict[str, float] = OrderedDict()
+        self._forget_at: dict[str, float] = {}
+        # (forget_at, id), soonest first; an entry whose id was retired again since is skipped when it surfaces.
+        self._queue: list[tuple[float, str]] = []
 
-    def add(self, session_id: str, now: float) -> float:
-        """Retire the id; returns when it will be forgotten."""
-        self._forget_at.pop(session_id, None)
-        forget_at = self._forget_at[session_id] = now + self._keep_seconds
+    def add(self, session_id: str, now: float, until: float | None = None) -> float | None:
+        """Retire the id until ``until`` (at most the full window; None: the full window).
+
+        Returns when it will be forgotten, or None when ``until`` has already passed.
+        """
+        forget_at = now + self._keep_seconds if until is None else min(until, now + self._keep_seconds)
+        forget_at = max(forget_at, self._forget_at.get(session_id, forget_at))
+        if forget_at <= now:
+            return None
+        self._forget_at[session_id] = forget_at
+        heapq.heappush(self._queue, (forget_at, session_id))
         while len(self._forget_at) > self._limit:
-            self._forget_at.popitem(last=False)
+            # Full: the id that would be forgotten soonest goes first.
+            self._pop_soonest()
+        if len(self._queue) > 2 * len(self._forget_at) + 64:
+            self._queue = [(at, key) for key, at in self._forget_at.items()]
+            heapq.heapify(self._queue)
         return forget_at
 
     def restore(self, entries: list[tuple[str, float]]) -> None:
-        for session_id, forget_at in entries:  # in time order, as they were added
+        for session_id, forget_at in entries:
             self._forget_at[session_id] = forget_at
+        self._queue = [(at, key) for key, at in self._forget_at.items()]
+        heapq.heapify(self._queue)
 
     def holds(self, session_id: str, now: float) -> bool:
-        # Entries were added in time order, so the expired ones are at the front.
-        while self._forget_at and next(iter(self._forget_at.values())) <= now:
-            self._forget_at.popitem(last=False)
+        while self._queue and self._queue[0][0] <= now:
+            self._pop_soonest()
         return session_id in self._forget_at
+
+    def __len__(self) -> int:
+        return len(self._forget_at)
+
+    def _pop_soonest(self) -> None:
+        forget_at, session_id = heapq.heappop(self._queue)
+        if self._forget_at.get(session_id) == forget_at:
+            del self._forget_at[session_id]
 
 
 class UnknownSession(KeyError):
@@ -315,6 +357,8 @@ class _Entry:
     start_position: int
     # (time, charging?) at every suspension and resumption.
     state_changes: list[tuple[float, bool]] = field(default_factory=list)
+    # The latest deadline any copy of its request carried; None when one had none (or after a restart).
+    copies_until: float | None = None
 
 
 class _LevelHistory:
@@ -461,6 +505,7 @@ class Ledger:
         amount_kw: float,
         duration_seconds: float | None = None,
         session_id: str | None = None,
+        deadline: float | None = None,
     ) -> Admission:
         """Start a session if its minimum fits beside everyone's, else raise ``CapacityExceeded``.
 
@@ -468,6 +513,11 @@ class Ledger:
         vehicle and amount returns that session (``replayed``): a caller whose
         answer got lost can safely ask again. The id of a session that ended or
         was asked to stop raises ``SessionIdRetired``.
+
+        ``deadline`` (seconds since the epoch) is when the caller stops waiting:
+        from then on the request raises ``DeadlinePassed``, judged by the
+        ledger's clock under its lock, so the id of a session that ends needs
+        retiring only until the latest deadline of its copies.
         """
         if not amount_kw > 0 or not math.isfinite(amount_kw):
             raise ValueError(f"amount_kw must be a finite number greater than 0, got {amount_kw}")
@@ -477,9 +527,11 @@ class Ledger:
         amount_mw = amount_to_mw(amount_kw)
         minimum = minimum_mw(self.policy, amount_mw, self._min_charge_mw)
         with self._current() as now:
+            if deadline is not None and now >= deadline:
+                raise DeadlinePassed(session_id, now - deadline, self._snapshot(now))
             if session_id is not None and session_id in self._sessions:
-                return self._replay(self._sessions[session_id], vehicle_id, amount_kw, now)
-            if session_id is not None and self._retired.holds(session_id, now):
+                return self._replay(self._sessions[session_id], vehicle_id, amount_kw, now, deadline)
+            if session_id is not None and (session_id in self._ended or self._retired.holds(session_id, now)):
                 raise SessionIdRetired(session_id)
             if not self._set.admits(minimum):
                 raise CapacityExceeded(amount_kw, to_kw(minimum), self._snapshot(now))
@@ -488,7 +540,7 @@ class Ledger:
             member = Member(session.session_id, amount_mw, minimum, self._admitted)
             self._set.add(member)
             self._levels.record(now, self._set.level_mw)
-            entry = _Entry(session, member, self._levels.last_position, [(now, True)])
+            entry = _Entry(session, member, self._levels.last_position, [(now, True)], deadline)
             self._sessions[session.session_id] = entry
             if self._store is not None:
                 self._store.admit(StoredSession(
@@ -500,10 +552,14 @@ class Ledger:
             self._state_version += 1
             return Admission(self._report(entry, now), self._snapshot(now))
 
-    def _replay(self, entry: _Entry, vehicle_id: str, amount_kw: float, now: float) -> Admission:
+    def _replay(
+        self, entry: _Entry, vehicle_id: str, amount_kw: float, now: float, deadline: float | None
+    ) -> Admission:
         session = entry.session
         if (session.vehicle_id, session.amount_kw) != (vehicle_id, amount_kw):
             raise SessionIdInUse(session)
+        if entry.copies_until is not None:
+            entry.copies_until = None if deadline is None else max(entry.copies_until, deadline)
         return Admission(self._report(entry, now), self._snapshot(now), replayed=True)
 
     def release(self, session_id: str) -> Release:
@@ -661,7 +717,8 @@ class Ledger:
         self._record_state_changes(now, suspended, resumed)
         record = report_to_json(ended)
         self._keep_ended(session.session_id, record)
-        self._retire(session.session_id, now)
+        until = None if entry.copies_until is None else entry.copies_until + RETIRE_MARGIN_SECONDS
+        self._retire(session.session_id, now, until)
         if self._store is not None:
             self._store.ended(session.session_id, now, record)
             self._finished_since_trim += 1
@@ -678,9 +735,9 @@ class Ledger:
                 self._store.state_changed(key, entry.state_changes)
         self._levels.record(at, self._set.level_mw)
 
-    def _retire(self, session_id: str, now: float) -> None:
-        forget_at = self._retired.add(session_id, now)
-        if self._store is not None:
+    def _retire(self, session_id: str, now: float, until: float | None = None) -> None:
+        forget_at = self._retired.add(session_id, now, until)
+        if forget_at is not None and self._store is not None:
             self._store.retire(session_id, forget_at)
 
     def _keep_ended(self, session_id: str, record: dict) -> None:

@@ -7,12 +7,13 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from gridcommon.deadline import DEADLINE_HEADER, parse_deadline, seconds_left
+from gridcommon.deadline import DEADLINE_HEADER, parse_deadline
 from gridcommon.timefmt import format_time
 from gridcommon.web import ApiError, metrics_response, parse_charge_body
 from substation_service.config import Settings
 from substation_service.ledger import (
     CapacityExceeded,
+    DeadlinePassed,
     Ledger,
     SessionIdInUse,
     SessionIdRetired,
@@ -111,22 +112,22 @@ def start_charging() -> tuple[Response, int]:
     charge = parse_charge_body(
         current.settings.max_amount_kw, current.settings.max_session_seconds, accept_session_id=True
     )
-    left = seconds_left(parse_deadline(request.headers.get(DEADLINE_HEADER)))
-    if left is not None and left <= 0:
+    try:
+        admission = current.ledger.admit(
+            charge.vehicle_id, charge.amount_kw, charge.duration_seconds, charge.session_id,
+            deadline=parse_deadline(request.headers.get(DEADLINE_HEADER)),
+        )
+    except DeadlinePassed as late:
         # Its caller has given up on the answer: a session admitted now would charge with nobody told.
         log.info("refused session %s for vehicle %s: its deadline passed %.3f s ago",
-                 charge.session_id, charge.vehicle_id, -left)
+                 charge.session_id, charge.vehicle_id, late.late_seconds)
         raise ApiError(
             409,
             "deadline_passed",
             "The request's deadline (X-Request-Deadline) has passed: its caller no longer waits for the answer, "
             "so nothing was admitted.",
-            **capacity_json(current.ledger.snapshot()),
-        )
-    try:
-        admission = current.ledger.admit(
-            charge.vehicle_id, charge.amount_kw, charge.duration_seconds, charge.session_id
-        )
+            **capacity_json(late.snapshot),
+        ) from None
     except CapacityExceeded as rejection:
         current.metrics.rejected.inc()
         log.info("rejected %g kW for vehicle %s: %s", charge.amount_kw, charge.vehicle_id, rejection)

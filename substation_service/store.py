@@ -131,8 +131,9 @@ class LedgerStore:
     # ----- writing: queued by the ledger during one change, committed at its end ------------
 
     def admit(self, session: StoredSession) -> None:
+        # The id may be that of a session ended long ago, past what the ledger still refuses: its row goes.
         self._pending.append((
-            "INSERT INTO sessions (session_id, vehicle_id, amount_kw, started_at, ends_at, admitted, "
+            "INSERT OR REPLACE INTO sessions (session_id, vehicle_id, amount_kw, started_at, ends_at, admitted, "
             "start_position, state_changes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (session.session_id, session.vehicle_id, session.amount_kw, session.started_at, session.ends_at,
              session.admitted, session.start_position, json.dumps(session.state_changes)),

@@ -90,6 +90,21 @@ def test_a_substation_admits_nothing_after_the_deadline(grid: Stack) -> None:
     assert "ev-late" not in {s["vehicle_id"] for s in held_everywhere(grid)}
 
 
+def test_a_late_copy_of_a_stopped_request_is_refused_for_its_id_then_for_its_deadline(grid: Stack) -> None:
+    substation = grid.substations[0]
+    deadline = {DEADLINE_HEADER: f"{time.time() + 1.5:.3f}"}
+    body = {"vehicle_id": "ev-copy", "amount": 5, "session_id": "copied-0001"}
+    assert requests.post(f"{substation.url}/charge", json=body, headers=deadline, timeout=5).status_code == 201
+    assert requests.delete(f"{substation.url}/charge/copied-0001", timeout=5).status_code == 200
+
+    copy = requests.post(f"{substation.url}/charge", json=body, headers=deadline, timeout=5)
+    assert copy.status_code == 409 and copy.json()["error"] == "session_id_retired"
+    time.sleep(max(0.0, float(deadline[DEADLINE_HEADER]) - time.time()) + 0.05)
+    copy = requests.post(f"{substation.url}/charge", json=body, headers=deadline, timeout=5)
+    assert copy.status_code == 409 and copy.json()["error"] == "deadline_passed"
+    assert "ev-copy" not in {s["vehicle_id"] for s in held_everywhere(grid)}
+
+
 # ----- several balancers -------------------------------------------------------------------------
 
 

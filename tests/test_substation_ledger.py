@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from substation_service.allocation import AllocationPolicy
 from substation_service.ledger import (
     CapacityExceeded,
+    DeadlinePassed,
     Ledger,
     Session,
     SessionIdInUse,
@@ -429,3 +430,40 @@ def test_retired_ids_are_forgotten_once_no_session_could_still_last(clock: FakeC
     clock.advance(600)
 
     assert ledger.admit("ev-1", 30.0, session_id="s-1").session.session_id == "s-1"
+
+
+def test_a_request_past_its_deadline_is_refused_and_admits_nothing(ledger: Ledger, clock: FakeClock) -> None:
+    with pytest.raises(DeadlinePassed) as late:
+        ledger.admit("ev-1", 30.0, session_id="late", deadline=clock.now - 0.5)
+
+    assert late.value.late_seconds == pytest.approx(0.5)
+    assert late.value.snapshot.load_kw == 0.0
+    assert ledger.admit("ev-1", 30.0, session_id="in-time", deadline=clock.now + 0.001).session.amount_kw == 30.0
+
+
+def test_a_stopped_session_is_refused_until_its_copies_deadline_then_by_the_deadline(
+    ledger: Ledger, clock: FakeClock
+) -> None:
+    deadline = clock.now + 5
+    ledger.admit("ev-1", 30.0, session_id="hedged", deadline=deadline)
+    ledger.release("hedged")  # the balancer stops the copy it did not use
+
+    clock.advance(4)  # a second copy held up on the way, still within its deadline
+    with pytest.raises(SessionIdRetired):
+        ledger.admit("ev-1", 30.0, session_id="hedged", deadline=deadline)
+    clock.advance(2)
+    with pytest.raises(DeadlinePassed):
+        ledger.admit("ev-1", 30.0, session_id="hedged", deadline=deadline)
+    assert ledger.snapshot().load_kw == 0.0
+
+
+def test_a_copy_sent_without_deadline_keeps_the_id_retired_for_the_whole_window(clock: FakeClock) -> None:
+    ledger = Ledger(100.0, 60.0, clock=clock, retire_ids_for_seconds=600, policy=STRICT)
+    ledger.admit("ev-1", 30.0, session_id="mixed", deadline=clock.now + 5)
+    assert ledger.admit("ev-1", 30.0, session_id="mixed").replayed  # a copy with no deadline at all
+    ledger.release("mixed")
+
+    clock.advance(599)
+    with pytest.raises(SessionIdRetired):
+        ledger.admit("ev-1", 30.0, session_id="mixed")
+

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from substation_service import ledger as ledger_module
 from substation_service.ledger import CapacityExceeded, Ledger, SessionIdRetired, SessionState
 from substation_service.peering.power import LocalPower, parse_profile
 from substation_service.store import LedgerStore, StoreError
@@ -87,6 +88,46 @@ def test_suspended_sessions_and_retired_ids_survive_a_restart(tmp_path: Path) ->
     after.set_operator_limit(12.0)  # room for one more: the one suspended first (the newest, ev-3) resumes
     assert after.session(ids[3]).state is SessionState.CHARGING
     assert after.session(ids[3]).suspended_seconds == pytest.approx(3.0)
+
+
+def test_ids_of_sessions_whose_copies_all_had_deadlines_do_not_pile_up(tmp_path: Path) -> None:
+    path, clock = tmp_path / "ledger.sqlite3", FakeClock()
+    ledger = Ledger(100.0, 1.0, clock=clock, store=LedgerStore(path, ID), substation_id=ID,
+                    retire_ids_for_seconds=3600)
+    for index in range(2_000):
+        ledger.admit("ev-1", 30.0, session_id=f"s-{index}", deadline=clock.now + 0.5)
+        if index % 2:
+            ledger.release(f"s-{index}")  # half stopped early (a hedge's unused copy), half run their time
+        clock.advance(1.0)
+    with pytest.raises(KeyError):
+        ledger.release("never-arrived")  # no deadline known: the whole window
+
+    db = sqlite3.connect(path)
+    retired = {row[0] for row in db.execute("SELECT session_id FROM retired WHERE forget_at > ?", (clock.now,))}
+    # Of 2,000 ended ids only the last stopped one, whose copies' deadline (+ margin) is still ahead.
+    assert retired == {"never-arrived", "s-1999"}
+    assert db.execute("SELECT count(*) FROM sessions WHERE report IS NOT NULL").fetchone()[0] == 2_000
+    with pytest.raises(SessionIdRetired):  # an ended session known here is still never started again
+        ledger.admit("ev-1", 30.0, session_id="s-1998")
+
+
+def test_the_id_of_a_session_no_longer_kept_can_start_again_and_survives_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "ENDED_SESSIONS_KEPT", 3)
+    monkeypatch.setattr(ledger_module, "TRIM_EVERY_FINISHES", 100)  # the file keeps more than the memory
+    path, clock = tmp_path / "ledger.sqlite3", FakeClock()
+    ledger = open_ledger(path, clock, retire_ids_for_seconds=10)
+    for index in range(5):
+        ledger.admit("ev-1", 5.0, duration_seconds=1, session_id=f"s-{index}")
+        clock.advance(2)
+    clock.advance(10)
+
+    again = ledger.admit("ev-2", 7.0, session_id="s-0")  # ended, forgotten by the ledger, still in the file
+
+    assert again.session.vehicle_id == "ev-2"
+    restarted = open_ledger(path, clock)
+    assert (restarted.session("s-0").state, restarted.session("s-0").allocated_kw) == (SessionState.CHARGING, 7.0)
 
 
 def test_a_generation_step_during_the_downtime_is_played_at_its_time(tmp_path: Path) -> None:
