@@ -13,7 +13,8 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -240,8 +241,15 @@ class SessionTracker:
     def now(self) -> datetime:
         return self._clock()
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The tracker's lock. What is written to the store under it is committed after it is released
+        (together with other threads' writes) and before the caller goes on."""
+        with self._store.batch() if self._store is not None else nullcontext(), self._lock:
+            yield
+
     def record(self, session: ChargeSession) -> None:
-        with self._lock:
+        with self._locked():
             now = self._clock()
             self._drop_expired(now)
             if session.session_id not in self._sessions:
@@ -254,7 +262,7 @@ class SessionTracker:
 
     def reserve(self, session_id: str, vehicle_id: str, amount_kw: float) -> PendingSession:
         """Note a request about to be forwarded; raises ``VehicleBusy`` if the vehicle has a session."""
-        with self._lock:
+        with self._locked():
             now = self._clock()
             self._drop_expired(now)
             existing = self._vehicles.get(vehicle_id)
@@ -268,14 +276,14 @@ class SessionTracker:
 
     def queued(self, session_id: str, record: dict[str, Any]) -> None:
         """The pending request now waits in the queue; ``record`` is how to queue it again after a restart."""
-        with self._lock:
+        with self._locked():
             pending = self._pending.pop(session_id, None)
             if pending is not None:
                 self._put(session_id, pending.vehicle_id, "queued", record, self._clock())
 
     def release(self, session_id: str) -> None:
         """The pending request was not admitted (refused, or stopped after no answer came)."""
-        with self._lock:
+        with self._locked():
             pending = self._pending.pop(session_id, None)
             if pending is not None:
                 self._free_vehicle(pending.vehicle_id, session_id)
@@ -284,7 +292,7 @@ class SessionTracker:
 
     def rekey(self, old_session_id: str, new_session_id: str) -> None:
         """A pending request is sent again under a new session id (the old one was stopped everywhere)."""
-        with self._lock:
+        with self._locked():
             pending = self._pending.pop(old_session_id)
             renamed = replace(pending, session_id=new_session_id)
             self._pending[new_session_id] = renamed
@@ -295,7 +303,7 @@ class SessionTracker:
 
     def end_unheld(self, session_id: str) -> ChargeSession | None:
         """Its substation no longer holds it (it restarted without it, say): it ended."""
-        with self._lock:
+        with self._locked():
             now = self._clock()
             session = self._sessions.pop(session_id, None)
             if session is not None:
@@ -307,7 +315,7 @@ class SessionTracker:
             return session
 
     def pending(self) -> list[PendingSession]:
-        with self._lock:
+        with self._locked():
             return list(self._pending.values())
 
     def load(self) -> tuple[list[PendingSession], list[dict[str, Any]]]:
@@ -315,7 +323,7 @@ class SessionTracker:
         if self._store is None:
             return [], []
         queued: list[dict[str, Any]] = []
-        with self._lock:
+        with self._locked():
             for session_id, state, record in self._store.sessions():
                 if state == "active":
                     session = ChargeSession.from_record(record)
@@ -344,24 +352,24 @@ class SessionTracker:
 
     def get(self, session_id: str) -> ChargeSession | None:
         """The session if it is still active, else ``None``."""
-        with self._lock:
+        with self._locked():
             self._drop_expired(self._clock())
             return self._sessions.get(session_id)
 
     def active(self) -> list[ChargeSession]:
         """Active sessions, oldest first."""
-        with self._lock:
+        with self._locked():
             self._drop_expired(self._clock())
             return sorted(self._sessions.values(), key=lambda session: (session.started_at, session.session_id))
 
     def active_count(self) -> int:
-        with self._lock:
+        with self._locked():
             self._drop_expired(self._clock())
             return len(self._sessions)
 
     def forget(self, session_id: str) -> ChargeSession | None:
         """Forget a session a client stopped; ``None`` if it was not active."""
-        with self._lock:
+        with self._locked():
             now = self._clock()
             self._drop_expired(now)
             session = self._sessions.pop(session_id, None)
@@ -377,20 +385,20 @@ class SessionTracker:
     def finish_waiting(self, session_id: str, vehicle_id: str, amount_kw: float, state: str,
                        queued_at: datetime, token_digest: str | None) -> None:
         """Record how a request that never started left the queue: ``expired`` or ``cancelled``."""
-        with self._lock:
+        with self._locked():
             self._keep_finished(FinishedSession(
                 session_id, vehicle_id, amount_kw, state, self._clock(), queued_at=queued_at,
                 token_digest=token_digest,
             ))
 
     def finished(self, session_id: str) -> FinishedSession | None:
-        with self._lock:
+        with self._locked():
             self._drop_expired(self._clock())
             return self._finished.get(session_id)
 
     def remember_final(self, session_id: str, final: Mapping[str, Any]) -> None:
         """Keep the substation's last record of a finished session: it no longer changes."""
-        with self._lock:
+        with self._locked():
             entry = self._finished.get(session_id)
             if entry is not None:
                 entry = self._finished[session_id] = replace(entry, final=dict(final))
@@ -404,7 +412,7 @@ class SessionTracker:
             self._finished.popitem(last=False)
 
     def counts(self) -> SessionCounts:
-        with self._lock:
+        with self._locked():
             self._drop_expired(self._clock())
             return SessionCounts(self._recorded, self._stopped, self._expired, len(self._sessions))
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,10 @@ CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
 # Finished sessions and idempotency answers kept, at most.
 FINISHED_KEPT = 10_000
 ANSWERS_KEPT = 100_000
+# How often the file forgets what is past those bounds.
+TRIM_EVERY_WRITES = 1_000
+# Failed batches remembered until their writers have seen the failure.
+FAILED_BATCHES_KEPT = 256
 
 
 StoreError = StateFileError
@@ -55,13 +62,46 @@ class StoredAnswer:
 
 
 class ChargeStore:
-    """Thread-safe (one lock) access to the charge API's state file."""
+    """Thread-safe access to the charge API's state file, committing with group commit.
+
+    A write is queued and then committed together with whatever other threads
+    queued meanwhile: the first writer to reach the file commits everyone's
+    statements in one transaction, in the order they were queued, and the
+    others find theirs done. Each writer still returns only once its own
+    statements are committed (or raises ``StoreError``), so "committed before
+    the client is answered" holds with one transaction per batch instead of
+    one per statement. Inside ``batch()`` a thread's writes are only queued,
+    and committed when the block ends: a caller queues under its own lock and
+    waits for the file after releasing it, so the lock is not held over a commit.
+    """
 
     def __init__(self, path: Path, full_sync: bool = False) -> None:
         self.path = path
-        self._lock = threading.Lock()
-        self._writes = 0
         self._db = open_state_file(path, SCHEMA, full_sync)
+        # Guards the connection: one commit or read at a time.
+        self._file_lock = threading.Lock()
+        # Guards the queue and its counters; never held while waiting for the file.
+        self._queue_lock = threading.Lock()
+        self._queue: list[tuple[str, tuple]] = []
+        self._queued = 0  # statements queued since the start, numbered from 1
+        self._committed = 0  # every statement numbered up to this one was tried
+        self._writes_since_trim = 0
+        # (first, last, reason) of the last batches that failed; their writers raise.
+        self._failed: deque[tuple[int, int, str]] = deque(maxlen=FAILED_BATCHES_KEPT)
+        self._thread = threading.local()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Queue this thread's writes inside the block; commit them (group commit) when it ends."""
+        thread = self._thread
+        depth = getattr(thread, "depth", 0)
+        thread.depth = depth + 1
+        try:
+            yield
+        finally:
+            thread.depth = depth
+            if depth == 0:
+                self._commit_mine()
 
     def put_session(self, session_id: str, vehicle_id: str, state: str, record: dict[str, Any], now: float) -> None:
         self._write(
@@ -74,12 +114,12 @@ class ChargeStore:
 
     def sessions(self) -> list[tuple[str, str, dict[str, Any]]]:
         """``(session_id, state, record)`` of every kept session, oldest change first."""
-        with self._lock:
+        with self._file_lock:
             rows = self._db.execute("SELECT session_id, state, record FROM sessions ORDER BY updated_at").fetchall()
         return [(session_id, state, json.loads(record)) for session_id, state, record in rows]
 
     def answer(self, key: str) -> StoredAnswer | None:
-        with self._lock:
+        with self._file_lock:
             row = self._db.execute(
                 "SELECT fingerprint, status, answer, created_at FROM idempotency WHERE key = ?", (key,)
             ).fetchone()
@@ -96,14 +136,50 @@ class ChargeStore:
         )
 
     def _write(self, sql: str, params: tuple) -> None:
+        with self._queue_lock:
+            self._queue.append((sql, params))
+            self._queued += 1
+            number = self._queued
+        thread = self._thread
+        if getattr(thread, "first", None) is None:
+            thread.first = number
+        thread.last = number
+        if getattr(thread, "depth", 0) == 0:
+            self._commit_mine()
+
+    def _commit_mine(self) -> None:
+        """Return once this thread's queued statements are committed; ``StoreError`` if they could not be."""
+        thread = self._thread
+        first, last = getattr(thread, "first", None), getattr(thread, "last", 0)
+        thread.first = None
+        if first is None:
+            return
+        if self._committed < last:
+            with self._file_lock:
+                if self._committed < last:  # nobody committed them while this thread waited
+                    self._commit_queued()
+        for failed_first, failed_last, reason in tuple(self._failed):  # a copy: a leader may be appending
+            if failed_first <= last and first <= failed_last:
+                raise StoreError(f"could not write the state file {self.path} ({reason}): is the disk full?")
+
+    def _commit_queued(self) -> None:
+        """Everything queued so far, in one transaction (under the file lock)."""
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+            first, last = self._committed + 1, self._queued
+        self._writes_since_trim += len(batch)
         try:
-            with self._lock:
-                self._db.execute(sql, params)
-                self._writes += 1
-                if self._writes % 1000 == 0:
+            with self._db:  # BEGIN ... COMMIT, or ROLLBACK on error
+                self._db.execute("BEGIN IMMEDIATE")
+                for sql, params in batch:
+                    self._db.execute(sql, params)
+                if self._writes_since_trim >= TRIM_EVERY_WRITES:
+                    self._writes_since_trim = 0
                     self._trim()
         except sqlite3.Error as exc:
-            raise StoreError(f"could not write the state file {self.path} ({exc}): is the disk full?") from None
+            self._failed.append((first, last, str(exc)))
+        finally:
+            self._committed = last
 
     def _trim(self) -> None:
         finished = "('ended', 'stopped', 'expired', 'cancelled', 'abandoned')"
@@ -117,4 +193,5 @@ class ChargeStore:
         )
 
     def close(self) -> None:
-        self._db.close()
+        with self._file_lock:
+            self._db.close()

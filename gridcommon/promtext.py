@@ -24,6 +24,15 @@ class Scrape:
         return dict(entries[0][0]) if entries else None
 
 
+def families_query(names: frozenset[str]) -> str:
+    """The query string that asks a prometheus-client ``/metrics`` for these families only (``name[]=...``).
+
+    Metric names need no escaping. An exporter that ignores it sends its whole page, which
+    :func:`only_families` then cuts down.
+    """
+    return "&".join(f"name[]={name}" for name in sorted(names))
+
+
 def only_families(text: str, names: frozenset[str]) -> str:
     """The lines of an exposition page that belong to the families ``names`` (their samples, HELP and TYPE).
 

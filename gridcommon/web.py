@@ -291,8 +291,12 @@ def json_object_body() -> dict[str, Any]:
 
 
 def metrics_response(registry: CollectorRegistry) -> Response:
+    """The registry's page; with ``name[]=...`` in the query, only those series (as prometheus-client's own
+    exporter does). Pollers that read a few families ask for them: the page is built for them alone."""
+    names = request.args.getlist("name[]")
+    page = generate_latest(registry.restricted_registry(names) if names else registry)
     # content_type, not mimetype: prometheus-client's type already names its charset; Werkzeug would add another.
-    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+    return Response(page, content_type=CONTENT_TYPE_LATEST)
 
 
 def parse_charge_body(

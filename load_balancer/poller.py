@@ -25,7 +25,7 @@ from typing import Callable
 import requests
 
 from gridcommon.httpclient import BoundedGetError, HttpClient
-from gridcommon.promtext import parse_metrics
+from gridcommon.promtext import families_query, parse_metrics
 from gridcommon.validation import is_substation_id
 from load_balancer.view import GridView, Observation, SubstationConflict
 
@@ -61,6 +61,7 @@ SUBSTATION_FAMILIES = frozenset({
     "current_load", "substation_state_version", "admission_capacity", "total_capacity", "active_chargers",
     "minimum_load_kw", "charging_sessions", "curtailed_sessions", "fair_share_kw", "min_charge_kw",
 })
+SUBSTATION_QUERY = families_query(SUBSTATION_FAMILIES)
 
 
 def read_substation_metrics(text: str) -> tuple[str, Observation]:
@@ -171,7 +172,7 @@ class Poller:
         """
         try:
             answer = self._client.get_bounded(
-                f"{url}/metrics", max_bytes=self._max_metrics_bytes, total_seconds=self._poll_limit
+                f"{url}/metrics?{SUBSTATION_QUERY}", max_bytes=self._max_metrics_bytes, total_seconds=self._poll_limit
             )
         except BoundedGetError as exc:
             raise PollError(f"polling {url}/metrics failed: {exc}") from None

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 
 from gridcommon.httpclient import HttpClient
-from load_balancer.poller import PollError, Poller, read_substation_metrics
+from load_balancer.poller import SUBSTATION_QUERY, PollError, Poller, read_substation_metrics
 from load_balancer.view import GridView
 from substation_service import create_app as create_substation_app
 from substation_service.config import Settings as SubstationSettings
@@ -26,18 +26,28 @@ class FakeClock:
         return self.now
 
 
-def substation_metrics_page(capacity_kw: float, *amounts: float) -> str:
+def substation_metrics_page(capacity_kw: float, *amounts: float, query: str = "") -> str:
     """The /metrics page of a real substation app after admitting ``amounts``."""
     app = create_substation_app(SubstationSettings(substation_id="sub-x", capacity_kw=capacity_kw))
     client = app.test_client()
     for index, amount in enumerate(amounts):
         response = client.post("/charge", json={"vehicle_id": f"v{index}", "amount": amount})
         assert response.status_code == 201, response.get_json()
-    return client.get("/metrics").get_data(as_text=True)
+    return client.get(f"/metrics?{query}" if query else "/metrics").get_data(as_text=True)
+
+
+def test_the_families_the_poll_asks_for_read_as_the_whole_page_does() -> None:
+    whole = substation_metrics_page(120.0, 30.0, 12.5)
+    asked = substation_metrics_page(120.0, 30.0, 12.5, query=SUBSTATION_QUERY)
+
+    assert len(asked) < len(whole) / 2
+    assert read_substation_metrics(asked)[1] == read_substation_metrics(whole)[1]
 
 
 def test_reads_id_and_state_from_a_real_substation_page() -> None:
-    substation_id, observation = read_substation_metrics(substation_metrics_page(120.0, 30.0, 12.5))
+    substation_id, observation = read_substation_metrics(
+        substation_metrics_page(120.0, 30.0, 12.5, query=SUBSTATION_QUERY)
+    )
     assert substation_id == "sub-x"
     assert observation.load_kw == 42.5
     assert observation.capacity_kw == 120.0

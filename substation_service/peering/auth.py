@@ -15,7 +15,8 @@ The signed text is these lines joined by ``\\n`` (no trailing newline), as UTF-8
 
     peer-request-v1
     <METHOD, upper case>
-    <path, without query string: /peer-balancing/messages or /metrics>
+    <path, and "?" with the query string exactly as sent when there is one:
+     /peer-balancing/messages, or /metrics?name[]=current_load&... (see signed_path)>
     <X-Peer-Sender>
     <X-Peer-Timestamp, exactly as sent>
     <X-Peer-Nonce>
@@ -184,6 +185,15 @@ class PeerKey:
 
     def _mac(self, text: bytes) -> str:
         return hmac.new(self.secret, text, hashlib.sha256).hexdigest()
+
+
+def signed_path(path: str, query_string: bytes) -> str:
+    """The request target as signed: the path, and the raw query string when there is one.
+
+    A poll's query picks what the answer holds, so it is signed too: nobody on the way can
+    strip a family from a peer's page without the signature failing.
+    """
+    return f"{path}?{query_string.decode('latin-1')}" if query_string else path
 
 
 def _request_text(method: str, path: str, sender: str, timestamp: str, nonce: str, body: bytes) -> bytes:

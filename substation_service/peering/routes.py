@@ -39,7 +39,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from gridcommon.validation import ValidationError
 from gridcommon.web import ApiError, json_object_body
-from substation_service.peering.auth import SIGNATURE_HEADER, AuthError
+from substation_service.peering.auth import SIGNATURE_HEADER, AuthError, signed_path
 from substation_service.peering.machine import Outcome, Rejection
 from substation_service.peering.service import PeeringService
 from substation_service.peering.transport import MESSAGES_PATH, METRICS_PATH, POLL_REFUSED_HEADER
@@ -108,7 +108,7 @@ def receive_message() -> tuple[Response, int]:
     body = request.get_data(cache=True)
     try:
         signed = service.key.verify_request(
-            "POST", request.path, request.headers, body, service.now(), service.clock_tolerance_seconds
+            "POST", signed_path(request.path, request.query_string), request.headers, body, service.now(), service.clock_tolerance_seconds
         )
     except AuthError as exc:
         service.node.count_rejection(exc.reason)
@@ -141,7 +141,8 @@ def sign_poll_answer(response: Response) -> Response:
         return response  # unsigned: the poller counts it and takes this substation for no member
     try:
         signed = service.key.verify_request(
-            "GET", request.path, request.headers, b"", service.now(), service.clock_tolerance_seconds
+            "GET", signed_path(request.path, request.query_string), request.headers, b"", service.now(),
+            service.clock_tolerance_seconds,
         )
     except AuthError as exc:
         # No signature for a poller that cannot prove it holds the key; it learns why, unsigned.

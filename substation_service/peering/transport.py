@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import requests
 
 from gridcommon.httpclient import HttpClient
-from gridcommon.promtext import parse_metrics
+from gridcommon.promtext import families_query, parse_metrics
 from substation_service.peering.auth import SIGNATURE_HEADER, AuthError, PeerKey
 from substation_service.peering.machine import Rejection
 from substation_service.peering.messages import Message, message_json
@@ -60,6 +60,8 @@ class PeerReport:
 
 # What peer_report reads of a peer's page.
 PEER_FAMILIES = frozenset({ID_METRIC, "peer_gateway_kw", "peer_link_epoch", "peer_flow_kw"})
+# What a membership poll asks for (and signs): only the families it reads.
+PEER_POLL_PATH = f"{METRICS_PATH}?{families_query(PEER_FAMILIES)}"
 
 
 def peer_report(source: str, metrics_text: str, own_id: str) -> PeerReport:
@@ -139,12 +141,12 @@ class PeerTransport:
 
     def scrape(self, url: str) -> PeerReport:
         """A signed poll of the peer's /metrics; what it tells, if the peer signed its answer."""
-        source = f"{url}{METRICS_PATH}"
+        source = f"{url}{PEER_POLL_PATH}"
         if self._key is None:
             raise PeerUnauthenticated(
                 f"{source}: this substation has no PEER_KEY to sign its poll", Rejection.PEERING_OFF
             )
-        headers = self._key.sign_request("GET", METRICS_PATH, self._own_id, b"", self._clock())
+        headers = self._key.sign_request("GET", PEER_POLL_PATH, self._own_id, b"", self._clock())
         try:
             response = self._client.get(source, headers=headers)
             response.raise_for_status()

@@ -27,6 +27,8 @@ from substation_service.peering.schedule import PhaseSchedule
 from substation_service.peering.service import PeeringService
 from substation_service.peering.transport import (
     MESSAGES_PATH,
+    PEER_FAMILIES,
+    PEER_POLL_PATH,
     POLL_REFUSED_HEADER,
     PeerReport,
     PeerUnreachable,
@@ -269,8 +271,8 @@ def poll_through(peer_client: FlaskClient, key: str = GROUP_KEY, own: str = ME):
     def scrape(urls) -> dict[str, PeerReport | PeerUnreachable]:
         results: dict[str, PeerReport | PeerUnreachable] = {}
         for url in urls:
-            headers = signed_headers(b"", own, key=key, method="GET", path="/metrics")
-            answer = peer_client.get("/metrics", headers=headers)
+            headers = signed_headers(b"", own, key=key, method="GET", path=PEER_POLL_PATH)
+            answer = peer_client.get(PEER_POLL_PATH, headers=headers)
             try:
                 results[url] = signed_peer_report(f"{url}/metrics", answer.status_code, answer.headers, answer.data,
                                                   headers[SIGNATURE_HEADER], poller_key, own)
@@ -296,6 +298,20 @@ def test_metrics_answers_are_signed_only_for_a_signed_poll(app_client) -> None:
                                                           path="/metrics"))
     assert SIGNATURE_HEADER not in old.headers and old.headers[POLL_REFUSED_HEADER] == "stale_timestamp"
     assert rejected(client, "bad_signature") == 1 and rejected(client, "stale_timestamp") == 1
+
+
+def test_a_poll_gets_only_the_families_it_asks_for_and_its_query_is_signed(app_client) -> None:
+    client, _ = app_client
+    poll = signed_headers(b"", PEER, method="GET", path=PEER_POLL_PATH)
+    answer = client.get(PEER_POLL_PATH, headers=poll)
+
+    assert SIGNATURE_HEADER in answer.headers
+    assert set(parse_metrics(answer.get_data(as_text=True)).samples) <= PEER_FAMILIES
+    assert "current_load" in parse_metrics(answer.get_data(as_text=True)).samples
+    assert len(answer.data) < len(client.get("/metrics").data) / 5
+    # Somebody on the way swaps the query for one that drops the link's figures: the signature no longer holds.
+    stripped = client.get("/metrics?name[]=current_load", headers=poll)
+    assert SIGNATURE_HEADER not in stripped.headers and stripped.headers[POLL_REFUSED_HEADER] == "bad_signature"
 
 
 def test_a_forged_metrics_answer_at_a_peer_url_resets_no_link(make_app: AppFactory, caplog) -> None:
