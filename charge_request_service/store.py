@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gridcommon import jsonfast
 from gridcommon.sqlitestate import StateFileError, open_state_file
 
 SCHEMA = """
@@ -106,7 +107,7 @@ class ChargeStore:
     def put_session(self, session_id: str, vehicle_id: str, state: str, record: dict[str, Any], now: float) -> None:
         self._write(
             "INSERT OR REPLACE INTO sessions (session_id, vehicle_id, state, record, updated_at) VALUES (?, ?, ?, ?, ?)",
-            (session_id, vehicle_id, state, json.dumps(record), now),
+            (session_id, vehicle_id, state, jsonfast.dumps_text(record), now),
         )
 
     def drop_session(self, session_id: str) -> None:
@@ -131,7 +132,7 @@ class ChargeStore:
     def put_answer(self, key: str, answer: StoredAnswer) -> None:
         self._write(
             "INSERT OR REPLACE INTO idempotency (key, fingerprint, status, answer, created_at) VALUES (?, ?, ?, ?, ?)",
-            (key, answer.fingerprint, answer.status, json.dumps({"body": answer.body, "headers": answer.headers}),
+            (key, answer.fingerprint, answer.status, jsonfast.dumps_text({"body": answer.body, "headers": answer.headers}),
              answer.created_at),
         )
 

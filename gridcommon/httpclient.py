@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import http.client
-import json as json_module
 import logging
 import select
 import socket
@@ -35,6 +34,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from gridcommon import jsonfast
 from gridcommon.log_sampling import REQUEST_LOGGED_HEADER
 from gridcommon.request_context import REQUEST_ID_HEADER, current_request_id, current_request_logged
 
@@ -202,7 +202,7 @@ class HttpResponse:
 
     def json(self) -> Any:
         """The body as JSON; ``ValueError`` if it is not (bytes that are not UTF-8 included)."""
-        return json_module.loads(self.content)
+        return jsonfast.loads(self.content)
 
     def raise_for_status(self) -> None:
         if self.status_code >= 400:
@@ -393,7 +393,7 @@ class HttpClient:
             sent_headers.setdefault(REQUEST_LOGGED_HEADER, "1" if current_request_logged() else "0")
         body = data
         if json is not None:
-            body = json_module.dumps(json).encode()
+            body = jsonfast.dumps(json)
             sent_headers.setdefault("Content-Type", "application/json")
         connect_timeout, read_timeout = timeout or self.timeout
         connections = self._connections(parts.scheme, parts.hostname, port)

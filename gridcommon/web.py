@@ -20,12 +20,13 @@ import sys
 import time
 from typing import Any
 
+import orjson
 from flask import Flask, Request, Response, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
-from gridcommon import logs
+from gridcommon import jsonfast, logs
 from gridcommon.log_sampling import REQUEST_LOGGED_HEADER
 from gridcommon.request_context import (
     REQUEST_ID_HEADER,
@@ -125,15 +126,34 @@ def invalid_json(exc: ValueError) -> ApiError:
     return ApiError(400, "invalid_json", f"The request body is not valid JSON: {reason}. Send one JSON object.")
 
 
+# Types Flask's JSON converts its own way (dates as HTTP dates, dataclasses as dicts): orjson hands them over.
+FLASK_CONVERTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
 class StrictJSONProvider(DefaultJSONProvider):
-    """Flask's JSON, reading request bodies with :func:`loads_request_json`'s rules.
+    """Flask's JSON, reading request bodies with :func:`loads_request_json`'s rules, writing with orjson.
 
     Covers ``request.get_json()`` wherever an endpoint calls it, not only
-    :func:`json_object_body`.
+    :func:`json_object_body`. Answers follow ``sort_keys`` as Flask's do, and
+    dates and dataclasses go through Flask's own conversion, so they read as before.
     """
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         return loads_request_json(s, **kwargs)
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        if kwargs:  # indentation or other json.dumps options: the standard library's
+            return super().dumps(obj, **kwargs)
+        return self._encode(obj).decode()
+
+    def response(self, *args: Any, **kwargs: Any) -> Response:
+        if (self.compact is None and self._app.debug) or self.compact is False:
+            return super().response(*args, **kwargs)  # indented for reading
+        body = self._encode(self._prepare_response_obj(args, kwargs))
+        return self._app.response_class(body + b"\n", mimetype=self.mimetype)
+
+    def _encode(self, obj: Any) -> bytes:
+        return jsonfast.dumps(obj, sort_keys=self.sort_keys, default=self.default, passthrough=FLASK_CONVERTS)
 
 
 class JsonErrorRequest(Request):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import json
 import math
 import threading
 import time
@@ -37,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 
+from gridcommon import jsonfast
 from substation_service.allocation import (
     AllocationPolicy,
     ChargingSet,
@@ -495,7 +495,9 @@ class Ledger:
         else:
             self._apply_limit(now)
             self._state_version = 0  # the first limit is where the ledger starts, not a change
-        self._flush(now)
+        sealed = self._flush(now)
+        if sealed is not None:
+            self._store.commit_through(sealed)
 
     # ----- sessions --------------------------------------------------------------------------
 
@@ -649,7 +651,13 @@ class Ledger:
 
     @contextmanager
     def _current(self) -> Iterator[float]:
-        """Hold the lock over a state with every event up to now played; yields now."""
+        """Hold the lock over a state with every event up to now played; yields now.
+
+        What changed is committed once the lock is released (group commit: one transaction for
+        the changes of every thread waiting then) and before the caller goes on, whether the
+        change succeeded or was refused.
+        """
+        sealed = None
         try:
             with self._lock:
                 now = max(self._clock(), self._time)
@@ -658,10 +666,13 @@ class Ledger:
                 try:
                     yield now
                 finally:
-                    # Committed before anyone is answered, whether the change succeeded or was refused.
-                    self._flush(now)
+                    sealed = self._flush(now)
         finally:
-            self._report_finished()
+            try:
+                if sealed is not None:
+                    self._store.commit_through(sealed)
+            finally:
+                self._report_finished()
 
     def _play_events_until(self, now: float) -> None:
         """Sessions ending and profile steps up to ``now``, each at its own time, in time order."""
@@ -715,12 +726,12 @@ class Ledger:
         ended = self._report(entry, now, with_history=True, ended_at=now, end_reason=reason)
         suspended, resumed = self._set.remove(session.session_id)
         self._record_state_changes(now, suspended, resumed)
-        record = report_to_json(ended)
-        self._keep_ended(session.session_id, record)
+        packed = _packed(report_to_json(ended))
+        self._keep_ended(session.session_id, packed)
         until = None if entry.copies_until is None else entry.copies_until + RETIRE_MARGIN_SECONDS
         self._retire(session.session_id, now, until)
         if self._store is not None:
-            self._store.ended(session.session_id, now, record)
+            self._store.ended(session.session_id, now, packed.decode())
             self._finished_since_trim += 1
         self._state_version += 1
         self._unreported.append((session, now - session.started_at))
@@ -740,8 +751,8 @@ class Ledger:
         if forget_at is not None and self._store is not None:
             self._store.retire(session_id, forget_at)
 
-    def _keep_ended(self, session_id: str, record: dict) -> None:
-        self._ended[session_id] = _packed(record)
+    def _keep_ended(self, session_id: str, packed: bytes) -> None:
+        self._ended[session_id] = packed
         while len(self._ended) > ENDED_SESSIONS_KEPT:
             self._ended.popitem(last=False)
 
@@ -756,15 +767,19 @@ class Ledger:
 
     # ----- the store ----------------------------------------------------------------------------
 
-    def _flush(self, now: float) -> None:
-        """Commit what changed to the store (under the lock, before anyone is answered)."""
+    def _flush(self, now: float) -> int | None:
+        """Seal what changed for the store's next commit (under the lock); the number to wait for.
+
+        A read that changed nothing still waits for the changes sealed before it: it may
+        report them, and nobody is told of a change before it is committed.
+        """
         if self._store is None:
-            return
+            return None
         changed = self._levels.changed_points()
         if changed is None and not self._store.has_pending and self._state_version == self._flushed_version:
             # A read that changed nothing (a scrape, a status): no write. The time and energy since the
             # last change are replayed from it at a restart.
-            return
+            return self._store.seal()
         if changed is not None:
             self._store.levels_from(*changed, dropped_past=self._levels.take_dropped_past())
         if self._finished_since_trim >= TRIM_EVERY_FINISHES:
@@ -780,8 +795,8 @@ class Ledger:
             "operator_limit_kw": self._operator_limit_kw,
             "peer_kw": self._peer_kw,
         })
-        self._store.commit()
         self._flushed_version = self._state_version
+        return self._store.seal()
 
     def _restore(self, state: StoredState, now: float) -> None:
         """Carry on from what the store holds: its sessions, histories and counters.
@@ -961,12 +976,12 @@ def report_to_json(report: SessionReport) -> dict:
 
 
 def _packed(record: dict) -> bytes:
-    """A finished session's record (``report_to_json``) as the ledger keeps it in memory."""
-    return json.dumps(record, separators=(",", ":")).encode()
+    """A finished session's record (``report_to_json``) as compact JSON: in memory, and in the state file."""
+    return jsonfast.dumps(record)
 
 
 def _unpacked(packed: bytes) -> SessionReport:
-    return report_from_json(json.loads(packed))
+    return report_from_json(jsonfast.loads(packed))
 
 
 def report_from_json(record: dict) -> SessionReport:

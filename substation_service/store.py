@@ -1,9 +1,12 @@
 """The substation's ledger on disk: SQLite (stdlib ``sqlite3``) in WAL mode. Plain Python, no Flask.
 
 Every change the ledger makes (an admission, an end, a stop, a suspension, a
-change of limit) is written in one transaction that is committed before the
-ledger answers, so a process killed at any moment comes back with every
-session it ever admitted. ``synchronous=NORMAL`` in WAL mode survives a
+change of limit) is committed before the ledger answers, so a process killed at
+any moment comes back with every session it ever admitted. Changes are
+committed in groups (group commit): the ledger seals each change's statements
+under its lock and waits for the file after releasing it; the first waiter
+commits every change sealed so far in one transaction, in order, and the
+others find theirs done. ``synchronous=NORMAL`` in WAL mode survives a
 crashed or killed process; ``STATE_SYNC=full`` also survives a power cut,
 at the cost of an fsync per change.
 
@@ -18,11 +21,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gridcommon import jsonfast
 from gridcommon.sqlitestate import StateFileError, open_state_file
 
 SCHEMA_VERSION = 1
@@ -80,15 +86,34 @@ class StoredState:
         return not self.meta
 
 
+# Failed groups remembered until their waiters have seen the failure.
+FAILED_GROUPS_KEPT = 256
+
+
 class LedgerStore:
-    """One substation's SQLite file; not thread-safe: the ledger uses it under its own lock."""
+    """One substation's SQLite file.
+
+    The writing methods queue statements for the change being made and ``seal()`` hands them
+    to the next commit: the ledger calls those under its own lock. ``commit_through()`` is
+    called without it, from any thread.
+    """
 
     def __init__(self, path: Path, substation_id: str, full_sync: bool = False) -> None:
         self.path = path
         self._substation_id = substation_id
         self._db = open_state_file(path, SCHEMA, full_sync)
         self._check_owner()
+        # The change being made: its statements, and the counters' row as it ends.
         self._pending: list[tuple[str, Iterable[Any]]] = []
+        self._meta: str | None = None
+        self._pruned_before: int | None = None
+        # Sealed changes waiting for a commit, numbered from 1 in the order they were made.
+        self._queue_lock = threading.Lock()
+        self._sealed: list[tuple[list[tuple[str, Iterable[Any]]], str | None]] = []
+        self._sealed_count = 0
+        self._committed_count = 0  # every change numbered up to this one was tried
+        self._failed: deque[tuple[int, int, str]] = deque(maxlen=FAILED_GROUPS_KEPT)
+        self._file_lock = threading.Lock()  # one commit at a time on the connection
 
     def _check_owner(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'state'").fetchone()
@@ -136,18 +161,18 @@ class LedgerStore:
             "INSERT OR REPLACE INTO sessions (session_id, vehicle_id, amount_kw, started_at, ends_at, admitted, "
             "start_position, state_changes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (session.session_id, session.vehicle_id, session.amount_kw, session.started_at, session.ends_at,
-             session.admitted, session.start_position, json.dumps(session.state_changes)),
+             session.admitted, session.start_position, jsonfast.dumps_text(session.state_changes)),
         ))
 
     def state_changed(self, session_id: str, state_changes: list[tuple[float, bool]]) -> None:
         self._pending.append(
-            ("UPDATE sessions SET state_changes = ? WHERE session_id = ?", (json.dumps(state_changes), session_id))
+            ("UPDATE sessions SET state_changes = ? WHERE session_id = ?", (jsonfast.dumps_text(state_changes), session_id))
         )
 
-    def ended(self, session_id: str, ended_at: float, report: dict[str, Any]) -> None:
+    def ended(self, session_id: str, ended_at: float, report_json: str) -> None:
+        """The session's final record, already encoded (the ledger keeps the same text in memory)."""
         self._pending.append(
-            ("UPDATE sessions SET ended_at = ?, report = ? WHERE session_id = ?",
-             (ended_at, json.dumps(report), session_id))
+            ("UPDATE sessions SET ended_at = ?, report = ? WHERE session_id = ?", (ended_at, report_json, session_id))
         )
 
     def levels_from(self, position: int, points: list[tuple[int, float, int | None]], dropped_past: bool) -> None:
@@ -159,6 +184,9 @@ class LedgerStore:
             self._pending.append(("INSERT OR REPLACE INTO levels (position, at, level_mw) VALUES (?, ?, ?)", point))
 
     def prune_levels_before(self, position: int) -> None:
+        if self._pruned_before is not None and position <= self._pruned_before:
+            return  # nothing before it is left
+        self._pruned_before = position
         self._pending.append(("DELETE FROM levels WHERE position < ?", (position,)))
 
     def limit(self, at: float, limit_kw: float, source: str) -> None:
@@ -170,8 +198,8 @@ class LedgerStore:
         )
 
     def meta(self, values: dict[str, Any]) -> None:
-        """The counters, all in one row: one statement per change, however many there are."""
-        self._pending.append(("INSERT OR REPLACE INTO meta (key, value) VALUES ('state', ?)", (json.dumps(values),)))
+        """The counters, all in one row: written once per commit, as the last change of the group left them."""
+        self._meta = jsonfast.dumps_text(values)
 
     def trim(self, now: float, ended_kept: int, limits_kept: int) -> None:
         """Forget what no longer needs keeping: old ended sessions and limits, retired ids past their time."""
@@ -186,18 +214,44 @@ class LedgerStore:
     def has_pending(self) -> bool:
         return bool(self._pending)
 
-    def commit(self) -> None:
-        """Write every queued change in one transaction; raises ``StoreError`` if it cannot."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
+    def seal(self) -> int:
+        """Hand the change's statements to the next commit; its number (the last one's if it wrote nothing)."""
+        with self._queue_lock:
+            if self._pending or self._meta is not None:
+                self._sealed.append((self._pending, self._meta))
+                self._sealed_count += 1
+                self._pending, self._meta = [], None
+            return self._sealed_count
+
+    def commit_through(self, number: int) -> None:
+        """Return once every change sealed up to ``number`` is committed; ``StoreError`` if its group failed."""
+        if self._committed_count < number:
+            with self._file_lock:
+                if self._committed_count < number:  # nobody committed it while this thread waited
+                    self._commit_sealed()
+        for first, last, reason in tuple(self._failed):  # a copy: another thread may be appending
+            if first <= number <= last:
+                raise StoreError(f"could not write the state file {self.path} ({reason}): is the disk full?")
+
+    def _commit_sealed(self) -> None:
+        """Every sealed change in one transaction (under the file lock)."""
+        with self._queue_lock:
+            group, self._sealed = self._sealed, []
+            first, last = self._committed_count + 1, self._sealed_count
+        meta = next((meta for _, meta in reversed(group) if meta is not None), None)
         try:
             with self._db:  # BEGIN ... COMMIT, or ROLLBACK on error
                 self._db.execute("BEGIN IMMEDIATE")
-                for sql, params in pending:
-                    self._db.execute(sql, tuple(params))
+                for statements, _ in group:
+                    for sql, params in statements:
+                        self._db.execute(sql, tuple(params))
+                if meta is not None:
+                    self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('state', ?)", (meta,))
         except sqlite3.Error as exc:
-            raise StoreError(f"could not write the state file {self.path} ({exc}): is the disk full?") from None
+            self._failed.append((first, last, str(exc)))
+        finally:
+            self._committed_count = last
 
     def close(self) -> None:
-        self._db.close()
+        with self._file_lock:
+            self._db.close()

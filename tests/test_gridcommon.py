@@ -1,6 +1,8 @@
 """The shared package: charge-request validation, settings, time format, metrics parsing."""
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import io
 import json
 import logging
@@ -10,6 +12,7 @@ import socket
 import pytest
 from flask import Flask, jsonify, request
 
+from gridcommon import jsonfast
 from gridcommon.logs import SafeFormatter, escape_for_log
 from gridcommon.promtext import parse_metrics
 from gridcommon.request_context import choose_request_id
@@ -292,3 +295,36 @@ def test_parsing_only_some_families_reads_the_same_samples_as_parsing_all() -> N
     assert set(some.samples) == {"current_load", "requests_total"}
     assert some.samples["current_load"] == full.samples["current_load"]
     assert some.samples["requests_total"] == full.samples["requests_total"]
+
+
+# ----- jsonfast and the JSON answers ------------------------------------------------------------
+
+
+def test_fast_json_reads_back_as_the_standard_librarys_does() -> None:
+    value = {"b": [1, 2.5, None, True], "a": "Zähler ⚡", 3: "integer key", "big": 2**70}
+
+    encoded = jsonfast.dumps(value)  # an integer past 64 bits: the standard library's turn
+
+    assert json.loads(encoded) == json.loads(json.dumps(value))
+    assert jsonfast.dumps({"b": 1, "a": 2}, sort_keys=True) == b'{"a":2,"b":1}'
+    assert jsonfast.loads(jsonfast.dumps({"x": [0.1, 1e16]})) == {"x": [0.1, 1e16]}
+    with pytest.raises(ValueError):
+        jsonfast.loads(b"{not json")
+
+
+def test_answers_keep_their_key_order_and_flasks_dates_and_dataclasses() -> None:
+    @dataclasses.dataclass
+    class Point:
+        at: datetime.date
+        kw: float
+
+    app = Flask(__name__)
+    install_common(app)
+    with app.app_context():
+        answer = jsonify({"z": 1, "a": Point(datetime.date(2026, 12, 2), 7.5)})
+        app.json.sort_keys = True
+        sorted_answer = jsonify({"z": 1, "a": 2})
+
+    assert answer.mimetype == "application/json"
+    assert answer.get_data(as_text=True) == '{"z":1,"a":{"at":"Wed, 02 Dec 2026 00:00:00 GMT","kw":7.5}}\n'
+    assert sorted_answer.get_data(as_text=True) == '{"a":2,"z":1}\n'

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,59 @@ def test_the_id_of_a_session_no_longer_kept_can_start_again_and_survives_a_resta
     assert again.session.vehicle_id == "ev-2"
     restarted = open_ledger(path, clock)
     assert (restarted.session("s-0").state, restarted.session("s-0").allocated_kw) == (SessionState.CHARGING, 7.0)
+
+
+def test_concurrent_admissions_are_each_in_the_file_when_they_return(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(10_000.0, 600.0, store=LedgerStore(path, ID), substation_id=ID)
+    missing: list[str] = []
+    start = threading.Barrier(16)
+
+    def admit_many(number: int) -> None:
+        start.wait()
+        with sqlite3.connect(path) as db:  # the file as another process would read it
+            for index in range(40):
+                session_id = f"s-{number}-{index}"
+                ledger.admit(f"ev-{number}-{index}", 5.0, session_id=session_id)
+                if db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
+                    missing.append(session_id)
+
+    threads = [threading.Thread(target=admit_many, args=(number,)) for number in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert missing == []
+    restarted = Ledger(10_000.0, 600.0, store=LedgerStore(path, ID), substation_id=ID)
+    assert restarted.snapshot().active_chargers == 16 * 40
+    assert restarted.snapshot().load_kw == 16 * 40 * 5.0
+
+
+def test_when_the_file_cannot_be_written_every_change_of_the_group_fails_loudly(tmp_path: Path) -> None:
+    path, clock = tmp_path / "ledger.sqlite3", FakeClock()
+    ledger = open_ledger(path, clock)
+    with sqlite3.connect(path) as other:
+        other.execute("DROP TABLE sessions")  # the file changes under the substation
+
+    outcomes = []
+    start = threading.Barrier(6)
+
+    def admit(number: int) -> None:
+        start.wait()
+        try:
+            ledger.admit(f"ev-{number}", 1.0)
+            outcomes.append("committed")
+        except StoreError as exc:
+            assert "could not write the state file" in str(exc)
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=admit, args=(number,)) for number in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes == ["refused"] * 6
 
 
 def test_a_generation_step_during_the_downtime_is_played_at_its_time(tmp_path: Path) -> None:
