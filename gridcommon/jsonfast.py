@@ -30,6 +30,15 @@ def dumps(value: Any, *, sort_keys: bool = False, default: Callable[[Any], Any] 
                           ensure_ascii=False).encode()
 
 
+def dumps_to_keep(value: Any) -> bytes:
+    """``value`` as compact JSON bytes sized to fit, for bytes held in memory for long.
+
+    orjson's own result is allocated in steps of 4 KiB whatever its length: ten thousand
+    kept records would hold 40 MiB instead of 4.
+    """
+    return memoryview(dumps(value)).tobytes()
+
+
 def dumps_text(value: Any) -> str:
     """``value`` as compact JSON text, for a TEXT column."""
     return dumps(value).decode()

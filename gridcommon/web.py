@@ -36,6 +36,7 @@ from gridcommon.request_context import (
     set_request_id,
     set_request_logged,
 )
+from gridcommon.sqlitestate import StateFileError
 from gridcommon.validation import ChargeRequest, ValidationError, parse_charge_request
 
 MAX_BODY_BYTES = 16 * 1024
@@ -202,6 +203,8 @@ _HTTP_ERROR_MESSAGES = {
 # An answer that took this long has its access line written even when its request is not sampled.
 SLOW_REQUEST_SECONDS = 1.0
 
+# How long a client is asked to wait when the state file cannot be written.
+STATE_RETRY_SECONDS = 5
 # Scraped or called every few seconds: their access lines only appear at DEBUG level.
 ROUTINE_PATHS = frozenset({"/metrics", "/health"})
 
@@ -277,6 +280,20 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
         response = error_response(status, exc.name.lower().replace(" ", "_"), message)
         if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
             response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+        return response
+
+    @app.errorhandler(StateFileError)
+    def _state_unavailable(exc: StateFileError) -> Response:
+        # A full or broken disk: the change was not committed, so nobody may be told it was made.
+        error_log.error("serving %s %s: %s", request.method, request.path, exc)
+        response = error_response(
+            503,
+            "state_unavailable",
+            f"The service could not record the change, so it did not answer it as made: {exc}. Retry later; "
+            "the operator should check the state folder (STATE_DIR).",
+            retry_after_seconds=STATE_RETRY_SECONDS,
+        )
+        response.headers["Retry-After"] = str(STATE_RETRY_SECONDS)
         return response
 
     @app.errorhandler(Exception)

@@ -57,6 +57,9 @@ Clock = Callable[[], float]
 PROFILE_STEP_EPSILON_SECONDS = 1e-3
 # Bounds of what is kept: ended sessions (for GET /charge/<id> and audits) and points per history.
 ENDED_SESSIONS_KEPT = 10_000
+# With a state file, the reports of only the newest ended sessions stay in memory too; older ones are
+# read from the file when asked for, so memory does not grow with the sessions seen.
+ENDED_REPORTS_IN_MEMORY = 1_000
 HISTORY_POINTS_KEPT = 1_000
 LIMIT_HISTORY_KEPT = 10_000
 # How often the store forgets what no longer needs keeping (ended sessions past the last kept, ...).
@@ -480,8 +483,10 @@ class Ledger:
         self._state_version = 0
         self._energy_mws = 0.0  # milliwatt-seconds delivered by this ledger since it started
         self._retired = RetiredIds(retire_ids_for_seconds)
-        # Ended sessions' reports, oldest first, as compact JSON: a third of the memory of the objects.
-        self._ended: OrderedDict[str, bytes] = OrderedDict()
+        # Ended sessions, oldest first: their reports as compact JSON (a third of the memory of the
+        # objects), or None for one that only the state file keeps (see ENDED_REPORTS_IN_MEMORY).
+        self._ended: OrderedDict[str, bytes | None] = OrderedDict()
+        self._reports_in_memory: deque[str] = deque()
         self._limit_history: deque[tuple[float, float, str]] = deque(maxlen=LIMIT_HISTORY_KEPT)
         # Sessions ended under the lock, reported once it is released.
         self._unreported: list[tuple[Session, float]] = []
@@ -583,10 +588,9 @@ class Ledger:
             entry = self._sessions.get(session_id)
             if entry is not None:
                 return self._report(entry, now, with_history=history)
-            ended = self._ended.get(session_id)
-            if ended is None:
+            if session_id not in self._ended:
                 raise UnknownSession(session_id)
-            return _unpacked(ended)
+            return self._ended_report(session_id)
 
     def snapshot(self) -> Snapshot:
         with self._current() as now:
@@ -605,7 +609,7 @@ class Ledger:
         with self._current() as now:
             reports = [self._report(entry, now, with_history=history) for entry in self._sessions.values()]
             if include_ended:
-                reports = [*map(_unpacked, self._ended.values()), *reports]
+                reports = [*map(self._ended_report, self._ended), *reports]
             return self._snapshot(now), reports
 
     # ----- the limit -------------------------------------------------------------------------
@@ -755,6 +759,21 @@ class Ledger:
         self._ended[session_id] = packed
         while len(self._ended) > ENDED_SESSIONS_KEPT:
             self._ended.popitem(last=False)
+        if self._store is not None:
+            self._reports_in_memory.append(session_id)
+            while len(self._reports_in_memory) > ENDED_REPORTS_IN_MEMORY:
+                older = self._reports_in_memory.popleft()
+                if self._ended.get(older) is not None:
+                    self._ended[older] = None  # the state file has it
+
+    def _ended_report(self, session_id: str) -> SessionReport:
+        packed = self._ended[session_id]
+        if packed is None:
+            assert self._store is not None
+            packed = self._store.ended_report(session_id)
+            if packed is None:  # its write failed: nothing to show
+                raise UnknownSession(session_id)
+        return _unpacked(packed)
 
     def _prune_levels(self) -> None:
         oldest = next(iter(self._sessions.values()), None)
@@ -836,7 +855,7 @@ class Ledger:
                 suspended.append((last_at, -stored.admitted, stored.session_id))
         self._set.restore(members, [key for *_, key in sorted(suspended)], to_mw(self._parts().limit_kw))
         for record in state.ended[-ENDED_SESSIONS_KEPT:]:
-            self._ended[record["session_id"]] = _packed(record)
+            self._keep_ended(record["session_id"], _packed(record))
         self._retired.restore(state.retired)
         self._limit_history.extend(state.limits)
         self._apply_limit(self._time)
@@ -977,7 +996,7 @@ def report_to_json(report: SessionReport) -> dict:
 
 def _packed(record: dict) -> bytes:
     """A finished session's record (``report_to_json``) as compact JSON: in memory, and in the state file."""
-    return jsonfast.dumps(record)
+    return jsonfast.dumps_to_keep(record)
 
 
 def _unpacked(packed: bytes) -> SessionReport:

@@ -153,6 +153,14 @@ class LedgerStore:
         limits = list(db.execute("SELECT at, limit_kw, source FROM limits ORDER BY id"))
         return StoredState(meta, active, levels, ended, retired, limits)
 
+    def ended_report(self, session_id: str) -> bytes | None:
+        """An ended session's final record as stored (compact JSON), or None when the file has none."""
+        with self._file_lock:
+            row = self._db.execute(
+                "SELECT report FROM sessions WHERE session_id = ? AND ended_at IS NOT NULL", (session_id,)
+            ).fetchone()
+        return None if row is None else row[0].encode()
+
     # ----- writing: queued by the ledger during one change, committed at its end ------------
 
     def admit(self, session: StoredSession) -> None:

@@ -8,10 +8,14 @@ import json
 import logging
 import math
 import socket
+import sqlite3
+import tracemalloc
+from pathlib import Path
 
 import pytest
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 
+from charge_request_service.store import ChargeStore
 from gridcommon import jsonfast
 from gridcommon.logs import SafeFormatter, escape_for_log
 from gridcommon.promtext import parse_metrics
@@ -312,6 +316,17 @@ def test_fast_json_reads_back_as_the_standard_librarys_does() -> None:
         jsonfast.loads(b"{not json")
 
 
+def test_json_kept_in_memory_takes_the_memory_of_its_length() -> None:
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [jsonfast.dumps_to_keep({"session_id": f"s-{index}", "kw": 7.5}) for index in range(1_000)]
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1_000 * 200, f"{grown / 1000:.0f} bytes each for records of {len(kept[0])} bytes"
+
+
 def test_answers_keep_their_key_order_and_flasks_dates_and_dataclasses() -> None:
     @dataclasses.dataclass
     class Point:
@@ -328,3 +343,23 @@ def test_answers_keep_their_key_order_and_flasks_dates_and_dataclasses() -> None
     assert answer.mimetype == "application/json"
     assert answer.get_data(as_text=True) == '{"z":1,"a":{"at":"Wed, 02 Dec 2026 00:00:00 GMT","kw":7.5}}\n'
     assert sorted_answer.get_data(as_text=True) == '{"a":2,"z":1}\n'
+
+
+def test_a_state_file_that_cannot_be_written_is_a_503_saying_so(tmp_path: Path) -> None:
+    store = ChargeStore(tmp_path / "charge.sqlite3")
+    app = Flask(__name__)
+    install_common(app)
+
+    @app.post("/record")
+    def record() -> tuple[Response, int]:
+        store.put_session("s-1", "ev-1", "pending", {"session_id": "s-1"}, 1.0)
+        return jsonify(recorded=True), 201
+
+    assert app.test_client().post("/record").status_code == 201
+    with sqlite3.connect(tmp_path / "charge.sqlite3") as other:
+        other.execute("DROP TABLE sessions")
+    answer = app.test_client().post("/record")
+
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
+    body = answer.get_json()
+    assert body["error"] == "state_unavailable" and "is the disk full?" in body["message"]

@@ -184,6 +184,25 @@ def test_when_the_file_cannot_be_written_every_change_of_the_group_fails_loudly(
     assert outcomes == ["refused"] * 6
 
 
+def test_older_ended_reports_are_read_from_the_file_as_they_were_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "ENDED_REPORTS_IN_MEMORY", 2)
+    path, clock = tmp_path / "ledger.sqlite3", FakeClock()
+    ledger = open_ledger(path, clock)
+    stopped = []
+    for index in range(5):
+        ledger.admit(f"ev-{index}", 4.0, session_id=f"s-{index}")
+        clock.advance(3)
+        stopped.append(ledger.release(f"s-{index}").report)
+
+    assert [ledger.session(f"s-{index}") for index in range(5)] == stopped
+    _, listed = ledger.reports(include_ended=True)
+    assert listed == stopped
+    after = open_ledger(path, clock)
+    assert after.session("s-0") == stopped[0] and after.reports(include_ended=True)[1] == stopped
+
+
 def test_a_generation_step_during_the_downtime_is_played_at_its_time(tmp_path: Path) -> None:
     path, clock = tmp_path / "ledger.sqlite3", FakeClock(start=0.0)
     power = LocalPower(profile=parse_profile("0:10,12:0", day_seconds=240.0))  # 10 kW until 120 s
