@@ -107,7 +107,8 @@ class FakeSubstation:
                     return
                 head += chunk
             method, path, *_ = head.split(b" ", 2) + [b"", b""]
-            connection = Connection(self.mode, path.decode("latin-1"), opened)
+            # The path without its query: a poll asks for the families it reads (?name[]=...).
+            connection = Connection(self.mode, path.decode("latin-1").partition("?")[0], opened)
             self.connections.append(connection)
             if method != b"GET" or connection.path != "/metrics":
                 sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
