@@ -10,9 +10,7 @@ before the client is answered.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gridcommon import jsonfast
+from gridcommon.groupcommit import GroupCommit
 from gridcommon.sqlitestate import StateFileError, open_state_file
 
 SCHEMA = """
@@ -46,8 +45,6 @@ FINISHED_KEPT = 10_000
 ANSWERS_KEPT = 100_000
 # How often the file forgets what is past those bounds.
 TRIM_EVERY_WRITES = 1_000
-# Failed batches remembered until their writers have seen the failure.
-FAILED_BATCHES_KEPT = 256
 
 
 StoreError = StateFileError
@@ -63,32 +60,19 @@ class StoredAnswer:
 
 
 class ChargeStore:
-    """Thread-safe access to the charge API's state file, committing with group commit.
+    """Thread-safe access to the charge API's state file, committing in groups (``gridcommon.groupcommit``).
 
-    A write is queued and then committed together with whatever other threads
-    queued meanwhile: the first writer to reach the file commits everyone's
-    statements in one transaction, in the order they were queued, and the
-    others find theirs done. Each writer still returns only once its own
-    statements are committed (or raises ``StoreError``), so "committed before
-    the client is answered" holds with one transaction per batch instead of
-    one per statement. Inside ``batch()`` a thread's writes are only queued,
-    and committed when the block ends: a caller queues under its own lock and
-    waits for the file after releasing it, so the lock is not held over a commit.
+    A write returns once it is committed, together with whatever other threads
+    wrote meanwhile. Inside ``batch()`` a thread's writes are only queued, and
+    committed when the block ends: a caller writes under its own lock and waits
+    for the file after releasing it, so the lock is not held over a commit.
     """
 
     def __init__(self, path: Path, full_sync: bool = False) -> None:
         self.path = path
         self._db = open_state_file(path, SCHEMA, full_sync)
-        # Guards the connection: one commit or read at a time.
-        self._file_lock = threading.Lock()
-        # Guards the queue and its counters; never held while waiting for the file.
-        self._queue_lock = threading.Lock()
-        self._queue: list[tuple[str, tuple]] = []
-        self._queued = 0  # statements queued since the start, numbered from 1
-        self._committed = 0  # every statement numbered up to this one was tried
-        self._writes_since_trim = 0
-        # (first, last, reason) of the last batches that failed; their writers raise.
-        self._failed: deque[tuple[int, int, str]] = deque(maxlen=FAILED_BATCHES_KEPT)
+        self._group = GroupCommit(self._db, path)
+        # The first and last write this thread queued and has not waited for yet, and how deep in batch() it is.
         self._thread = threading.local()
 
     @contextmanager
@@ -115,12 +99,12 @@ class ChargeStore:
 
     def sessions(self) -> list[tuple[str, str, dict[str, Any]]]:
         """``(session_id, state, record)`` of every kept session, oldest change first."""
-        with self._file_lock:
+        with self._group.file_lock:
             rows = self._db.execute("SELECT session_id, state, record FROM sessions ORDER BY updated_at").fetchall()
         return [(session_id, state, json.loads(record)) for session_id, state, record in rows]
 
     def answer(self, key: str) -> StoredAnswer | None:
-        with self._file_lock:
+        with self._group.file_lock:
             row = self._db.execute(
                 "SELECT fingerprint, status, answer, created_at FROM idempotency WHERE key = ?", (key,)
             ).fetchone()
@@ -137,10 +121,9 @@ class ChargeStore:
         )
 
     def _write(self, sql: str, params: tuple) -> None:
-        with self._queue_lock:
-            self._queue.append((sql, params))
-            self._queued += 1
-            number = self._queued
+        number = self._group.submit([(sql, params)])
+        if number % TRIM_EVERY_WRITES == 0:  # one writer in so many also forgets what is past the bounds
+            self._group.submit(self._trim_statements())
         thread = self._thread
         if getattr(thread, "first", None) is None:
             thread.first = number
@@ -149,50 +132,23 @@ class ChargeStore:
             self._commit_mine()
 
     def _commit_mine(self) -> None:
-        """Return once this thread's queued statements are committed; ``StoreError`` if they could not be."""
+        """Return once this thread's queued writes are committed; ``StoreError`` if they could not be."""
         thread = self._thread
-        first, last = getattr(thread, "first", None), getattr(thread, "last", 0)
+        first = getattr(thread, "first", None)
         thread.first = None
-        if first is None:
-            return
-        if self._committed < last:
-            with self._file_lock:
-                if self._committed < last:  # nobody committed them while this thread waited
-                    self._commit_queued()
-        for failed_first, failed_last, reason in tuple(self._failed):  # a copy: a leader may be appending
-            if failed_first <= last and first <= failed_last:
-                raise StoreError(f"could not write the state file {self.path} ({reason}): is the disk full?")
+        if first is not None:
+            self._group.wait(first, thread.last)
 
-    def _commit_queued(self) -> None:
-        """Everything queued so far, in one transaction (under the file lock)."""
-        with self._queue_lock:
-            batch, self._queue = self._queue, []
-            first, last = self._committed + 1, self._queued
-        self._writes_since_trim += len(batch)
-        try:
-            with self._db:  # BEGIN ... COMMIT, or ROLLBACK on error
-                self._db.execute("BEGIN IMMEDIATE")
-                for sql, params in batch:
-                    self._db.execute(sql, params)
-                if self._writes_since_trim >= TRIM_EVERY_WRITES:
-                    self._writes_since_trim = 0
-                    self._trim()
-        except sqlite3.Error as exc:
-            self._failed.append((first, last, str(exc)))
-        finally:
-            self._committed = last
-
-    def _trim(self) -> None:
+    @staticmethod
+    def _trim_statements() -> list[tuple[str, tuple]]:
         finished = "('ended', 'stopped', 'expired', 'cancelled', 'abandoned')"
-        self._db.execute(
-            f"DELETE FROM sessions WHERE state IN {finished} AND session_id IN (SELECT session_id FROM sessions "
-            f"WHERE state IN {finished} ORDER BY updated_at DESC LIMIT -1 OFFSET ?)", (FINISHED_KEPT,)
-        )
-        self._db.execute(
-            "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency ORDER BY created_at DESC "
-            "LIMIT -1 OFFSET ?)", (ANSWERS_KEPT,)
-        )
+        return [
+            (f"DELETE FROM sessions WHERE state IN {finished} AND session_id IN (SELECT session_id FROM sessions "
+             f"WHERE state IN {finished} ORDER BY updated_at DESC LIMIT -1 OFFSET ?)", (FINISHED_KEPT,)),
+            ("DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency ORDER BY created_at DESC "
+             "LIMIT -1 OFFSET ?)", (ANSWERS_KEPT,)),
+        ]
 
     def close(self) -> None:
-        with self._file_lock:
+        with self._group.file_lock:
             self._db.close()

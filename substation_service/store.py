@@ -20,15 +20,12 @@ under another ``SUBSTATION_ID`` is refused.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
-from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gridcommon import jsonfast
+from gridcommon.groupcommit import GroupCommit, Statement
 from gridcommon.sqlitestate import StateFileError, open_state_file
 
 SCHEMA_VERSION = 1
@@ -86,10 +83,6 @@ class StoredState:
         return not self.meta
 
 
-# Failed groups remembered until their waiters have seen the failure.
-FAILED_GROUPS_KEPT = 256
-
-
 class LedgerStore:
     """One substation's SQLite file.
 
@@ -104,16 +97,10 @@ class LedgerStore:
         self._db = open_state_file(path, SCHEMA, full_sync)
         self._check_owner()
         # The change being made: its statements, and the counters' row as it ends.
-        self._pending: list[tuple[str, Iterable[Any]]] = []
+        self._pending: list[Statement] = []
         self._meta: str | None = None
         self._pruned_before: int | None = None
-        # Sealed changes waiting for a commit, numbered from 1 in the order they were made.
-        self._queue_lock = threading.Lock()
-        self._sealed: list[tuple[list[tuple[str, Iterable[Any]]], str | None]] = []
-        self._sealed_count = 0
-        self._committed_count = 0  # every change numbered up to this one was tried
-        self._failed: deque[tuple[int, int, str]] = deque(maxlen=FAILED_GROUPS_KEPT)
-        self._file_lock = threading.Lock()  # one commit at a time on the connection
+        self._group = GroupCommit(self._db, path)
 
     def _check_owner(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'state'").fetchone()
@@ -155,7 +142,7 @@ class LedgerStore:
 
     def ended_report(self, session_id: str) -> bytes | None:
         """An ended session's final record as stored (compact JSON), or None when the file has none."""
-        with self._file_lock:
+        with self._group.file_lock:
             row = self._db.execute(
                 "SELECT report FROM sessions WHERE session_id = ? AND ended_at IS NOT NULL", (session_id,)
             ).fetchone()
@@ -206,7 +193,7 @@ class LedgerStore:
         )
 
     def meta(self, values: dict[str, Any]) -> None:
-        """The counters, all in one row: written once per commit, as the last change of the group left them."""
+        """The counters, all in one row: one statement per change, however many there are."""
         self._meta = jsonfast.dumps_text(values)
 
     def trim(self, now: float, ended_kept: int, limits_kept: int) -> None:
@@ -224,42 +211,18 @@ class LedgerStore:
 
     def seal(self) -> int:
         """Hand the change's statements to the next commit; its number (the last one's if it wrote nothing)."""
-        with self._queue_lock:
-            if self._pending or self._meta is not None:
-                self._sealed.append((self._pending, self._meta))
-                self._sealed_count += 1
-                self._pending, self._meta = [], None
-            return self._sealed_count
+        if not self._pending and self._meta is None:
+            return self._group.submitted
+        statements = self._pending
+        if self._meta is not None:
+            statements.append(("INSERT OR REPLACE INTO meta (key, value) VALUES ('state', ?)", (self._meta,)))
+        self._pending, self._meta = [], None
+        return self._group.submit(statements)
 
     def commit_through(self, number: int) -> None:
         """Return once every change sealed up to ``number`` is committed; ``StoreError`` if its group failed."""
-        if self._committed_count < number:
-            with self._file_lock:
-                if self._committed_count < number:  # nobody committed it while this thread waited
-                    self._commit_sealed()
-        for first, last, reason in tuple(self._failed):  # a copy: another thread may be appending
-            if first <= number <= last:
-                raise StoreError(f"could not write the state file {self.path} ({reason}): is the disk full?")
-
-    def _commit_sealed(self) -> None:
-        """Every sealed change in one transaction (under the file lock)."""
-        with self._queue_lock:
-            group, self._sealed = self._sealed, []
-            first, last = self._committed_count + 1, self._sealed_count
-        meta = next((meta for _, meta in reversed(group) if meta is not None), None)
-        try:
-            with self._db:  # BEGIN ... COMMIT, or ROLLBACK on error
-                self._db.execute("BEGIN IMMEDIATE")
-                for statements, _ in group:
-                    for sql, params in statements:
-                        self._db.execute(sql, tuple(params))
-                if meta is not None:
-                    self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('state', ?)", (meta,))
-        except sqlite3.Error as exc:
-            self._failed.append((first, last, str(exc)))
-        finally:
-            self._committed_count = last
+        self._group.wait(number)
 
     def close(self) -> None:
-        with self._file_lock:
+        with self._group.file_lock:
             self._db.close()
