@@ -29,30 +29,40 @@ def jain_index(values: Sequence[float]) -> float | None:
     return math.fsum(values) ** 2 / (len(values) * squares)
 
 
-def sessions_by_id(audits: Iterable[SubstationAudit]) -> dict[str, SessionRecord]:
-    return {session.session_id: session for audit in audits for session in audit.sessions}
+def sessions_by_place(audits: Iterable[SubstationAudit]) -> dict[tuple[str, str], SessionRecord]:
+    """Every session record by (substation, session id).
+
+    One id may be on two substations' records: a hedged forward admitted at both, and the copy
+    that was not used stopped at once. A request's record is the one where its client was told.
+    """
+    return {(audit.substation, session.session_id): session for audit in audits for session in audit.sessions}
+
+
+def _record_of(result: RequestResult, sessions: dict[tuple[str, str], SessionRecord]) -> SessionRecord | None:
+    if not result.served:
+        return None
+    return sessions.get((result.substation or "", result.session_id or ""))
 
 
 def attach_energy(results: Sequence[RequestResult], audits: Iterable[SubstationAudit]) -> tuple[RequestResult, ...]:
     """Each served request with the energy its session delivered, as its substation recorded it.
 
-    Matched by session id: the charge API names the session, and the substation keeps that name.
-    Requests whose session the substations do not list keep ``energy_kwh`` None (or what they had).
+    Matched by substation and session id: the charge API names the session, and the substation
+    the client was told keeps that name. Requests whose session it does not list keep
+    ``energy_kwh`` None (or what they had).
     """
-    sessions = sessions_by_id(audits)
+    sessions = sessions_by_place(audits)
     attached = []
     for result in results:
-        session = sessions.get(result.session_id or "") if result.served else None
+        session = _record_of(result, sessions)
         attached.append(with_energy(result, session.energy_kwh, SUBSTATION) if session is not None else result)
     return tuple(attached)
 
 
 def unfinished_sessions(results: Sequence[RequestResult], audits: Iterable[SubstationAudit]) -> int:
     """Served sessions that were still charging when the substations were read: their energy is not final."""
-    sessions = sessions_by_id(audits)
-    return sum(
-        1 for r in results if r.served and r.session_id in sessions and not sessions[r.session_id].ended
-    )
+    sessions = sessions_by_place(audits)
+    return sum(1 for r in results if (record := _record_of(r, sessions)) is not None and not record.ended)
 
 
 @dataclass(frozen=True)
@@ -131,11 +141,11 @@ def vehicle_histories(
     results: Sequence[RequestResult], audits: Iterable[SubstationAudit], run_start: float | None
 ) -> dict[int, list[tuple[float, float]]]:
     """Per served request (its index): its allocation over time, (seconds since the run started, kW)."""
-    sessions = sessions_by_id(audits)
+    sessions = sessions_by_place(audits)
     start = run_start or 0.0
     histories = {}
     for result in results:
-        session = sessions.get(result.session_id or "") if result.served else None
+        session = _record_of(result, sessions)
         if session is not None:
             histories[result.index] = [(round(at - start, 3), kw) for at, kw in session.history]
     return histories

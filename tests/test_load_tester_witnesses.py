@@ -104,6 +104,21 @@ def test_energies_come_from_the_substations_records_matched_by_session_id():
     assert histories == {0: [(0.0, 10.0), (10.0, 0.0)], 1: [(0.0, 5.0)]}
 
 
+def test_a_hedged_sessions_energy_comes_from_where_its_client_was_told_not_from_the_stopped_copy():
+    results = [admitted(0, "substation-1", 10.0, start=0, duration=10, capacity=100.0)]
+    audits = [
+        audit([(0, 100.0)], session_record("session-0", [(0, 10.0), (10, 0.0)], energy=0.0278)),
+        # The copy the balancer did not use: admitted a moment earlier elsewhere, stopped at once.
+        audit([(0, 100.0)], session_record("session-0", [(0, 10.0), (0.1, 0.0)], energy=0.0003,
+                                           substation="substation-2"), substation="substation-2"),
+    ]  # fmt: skip
+    for order in (audits, audits[::-1]):
+        attached = attach_energy(results, order)
+        assert [(r.energy_kwh, r.energy_source) for r in attached] == [(0.0278, "substation")]
+        assert vehicle_histories(attached, order, BASE_EPOCH) == {0: [(0.0, 10.0), (10.0, 0.0)]}
+        assert unfinished_sessions(attached, order) == 0
+
+
 def test_queue_waits_are_over_the_requests_that_waited_and_started():
     queued = classify_response(PLANNED, "r", 0.0, 5.0, 202, {"session_id": "q1", "position": 3}, "/sessions/q1")
     started = [
