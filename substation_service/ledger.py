@@ -334,9 +334,6 @@ class RetiredIds:
             self._pop_soonest()
         return session_id in self._forget_at
 
-    def __len__(self) -> int:
-        return len(self._forget_at)
-
     def _pop_soonest(self) -> None:
         forget_at, session_id = heapq.heappop(self._queue)
         if self._forget_at.get(session_id) == forget_at:
@@ -609,7 +606,9 @@ class Ledger:
         with self._current() as now:
             reports = [self._report(entry, now, with_history=history) for entry in self._sessions.values()]
             if include_ended:
-                reports = [*map(self._ended_report, self._ended), *reports]
+                stored = self._store.ended_reports() if self._store is not None and None in self._ended.values() else {}
+                reports = [*(_unpacked(packed or stored[key]) for key, packed in self._ended.items()
+                             if packed or key in stored), *reports]
             return self._snapshot(now), reports
 
     # ----- the limit -------------------------------------------------------------------------

@@ -148,6 +148,12 @@ class LedgerStore:
             ).fetchone()
         return None if row is None else row[0].encode()
 
+    def ended_reports(self) -> dict[str, bytes]:
+        """Every ended session's final record in the file, by session id, in one read."""
+        with self._group.file_lock:
+            rows = self._db.execute("SELECT session_id, report FROM sessions WHERE ended_at IS NOT NULL").fetchall()
+        return {session_id: report.encode() for session_id, report in rows}
+
     # ----- writing: queued by the ledger during one change, committed at its end ------------
 
     def admit(self, session: StoredSession) -> None:

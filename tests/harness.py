@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -256,3 +257,18 @@ def start_stack(
             service.stop()
         raise
     return Stack(substations=substations, balancer=balancer, charge=charge)
+
+
+def all_at_once(count: int, work: Callable[[int], None]) -> None:
+    """Run ``work(0)`` ... ``work(count - 1)`` in threads of their own, released together; wait for all."""
+    start = threading.Barrier(count)
+
+    def released(number: int) -> None:
+        start.wait()
+        work(number)
+
+    threads = [threading.Thread(target=released, args=(number,)) for number in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()

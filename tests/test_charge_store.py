@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 from pathlib import Path
 
 import pytest
 
 from charge_request_service.sessions import SessionTracker
 from charge_request_service.store import ChargeStore, StoreError, StoredAnswer
+from tests.harness import all_at_once
 
 
 def rows(path: Path, table: str) -> int:
@@ -21,10 +21,8 @@ def test_every_write_is_committed_when_its_writer_returns(tmp_path: Path) -> Non
     path = tmp_path / "charge.sqlite3"
     tracker = SessionTracker(store=ChargeStore(path))
     missing: list[str] = []
-    start = threading.Barrier(16)
 
     def writer(number: int) -> None:
-        start.wait()
         for index in range(50):
             session_id = f"s-{number}-{index}"
             tracker.reserve(session_id, f"ev-{number}-{index}", 7.0)
@@ -34,11 +32,7 @@ def test_every_write_is_committed_when_its_writer_returns(tmp_path: Path) -> Non
                 ):
                     missing.append(session_id)
 
-    threads = [threading.Thread(target=writer, args=(number,)) for number in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    all_at_once(16, writer)
 
     assert missing == []
     assert rows(path, "sessions") == 16 * 50
@@ -52,10 +46,8 @@ def test_writers_whose_batch_failed_all_hear_of_it_and_the_next_batch_succeeds(t
     with sqlite3.connect(path) as other:
         other.execute("DROP TABLE idempotency")  # the file changes under the service: every write to it fails
     outcomes: list[str] = []
-    start = threading.Barrier(8)
 
     def writer(number: int) -> None:
-        start.wait()
         try:
             store.put_answer(f"key-{number}", StoredAnswer("print", 201, {"n": number}, {}, 1.0))
             outcomes.append("written")
@@ -63,11 +55,7 @@ def test_writers_whose_batch_failed_all_hear_of_it_and_the_next_batch_succeeds(t
             assert "could not write the state file" in str(exc)
             outcomes.append("refused")
 
-    threads = [threading.Thread(target=writer, args=(number,)) for number in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    all_at_once(8, writer)
     assert outcomes == ["refused"] * 8
 
     store.put_session("s-1", "ev-1", "pending", {"session_id": "s-1"}, 1.0)

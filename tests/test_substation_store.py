@@ -4,7 +4,6 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from substation_service import ledger as ledger_module
 from substation_service.ledger import CapacityExceeded, Ledger, SessionIdRetired, SessionState
 from substation_service.peering.power import LocalPower, parse_profile
 from substation_service.store import LedgerStore, StoreError
-from tests.harness import REPO_ROOT, free_port
+from tests.harness import REPO_ROOT, all_at_once, free_port
 from tests.substation_support import FakeClock
 
 ID = "substation-9"
@@ -135,10 +134,8 @@ def test_concurrent_admissions_are_each_in_the_file_when_they_return(tmp_path: P
     path = tmp_path / "ledger.sqlite3"
     ledger = Ledger(10_000.0, 600.0, store=LedgerStore(path, ID), substation_id=ID)
     missing: list[str] = []
-    start = threading.Barrier(16)
 
     def admit_many(number: int) -> None:
-        start.wait()
         with sqlite3.connect(path) as db:  # the file as another process would read it
             for index in range(40):
                 session_id = f"s-{number}-{index}"
@@ -146,11 +143,7 @@ def test_concurrent_admissions_are_each_in_the_file_when_they_return(tmp_path: P
                 if db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
                     missing.append(session_id)
 
-    threads = [threading.Thread(target=admit_many, args=(number,)) for number in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    all_at_once(16, admit_many)
 
     assert missing == []
     restarted = Ledger(10_000.0, 600.0, store=LedgerStore(path, ID), substation_id=ID)
@@ -165,10 +158,8 @@ def test_when_the_file_cannot_be_written_every_change_of_the_group_fails_loudly(
         other.execute("DROP TABLE sessions")  # the file changes under the substation
 
     outcomes = []
-    start = threading.Barrier(6)
 
     def admit(number: int) -> None:
-        start.wait()
         try:
             ledger.admit(f"ev-{number}", 1.0)
             outcomes.append("committed")
@@ -176,11 +167,7 @@ def test_when_the_file_cannot_be_written_every_change_of_the_group_fails_loudly(
             assert "could not write the state file" in str(exc)
             outcomes.append("refused")
 
-    threads = [threading.Thread(target=admit, args=(number,)) for number in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    all_at_once(6, admit)
     assert outcomes == ["refused"] * 6
 
 
