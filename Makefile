@@ -15,7 +15,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 STAMP := $(VENV)/installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: run test bench profile loadtest install install-test prometheus iproute2 podman grafana-schema wipe-state clean help
+.PHONY: run test bench profile loadtest install install-test prometheus iproute2 podman grafana-schema wipe-state clean help docs
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -110,6 +110,12 @@ loadtest: install
 
 bench: install
 	$(PYTHON) -m benchmarks
+
+# The documentation site (mkdocs.yml, docs/) into site/: open site/index.html, no server needed.
+# --strict makes a broken link or anchor, or a page missing from the nav, an error. Material's
+# banner about its own end of life is not about these docs: NO_MKDOCS_2_WARNING silences it.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 profile: install
 	$(PYTHON) -m benchmarks.profile --output profile-results
