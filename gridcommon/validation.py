@@ -110,3 +110,60 @@ def parse_charge_request(
         duration_seconds=duration,
         session_id=session_id,
     )
+
+
+# An open-ended session (OCPP) is held by a lease its caller renews; a lease outside these bounds is a typo.
+MIN_LEASE_SECONDS = 5.0
+MAX_LEASE_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class SessionTerms:
+    """A substation's optional terms of a session: held by a lease instead of a duration, its own minimum."""
+
+    lease_seconds: float | None = None
+    minimum_kw: float | None = None
+
+
+def parse_lease_seconds(value: Any) -> float:
+    """A lease length from a request, or ``ValidationError`` naming ``lease_seconds``."""
+    lease = finite_number(value)
+    if lease is None or not MIN_LEASE_SECONDS <= lease <= MAX_LEASE_SECONDS:
+        raise ValidationError(
+            "lease_seconds",
+            f"lease_seconds must be a number of seconds from {MIN_LEASE_SECONDS:g} to {MAX_LEASE_SECONDS:g}.",
+        )
+    return lease
+
+
+def parse_minimum_kw(value: Any, min_charge_kw: float, amount_kw: float) -> float:
+    """A session's own minimum from a request, or ``ValidationError`` naming ``minimum_kw``.
+
+    At least the substation's ``min_charge_kw`` (a minimum below it would undercut every other
+    session's guarantee) and at most the session's ``amount_kw``.
+    """
+    minimum = finite_number(value)
+    if minimum is None or not min_charge_kw <= minimum <= amount_kw:
+        raise ValidationError(
+            "minimum_kw",
+            f"minimum_kw must be a number of kW from this substation's MIN_CHARGE_KW ({min_charge_kw:g}) "
+            f"to the session's amount ({amount_kw:g}).",
+        )
+    return minimum
+
+
+def parse_session_terms(body: dict[str, Any], charge: ChargeRequest, min_charge_kw: float) -> SessionTerms:
+    """``lease_seconds`` and ``minimum_kw`` of a charge request already read by ``parse_charge_request``."""
+    lease = None
+    if body.get("lease_seconds") is not None:
+        if charge.duration_seconds is not None:
+            raise ValidationError(
+                "lease_seconds",
+                "lease_seconds and duration_seconds exclude each other: a leased session has no fixed end. "
+                "Send one of them.",
+            )
+        lease = parse_lease_seconds(body["lease_seconds"])
+    minimum = None
+    if body.get("minimum_kw") is not None:
+        minimum = parse_minimum_kw(body["minimum_kw"], min_charge_kw, charge.amount_kw)
+    return SessionTerms(lease_seconds=lease, minimum_kw=minimum)

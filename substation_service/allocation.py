@@ -16,6 +16,12 @@ Two policies, one mechanism:
 * ``strict``: a session's minimum is its whole amount, so it gets all of it or
   nothing; the same code then never curtails anyone.
 
+A session may have a minimum of its own above ``MIN_CHARGE_KW`` (a three-phase
+vehicle needs about 4.14 kW): it then gets ``min(amount, max(minimum, level))``,
+and the level is the largest that still fits the limit with those floors. With
+one minimum for all, the floors never bind (the level is at least the minimum
+whenever every minimum fits), and the level is found incrementally as before.
+
 When even the minimums do not fit (the limit fell), sessions are suspended
 (0 kW), the most recently started first; when room returns they resume,
 the one suspended longest first. A new session is admitted only when nobody
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -62,8 +69,9 @@ def minimum_mw(policy: AllocationPolicy, amount_mw: int, min_charge_mw: int) -> 
     return min(amount_mw, min_charge_mw)
 
 
-def allocation_mw(amount_mw: int, level_mw: int | None) -> int:
-    return amount_mw if level_mw is None else min(amount_mw, level_mw)
+def allocation_mw(amount_mw: int, level_mw: int | None, floor_mw: int = 0) -> int:
+    """What a charging session gets at ``level_mw``: the level, but at least its floor and at most its amount."""
+    return amount_mw if level_mw is None else min(amount_mw, max(floor_mw, level_mw))
 
 
 @dataclass
@@ -93,6 +101,9 @@ class ChargingSet:
         # Suspended sessions, longest suspended first.
         self._suspended: OrderedDict[str, None] = OrderedDict()
         self._amounts: list[int] = []  # amounts of the charging sessions, ascending
+        self._minimums: list[int] = []  # minimums of the charging sessions, ascending
+        # Charging sessions held at a floor equal to their whole amount above the level: not curtailed.
+        self._whole_at_floor = 0
         # The water-filling split: the first ``_whole`` amounts are served whole, ``_whole_total`` is their sum.
         self._whole = 0
         self._whole_total = 0
@@ -122,6 +133,11 @@ class ChargingSet:
         return self._minimum_total + self._suspended_minimum_total
 
     @property
+    def charging_minimum_total_mw(self) -> int:
+        """Sum of the minimums of the charging sessions: what must stay within the limit."""
+        return self._minimum_total
+
+    @property
     def suspended_count(self) -> int:
         return len(self._suspended)
 
@@ -130,7 +146,7 @@ class ChargingSet:
         """Charging sessions that get less than they ask for."""
         if self._level is None:
             return 0
-        return len(self._amounts) - bisect.bisect_right(self._amounts, self._level)
+        return len(self._amounts) - bisect.bisect_right(self._amounts, self._level) - self._whole_at_floor
 
     def is_charging(self, key: str) -> bool:
         return key in self._charging
@@ -138,7 +154,8 @@ class ChargingSet:
     def allocation_of(self, key: str) -> int:
         if key not in self._charging:
             return 0
-        return allocation_mw(self._members[key].amount_mw, self._level)
+        member = self._members[key]
+        return allocation_mw(member.amount_mw, self._level, member.minimum_mw)
 
     def __len__(self) -> int:
         return len(self._members)
@@ -164,7 +181,8 @@ class ChargingSet:
 
     def rebuild_minimums(self) -> None:
         """Recount the minimums after the members' ``minimum_mw`` changed (a switch of policy)."""
-        self._minimum_total = sum(self._members[key].minimum_mw for key in self._charging)
+        self._minimums = sorted(self._members[key].minimum_mw for key in self._charging)
+        self._minimum_total = sum(self._minimums)
         self._suspended_minimum_total = sum(self._members[key].minimum_mw for key in self._suspended)
 
     def add(self, member: Member) -> None:
@@ -172,6 +190,31 @@ class ChargingSet:
         self._members[member.key] = member
         self._start_charging(member)
         self._reallocate()
+
+    def fits_change(self, key: str, minimum: int) -> bool:
+        """True when a charging session's minimum can become ``minimum`` without suspending anyone.
+
+        A suspended session may take any minimum: it resumes once that fits.
+        """
+        if key not in self._charging:
+            return True
+        return self._minimum_total - self._members[key].minimum_mw + minimum <= self._limit
+
+    def change(self, key: str, amount: int, minimum: int) -> tuple[list[str], list[str]]:
+        """A session asks for another amount or minimum; the caller checked :meth:`fits_change`.
+
+        Returns ``(suspended, resumed)`` by the change: a lowered minimum may let others resume.
+        """
+        member = self._members[key]
+        if key in self._charging:
+            # Out and in again: its amount moves in the sorted amounts, its minimum in the total.
+            self._stop_charging(member)
+            member.amount_mw, member.minimum_mw = amount, minimum
+            self._start_charging(member)
+        else:
+            self._suspended_minimum_total += minimum - member.minimum_mw
+            member.amount_mw, member.minimum_mw = amount, minimum
+        return self.fit(self._limit)
 
     def remove(self, key: str) -> tuple[list[str], list[str]]:
         """Drop a session that ended; returns ``(suspended, resumed)`` by the change (resumed only)."""
@@ -224,6 +267,7 @@ class ChargingSet:
             self._whole += 1
             self._whole_total += member.amount_mw
         self._minimum_total += member.minimum_mw
+        bisect.insort(self._minimums, member.minimum_mw)
 
     def _stop_charging(self, member: Member) -> None:
         self._charging.discard(member.key)
@@ -233,6 +277,7 @@ class ChargingSet:
             self._whole -= 1
             self._whole_total -= member.amount_mw
         self._minimum_total -= member.minimum_mw
+        del self._minimums[bisect.bisect_left(self._minimums, member.minimum_mw)]
 
     def _newest_charging(self) -> Member:
         while True:
@@ -267,8 +312,42 @@ class ChargingSet:
             total += amounts[whole]
             whole += 1
         self._whole, self._whole_total = whole, total
+        self._whole_at_floor = 0
         if whole == count:
             self._level, self._allocated_total = None, total
         else:
             self._level = (limit - total) // (count - whole)
             self._allocated_total = total + (count - whole) * self._level
+            if self._minimums[-1] > self._level:
+                self._reallocate_with_floors()
+
+    def _reallocate_with_floors(self) -> None:
+        """The level when some session's own minimum is above the plain level: O(n), only then.
+
+        ``g(L) = sum(min(a, max(f, L)))`` grows with ``L``; the level is the largest whole ``L``
+        with ``g(L) <= limit``, found by bisection on prefix sums of the sorted amounts and floors.
+        The floors fit (``fit`` keeps their sum within the limit), so ``g(0) <= limit``.
+        """
+        amounts, floors, limit = self._amounts, self._minimums, self._limit
+        count = len(amounts)
+        amount_sums = [0, *itertools.accumulate(amounts)]
+        floor_sums = [0, *itertools.accumulate(floors)]
+
+        def used(level: int) -> int:
+            whole = bisect.bisect_right(amounts, level)  # amounts served whole
+            below = bisect.bisect_right(floors, level)  # floors at or under the level
+            # Floors above the level hold their sessions there (f <= a, so none of them is served whole).
+            return amount_sums[whole] + floor_sums[count] - floor_sums[below] + level * (below - whole)
+
+        low, high = 0, self._level  # g(low) <= limit; the plain level is the most it can be
+        while low < high:
+            middle = (low + high + 1) // 2
+            if used(middle) <= limit:
+                low = middle
+            else:
+                high = middle - 1
+        self._level, self._allocated_total = low, used(low)
+        self._whole_at_floor = sum(
+            1 for key in self._charging
+            if self._members[key].minimum_mw == self._members[key].amount_mw > low
+        )

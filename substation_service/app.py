@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 from flask import Flask
@@ -96,7 +97,8 @@ def build_substation(settings: Settings, clock: Clock | None) -> Substation:
             "state kept in %s: %d active session(s), %g kW allocated, state version %d",
             store.path, snapshot.active_chargers, snapshot.load_kw, snapshot.state_version,
         )
-    return Substation(settings=settings, ledger=ledger, metrics=metrics)
+    return Substation(settings=settings, ledger=ledger, metrics=metrics,
+                      long_polls=threading.BoundedSemaphore(settings.max_long_polls))
 
 
 def open_store(settings: Settings) -> LedgerStore | None:

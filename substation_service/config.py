@@ -13,6 +13,7 @@
 | `ADMIN_TOKEN`         | (empty)                      | Operator token of `PUT`/`DELETE /limit`; empty turns the operator API off (403) |
 | `STATE_DIR`           | (empty)                      | Folder of the durable ledger (`<SUBSTATION_ID>.sqlite3`, SQLite in WAL mode); empty keeps state in memory only |
 | `STATE_SYNC`          | `normal`                     | `normal` survives a killed process; `full` also a power cut (an fsync per change) |
+| `MAX_LONG_POLLS`      | `4`                          | Long polls of `GET /sessions?after_version=&wait=` waiting at once; more get a 429. Each holds one of gunicorn's `THREADS` (16), so it must stay below them |
 | `LOG_LEVEL`           | `info`                       | Python log level, shared with gunicorn                         |
 | `ACCESS_LOG_BURST`    | `20`                         | Requests a second whose log lines are all written (unless the charge API chose) |
 | `ACCESS_LOG_SAMPLE`   | `100`                        | Past the burst, one request in this many is logged             |
@@ -21,8 +22,8 @@ Peer balancing, local generation and storage have settings of their own
 (`PEERS`, `GENERATION_KW`, `STORAGE_KW`, `MIGRATION_STEP_KW`, ...), read into
 ``Settings.peering``: their table is in ``substation_service/peering/config.py``.
 
-`PORT` (default 8000) is gunicorn's listening port, read here only to build
-the default `PUBLIC_URL`.
+`PORT` (default 8000) is the service's listening port (its edge's: gridcommon/edge.py, with the
+`EDGE_*` timeouts and caps), read here only to build the default `PUBLIC_URL`.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class Settings:
     admin_token: str = ""
     state_dir: str = ""
     state_full_sync: bool = False
+    max_long_polls: int = 4
     peering: PeeringSettings = field(default_factory=PeeringSettings)
 
     @property
@@ -78,6 +80,14 @@ class Settings:
                 f"({max_session_seconds:g}); lower one or raise the other."
             )
         port = env_int(env, "PORT", 8000, minimum=1, maximum=65535)
+        # gunicorn_conf's THREADS: long polls must leave threads for everything else.
+        threads = env_int(env, "THREADS", 16, minimum=1, maximum=256)
+        max_long_polls = env_int(env, "MAX_LONG_POLLS", cls.max_long_polls, minimum=0)
+        if max_long_polls >= threads:
+            raise SettingsError(
+                f"MAX_LONG_POLLS ({max_long_polls}) must be below THREADS ({threads}): every waiting long poll "
+                "holds a thread, and admissions and renewals need one too. Lower it or raise THREADS."
+            )
         return cls(
             substation_id=substation_id,
             capacity_kw=env_float(env, "CAPACITY_KW", cls.capacity_kw, minimum=0),
@@ -94,5 +104,6 @@ class Settings:
             admin_token=env_str(env, "ADMIN_TOKEN", ""),
             state_dir=env_str(env, "STATE_DIR", ""),
             state_full_sync=env_choice(env, "STATE_SYNC", "normal", ("normal", "full")) == "full",
+            max_long_polls=max_long_polls,
             peering=PeeringSettings.from_env(env),
         )

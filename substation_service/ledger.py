@@ -13,9 +13,16 @@ looks.
 
 Nothing runs in the background for time. Every call first plays the events
 whose time has come, in time order ("lazy expiry"): sessions ending at
-``ends_at`` and steps of the generation profile, each at the moment it
-happens. So whatever the ledger reports is exact at the moment it is asked,
-and the allocation history records every change at its true time.
+``ends_at``, leases lapsing, and steps of the generation profile, each at the
+moment it happens. So whatever the ledger reports is exact at the moment it is
+asked, and the allocation history records every change at its true time.
+
+A session has a fixed end (``duration_seconds``) or is held by a lease
+(``lease_seconds``, OCPP's open-ended transactions): it ends when it is
+stopped or when its lease lapses without renewal. Its caller may change what
+it asks for (``change``) while it charges. ``state_version`` grows with every
+change of anyone's allocation, and ``wait_for_change`` lets a watcher hear of
+it at once.
 
 How the limit is shared is :mod:`substation_service.allocation`'s business.
 The ledger keeps the records: per session its allocation history (time, kW),
@@ -25,18 +32,20 @@ history and the energy delivered.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import math
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 
 from gridcommon import jsonfast
+from gridcommon.validation import ValidationError
 from substation_service.allocation import (
     AllocationPolicy,
     ChargingSet,
@@ -68,6 +77,11 @@ SECONDS_PER_HOUR = 3600.0
 # An ended session's id stays retired this long past its copies' latest deadline. The ledger judges
 # deadlines by its own clock, so this is room for rounding, not for clocks that disagree.
 RETIRE_MARGIN_SECONDS = 1.0
+# Changes of one session's amount kept for its history and energy; a caller changing it more often
+# than this is refused (a vehicle tapering changes it a few dozen times per charge at most).
+AMOUNT_CHANGES_KEPT = 1_000
+# A watcher wakes this long after an event's time, so the event is due when it looks again.
+EVENT_WAKE_MARGIN_SECONDS = 0.001
 
 
 def steady_wall_clock() -> Clock:
@@ -99,13 +113,19 @@ class LimitSource(str, Enum):
 class Session:
     session_id: str
     vehicle_id: str
+    # What it asks for now (a change replaces the record).
     amount_kw: float
     started_at: float
-    ends_at: float
+    # None for a session held by a lease: it has no fixed end.
+    ends_at: float | None
 
     @property
-    def duration_seconds(self) -> float:
-        return self.ends_at - self.started_at
+    def duration_seconds(self) -> float | None:
+        return None if self.ends_at is None else self.ends_at - self.started_at
+
+    @property
+    def leased(self) -> bool:
+        return self.ends_at is None
 
 
 @dataclass(frozen=True)
@@ -121,8 +141,13 @@ class SessionReport:
     # (seconds since the epoch, kW) at every change of its allocation; only when asked for.
     history: tuple[tuple[float, float], ...] | None = None
     ended_at: float | None = None
-    # "completed" (ran its time) or "stopped" (DELETE); None while active.
+    # "completed" (ran its time), "stopped" (DELETE) or "lease_expired"; None while active.
     end_reason: str | None = None
+    # A leased session's lease: its length, and when it lapses unless renewed (None once ended).
+    lease_seconds: float | None = None
+    lease_expires_at: float | None = None
+    # Seconds until a session with a fixed end ends; None for a leased one.
+    remaining_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +202,9 @@ class Snapshot:
     state_version: int
     # Earliest moment an active session ends by itself; None when nothing charges.
     next_end_at: float | None
+    # Active sessions held by a lease, and leases that lapsed since this process started.
+    leased: int = 0
+    leases_expired: int = 0
 
     @property
     def active_chargers(self) -> int:
@@ -231,8 +259,10 @@ class Release:
 class CapacityExceeded(Exception):
     """The new session's minimum does not fit; ``snapshot`` is the state the decision saw."""
 
-    def __init__(self, amount_kw: float, minimum_kw: float, snapshot: Snapshot) -> None:
-        if minimum_kw > snapshot.limit_kw:
+    def __init__(self, amount_kw: float, minimum_kw: float, snapshot: Snapshot, message: str | None = None) -> None:
+        if message is not None:
+            reason = ""
+        elif minimum_kw > snapshot.limit_kw:
             reason = f"its minimum of {minimum_kw:g} kW is more than the whole limit of {snapshot.limit_kw:g} kW"
         elif snapshot.suspended:
             reason = f"{snapshot.suspended} session(s) here are suspended and come first"
@@ -242,7 +272,7 @@ class CapacityExceeded(Exception):
                 f"its minimum of {minimum_kw:g} kW does not fit: the sessions here need "
                 f"{snapshot.minimum_load_kw:g} of {snapshot.limit_kw:g} kW at least, {room:g} kW are left"
             )
-        super().__init__(f"{amount_kw:g} kW cannot be admitted: {reason}")
+        super().__init__(message or f"{amount_kw:g} kW cannot be admitted: {reason}")
         self.amount_kw = amount_kw
         self.minimum_kw = minimum_kw
         self.snapshot = snapshot
@@ -344,6 +374,25 @@ class UnknownSession(KeyError):
     """No active session has this id: it never existed, already ended or was stopped."""
 
 
+class TooManyChanges(Exception):
+    """A session's amount changed ``AMOUNT_CHANGES_KEPT`` times already: its record would grow without bound."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} changed what it asks for {AMOUNT_CHANGES_KEPT} times already; send changes "
+            "only when they matter (a deadband), or stop it and start a new session"
+        )
+        self.session_id = session_id
+
+
+@dataclass(frozen=True)
+class Change:
+    """A session after a change of its amount or minimum, and the substation after it."""
+
+    report: SessionReport
+    snapshot: Snapshot
+
+
 SessionFinished = Callable[[Session, float], None]
 
 
@@ -359,6 +408,14 @@ class _Entry:
     state_changes: list[tuple[float, bool]] = field(default_factory=list)
     # The latest deadline any copy of its request carried; None when one had none (or after a restart).
     copies_until: float | None = None
+    # (time, kW asked for, own minimum kW or None) at admission and at every change of either.
+    amounts: list[tuple[float, float, float | None]] = field(default_factory=list)
+    # Its own minimum as asked for (None: the substation's MIN_CHARGE_KW), before policy and amount cap it.
+    minimum_kw: float | None = None
+    # A leased session's lease length; None for one with a fixed end.
+    lease_seconds: float | None = None
+    # When it ends unless something happens first: its fixed end, or when its lease lapses.
+    end_at: float = 0.0
 
 
 class _LevelHistory:
@@ -464,6 +521,8 @@ class Ledger:
         self._power = power or LocalPower()
         self._on_session_finished = on_session_finished
         self._lock = threading.Lock()
+        # Signalled under the lock whenever state_version grows: long polls wait on it.
+        self._changed = threading.Condition(self._lock)
         now = self._clock()
         self._time = now
         self._generation_kw = self._power.generation_at(now)
@@ -474,8 +533,11 @@ class Ledger:
         self._levels = _LevelHistory(now)
         self._sessions: dict[str, _Entry] = {}
         self._requested_mw = 0
-        # (ends_at, session_id) of active sessions; entries of stopped ones are dropped when they surface.
+        # (end_at, session_id) of active sessions; entries of stopped sessions and of leases renewed since
+        # are dropped when they surface.
         self._ends: list[tuple[float, str]] = []
+        self._leased = 0
+        self._leases_expired = 0
         self._admitted = 0
         self._state_version = 0
         self._energy_mws = 0.0  # milliwatt-seconds delivered by this ledger since it started
@@ -510,13 +572,22 @@ class Ledger:
         duration_seconds: float | None = None,
         session_id: str | None = None,
         deadline: float | None = None,
+        *,
+        lease_seconds: float | None = None,
+        minimum_kw: float | None = None,
     ) -> Admission:
         """Start a session if its minimum fits beside everyone's, else raise ``CapacityExceeded``.
 
+        With ``lease_seconds`` the session has no fixed end: it charges until stopped, or until
+        its lease lapses unrenewed (``renew``). ``minimum_kw`` is its own minimum, at least
+        ``min_charge_kw`` (a three-phase vehicle needs about 4.14 kW); under strict the minimum
+        is the whole amount anyway.
+
         Asking again with the ``session_id`` of an active session for the same
-        vehicle and amount returns that session (``replayed``): a caller whose
-        answer got lost can safely ask again. The id of a session that ended or
-        was asked to stop raises ``SessionIdRetired``.
+        vehicle and amount returns that session (``replayed``; a leased one's
+        lease is renewed): a caller whose answer got lost can safely ask again.
+        The id of a session that ended or was asked to stop raises
+        ``SessionIdRetired``.
 
         ``deadline`` (seconds since the epoch) is when the caller stops waiting:
         from then on the request raises ``DeadlinePassed``, judged by the
@@ -525,11 +596,16 @@ class Ledger:
         """
         if not amount_kw > 0 or not math.isfinite(amount_kw):
             raise ValueError(f"amount_kw must be a finite number greater than 0, got {amount_kw}")
+        if lease_seconds is not None and duration_seconds is not None:
+            raise ValueError("a session has a duration_seconds or a lease_seconds, not both")
         duration = self.default_duration_seconds if duration_seconds is None else duration_seconds
         if not duration > 0:
             raise ValueError(f"duration_seconds must be greater than 0, got {duration}")
+        if lease_seconds is not None and not (lease_seconds > 0 and math.isfinite(lease_seconds)):
+            raise ValueError(f"lease_seconds must be a finite number greater than 0, got {lease_seconds}")
+        self._check_minimum(minimum_kw, amount_kw)
         amount_mw = amount_to_mw(amount_kw)
-        minimum = minimum_mw(self.policy, amount_mw, self._min_charge_mw)
+        minimum = self._minimum_of(amount_mw, minimum_kw)
         with self._current() as now:
             if deadline is not None and now >= deadline:
                 raise DeadlinePassed(session_id, now - deadline, self._snapshot(now))
@@ -539,20 +615,25 @@ class Ledger:
                 raise SessionIdRetired(session_id)
             if not self._set.admits(minimum):
                 raise CapacityExceeded(amount_kw, to_kw(minimum), self._snapshot(now))
-            session = Session(session_id or uuid.uuid4().hex, vehicle_id, amount_kw, now, now + duration)
+            ends_at = None if lease_seconds is not None else now + duration
+            session = Session(session_id or uuid.uuid4().hex, vehicle_id, amount_kw, now, ends_at)
             self._admitted += 1
             member = Member(session.session_id, amount_mw, minimum, self._admitted)
             self._set.add(member)
             self._levels.record(now, self._set.level_mw)
-            entry = _Entry(session, member, self._levels.last_position, [(now, True)], deadline)
+            entry = _Entry(session, member, self._levels.last_position, [(now, True)], deadline,
+                           amounts=[(now, amount_kw, minimum_kw)], minimum_kw=minimum_kw, lease_seconds=lease_seconds,
+                           end_at=now + (duration if lease_seconds is None else lease_seconds))
             self._sessions[session.session_id] = entry
             if self._store is not None:
                 self._store.admit(StoredSession(
                     session.session_id, vehicle_id, amount_kw, session.started_at, session.ends_at,
                     member.order, entry.start_position, entry.state_changes,
+                    lease_seconds=lease_seconds, minimum_kw=minimum_kw, amounts=entry.amounts,
                 ))
             self._requested_mw += amount_mw
-            heapq.heappush(self._ends, (session.ends_at, session.session_id))
+            self._leased += lease_seconds is not None
+            self._push_end(entry)
             self._state_version += 1
             return Admission(self._report(entry, now), self._snapshot(now))
 
@@ -560,11 +641,111 @@ class Ledger:
         self, entry: _Entry, vehicle_id: str, amount_kw: float, now: float, deadline: float | None
     ) -> Admission:
         session = entry.session
-        if (session.vehicle_id, session.amount_kw) != (vehicle_id, amount_kw):
+        # The amount it was admitted with: a copy of the request may arrive after a change of it.
+        if session.vehicle_id != vehicle_id or amount_kw not in (session.amount_kw, entry.amounts[0][1]):
             raise SessionIdInUse(session)
         if entry.copies_until is not None:
             entry.copies_until = None if deadline is None else max(entry.copies_until, deadline)
+        if entry.lease_seconds is not None:
+            self._renew(entry, now, entry.lease_seconds)
         return Admission(self._report(entry, now), self._snapshot(now), replayed=True)
+
+    def renew(self, session_ids: Iterable[str], lease_seconds: float) -> tuple[list[str], list[str]]:
+        """Renew the leases of these sessions: each lapses ``lease_seconds`` from now unless renewed again.
+
+        Returns ``(renewed, unknown)``: unknown are the ids of no active leased session here (never
+        admitted, ended, stopped, lapsed already, or admitted with a fixed end). Nobody's allocation
+        changes, so ``state_version`` does not move.
+        """
+        if not (lease_seconds > 0 and math.isfinite(lease_seconds)):
+            raise ValueError(f"lease_seconds must be a finite number greater than 0, got {lease_seconds}")
+        renewed: list[str] = []
+        unknown: list[str] = []
+        with self._current() as now:
+            for session_id in dict.fromkeys(session_ids):
+                entry = self._sessions.get(session_id)
+                if entry is None or entry.lease_seconds is None:
+                    unknown.append(session_id)
+                    continue
+                self._renew(entry, now, lease_seconds)
+                renewed.append(session_id)
+        return renewed, unknown
+
+    def _renew(self, entry: _Entry, now: float, lease_seconds: float) -> None:
+        if lease_seconds != entry.lease_seconds:
+            entry.lease_seconds = lease_seconds
+            if self._store is not None:
+                self._store.lease_changed(entry.session.session_id, lease_seconds)
+        # The old end stays in the heap and is skipped when it surfaces.
+        entry.end_at = now + lease_seconds
+        self._push_end(entry)
+
+    def change(self, session_id: str, amount_kw: float | None = None, minimum_kw: float | None = None) -> Change:
+        """Change what an active session asks for: its amount, its own minimum, or both; re-allocate at once.
+
+        A minimum above the new amount, or below ``min_charge_kw``, raises ``ValidationError``
+        naming the field. An amount alone that falls below the session's minimum caps the
+        minimum, as for any session asking less than the minimum. A raised minimum that does
+        not fit beside the other charging sessions' raises ``CapacityExceeded`` and changes
+        nothing; ``UnknownSession`` when no session with this id is active.
+        """
+        if amount_kw is not None and (not amount_kw > 0 or not math.isfinite(amount_kw)):
+            raise ValidationError("amount", f"amount must be a finite number greater than 0, got {amount_kw}")
+        with self._current() as now:
+            entry = self._sessions.get(session_id)
+            if entry is None:
+                raise UnknownSession(session_id)
+            new_amount = entry.session.amount_kw if amount_kw is None else amount_kw
+            new_minimum = entry.minimum_kw if minimum_kw is None else minimum_kw
+            if minimum_kw is not None:
+                self._check_minimum(minimum_kw, new_amount)
+            amount_mw = amount_to_mw(new_amount)
+            minimum = self._minimum_of(amount_mw, new_minimum)
+            member = entry.member
+            if (amount_mw, minimum, new_minimum) == (member.amount_mw, member.minimum_mw, entry.minimum_kw):
+                return Change(self._report(entry, now), self._snapshot(now))
+            if not self._set.fits_change(session_id, minimum):
+                others = to_kw(self._set.charging_minimum_total_mw - member.minimum_mw)
+                raise CapacityExceeded(new_amount, to_kw(minimum), self._snapshot(now), message=(
+                    f"session {session_id!r} cannot change to {new_amount:g} kW with a minimum of "
+                    f"{to_kw(minimum):g} kW: the other sessions here need {others:g} of "
+                    f"{to_kw(self._set.limit_mw):g} kW at least; nothing was changed"
+                ))
+            if len(entry.amounts) >= AMOUNT_CHANGES_KEPT:
+                raise TooManyChanges(session_id)
+            entry.amounts.append((now, new_amount, new_minimum))
+            entry.session = dataclasses.replace(entry.session, amount_kw=new_amount)
+            self._requested_mw += amount_mw - member.amount_mw
+            entry.minimum_kw = new_minimum
+            suspended, resumed = self._set.change(session_id, amount_mw, minimum)
+            self._record_state_changes(now, suspended, resumed)
+            if self._store is not None:
+                self._store.amount_changed(session_id, new_amount, new_minimum, entry.amounts)
+            self._state_version += 1
+            return Change(self._report(entry, now), self._snapshot(now))
+
+    def _check_minimum(self, minimum_kw: float | None, amount_kw: float) -> None:
+        if minimum_kw is not None and not (
+            math.isfinite(minimum_kw) and self.min_charge_kw <= minimum_kw <= amount_kw
+        ):
+            raise ValidationError(
+                "minimum_kw",
+                f"minimum_kw must be a number of kW from this substation's MIN_CHARGE_KW ({self.min_charge_kw:g}) "
+                f"to the session's amount ({amount_kw:g}), got {minimum_kw:g}.",
+            )
+
+    def _minimum_of(self, amount_mw: int, minimum_kw: float | None, policy: AllocationPolicy | None = None) -> int:
+        """The least a session gets under ``policy`` (the ledger's): its whole amount under strict, else its
+        own minimum or MIN_CHARGE_KW, capped by its amount."""
+        floor = self._min_charge_mw if minimum_kw is None else amount_to_mw(minimum_kw)
+        return minimum_mw(policy or self.policy, amount_mw, floor)
+
+    def _push_end(self, entry: _Entry) -> None:
+        heapq.heappush(self._ends, (entry.end_at, entry.session.session_id))
+        if len(self._ends) > 2 * len(self._sessions) + 64:
+            # Renewals leave their old ends behind: keep the heap to one entry per session.
+            self._ends = [(other.end_at, key) for key, other in self._sessions.items()]
+            heapq.heapify(self._ends)
 
     def release(self, session_id: str) -> Release:
         """Stop an active session early; raises ``UnknownSession`` if there is none with this id.
@@ -639,11 +820,34 @@ class Ledger:
         with self._current() as now:
             self.policy = policy
             for entry in self._sessions.values():
-                entry.member.minimum_mw = minimum_mw(policy, entry.member.amount_mw, self._min_charge_mw)
+                entry.member.minimum_mw = self._minimum_of(entry.member.amount_mw, entry.minimum_kw)
             self._set.rebuild_minimums()
             self._apply_limit(now)
             self._state_version += 1
             return self._snapshot(now)
+
+    def wait_for_change(self, after_version: int, timeout_seconds: float) -> bool:
+        """Block until ``state_version`` passes ``after_version`` or ``timeout_seconds`` pass; True if it did.
+
+        Every change is signalled under the lock, so a waiter hears of it as soon as the change is
+        made. Events that fall due meanwhile (a session's end, a lapsed lease, a profile step) are
+        played by the waiter itself at their time: nothing else in the ledger runs in the background.
+        """
+        give_up_at = time.monotonic() + timeout_seconds
+        while True:
+            with self._current() as now:
+                if self._state_version > after_version:
+                    return True
+                left = give_up_at - time.monotonic()
+                if left <= 0:
+                    return False
+                next_event = self._next_event_at()
+                if next_event is not None:
+                    left = min(left, max(0.0, next_event - now) + EVENT_WAKE_MARGIN_SECONDS)
+                seen = self._state_version
+            with self._lock:
+                if self._state_version == seen:
+                    self._changed.wait(left)
 
     def limit_history(self) -> list[tuple[float, float, str]]:
         """(time, limit kW, source) at every change of the limit, oldest first (the last ones kept)."""
@@ -663,6 +867,7 @@ class Ledger:
         sealed = None
         try:
             with self._lock:
+                version = self._state_version
                 now = max(self._clock(), self._time)
                 self._play_events_until(now)
                 self._advance_energy(now)
@@ -670,6 +875,8 @@ class Ledger:
                     yield now
                 finally:
                     sealed = self._flush(now)
+                    if self._state_version != version:
+                        self._changed.notify_all()
         finally:
             try:
                 if sealed is not None:
@@ -686,7 +893,11 @@ class Ledger:
                 _, session_id = heapq.heappop(self._ends)
                 entry = self._sessions[session_id]
                 self._advance_energy(next_end)
-                self._finish(entry, next_end, reason="completed")
+                if entry.lease_seconds is None:
+                    self._finish(entry, next_end, reason="completed")
+                else:
+                    self._leases_expired += 1
+                    self._finish(entry, next_end, reason="lease_expired")
             elif next_step is not None and next_step <= now:
                 self._advance_energy(next_step)
                 self._generation_kw = self._power.generation_at(next_step + PROFILE_STEP_EPSILON_SECONDS)
@@ -726,6 +937,7 @@ class Ledger:
         session = entry.session
         del self._sessions[session.session_id]
         self._requested_mw -= entry.member.amount_mw
+        self._leased -= entry.lease_seconds is not None
         ended = self._report(entry, now, with_history=True, ended_at=now, end_reason=reason)
         suspended, resumed = self._set.remove(session.session_id)
         self._record_state_changes(now, suspended, resumed)
@@ -841,12 +1053,17 @@ class Ledger:
             session = Session(stored.session_id, stored.vehicle_id, stored.amount_kw, stored.started_at,
                               stored.ends_at)
             amount = amount_to_mw(stored.amount_kw)
-            member = Member(stored.session_id, amount, minimum_mw(self.policy, amount, self._min_charge_mw),
-                            stored.admitted)
-            self._sessions[session.session_id] = _Entry(session, member, stored.start_position,
-                                                        list(stored.state_changes))
+            member = Member(stored.session_id, amount, self._minimum_of(amount, stored.minimum_kw), stored.admitted)
+            # A lease runs again from the restart: its holder renews well within a lease, and could not
+            # reach this substation while it was down.
+            end_at = now + stored.lease_seconds if stored.lease_seconds is not None else stored.ends_at
+            entry = _Entry(session, member, stored.start_position, list(stored.state_changes),
+                           amounts=list(stored.amounts), minimum_kw=stored.minimum_kw,
+                           lease_seconds=stored.lease_seconds, end_at=end_at)
+            self._sessions[session.session_id] = entry
             self._requested_mw += amount
-            heapq.heappush(self._ends, (session.ends_at, session.session_id))
+            self._leased += stored.lease_seconds is not None
+            heapq.heappush(self._ends, (end_at, session.session_id))
             members.append(member)
             last_at, charging = stored.state_changes[-1]
             if not charging:
@@ -866,10 +1083,19 @@ class Ledger:
         self._state_version += 1  # a restart is a change: every view of the old process is older
 
     def _next_end_at(self) -> float | None:
-        # Stopped sessions leave their entry in the heap; drop those that reached the top.
-        while self._ends and self._ends[0][1] not in self._sessions:
+        # Stopped sessions and renewed leases leave their entries in the heap; drop those that reached the top.
+        while self._ends:
+            end_at, key = self._ends[0]
+            entry = self._sessions.get(key)
+            if entry is not None and entry.end_at == end_at:
+                return end_at
             heapq.heappop(self._ends)
-        return self._ends[0][0] if self._ends else None
+        return None
+
+    def _next_event_at(self) -> float | None:
+        """When the next session ends, lease lapses or profile step comes; None when none is due."""
+        times = [at for at in (self._next_end_at(), self._next_step_at) if at is not None]
+        return min(times) if times else None
 
     # ----- reports ---------------------------------------------------------------------------
 
@@ -893,6 +1119,8 @@ class Ledger:
             energy_kwh=self._energy_mws / 1000.0 / 1000.0 / SECONDS_PER_HOUR,
             state_version=self._state_version,
             next_end_at=self._next_end_at(),
+            leased=self._leased,
+            leases_expired=self._leases_expired,
         )
 
     def _report(
@@ -915,6 +1143,7 @@ class Ledger:
             if ended_at is not None:
                 points.append((ended_at, 0.0))
             history = tuple(_merge_points(points)[-HISTORY_POINTS_KEPT:])
+        ends_at = entry.session.ends_at
         return SessionReport(
             session=entry.session,
             state=state,
@@ -925,12 +1154,19 @@ class Ledger:
             history=history,
             ended_at=ended_at,
             end_reason=end_reason,
+            lease_seconds=entry.lease_seconds,
+            lease_expires_at=entry.end_at if entry.lease_seconds is not None and ended_at is None else None,
+            remaining_seconds=None if ends_at is None else max(0.0, ends_at - (now if ended_at is None else ended_at)),
         )
 
     def _integrate(self, entry: _Entry, until: float) -> tuple[list[tuple[float, float]], float, float]:
         """The session's allocation points, energy (mW·s) and suspended seconds from its start to ``until``."""
-        amount = entry.member.amount_mw
         changes = entry.state_changes
+        amount_times = [t for t, *_ in entry.amounts]
+        # (amount, floor) in mW: the floor binds only above the level, and only a session's own minimum can
+        # be above it (under strict the level is None: every charging session gets its whole amount).
+        terms_mw = [(amount_to_mw(kw), self._minimum_of(amount_to_mw(kw), minimum, AllocationPolicy.FAIR_SHARE))
+                    for _, kw, minimum in entry.amounts]
         points: list[tuple[float, float]] = []
         energy = 0.0
         suspended = 0.0
@@ -938,8 +1174,8 @@ class Ledger:
         # point, and the level in effect then is the one before (the time of each point picks the right one).
         level_points = list(self._levels.since(entry.start_position - 1))
         started = entry.session.started_at
-        # Segment boundaries: every level change and every suspension or resumption, up to ``until``.
-        times = sorted({started, *(t for t, _ in level_points), *(t for t, _ in changes)})
+        # Segment boundaries: every level change, suspension, resumption and change of amount, up to ``until``.
+        times = sorted({started, *(t for t, _ in level_points), *(t for t, _ in changes), *amount_times})
         times = [t for t in times if started <= t <= until]
         level_times = [t for t, _ in level_points]
         change_times = [t for t, _ in changes]
@@ -949,7 +1185,8 @@ class Ledger:
             level = level_points[level_index][1] if level_index >= 0 else None
             change_index = bisect.bisect_right(change_times, start) - 1
             charging = changes[change_index][1] if change_index >= 0 else True
-            kw_mw = allocation_mw(amount, level) if charging else 0
+            amount, floor = terms_mw[max(0, bisect.bisect_right(amount_times, start) - 1)]
+            kw_mw = allocation_mw(amount, level, floor) if charging else 0
             points.append((start, to_kw(kw_mw)))
             span = max(0.0, end - start)
             energy += kw_mw * span
@@ -984,6 +1221,7 @@ def report_to_json(report: SessionReport) -> dict:
         "amount_kw": session.amount_kw,
         "started_at": session.started_at,
         "ends_at": session.ends_at,
+        "lease_seconds": report.lease_seconds,
         "minimum_kw": report.minimum_kw,
         "energy_kwh": report.energy_kwh,
         "suspended_seconds": report.suspended_seconds,
@@ -1015,4 +1253,7 @@ def report_from_json(record: dict) -> SessionReport:
         history=tuple((at, kw) for at, kw in record["history"]),
         ended_at=record["ended_at"],
         end_reason=record["end_reason"],
+        # Absent from the records of schema 1, which had no leases.
+        lease_seconds=record.get("lease_seconds"),
+        remaining_seconds=None if record["ends_at"] is None else max(0.0, record["ends_at"] - record["ended_at"]),
     )

@@ -47,6 +47,8 @@ SNAPSHOT_GAUGES: tuple[tuple[str, str, Callable[[Snapshot], float]], ...] = (
     ("available_capacity", "Limit not allocated to anyone, kW.", lambda s: s.available_kw),
     ("active_chargers", "Active sessions, charging or suspended.", lambda s: s.active_chargers),
     ("load_percentage", "current_load / limit * 100.", lambda s: s.load_percentage),
+    ("leased_sessions", "Active sessions held by a lease (OCPP transactions), charging or suspended.",
+     lambda s: s.leased),
     (
         "substation_state_version",
         "Grows with every admission, stop and expiry of a session and every change of the allocations.",
@@ -69,6 +71,7 @@ class _SnapshotGauges:
         yield GaugeMetricFamily("charging_sessions", "", labels=["substation", "state"])
         yield GaugeMetricFamily("substation_limit_source", "", labels=["substation", "source"])
         yield CounterMetricFamily("energy_delivered_kwh", "", labels=["substation"])
+        yield CounterMetricFamily("leases_expired", "", labels=["substation"])
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._snapshot()
@@ -97,6 +100,14 @@ class _SnapshotGauges:
         )
         energy.add_metric(labels, snapshot.energy_kwh)
         yield energy
+        expired = CounterMetricFamily(
+            "leases_expired",
+            "Leased sessions that ended because their lease lapsed unrenewed, since this process started: "
+            "their holder (the OCPP gateway) stopped renewing.",
+            labels=["substation"],
+        )
+        expired.add_metric(labels, snapshot.leases_expired)
+        yield expired
 
 
 class SubstationMetrics:

@@ -6,6 +6,7 @@ tests/test_schemathesis.py fuzzes the running service with it.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from gridcommon.openapi import (
@@ -14,7 +15,10 @@ from gridcommon.openapi import (
     KW,
     NULLABLE_KW,
     OPENAPI_PATH,
+    RETRY_AFTER,
+    SESSION_ID,
     SUBSTATION_ID,
+    TIME,
     body_errors,
     capacity_exceeded_schema,
     capacity_schema,
@@ -32,12 +36,13 @@ from gridcommon.openapi import (
     path_errors,
     ref,
     schema_ref,
-    session_with_capacity_schema,
     substation_session_schema,
 )
+from gridcommon.validation import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from substation_service.allocation import ALLOCATION_POLICIES
 from substation_service.limit_routes import MAX_LIMIT_KW
 from substation_service.peering.messages import MIGRATION_ID_PATTERN, NODE_ID_PATTERN
+from substation_service.routes import MAX_RENEWALS, MAX_WAIT_SECONDS
 
 SERVICE = "substation"
 X_REQUEST_ID = ref("parameters", "X-Request-ID")
@@ -61,6 +66,57 @@ def _flag(name: str, description: str) -> dict[str, Any]:
         "description": f"{description} `0`, `1`, `true` or `false` (default `0`); anything else is a 400.",
         "schema": {"enum": ["0", "1", "true", "false"]},
     }
+
+
+LEASE_SECONDS = {
+    "type": "number",
+    "minimum": MIN_LEASE_SECONDS,
+    "maximum": MAX_LEASE_SECONDS,
+    "description": f"How long the lease holds without renewal: {MIN_LEASE_SECONDS:g} to {MAX_LEASE_SECONDS:g} s.",
+}
+MINIMUM_KW = {
+    "type": "number",
+    "description": "The session's own minimum, kW: at least `MIN_CHARGE_KW` (1.4 by default), at most the "
+    "amount. A three-phase vehicle needs 6 A x 3 x 230 V, about 4.14 kW. Under `strict` the minimum is the "
+    "whole amount anyway.",
+}
+
+
+def _session_schema() -> dict[str, Any]:
+    """A substation's record of one session, with a leased session's fields (``routes.session_json``)."""
+    schema = copy.deepcopy(substation_session_schema())
+    properties = schema["properties"]
+    properties["ends_at"] = {"anyOf": [TIME, {"type": "null"}],
+                             "description": "When it ends by itself; null for a leased session."}
+    properties["duration_seconds"] = {"type": ["number", "null"], "exclusiveMinimum": 0,
+                                      "description": "Its fixed length; null for a leased session."}
+    properties["remaining_seconds"] = {"type": ["number", "null"], "minimum": 0,
+                                       "description": "Seconds until it ends by itself; null for a leased session."}
+    properties["end_reason"] = {"enum": ["completed", "stopped", "lease_expired"]}
+    properties["lease_seconds"] = {**KW, "description": "A leased session's lease length (its last renewal's)."}
+    properties["lease_expires_at"] = {
+        "type": ["number", "null"],
+        "description": "Seconds since the epoch when the lease lapses unless renewed; null once ended.",
+    }
+    schema["required"] = [*schema["required"], "remaining_seconds"]
+    return schema
+
+
+SESSION = _session_schema()
+SESSION_WITH_CAPACITY = {"allOf": [SESSION, capacity_schema()]}
+
+
+def _charge_request() -> dict[str, Any]:
+    schema = copy.deepcopy(charge_request_schema(with_session_id=True, with_wait=False))
+    schema["properties"]["lease_seconds"] = {
+        **LEASE_SECONDS,
+        "type": ["number", "null"],
+        "description": "Hold the session by a lease instead of a duration (an OCPP transaction): it has no "
+        f"fixed end and ends when stopped or when the lease lapses unrenewed (`POST /leases`). "
+        f"{MIN_LEASE_SECONDS:g} to {MAX_LEASE_SECONDS:g} s; not with `duration_seconds` (400).",
+    }
+    schema["properties"]["minimum_kw"] = {**MINIMUM_KW, "type": ["number", "null"]}
+    return schema
 
 
 SESSION_LINKS = {
@@ -281,13 +337,14 @@ PATHS: dict[str, Any] = {
                 },
             ],
             "requestBody": json_request(
-                charge_request_schema(with_session_id=True, with_wait=False),
+                _charge_request(),
                 "The charge request; other fields are ignored.",
             ),
             "responses": {
                 "201": json_response(
-                    "Admitted: the session and the substation's load after it.",
-                    {"allOf": [session_with_capacity_schema(),
+                    "Admitted: the session and the substation's load after it. A replay of a leased "
+                    "session renews its lease.",
+                    {"allOf": [SESSION_WITH_CAPACITY,
                                {"properties": {"replayed": {"const": True}}}]},
                     links=SESSION_LINKS,
                 ),
@@ -326,7 +383,7 @@ PATHS: dict[str, Any] = {
             "responses": {
                 "200": json_response(
                     "The session with its allocation history.",
-                    {"allOf": [substation_session_schema(), {"required": ["history"]}]},
+                    {"allOf": [SESSION, {"required": ["history"]}]},
                 ),
                 **path_errors(["session_not_found"], "`session_not_found` (with `session_id`): never here, or "
                                                      "ended too long ago; or"),
@@ -340,11 +397,86 @@ PATHS: dict[str, Any] = {
             "parameters": [X_REQUEST_ID],
             "responses": {
                 "200": json_response(
-                    "Stopped: its last record and the load after.", session_with_capacity_schema()
+                    "Stopped: its last record and the load after.", SESSION_WITH_CAPACITY
                 ),
                 **path_errors(["session_not_found"], "`session_not_found` (with `session_id`): not active here; or"),
             },
         },
+        "patch": {
+            "operationId": "changeSession",
+            "tags": ["charging"],
+            "summary": "Change what an active session asks for",
+            "description": "A vehicle tapering near full asks for less; a vehicle's reported maximum current "
+            "sets its amount or minimum. The sessions are re-allocated at once, and the sum of the allocations "
+            "never passes the limit. An amount alone below the session's minimum lowers the minimum with it.",
+            "security": [],
+            "parameters": [X_REQUEST_ID],
+            "requestBody": json_request(
+                {"type": "object", "properties": {
+                    "amount": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                               "description": "kW asked for from now on, at most `MAX_AMOUNT_KW`."},
+                    "minimum_kw": {**MINIMUM_KW, "type": ["number", "null"]},
+                }},
+                "`amount`, `minimum_kw` or both; other fields are ignored.",
+            ),
+            "responses": {
+                "200": json_response("Changed: the session and the load after.", SESSION_WITH_CAPACITY),
+                **body_errors(),
+                **path_errors(["session_not_found"], "`session_not_found` (with `session_id`): not active here; or"),
+                "400": error_response(
+                    "The body is not one JSON object (`invalid_json`), a field is wrong (`invalid_field`, with "
+                    "`field`: neither `amount` nor `minimum_kw` given, or one out of range), or the decoded path "
+                    "has a control character or a `.`/`..` segment (`invalid_path`).",
+                    ["invalid_json", "invalid_field", "invalid_path"],
+                    **FIELD,
+                ),
+                "409": json_response(
+                    "A raised minimum (or amount under `strict`) does not fit beside the other charging "
+                    "sessions' minimums (`capacity_exceeded`; nothing was changed), or the session changed "
+                    "its amount 1,000 times already (`too_many_changes`).",
+                    {"oneOf": [
+                        capacity_exceeded_schema(),
+                        {"allOf": [error_schema(["too_many_changes"]),
+                                   {"required": ["session_id"], "properties": {"session_id": SESSION_ID}}]},
+                    ]},
+                    headers={"Retry-After": {
+                        "description": "With `capacity_exceeded`: whole seconds until a session ends by itself.",
+                        "schema": {"type": "integer", "minimum": 1},
+                    }},
+                ),
+            },
+        },
+    },
+    "/leases": {
+        "post": {
+            "operationId": "renewLeases",
+            "tags": ["charging"],
+            "summary": "Renew the leases of leased sessions",
+            "description": "Each listed active leased session's lease lapses `lease_seconds` from now unless "
+            "renewed again; renew every third of a lease or so. Renewing changes no allocation, so "
+            "`state_version` does not move.",
+            "security": [],
+            "parameters": [X_REQUEST_ID],
+            "requestBody": json_request(
+                {"type": "object", "required": ["session_ids", "lease_seconds"], "properties": {
+                    "session_ids": {"type": "array", "maxItems": MAX_RENEWALS, "items": SESSION_ID},
+                    "lease_seconds": LEASE_SECONDS,
+                }},
+                f"Up to {MAX_RENEWALS} session ids and the lease they get.",
+            ),
+            "responses": {
+                "200": json_response(
+                    "Renewed; `unknown` lists the ids of no active leased session here (ended, stopped, lapsed, "
+                    "never admitted, or admitted with a fixed duration).",
+                    {"type": "object", "required": ["renewed", "unknown", "lease_seconds"], "properties": {
+                        "renewed": {"type": "array", "items": SESSION_ID},
+                        "unknown": {"type": "array", "items": SESSION_ID},
+                        "lease_seconds": LEASE_SECONDS,
+                    }},
+                ),
+                **body_errors(),
+            },
+        }
     },
     "/sessions": {
         "get": {
@@ -356,25 +488,48 @@ PATHS: dict[str, Any] = {
                 X_REQUEST_ID,
                 _flag("history", "Add each session's allocation history."),
                 _flag("ended", "Add the ended sessions kept for audits."),
+                {
+                    "name": "after_version",
+                    "in": "query",
+                    "required": False,
+                    "description": "A long poll: the `state_version` last seen. With `wait`, the answer comes "
+                    "as soon as the state_version is greater (at once if it already is).",
+                    "schema": {"type": "integer", "minimum": 0},
+                },
+                {
+                    "name": "wait",
+                    "in": "query",
+                    "required": False,
+                    "description": f"Seconds to wait for a change past `after_version`, 0 to "
+                    f"{MAX_WAIT_SECONDS:g}; the state as it is then if nothing changed. Needs `after_version`.",
+                    "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS},
+                },
             ],
             "responses": {
                 "200": json_response(
                     "Every session at one instant.",
                     {
                         "type": "object",
-                        "required": ["substation", "taken_at", "limit_kw", "limit_source", "load", "sessions"],
+                        "required": ["substation", "taken_at", "state_version", "limit_kw", "limit_source", "load",
+                                     "sessions"],
                         "properties": {
                             "substation": SUBSTATION_ID,
                             "taken_at": {"type": "number", "description": "Seconds since the epoch."},
+                            "state_version": {**COUNT, "description": "Grows with every change of any session's "
+                                              "allocation: the `after_version` of the next long poll."},
                             "limit_kw": {**KW, "minimum": 0},
                             "limit_source": {"enum": ["substation", "operator"]},
                             "load": KW,
-                            "sessions": {"type": "array", "items": substation_session_schema()},
+                            "sessions": {"type": "array", "items": SESSION},
                         },
                     },
                 ),
-                "400": error_response("A flag is not 0, 1, true or false (`invalid_query`, with `field`).",
+                "400": error_response("A flag is not 0, 1, true or false, or `after_version`/`wait` is not a "
+                                      "number in range (`invalid_query`, with `field`).",
                                       ["invalid_query"], **FIELD),
+                "429": error_response("`MAX_LONG_POLLS` long polls already wait (`too_many_long_polls`): "
+                                      "retry, or poll without `wait`.", ["too_many_long_polls"],
+                                      headers=RETRY_AFTER),
             },
         }
     },

@@ -16,11 +16,16 @@ histories are derived from it), the last ended sessions with their final
 records, the retired ids, the limit's history and the counters
 (``state_version``, energy). A store belongs to one substation: opening it
 under another ``SUBSTATION_ID`` is refused.
+
+Schema 2 added leased sessions (no fixed end: ``ends_at`` may be null), each
+session's own minimum and the changes of its amount. A file of schema 1 is
+migrated when it is opened, in one transaction.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sqlite3
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +33,28 @@ from gridcommon import jsonfast
 from gridcommon.groupcommit import GroupCommit, Statement
 from gridcommon.sqlitestate import StateFileError, open_state_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS sessions (
+SESSIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     session_id TEXT PRIMARY KEY,
     vehicle_id TEXT NOT NULL,
     amount_kw REAL NOT NULL,
     started_at REAL NOT NULL,
-    ends_at REAL NOT NULL,
+    ends_at REAL,
     admitted INTEGER NOT NULL,
     start_position INTEGER NOT NULL,
     state_changes TEXT NOT NULL,
     ended_at REAL,
-    report TEXT
+    report TEXT,
+    lease_seconds REAL,
+    minimum_kw REAL,
+    amounts TEXT
 );
+"""
+
+SCHEMA = SESSIONS_TABLE.format(name="sessions") + """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS sessions_by_end ON sessions (ended_at);
 CREATE TABLE IF NOT EXISTS levels (position INTEGER PRIMARY KEY, at REAL NOT NULL, level_mw INTEGER);
 CREATE TABLE IF NOT EXISTS limits (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,
@@ -65,6 +76,10 @@ class StoredSession:
     admitted: int
     start_position: int
     state_changes: list[tuple[float, bool]]
+    lease_seconds: float | None = None
+    minimum_kw: float | None = None
+    # (time, kW, own minimum kW or None) at admission and every change of either.
+    amounts: list[tuple[float, float, float | None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,7 @@ class LedgerStore:
         self._substation_id = substation_id
         self._db = open_state_file(path, SCHEMA, full_sync)
         self._check_owner()
+        self._migrate()
         # The change being made: its statements, and the counters' row as it ends.
         self._pending: list[Statement] = []
         self._meta: str | None = None
@@ -112,11 +128,32 @@ class LedgerStore:
                 f"the state file {self.path} belongs to {meta.get('substation_id')!r}, not {self._substation_id!r}: "
                 "give each substation its own STATE_DIR"
             )
-        if meta.get("schema_version") != SCHEMA_VERSION:
+        if meta.get("schema_version") not in MIGRATIONS and meta.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(
                 f"the state file {self.path} has schema {meta.get('schema_version')}, this substation reads "
                 f"{SCHEMA_VERSION}"
             )
+
+    def _migrate(self) -> None:
+        """Bring a file of an older schema to this one, in one transaction (all of it or none)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'state'").fetchone()
+        if row is None:
+            return
+        meta = json.loads(row[0])
+        while meta["schema_version"] != SCHEMA_VERSION:
+            step = MIGRATIONS[meta["schema_version"]]
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                new_version = step(self._db)
+                meta["schema_version"] = new_version
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'state'", (json.dumps(meta),))
+                self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                self._db.execute("ROLLBACK")
+                raise StoreError(
+                    f"the state file {self.path} could not be migrated to schema {SCHEMA_VERSION} ({exc}); "
+                    "it is left as it was: free disk space or check the folder's permissions, then start again"
+                ) from None
 
     # ----- reading ---------------------------------------------------------------------------
 
@@ -126,10 +163,14 @@ class LedgerStore:
         meta = json.loads(row[0]) if row else {}
         active = [
             StoredSession(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
-                          [(at, bool(charging)) for at, charging in json.loads(row[7])])
+                          [(at, bool(charging)) for at, charging in json.loads(row[7])],
+                          lease_seconds=row[8], minimum_kw=row[9],
+                          amounts=([(at, kw, minimum) for at, kw, minimum in json.loads(row[10])] if row[10]
+                                   else [(row[3], row[2], None)]))
             for row in db.execute(
                 "SELECT session_id, vehicle_id, amount_kw, started_at, ends_at, admitted, start_position, "
-                "state_changes FROM sessions WHERE ended_at IS NULL ORDER BY admitted"
+                "state_changes, lease_seconds, minimum_kw, amounts FROM sessions WHERE ended_at IS NULL "
+                "ORDER BY admitted"
             )
         ]
         levels = list(db.execute("SELECT position, at, level_mw FROM levels ORDER BY position"))
@@ -160,10 +201,24 @@ class LedgerStore:
         # The id may be that of a session ended long ago, past what the ledger still refuses: its row goes.
         self._pending.append((
             "INSERT OR REPLACE INTO sessions (session_id, vehicle_id, amount_kw, started_at, ends_at, admitted, "
-            "start_position, state_changes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "start_position, state_changes, lease_seconds, minimum_kw, amounts) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (session.session_id, session.vehicle_id, session.amount_kw, session.started_at, session.ends_at,
-             session.admitted, session.start_position, jsonfast.dumps_text(session.state_changes)),
+             session.admitted, session.start_position, jsonfast.dumps_text(session.state_changes),
+             session.lease_seconds, session.minimum_kw, jsonfast.dumps_text(session.amounts)),
         ))
+
+    def amount_changed(self, session_id: str, amount_kw: float, minimum_kw: float | None,
+                       amounts: list[tuple[float, float, float | None]]) -> None:
+        self._pending.append((
+            "UPDATE sessions SET amount_kw = ?, minimum_kw = ?, amounts = ? WHERE session_id = ?",
+            (amount_kw, minimum_kw, jsonfast.dumps_text(amounts), session_id),
+        ))
+
+    def lease_changed(self, session_id: str, lease_seconds: float) -> None:
+        """A renewal with another lease length; renewals of the same length write nothing (the lease
+        runs again from a restart)."""
+        self._pending.append(("UPDATE sessions SET lease_seconds = ? WHERE session_id = ?", (lease_seconds, session_id)))
 
     def state_changed(self, session_id: str, state_changes: list[tuple[float, bool]]) -> None:
         self._pending.append(
@@ -232,3 +287,24 @@ class LedgerStore:
     def close(self) -> None:
         with self._group.file_lock:
             self._db.close()
+
+
+def _schema_1_to_2(db: sqlite3.Connection) -> int:
+    """Leased sessions, own minimums, amount changes: ``ends_at`` becomes nullable, three columns are added.
+
+    SQLite cannot drop a NOT NULL constraint in place, so the table is rebuilt and renamed.
+    """
+    db.execute(SESSIONS_TABLE.format(name="sessions_v2"))
+    db.execute(
+        "INSERT INTO sessions_v2 (session_id, vehicle_id, amount_kw, started_at, ends_at, admitted, start_position, "
+        "state_changes, ended_at, report) SELECT session_id, vehicle_id, amount_kw, started_at, ends_at, admitted, "
+        "start_position, state_changes, ended_at, report FROM sessions"
+    )
+    db.execute("DROP TABLE sessions")
+    db.execute("ALTER TABLE sessions_v2 RENAME TO sessions")
+    db.execute("CREATE INDEX IF NOT EXISTS sessions_by_end ON sessions (ended_at)")
+    return 2
+
+
+# Schema version -> the step that brings a file of it one version further.
+MIGRATIONS = {1: _schema_1_to_2}

@@ -76,6 +76,7 @@ def test_charge_admits_and_describes_the_session(client: FlaskClient, clock: Fak
         "started_at",
         "ends_at",
         "duration_seconds",
+        "remaining_seconds",
         "load",
         "requested_load",
         "minimum_load",
@@ -97,6 +98,7 @@ def test_charge_admits_and_describes_the_session(client: FlaskClient, clock: Fak
     assert body["substation"] == SUBSTATION
     assert body["vehicle_id"] == "ev-1"
     assert body["amount"] == 40.0
+    assert body["remaining_seconds"] == 90.0
     assert epoch_of(body["started_at"]) == clock.now
     assert epoch_of(body["ends_at"]) == clock.now + 90
     assert body["duration_seconds"] == 90.0
