@@ -18,6 +18,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -25,6 +26,7 @@ from flask import Flask, Request, Response, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
+from werkzeug.wsgi import LimitedStream
 
 from gridcommon import jsonfast, logs
 from gridcommon.log_sampling import REQUEST_LOGGED_HEADER
@@ -96,6 +98,25 @@ def _nested_deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
+NOT_UTF8 = "it is not UTF-8 text (UTF-16 and UTF-32 are not accepted)"
+
+
+def utf8_text(data: bytes | bytearray) -> str:
+    """``data`` decoded as UTF-8, or an :class:`InvalidJson` saying it is not.
+
+    json.loads would read bytes in UTF-16 or UTF-32 as well (it guesses the encoding from the
+    first bytes), so a body the docs refuse would be admitted. A NUL byte never occurs in UTF-8
+    JSON (it is not allowed even inside a string) but fills every UTF-16 or UTF-32 character
+    of ASCII text, BOM or not. A UTF-8 byte order mark is tolerated, as RFC 8259 allows.
+    """
+    if b"\x00" in data:
+        raise InvalidJson(NOT_UTF8)
+    try:
+        return bytes(data).decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InvalidJson(NOT_UTF8) from None
+
+
 def loads_request_json(data: str | bytes, **kwargs: Any) -> Any:
     """Parse a request body; every way it can fail is an :class:`InvalidJson` saying how.
 
@@ -103,14 +124,14 @@ def loads_request_json(data: str | bytes, **kwargs: Any) -> Any:
     them, naming the field.
     """
     kwargs.setdefault("object_pairs_hook", _refuse_duplicate_keys)
+    if isinstance(data, (bytes, bytearray)):
+        data = utf8_text(data)
     try:
         value = json.loads(data, **kwargs)
     except InvalidJson:
         raise
     except RecursionError:
         raise InvalidJson(f"it is nested more than {MAX_JSON_DEPTH} levels deep") from None
-    except UnicodeDecodeError:
-        raise InvalidJson("it is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         # exc.msg names the problem ("Expecting value") without quoting the body.
         raise InvalidJson(f"{exc.msg} at line {exc.lineno}, column {exc.colno}") from None
@@ -159,6 +180,28 @@ class StrictJSONProvider(DefaultJSONProvider):
 
 class JsonErrorRequest(Request):
     """A request whose JSON failures are the same JSON errors as everywhere else."""
+
+    # Whether a body sent without Content-Length went on past the size limit; None until read.
+    _over_limit: bool | None = None
+
+    def get_data(  # type: ignore[override]
+        self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False
+    ) -> bytes | str:
+        data = super().get_data(cache=cache, as_text=as_text, parse_form_data=parse_form_data)
+        if self._over_limit is None:
+            self._over_limit = self._stream_went_past_limit()
+        if self._over_limit:
+            raise RequestEntityTooLarge()
+        return data
+
+    def _stream_went_past_limit(self) -> bool:
+        # A chunked body (no Content-Length) is read through werkzeug's LimitedStream, whose
+        # read-all stops at MAX_CONTENT_LENGTH and hands back what it has without a 413: the
+        # body, cut short, would then be refused as invalid JSON. One byte more tells.
+        stream = self.stream
+        if self.content_length is not None or not isinstance(stream, LimitedStream) or not stream.is_exhausted:
+            return False
+        return self.input_stream.read(1) != b""
 
     def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
         try:
@@ -209,6 +252,16 @@ STATE_RETRY_SECONDS = 5
 ROUTINE_PATHS = frozenset({"/metrics", "/health"})
 
 
+def allow_header(methods: Iterable[str]) -> str:
+    """The Allow header of a 405: the path's methods, sorted, without OPTIONS.
+
+    Flask gives every rule OPTIONS, and werkzeug lists a path's methods in set order, which
+    changes from one process to the next; but OPTIONS is itself answered 405 here, so a 405
+    to PATCH or HEAD must not offer it, and every service must list the same methods alike.
+    """
+    return ", ".join(sorted(set(methods) - {"OPTIONS"}))
+
+
 def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) -> None:
     """Attach request ids, access logging, JSON errors, strict JSON bodies and the body size limit."""
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -231,8 +284,8 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
             # Flask would answer an empty 200 on its own; no client here needs CORS preflights,
             # and every answer is JSON. Allow lists the methods of every rule for this path (GET,
             # PUT and DELETE /limit are three rules), as Flask's own 405 does.
-            methods = set(app.create_url_adapter(request).allowed_methods())  # type: ignore[union-attr]
-            raise MethodNotAllowed(valid_methods=sorted(methods - {"OPTIONS"}))
+            methods = app.create_url_adapter(request).allowed_methods()  # type: ignore[union-attr]
+            raise MethodNotAllowed(valid_methods=methods)
 
     @app.after_request
     def _finish_request(response: Response) -> Response:
@@ -279,7 +332,7 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
         message = _HTTP_ERROR_MESSAGES.get(status) or exc.description or exc.name
         response = error_response(status, exc.name.lower().replace(" ", "_"), message)
         if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
-            response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+            response.headers["Allow"] = allow_header(exc.valid_methods)  # type: ignore[attr-defined]
         return response
 
     @app.errorhandler(StateFileError)

@@ -58,14 +58,20 @@ def substation_series(samples: Sequence[SubstationSample]) -> dict[str, dict[str
     return series
 
 
+# What the lower panels show: the substations' own allocations, or the balancer's view, which counts a
+# new session's whole amount until its next poll (so it can pass 100 % while the allocations do not).
+OWN_PERCENT_LABEL = "allocated (% of limit)"
+BALANCER_PERCENT_LABEL = "balancer's load (% of capacity)"
+
+
 def draw_load_percentage(
     axes: Axes, samples: Sequence[StatusSample], colours: dict[str, str],
-    series: Mapping[str, Mapping[str, list[float]]] | None = None,
+    series: Mapping[str, Mapping[str, list[float]]] | None = None, label: str = BALANCER_PERCENT_LABEL,
 ) -> None:  # fmt: skip
     for name, line in sorted((load_series(samples) if series is None else series).items()):
         axes.step(line["t"], line["percent"], where="post", color=colours[name], label=name, linewidth=1.8)
     axes.axhline(100.0, color="black", linestyle="--", linewidth=1.2, label="capacity (100 %)")
-    axes.set_ylabel("load (% of capacity)")
+    axes.set_ylabel(label)
     axes.set_xlabel("seconds since the run started")
     axes.set_ylim(bottom=0, top=max(110.0, axes.get_ylim()[1]))
     axes.grid(alpha=0.3)
@@ -103,13 +109,16 @@ def write_load_plot(
     )  # fmt: skip
     if series:
         kw_axes.legend(loc="best", fontsize="small", ncols=2)
-    draw_load_percentage(percent_axes, samples, colours, series)
+    draw_load_percentage(percent_axes, samples, colours, series, OWN_PERCENT_LABEL if own else BALANCER_PERCENT_LABEL)
     if derate is not None and derate.applied_offset is not None:
         end = derate.restored_offset if derate.restored_offset is not None else kw_axes.get_xlim()[1]
         for axes in (kw_axes, percent_axes):
             axes.axvspan(derate.applied_offset, end, color="grey", alpha=0.15, label=f"{derate.substation} derated")
         percent_axes.legend(loc="best", fontsize="small")
-    percent_axes.set_title("Load as a share of capacity")
+    percent_axes.set_title(
+        "Allocated power as a share of the limit" if own
+        else "Load as a share of capacity (balancer's view: a new session counts its whole amount until the next poll)"
+    )  # fmt: skip
     percent_axes.legend(loc="best", fontsize="small")
     figure.suptitle(title)
     figure.savefig(path, dpi=DPI)
@@ -150,8 +159,10 @@ def write_comparison_plot(
     samples_by_policy: Sequence[Sequence[StatusSample]],
     title: str,
     path: Path,
+    substation_samples_by_policy: Sequence[Sequence[SubstationSample]] = (),
 ) -> None:
-    """Top row: one bar chart per figure; bottom row: load % over time under each policy."""
+    """Top row: one bar chart per figure; bottom row: load % over time under each policy, from the
+    substations' own samples when every run has them (allocated % of the limit), else the balancer's view."""
     figure = Figure(figsize=(max(12, 3.2 * len(policies)), 8.5), layout="constrained")
     top, bottom = figure.subfigures(2, 1, height_ratios=[1, 1.1])
     for axes, (label, values) in zip(top.subplots(1, len(bars)), bars.items()):
@@ -163,16 +174,23 @@ def write_comparison_plot(
         axes.set_ylim(bottom=0, top=max(1.0, max(values, default=0.0) * 1.15))
         for position, value in enumerate(values):
             axes.annotate(_bar_label(value), (position, value), ha="center", va="bottom", fontsize="small")
-    names = sorted({reading.substation for run in samples_by_policy for s in run for reading in s.substations})
-    colours = substation_colours(names)
+    own = len(substation_samples_by_policy) == len(policies) and all(substation_samples_by_policy)
+    series_by_policy = (
+        [substation_series(run) for run in substation_samples_by_policy] if own
+        else [load_series(samples) for samples in samples_by_policy]
+    )  # fmt: skip
+    colours = substation_colours(sorted({name for series in series_by_policy for name in series}))
     load_axes = bottom.subplots(1, len(policies), sharey=True, squeeze=False)[0]
-    for axes, policy, samples in zip(load_axes, policies, samples_by_policy):
-        draw_load_percentage(axes, samples, colours)
+    for axes, policy, samples, series in zip(load_axes, policies, samples_by_policy, series_by_policy):
+        draw_load_percentage(axes, samples, colours, series, OWN_PERCENT_LABEL if own else BALANCER_PERCENT_LABEL)
         axes.set_title(policy, fontsize="medium")
         if axes is not load_axes[0]:
             axes.set_ylabel("")
     load_axes[0].legend(loc="upper left", fontsize="x-small")
-    bottom.suptitle("Load per substation over time", fontsize="medium")
+    bottom.suptitle(
+        "Allocated power per substation over time" if own else "Load per substation over time (balancer's view)",
+        fontsize="medium",
+    )
     figure.suptitle(title)
     figure.savefig(path, dpi=DPI)
 

@@ -31,8 +31,10 @@ INTERRUPT: StopReason = "interrupt"
 TIME_LIMIT: StopReason = "time_limit"
 
 # The error codes with which the stack says "no room on the grid": a correct answer, not a fault.
-# queue_full: the request asked to wait, and the queue is as long as the charge API allows.
-CAPACITY_ERRORS = frozenset({"no_capacity", "capacity_exceeded", "queue_full"})
+# queue_full: the request asked to wait, and the queue is as long as the charge API allows;
+# exceeds_every_limit: it asked for more than any substation's limit. (The stack's other 503s,
+# substations_unreachable, substations_too_slow and deadline_too_short, are faults: failures.)
+CAPACITY_ERRORS = frozenset({"no_capacity", "capacity_exceeded", "queue_full", "exceeds_every_limit"})
 
 # The charge API's states of a request that waited. Started: it got power (suspended since, maybe).
 STARTED_STATES = frozenset({"charging", "suspended", "ended"})
@@ -380,9 +382,20 @@ class SubstationSample:
     limit_kw: float
     allocated_kw: float  # the sum of the sessions' allocated_kw, added up here
     sessions: int
+    # The sum of the sessions' amounts: what the vehicles ask for (None when an amount is missing).
+    requested_kw: float | None = None
+    # The fair-share level: the least any session short of its amount gets (suspended ones: 0 kW).
+    # None when every session gets its whole amount.
+    fair_share_kw: float | None = None
+    # The most any session gets (None without sessions).
+    largest_kw: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# An allocation this close to its amount is the whole amount: the substation's sums are exact to the milliwatt.
+SHORT_TOLERANCE_KW = 1e-6
 
 
 def parse_sessions_sample(t: float, substation: str, body: Any) -> SubstationSample | None:
@@ -393,17 +406,27 @@ def parse_sessions_sample(t: float, substation: str, body: Any) -> SubstationSam
     sessions = body.get("sessions")
     if limit is None or taken_at is None or not isinstance(sessions, list):
         return None
-    allocations = [_number(s.get("allocated_kw")) for s in sessions if isinstance(s, dict)]
+    entries = [s for s in sessions if isinstance(s, dict)]
+    allocations = [_number(s.get("allocated_kw")) for s in entries]
     if any(kw is None for kw in allocations):
         return None
+    amounts = [_number(s.get("amount")) for s in entries]
+    known = [kw for kw in allocations if kw is not None]
+    short = [
+        kw for kw, amount in zip(allocations, amounts)
+        if kw is not None and amount is not None and kw < amount - SHORT_TOLERANCE_KW
+    ]  # fmt: skip
     return SubstationSample(
         t=round(t, 3),
         substation=_text(body.get("substation")) or substation,
         taken_at=taken_at,
         limit_kw=limit,
         # The sum is made here, not taken from the substation's "load": this witness trusts no total.
-        allocated_kw=sum(kw for kw in allocations if kw is not None),
+        allocated_kw=sum(known),
         sessions=len(allocations),
+        requested_kw=None if any(amount is None for amount in amounts) else sum(a for a in amounts if a is not None),
+        fair_share_kw=min(short) if short else None,
+        largest_kw=max(known) if known else None,
     )
 
 

@@ -21,7 +21,7 @@ from load_tester.plots import (
     write_vehicle_plot,
 )
 from load_tester.records import RunData
-from load_tester.stats import Summary, summarise
+from load_tester.stats import STRICT, Summary, summarise
 from load_tester.verdict import Limits, Verdict, judge
 from load_tester.violations import CapacityViolation, Witnesses, find_violations, run_start_by_substation
 
@@ -117,7 +117,8 @@ def assemble(title: str, settings: dict[str, Any], data: RunData, limits: Limits
     )
     energy = energy_figures(data.results)
     summary = summarise(
-        data.results, data.samples, witnesses, data.timing, energy, data.substation_samples, data.answers_end_t
+        data.results, data.samples, witnesses, data.timing, energy, data.substation_samples, data.answers_end_t,
+        allocation_policy=settings.get("allocation_policy"),
     )
     verdict = judge(summary, witnesses, data, limits, open_loop)
     return RunReport(title, settings, data, summary, witnesses, verdict)
@@ -158,8 +159,10 @@ def summary_rows(summary: Summary) -> list[tuple[str, str]]:
         ("Latency max (ms)", _number(latency.max if latency else None)),
         ("Throughput (answers/s)", _number(summary.throughput_rps)),
         ("Run time (s)", _number(summary.wall_seconds, 2)),
-        ("Spread at end (points of load %)", _number(summary.spread_end)),
-        ("Largest spread (points of load %)", _number(summary.spread_peak)),
+        (POWER_SPREAD_END, _number(summary.power_spread_end_kw, 2)),
+        (POWER_SPREAD_PEAK, _number(summary.power_spread_peak_kw, 2)),
+        (LOAD_SPREAD_END, _number(summary.spread_end)),
+        (LOAD_SPREAD_PEAK, _number(summary.spread_peak)),
         ("Vehicles served", f"{summary.vehicles_served} of {summary.vehicles_requested}"),
         ("Energy requested (kWh)", _number(summary.energy_requested_kwh, 3)),
         ("Energy delivered (kWh)", _number(summary.energy_delivered_kwh, 3)),
@@ -180,6 +183,12 @@ def summary_rows(summary: Summary) -> list[tuple[str, str]]:
     ]
 
 
+POWER_SPREAD_END = "Spread of power per vehicle across substations at end (kW)"
+POWER_SPREAD_PEAK = "Largest spread of power per vehicle across substations (kW)"
+LOAD_SPREAD_END = "Spread at end (points of load %, strict only)"
+LOAD_SPREAD_PEAK = "Largest spread (points of load %, strict only)"
+REQUESTED_AT_END = "Requested % of limit at end"
+
 RATES_EXPLAINED = (
     "Error rate: share of requests that failed (any answer but 201, 202 or a capacity rejection, a timeout, "
     "a connection error, a queued request lost or cancelled by someone else) or were not sent. Rejection rate: "
@@ -196,12 +205,19 @@ FIGURES_EXPLAINED = (
     "counts as 0. Peak load is the highest sum of allocations over the limit in force. Capacity violations are "
     "checked by two witnesses that do not take a substation's word for its total: its sessions' allocation "
     "histories swept against its limit's history at every change, and its sessions sampled during the run "
-    "(the allocations added up here, against the limit of the same answer). Load and spread \"at end\" are "
-    "the balancer's figures when the last answer came, before the sessions ended."
+    "(the allocations added up here, against the limit of the same answer). Balance: under sharing every "
+    "vehicle should get the same power wherever it charges, so the spread of power per vehicle is max - min "
+    "over the substations of their fair-share level (the power of a vehicle short of its amount; where no "
+    "vehicle is short, the largest allocation), from the substations' own samples, 0 while no vehicle is short "
+    "anywhere. The spread of load % is given under the strict policy only, where a session gets its whole "
+    "amount: under sharing the vehicles ask for more than the limit, and it would say nothing of balance. "
+    "Requested % of limit is what a substation's vehicles asked for (the sum of their amounts) over its limit: "
+    "past 100 % the vehicles share the limit, which the allocations never exceed. \"At end\" is when the last "
+    "answer came, before the sessions ended."
 )
 
 SUBSTATION_HEADER = (
-    "Substation", "Admitted", "Admitted kW", "Capacity kW", "Load % at end", "Peak load %", "Energy kWh",
+    "Substation", "Admitted", "Admitted kW", "Capacity kW", REQUESTED_AT_END, "Peak load %", "Energy kWh",
     "Violations",
 )  # fmt: skip
 
@@ -213,7 +229,7 @@ def substation_rows(summary: Summary) -> list[tuple[str, ...]]:
             str(s.admitted),
             _number(s.admitted_kw),
             _number(s.capacity_kw),
-            _number(s.end_load_percentage),
+            _number(s.end_requested_percentage),
             _number(s.peak_load_percentage),
             _number(s.energy_delivered_kwh, 3),
             str(s.capacity_violations),
@@ -339,10 +355,28 @@ def write_run(output_dir: Path, report: RunReport) -> None:
     (output_dir / REPORT_FILE).write_text(_markdown(report), encoding="utf-8")
 
 
-COMPARISON_HEADER = (
-    "Policy", "Admitted", "Rejected", "Failed", "Largest spread", "Spread at end", "Peak load %",
-    "Latency mean (ms)", "Latency p95 (ms)", "Violations",
-)
+def balance(summary: Summary, strict: bool) -> tuple[float | None, float | None]:
+    """The largest spread and the spread at end that say how balanced a run was: load % under strict,
+    power per vehicle (kW) under sharing."""
+    if strict:
+        return summary.spread_peak, summary.spread_end
+    return summary.power_spread_peak_kw, summary.power_spread_end_kw
+
+
+def _all_strict(reports: Sequence[RunReport]) -> bool:
+    return bool(reports) and all(report.allocation_policy == STRICT for report in reports)
+
+
+def _balance_unit(strict: bool) -> str:
+    return "points of load %" if strict else "kW per vehicle"
+
+
+def comparison_header(reports: Sequence[RunReport]) -> tuple[str, ...]:
+    unit = _balance_unit(_all_strict(reports))
+    return (
+        "Policy", "Admitted", "Rejected", "Failed", f"Largest spread ({unit})", f"Spread at end ({unit})",
+        "Peak load %", "Latency mean (ms)", "Latency p95 (ms)", "Violations",
+    )  # fmt: skip
 
 
 def _peak_load(summary: Summary) -> float | None:
@@ -352,17 +386,19 @@ def _peak_load(summary: Summary) -> float | None:
 
 def comparison_rows(reports: Sequence[RunReport]) -> list[tuple[str, ...]]:
     rows = []
+    strict = _all_strict(reports)
     for report in reports:
         summary = report.summary
         latency = summary.latency
+        largest, at_end = balance(summary, strict)
         rows.append(
             (
                 report.settings["policy"],
                 str(summary.admitted),
                 str(summary.rejected),
                 str(summary.failed),
-                _number(summary.spread_peak),
-                _number(summary.spread_end),
+                _number(largest, 1 if strict else 2),
+                _number(at_end, 1 if strict else 2),
                 _number(_peak_load(summary)),
                 _number(latency.mean if latency else None),
                 _number(latency.p95 if latency else None),
@@ -384,6 +420,8 @@ def comparison_json(reports: Sequence[RunReport]) -> dict[str, Any]:
                 "failed": report.summary.failed,
                 "spread_peak": report.summary.spread_peak,
                 "spread_end": report.summary.spread_end,
+                "power_spread_peak_kw": report.summary.power_spread_peak_kw,
+                "power_spread_end_kw": report.summary.power_spread_end_kw,
                 "peak_load_percentage": _peak_load(report.summary),
                 "latency_ms": None if report.summary.latency is None else asdict(report.summary.latency),
                 "capacity_violations": report.summary.capacity_violations,
@@ -398,19 +436,23 @@ def write_comparison(output_dir: Path, title: str, reports: Sequence[RunReport])
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_json(output_dir / COMPARISON_FILE, comparison_json(reports))
     policies = [report.settings["policy"] for report in reports]
+    strict = _all_strict(reports)
     bars = {
-        "Largest spread (points of load %)": [r.summary.spread_peak or 0.0 for r in reports],
+        f"Largest spread ({_balance_unit(strict)})": [balance(r.summary, strict)[0] or 0.0 for r in reports],
         "Peak load % (any substation)": [_peak_load(r.summary) or 0.0 for r in reports],
         "Rejected for capacity": [float(r.summary.rejected) for r in reports],
         "Latency p95 (ms)": [r.summary.latency.p95 if r.summary.latency else 0.0 for r in reports],
     }
-    write_comparison_plot(policies, bars, [r.data.samples for r in reports], title, output_dir / COMPARISON_PLOT)
+    write_comparison_plot(
+        policies, bars, [r.data.samples for r in reports], title, output_dir / COMPARISON_PLOT,
+        [r.data.substation_samples for r in reports],
+    )
     lines = [
         f"# {title}",
         "",
         "The same seeded requests under each routing policy; each run started from an empty grid.",
         "",
-        markdown_table(COMPARISON_HEADER, comparison_rows(reports)),
+        markdown_table(comparison_header(reports), comparison_rows(reports)),
         "",
         f"![Routing policies compared]({COMPARISON_PLOT})",
         "",
@@ -488,7 +530,10 @@ def write_allocation_comparison(output_dir: Path, title: str, reports: Sequence[
         "Jain's index, all vehicles (x100)": [100.0 * (r.summary.jain_index_all or 0.0) for r in reports],
         "Capacity violations": [float(r.summary.capacity_violations) for r in reports],
     }
-    write_comparison_plot(policies, bars, [r.data.samples for r in reports], title, output_dir / COMPARISON_PLOT)
+    write_comparison_plot(
+        policies, bars, [r.data.samples for r in reports], title, output_dir / COMPARISON_PLOT,
+        [r.data.substation_samples for r in reports],
+    )
     write_allocation_comparison_plot(
         [vehicle_run(report, policy) for report, policy in zip(reports, policies)], title, output_dir / VEHICLE_PLOT
     )

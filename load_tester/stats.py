@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,9 @@ from load_tester.violations import Witnesses
 
 if TYPE_CHECKING:
     from load_tester.energy import EnergyFigures
+
+# The allocation policy under which a session gets its whole amount or nothing.
+STRICT = "strict"
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,9 @@ class SubstationSummary:
     admitted: int
     admitted_kw: float
     capacity_kw: float | None
-    end_load_percentage: float | None
+    # What its vehicles asked for (the sum of its sessions' amounts) over its limit, from its own sample
+    # when the last answer came. Under sharing it passes 100 % while the allocations stay within the limit.
+    end_requested_percentage: float | None
     # Highest allocated / limit: from the substation's own records when they could be read.
     peak_load_percentage: float | None
     energy_delivered_kwh: float = 0.0
@@ -65,7 +70,10 @@ class Summary:
     wall_seconds: float
     throughput_rps: float
     substations: tuple[SubstationSummary, ...]
-    # max - min load % over the substations: in the last status sample, and the largest in any sample.
+    # Balance under strict only (None under any other policy): max - min load % over the substations, in the
+    # balancer's view, when the last answer came and the largest in any sample. Under strict a session gets its
+    # whole amount, so this is what the substations carry; under sharing the vehicles' requests outrun the
+    # limit and the figure says nothing of balance.
     spread_end: float | None
     spread_peak: float | None
     # Both witnesses together; then each: the allocation histories, and the high-rate samples.
@@ -96,6 +104,11 @@ class Summary:
     queue_wait_p95_seconds: float | None = None
     # The highest allocated / limit of any substation.
     peak_load_percentage: float | None = None
+    # Balance under sharing: max - min over the substations of the power a vehicle gets there (the fair-share
+    # level where vehicles are short of their amount), in kW, from the substations' own samples; 0 while no
+    # vehicle is short anywhere. At the last answer, and the largest at any instant.
+    power_spread_end_kw: float | None = None
+    power_spread_peak_kw: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,13 +126,18 @@ def summarise(
     energy: EnergyFigures | None = None,
     substation_samples: Sequence[SubstationSample] = (),
     end_t: float | None = None,
+    allocation_policy: str | None = None,
 ) -> Summary:
-    """The figures of a run; ``end_t`` is when its last answer came (None: the end is the last sample)."""
+    """The figures of a run; ``end_t`` is when its last answer came (None: the end is the last sample).
+
+    ``allocation_policy`` is the substations' policy: the load % spread is given under ``strict`` only.
+    """
     outcomes = Counter(result.outcome for result in results)
     sent = len(results) - outcomes[NOT_SENT]
     answered = [r.latency_ms for r in results if r.answered and r.latency_ms is not None]
     lags = [lag for lag in (r.schedule_lag_ms for r in results) if lag is not None]
-    end_spread, peak_spread = spreads(samples, end_t)
+    end_spread, peak_spread = spreads(samples, end_t) if allocation_policy == STRICT else (None, None)
+    power_end, power_peak = power_spreads(substation_samples, end_t)
     substations = substation_summaries(results, samples, witnesses, substation_samples, end_t)
     peaks = [s.peak_load_percentage for s in substations if s.peak_load_percentage is not None]
     return Summary(
@@ -147,6 +165,8 @@ def summarise(
         history_instants_checked=sum(check.instants for check in witnesses.history),
         substation_samples=sum(check.samples for check in witnesses.samples),
         peak_load_percentage=max(peaks) if peaks else None,
+        power_spread_end_kw=power_end,
+        power_spread_peak_kw=power_peak,
         **(_energy_fields(energy) if energy is not None else {"vehicles_requested": len(results)}),
     )
 
@@ -211,6 +231,50 @@ def _spread(sample: StatusSample) -> float:
     return max(loads) - min(loads)
 
 
+def end_samples(samples: Sequence[SubstationSample], end_t: float | None) -> dict[str, SubstationSample]:
+    """Each substation's first own sample at or after ``end_t`` (None: its last one)."""
+    ends: dict[str, SubstationSample] = {}
+    for sample in sorted(samples, key=lambda s: s.t):
+        if end_t is None or (sample.t >= end_t and sample.substation not in ends):
+            ends[sample.substation] = sample
+    return ends
+
+
+def power_spreads(
+    samples: Sequence[SubstationSample], end_t: float | None = None
+) -> tuple[float | None, float | None]:
+    """max - min kW per vehicle over the substations: at the end (``end_t``), and the largest at any instant.
+
+    Every sample is an instant; each other substation counts with its latest sample then.
+    """
+    names = {sample.substation for sample in samples}
+    latest: dict[str, SubstationSample] = {}
+    largest: float | None = None
+    for sample in sorted(samples, key=lambda s: s.t):
+        latest[sample.substation] = sample
+        spread = power_spread(latest.values()) if len(latest) == len(names) else None
+        if spread is not None:
+            largest = spread if largest is None else max(largest, spread)
+    ends = end_samples(samples, end_t)
+    return (power_spread(ends.values()) if names and ends.keys() == names else None), largest
+
+
+def power_spread(samples: Iterable[SubstationSample]) -> float | None:
+    """max - min over the substations of the power a vehicle gets there, at one instant, in kW.
+
+    Where some vehicle is short of its amount, that is the substation's fair-share level; where every
+    vehicle gets its whole amount, the level is at least the largest allocation, which stands for it.
+    0 when no vehicle is short anywhere (each gets what it asks); None when no substation has a session.
+    """
+    charging = [s for s in samples if s.sessions and s.largest_kw is not None]
+    if not charging:
+        return None
+    if all(s.fair_share_kw is None for s in charging):
+        return 0.0
+    levels = [s.largest_kw if s.fair_share_kw is None else s.fair_share_kw for s in charging]
+    return max(levels) - min(levels)  # type: ignore[type-var]
+
+
 def substation_summaries(
     results: Sequence[RequestResult],
     samples: Sequence[StatusSample],
@@ -225,8 +289,7 @@ def substation_summaries(
         | {x.substation for s in samples for x in s.substations}
         | {check.substation for check in (*witnesses.history, *witnesses.samples)}
     )
-    at_end = end_sample(samples, end_t)
-    last = {reading.substation: reading for reading in at_end.substations} if at_end else {}
+    own_end = end_samples(substation_samples, end_t)
     violations = Counter(v.substation for v in witnesses.violations)
     summaries = []
     for name in names:
@@ -249,10 +312,16 @@ def substation_summaries(
                 admitted=len(mine),
                 admitted_kw=round(sum(r.amount_kw for r in mine), 6),
                 capacity_kw=capacities[-1] if capacities else None,
-                end_load_percentage=last[name].load_percentage if name in last else None,
+                end_requested_percentage=_requested_percentage(own_end.get(name)),
                 peak_load_percentage=peak,
                 energy_delivered_kwh=round(sum(r.energy_kwh or 0.0 for r in mine), 6),
                 capacity_violations=violations[name],
             )
         )
     return tuple(summaries)
+
+
+def _requested_percentage(sample: SubstationSample | None) -> float | None:
+    if sample is None or sample.requested_kw is None or sample.limit_kw <= 0:
+        return None
+    return sample.requested_kw / sample.limit_kw * 100.0

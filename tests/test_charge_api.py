@@ -27,7 +27,7 @@ from charge_request_service.routes import EXTENSION_KEY
 from charge_request_service.sessions import ChargeSession, utc_now
 from gridcommon.promtext import Scrape, parse_metrics
 from gridcommon.web import MAX_BODY_BYTES
-from tests.harness import Stack, free_port, logged_within, start_stack
+from tests.harness import Stack, free_port, logged_within, start_stack, wait_for
 
 SUBSTATION_CAPACITY_KW = 60.0
 BALANCER_MAX_AMOUNT_KW = 100.0
@@ -269,6 +269,7 @@ def test_admitted_request_returns_the_balancers_201_and_is_tracked(grid, grid_cl
     shared = ("session_id", "vehicle_id", "substation", "amount", "started_at", "ends_at")
     assert {key: tracked[key] for key in shared} == {key: body[key] for key in shared}
     assert 0 < tracked["remaining_seconds"] <= 120
+    assert (tracked["state"], tracked["live"]) == ("charging", True)
     assert [s["session_id"] for s in grid_client.get("/sessions").get_json()["sessions"]] == [body["session_id"]]
 
     metrics = scrape(grid_client)
@@ -304,6 +305,7 @@ def test_stop_frees_the_session_at_its_substation(grid, grid_client):
     # It is no longer running, but it can still be read: how it ended and what it got.
     ended = grid_client.get(f"/sessions/{session_id}").get_json()
     assert (ended["state"], ended["end_reason"]) == ("ended", "stopped")
+    assert ended["live"] is False, "an ended session's figures are final, not live"
     assert ended["energy_kwh"] >= 0.0 and "finished_at" in ended
     assert_json_error(grid_client.delete(f"/sessions/{session_id}"), 404, "session_not_found")
     assert grid_client.get("/status").get_json()["sessions"]["stopped"] == 1
@@ -316,15 +318,16 @@ def test_unknown_session_is_404_json(grid_client):
     assert_json_error(grid_client.delete("/sessions/does-not-exist"), 404, "session_not_found")
 
 
-def test_no_capacity_503_is_passed_on_with_retry_after(grid_client):
-    # More than any one substation has (60 kW), though within every limit on amounts.
-    response = grid_client.post("/charge", json={"vehicle_id": "EV-big", "amount": 80})
-    body = assert_json_error(response, 503, "no_capacity")
-    assert int(response.headers["Retry-After"]) >= 1
-    assert "retry_after_seconds" in body
-    assert charge_count(grid_client, 503) == 1
+def test_a_request_larger_than_every_limit_is_refused_at_once_and_not_queued(grid_client):
+    # More than any one substation's limit (60 kW), though within every limit on amounts: it could never start.
+    # (A full grid's 503, passed on with its reason, is in tests/test_refusals.py.)
+    response = grid_client.post("/charge", json={"vehicle_id": "EV-big", "amount": 80, "wait": True})
+    body = assert_json_error(response, 409, "exceeds_every_limit")
+    assert body["largest_limit_kw"] == 60.0 and "Ask for at most 60 kW" in body["message"]
+    assert charge_count(grid_client, 409) == 1
     assert failed_count(grid_client) == 0
     assert grid_client.get("/sessions").get_json() == {"sessions": []}
+    assert grid_client.get("/status").get_json()["queued_requests"] == 0
 
 
 def test_balancers_own_refusal_of_a_field_is_passed_on(grid_client):
@@ -347,6 +350,18 @@ def test_sessions_past_their_end_drop_out_of_every_view_without_a_request(grid):
     assert client.get("/status").get_json()["sessions"]["expired"] == 1
 
 
+def test_a_session_that_ran_its_time_reads_as_ended_and_not_live(grid):
+    client = make_client(grid.balancer.url)
+    admitted = client.post("/charge", json={"vehicle_id": "EV-api-6", "amount": 2, "duration_seconds": 0.3})
+    session_id = admitted.get_json()["session_id"]
+    wait_for(lambda: client.get(f"/sessions/{session_id}").get_json()["state"] == "ended", 5, "the session ended")
+    first = client.get(f"/sessions/{session_id}").get_json()
+    assert (first["end_reason"], first["live"]) == ("completed", False)
+    assert first["energy_kwh"] > 0 and "ended_at" in first and "finished_at" in first
+    # The substation's last record is kept: read again, it is the same, and still not live.
+    assert client.get(f"/sessions/{session_id}").get_json() == first
+
+
 def test_stopping_a_session_its_substation_already_ended_is_404_and_forgets_it(grid):
     clock = ShiftedClock()
     clock.offset = timedelta(seconds=-30)  # this service's clock lags, so it still thinks the session runs
@@ -354,6 +369,9 @@ def test_stopping_a_session_its_substation_already_ended_is_404_and_forgets_it(g
     admitted = client.post("/charge", json={"vehicle_id": "EV-api-5", "amount": 1, "duration_seconds": 0.2})
     session_id = admitted.get_json()["session_id"]
     time.sleep(0.4)
+    # Still tracked as running here, but the substation's record says it ended: nothing in it changes any more.
+    tracked = client.get(f"/sessions/{session_id}").get_json()
+    assert (tracked["state"], tracked["end_reason"], tracked["live"]) == ("ended", "completed", False)
 
     body = assert_json_error(client.delete(f"/sessions/{session_id}"), 404, "session_not_found")
     assert body["substation"] in GRID_IDS and body["substation"] in body["message"]

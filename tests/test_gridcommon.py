@@ -194,7 +194,8 @@ def hardened_app() -> Flask:
 @pytest.mark.parametrize("path", ["/object", "/flask-json"])
 def test_deep_json_is_a_400_on_every_way_of_reading_it(hardened_app: Flask, path: str) -> None:
     client = hardened_app.test_client()
-    for body in (b"[" * 5000 + b"]" * 5000, b'{"a": 1, "a": 2}', b"\xff"):
+    not_utf8 = ['{"a": 1}'.encode(encoding) for encoding in ("utf-16", "utf-16-be", "utf-32-le")]
+    for body in (b"[" * 5000 + b"]" * 5000, b'{"a": 1, "a": 2}', b"\xff", *not_utf8):
         response = client.post(path, data=body, content_type="application/json")
         assert response.status_code == 400, response.get_data(as_text=True)
         assert response.get_json()["error"] == "invalid_json"

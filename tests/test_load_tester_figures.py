@@ -14,9 +14,11 @@ from load_tester.records import (
     DerateRecord,
     RunData,
     RunTiming,
+    SubstationSample,
     cancelled_at_time_limit,
     classify_response,
     not_sent,
+    parse_sessions_sample,
     parse_status,
     transport_failure,
     unanswered,
@@ -135,7 +137,8 @@ def test_the_summary_counts_outcomes_latency_and_load_per_substation():
         sample(1.0, ("substation-1", 25.0, 100.0), ("substation-2", 20.0, 100.0)),  # spread 5
     ]
     data = _run(results, samples)
-    summary = summarise(data.results, data.samples, NO_WITNESSES, data.timing)
+    # Strict: each session got its whole amount, so the balancer's load % is what the substations carry.
+    summary = summarise(data.results, data.samples, NO_WITNESSES, data.timing, allocation_policy="strict")
     assert (summary.planned, summary.sent, summary.admitted, summary.rejected, summary.failed, summary.not_sent) == (
         7, 6, 3, 1, 2, 1,
     )  # fmt: skip
@@ -154,9 +157,12 @@ def test_the_summary_counts_outcomes_latency_and_load_per_substation():
     assert (summary.spread_end, summary.spread_peak) == (pytest.approx(5.0), pytest.approx(25.0))
     by_name = {s.substation: s for s in summary.substations}
     assert (by_name["substation-1"].admitted, by_name["substation-1"].admitted_kw) == (2, 25.0)
-    assert by_name["substation-1"].end_load_percentage == pytest.approx(25.0)
+    assert by_name["substation-1"].end_requested_percentage is None  # no sample of its own sessions
     assert by_name["substation-1"].peak_load_percentage == pytest.approx(30.0)
     assert by_name["substation-2"].peak_load_percentage == pytest.approx(20.0)
+    # Under sharing the same balancer figures say nothing of balance: they are left out.
+    shared = summarise(data.results, data.samples, NO_WITNESSES, data.timing, allocation_policy="fair_share")
+    assert (shared.spread_end, shared.spread_peak) == (None, None)
 
 
 def test_without_samples_the_peak_comes_from_the_admissions_and_there_is_no_spread():
@@ -164,8 +170,67 @@ def test_without_samples_the_peak_comes_from_the_admissions_and_there_is_no_spre
     summary = summarise(results, [], NO_WITNESSES, RunTiming(1.0, 0.1))
     [substation] = summary.substations
     assert substation.peak_load_percentage == pytest.approx(25.0)
-    assert substation.end_load_percentage is None
+    assert substation.end_requested_percentage is None
     assert (summary.spread_end, summary.spread_peak) == (None, None)
+    assert (summary.power_spread_end_kw, summary.power_spread_peak_kw) == (None, None)
+
+
+def test_a_substations_sample_says_what_its_vehicles_ask_for_and_its_fair_share_level():
+    body = {"substation": "substation-1", "taken_at": BASE_EPOCH, "limit_kw": 10.0, "sessions": [
+        {"amount": 2.0, "allocated_kw": 2.0},     # asks less than the level: gets it all
+        {"amount": 11.0, "allocated_kw": 4.0},    # curtailed to the level
+        {"amount": 20.0, "allocated_kw": 4.0},
+        {"amount": 7.0, "allocated_kw": 0.0, "state": "suspended"},
+    ]}  # fmt: skip
+    parsed = parse_sessions_sample(0.25, "substation-1", body)
+    assert (parsed.allocated_kw, parsed.requested_kw, parsed.sessions) == (10.0, 40.0, 4)
+    # A suspended vehicle is short of its amount too: it gets nothing.
+    assert (parsed.fair_share_kw, parsed.largest_kw) == (0.0, 4.0)
+    body["sessions"] = body["sessions"][:3]
+    assert parse_sessions_sample(0.25, "substation-1", body).fair_share_kw == 4.0
+    body["sessions"] = [{"amount": 3.0, "allocated_kw": 3.0}]
+    assert parse_sessions_sample(0.25, "substation-1", body).fair_share_kw is None
+
+
+def _shared(t: float, substation: str, limit: float, amounts: list[float]) -> SubstationSample:
+    """A sample of a substation whose sessions get their amounts, or, when together they ask for more than
+    its limit, an equal share of it (max-min fair when, as here, a crowd's vehicles ask for the same)."""
+    level = limit / len(amounts) if sum(amounts) > limit else max(amounts)
+    return substation_sample(t, [min(a, level) for a in amounts], limit, substation, amounts)
+
+
+def test_a_perfectly_fair_sharing_run_reports_no_spread_of_power_per_vehicle():
+    # 20, 30 and 40 vehicles on 60, 90 and 120 kW: every vehicle gets 3 kW wherever it charges, although
+    # what they ask for is 333 %, 500 % and 267 % of the limits.
+    fleets = {"substation-1": (60.0, [10.0] * 20), "substation-2": (90.0, [15.0] * 30),
+              "substation-3": (120.0, [8.0] * 40)}  # fmt: skip
+    own = [_shared(t, name, limit, amounts) for t in (0.5, 1.0, 1.5) for name, (limit, amounts) in fleets.items()]
+    # The balancer's view as it was: each new session counted at its whole amount until its next poll.
+    balancer = [sample(t, *((name, sum(amounts), limit) for name, (limit, amounts) in fleets.items()))
+                for t in (0.5, 1.0, 1.5)]  # fmt: skip
+    assert all(s.fair_share_kw == pytest.approx(3.0) for s in own)
+    summary = summarise([], balancer, NO_WITNESSES, RunTiming(2.0, 0.1), substation_samples=own, end_t=0.9,
+                        allocation_policy="fair_share")  # fmt: skip
+    assert summary.power_spread_end_kw == pytest.approx(0.0, abs=1e-9)
+    assert summary.power_spread_peak_kw == pytest.approx(0.0, abs=1e-9)
+    # The load % spread of those requests (233 points) is not reported as balance.
+    assert (summary.spread_end, summary.spread_peak) == (None, None)
+    requested = {s.substation: s.end_requested_percentage for s in summary.substations}
+    assert requested == {"substation-1": pytest.approx(1000 / 3), "substation-2": pytest.approx(500.0),
+                         "substation-3": pytest.approx(800 / 3)}  # fmt: skip
+
+
+def test_a_lopsided_sharing_run_reports_its_spread_of_power_per_vehicle_in_kw():
+    # substation-1 shares 12 kW among 6 vehicles (2 kW each) while substation-2's 2 vehicles get their 10 kW.
+    crowded = [_shared(t, "substation-1", 12.0, [10.0] * 6) for t in (0.5, 1.0)]
+    roomy = [_shared(t, "substation-2", 100.0, [10.0, 6.0]) for t in (0.6, 1.1)]
+    summary = summarise([], [], NO_WITNESSES, RunTiming(2.0, 0.1), substation_samples=crowded + roomy, end_t=0.55)
+    assert summary.power_spread_end_kw == pytest.approx(8.0)
+    assert summary.power_spread_peak_kw == pytest.approx(8.0)
+    # Nobody short anywhere (the crowd has left): every vehicle gets what it asks, nothing to balance.
+    quiet = [_shared(2.0, "substation-1", 12.0, [3.0]), _shared(2.0, "substation-2", 100.0, [10.0])]
+    summary = summarise([], [], NO_WITNESSES, RunTiming(3.0, 0.1), substation_samples=quiet)
+    assert (summary.power_spread_end_kw, summary.power_spread_peak_kw) == (0.0, 0.0)
 
 
 # Verdict ---------------------------------------------------------------------------------------------------------

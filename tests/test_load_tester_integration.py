@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from gridcommon.timefmt import parse_time
 from load_tester import runner
 from load_tester.api import USER_AGENT, GridClient
 from load_tester.cli import EXIT_INTERRUPTED, build_parser, main, resolve_plan
@@ -99,16 +100,25 @@ def test_rush_hour_admits_every_request_when_the_grid_has_room(stack_factory, tm
     # One run, one id prefix: "loadtest-<run>-<index>".
     assert len({r["request_id"].rsplit("-", 1)[0] for r in results["requests"]}) == 1
 
-    # "At end" is the grid as the answers left it: exactly the sessions the run opened. The peak may
-    # also hold the unused copies of hedged forwards (admitted there, stopped once the other answered),
-    # as the substation's own records show them.
+    # "At end" is the grid as the answers left it: what the sessions the run opened there ask for, in the
+    # substation's own sample after the last answer. That sample, and the peak, may also hold the unused
+    # copies of hedged forwards (admitted there, stopped once the other answered), as the substation's own
+    # records show them.
     held_by = {r["session_id"]: r["substation"] for r in results["requests"]}
+    last_answer = max(r["sent_offset"] + r["latency_ms"] / 1000 for r in results["requests"])
     for name, figures in by_substation.items():
         substation = next(s for s in stack.substations if s.env["SUBSTATION_ID"] == name)
         ended = requests.get(f"{substation.url}/sessions?ended=1", timeout=5).json()["sessions"]
         copies_kw = sum(s["amount"] for s in ended if held_by.get(s["session_id"]) not in (None, name)
                         and s["end_reason"] == "stopped")
-        assert figures["end_load_percentage"] == pytest.approx(figures["admitted_kw"] / 7.0, abs=0.01)
+        after = [s for s in results["substation_samples"]
+                 if s["substation"] == name and last_answer <= s["t"] <= last_answer + 1.0]  # fmt: skip
+        assert any(figures["end_requested_percentage"] == pytest.approx(s["requested_kw"] / 7.0) for s in after)
+        mine = [r for r in results["requests"] if r["substation"] == name and r["outcome"] == "admitted"]
+        for sampled in after:  # each sums the amounts of the sessions running at its instant (50 ms either way)
+            at = sampled["taken_at"]
+            surely, maybe = running_kw(mine, at - 0.05, at + 0.05), running_kw(mine, at + 0.05, at - 0.05)
+            assert surely - 1e-6 <= sampled["requested_kw"] <= maybe + copies_kw + 1e-6, (name, sampled)
         assert figures["admitted_kw"] / 7.0 - 0.01 <= figures["peak_load_percentage"]
         assert figures["peak_load_percentage"] <= (figures["admitted_kw"] + copies_kw) / 7.0 + 0.01
         assert figures["capacity_kw"] == 700.0
@@ -122,6 +132,14 @@ def test_rush_hour_admits_every_request_when_the_grid_has_room(stack_factory, tm
     some_id = results["requests"][57]["request_id"]
     assert f"[{some_id}]" in stack.charge.log_text()
     assert f"[{some_id}]" in stack.balancer.log_text()
+
+
+def running_kw(sessions: list[dict], started_by: float, ends_after: float) -> float:
+    """What the sessions ask for that had started by ``started_by`` and end after ``ends_after`` (epoch s)."""
+    return sum(
+        r["amount_kw"] for r in sessions
+        if parse_time(r["started_at"]).timestamp() <= started_by and parse_time(r["ends_at"]).timestamp() > ends_after
+    )  # fmt: skip
 
 
 def test_capacity_rejections_pass_by_default_and_fail_above_the_allowed_rejection_rate(stack_factory, tmp_path):
@@ -343,6 +361,12 @@ def test_rush_hour_on_a_small_grid_serves_every_vehicle_fairly_and_never_over_th
     # Every substation was full the whole rush: each vehicle got far less than it asked for.
     assert summary["energy_delivered_ratio"] < 0.3
     assert all(s["peak_load_percentage"] == pytest.approx(100.0) for s in summary["substations"])
+    # What the vehicles asked for was several times each limit; the allocations never passed it.
+    assert all(s["end_requested_percentage"] > 300.0 for s in summary["substations"]), summary["substations"]
+    # Balance under sharing: 6 or 7 vehicles a substation get 10/7 = 1.43 or 10/6 = 1.67 kW each, not the
+    # hundreds of points between the requests' percentages; the load % spread is for strict runs only.
+    assert summary["power_spread_end_kw"] < 1.0 and summary["power_spread_peak_kw"] is not None
+    assert (summary["spread_end"], summary["spread_peak"]) == (None, None)
     assert summary["energy_delivered_kwh"] == pytest.approx(
         sum(s["energy_delivered_kwh"] for s in summary["substations"]), abs=1e-5
     )

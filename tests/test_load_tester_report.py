@@ -18,9 +18,9 @@ from load_tester.records import (
 )
 from load_tester.report import (
     ALLOCATION_HEADER,
-    COMPARISON_HEADER,
     allocation_rows,
     assemble,
+    comparison_header,
     comparison_rows,
     console_text,
     summary_rows,
@@ -86,10 +86,12 @@ def _data(extra_load: float = 0.0, over_kw: float = 0.0, derate: DerateRecord | 
             sessions.append(session_record("other-client", [(1.0, 100.0 + over_kw), (2.0, 0.0)], substation=name))
         audits.append(audit([(-10, 100.0)], *sessions, substation=name, taken_at=10.0))
         for t in range(20):
-            allocations = [r.amount_kw * 0.8 for r in mine if r.index * 0.1 <= t / 4 < r.index * 0.1 + 6]
+            amounts = [r.amount_kw for r in mine if r.index * 0.1 <= t / 4 < r.index * 0.1 + 6]
+            allocations = [amount * 0.8 for amount in amounts]
             if n == 1 and over_kw and 1.0 <= t / 4 < 2.0:
                 allocations.append(100.0 + over_kw)
-            substation_samples.append(substation_sample(t / 4, allocations, 100.0, substation=name))
+                amounts.append(100.0 + over_kw)
+            substation_samples.append(substation_sample(t / 4, allocations, 100.0, name, amounts))
     # As the runner does once it has read the substations: each served vehicle gets its session's energy.
     results = attach_energy(results, audits)
     return RunData(
@@ -201,10 +203,17 @@ def test_a_comparison_has_one_row_per_policy_and_one_figure(tmp_path):
     write_comparison(tmp_path, "Routing policies compared", reports)
     document = json.loads((tmp_path / "comparison.json").read_text())
     assert [row["policy"] for row in document["policies"]] == ["least_loaded", "round_robin", "random"]
-    table = markdown_rows((tmp_path / "comparison.md").read_text(), COMPARISON_HEADER[0])
+    header = comparison_header(reports)
+    text = (tmp_path / "comparison.md").read_text()
+    table = markdown_rows(text, header[0])
     assert [row[0] for row in table] == ["least_loaded", "round_robin", "random"]
     assert table == [list(row) for row in comparison_rows(reports)]
-    peak_column = COMPARISON_HEADER.index("Peak load %")
+    # Not strict: balance is the spread of power per vehicle, in kW, as each run's summary has it.
+    assert "| Largest spread (kW per vehicle) | Spread at end (kW per vehicle) |" in text
+    largest = header.index("Largest spread (kW per vehicle)")
+    assert [row[largest] for row in table] == [f"{row['power_spread_peak_kw']:.2f}" for row in document["policies"]]
+    assert all(row["spread_peak"] is None for row in document["policies"])
+    peak_column = header.index("Peak load %")
     assert [float(row[peak_column]) for row in table] == [
         round(row["peak_load_percentage"], 1) for row in document["policies"]
     ]
