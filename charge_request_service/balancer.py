@@ -62,7 +62,8 @@ class BalancerClient:
         return self.base_urls[self._preferred]
 
     def start_charge(self, charge: ChargeRequest, wait_until: float | None = None) -> BalancerReply:
-        """POST /charge: 201 admitted, 400 refused as invalid, 503 no capacity anywhere.
+        """POST /charge: 201 admitted, 400 refused as invalid, 409 larger than every substation's limit,
+        503 not placed (the grid is full, unreachable or too slow; the error code says which).
 
         ``wait_until`` (seconds since the epoch) is when this service stops waiting for the answer.
         The balancer is told a deadline a moment earlier, so its answer arrives in time: no balancer
@@ -75,11 +76,18 @@ class BalancerClient:
             headers[DEADLINE_HEADER] = format_deadline(wait_until - ANSWER_GRACE_SECONDS)
             connect, read = self._http.timeout
             timeout = (connect, max(0.05, min(read, wait_until - time.time())))
-        reply = self._call("POST", "/charge", expected={201, 400, 503}, repeatable=False, json=charge.as_json(),
-                           headers=headers, **({"timeout": timeout} if timeout else {}))
+        reply = self._call("POST", "/charge", expected={201, 400, 409, 503}, repeatable=False,
+                           json=charge.as_json(), headers=headers, **({"timeout": timeout} if timeout else {}))
         if reply.status == 503 and reply.retry_after is None:
             return BalancerReply(reply.status, reply.body, DEFAULT_RETRY_AFTER)
         return reply
+
+    def check_charge(self, charge: ChargeRequest) -> BalancerReply:
+        """POST /charge/check: 200 it fits under some substation's limit, 409 under none (400 invalid).
+
+        Nothing is reserved or started, so it is asked again elsewhere after any failure.
+        """
+        return self._call("POST", "/charge/check", expected={200, 400, 409}, repeatable=True, json=charge.as_json())
 
     def stop_everywhere(self, session_id: str) -> bool:
         """Stop the session wherever it is, and have every substation refuse it from now on.

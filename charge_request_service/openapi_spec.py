@@ -135,9 +135,10 @@ ACTIVE_SESSION = {
 SESSION_VIEW = {
     "type": "object",
     "description": "The session as it is now. A queued request has `position` and `expires_at`; a running "
-    "one this service's record plus the substation's live figures (`live`: whether the substation could be "
-    "asked; when false, only this service's record); a finished one (`ended`, `expired`, `cancelled`) has "
-    "`finished_at` and, once read, the substation's last record.",
+    "one this service's record plus the substation's live figures (`live`: true while they still change; "
+    "false when the substation could not be asked, then only this service's record, or once the session has "
+    "ended); a finished one (`ended`, `expired`, `cancelled`) has `finished_at`, `live: false` and, once read, "
+    "the substation's last record.",
     "required": ["session_id", "vehicle_id", "amount"],
     "properties": {
         "session_id": SESSION_ID,
@@ -274,12 +275,23 @@ PATHS: dict[str, Any] = {
                 ),
                 "409": error_response(
                     "The vehicle has a session already, queued or charging (`vehicle_already_charging`, with "
-                    "its `session_id`), or a request with this `Idempotency-Key` is still being answered "
-                    "(`idempotency_key_in_use`, with `Retry-After`).",
-                    ["vehicle_already_charging", "idempotency_key_in_use"],
+                    "its `session_id`), a request with this `Idempotency-Key` is still being answered "
+                    "(`idempotency_key_in_use`, with `Retry-After`), or the request could never start while the "
+                    "limits stay as they are (`exceeds_every_limit`): its minimum (the whole amount under strict "
+                    "allocation, at most `MIN_CHARGE_KW` under fair sharing) exceeds every substation's limit. "
+                    "That one is not queued, even with `\"wait\": true`: ask for at most `largest_limit_kw`. "
+                    "The limits move, so it is not kept for a repeat with the same `Idempotency-Key`.",
+                    ["vehicle_already_charging", "idempotency_key_in_use", "exceeds_every_limit"],
                     headers={"Retry-After": {"description": "With `idempotency_key_in_use`: retry after this "
                                              "many seconds.", "schema": {"type": "integer", "minimum": 1}}},
                     session_id=SESSION_ID,
+                    amount={"type": "number", "description": "With `exceeds_every_limit`: the kW asked for."},
+                    minimum_kw={"type": "number", "description": "With `exceeds_every_limit`: the least a session "
+                                "of that amount would get anywhere."},
+                    largest_limit_kw={"type": "number", "description": "With `exceeds_every_limit`: the largest "
+                                      "limit on the grid now."},
+                    substation={"type": "string", "description": "With `exceeds_every_limit`: the substation "
+                                "with the largest limit."},
                 ),
                 "422": error_response(
                     "This `Idempotency-Key` came before with another body (`idempotency_key_reused`).",
@@ -293,11 +305,22 @@ PATHS: dict[str, Any] = {
                 ),
                 "502": BALANCER_UNAVAILABLE,
                 "503": error_response(
-                    "No substation has room (`no_capacity`; also while others wait in the queue), or the queue "
-                    "is full (`queue_full`, `MAX_QUEUED`). Retry after `Retry-After`.",
-                    ["no_capacity", "queue_full"],
+                    "Not started, and why: no substation has room (`no_capacity`, with `free_kw` when the "
+                    "balancer says what each has free; also while others wait in the queue), no substation could "
+                    "be reached (`substations_unreachable`), they answered too slowly (`substations_too_slow`), "
+                    "the request's time ran out before a substation could be asked (`deadline_too_short`), or the "
+                    "queue is full (`queue_full`, `MAX_QUEUED`). Retry after `Retry-After`; with `\"wait\": true` "
+                    "every one of these but `queue_full` queues the request instead.",
+                    ["no_capacity", "substations_unreachable", "substations_too_slow", "deadline_too_short",
+                     "queue_full"],
                     headers=RETRY_AFTER,
                     retry_after_seconds=retry_after_field("Same as Retry-After."),
+                    free_kw={
+                        "type": "object",
+                        "additionalProperties": {"type": "number", "minimum": 0},
+                        "description": "With `no_capacity` from the balancer: kW free for a new session's minimum "
+                        "at each substation that is up, by id.",
+                    },
                 ),
             },
         }

@@ -32,6 +32,9 @@ EXTENSION_KEY = "charge_request_service"
 SERVICE_NAME = "charge_request_service"
 # Less time than this left after a lost answer is not worth a second attempt.
 RETRY_NEEDS_SECONDS = 1.0
+# Kept back from a balancer for each one after it, should it not answer: the stop of its session through
+# the next one (milliseconds), a forward there (the balancer's shortest is 1.5 s) and the answer's grace.
+FAILOVER_RESERVE_SECONDS = 3.0
 
 log = logging.getLogger("charge")
 blueprint = Blueprint("charge", __name__)
@@ -171,6 +174,9 @@ def answer_charge(current: ChargeService, body: dict[str, Any]) -> Response:
         ) from None
     token, digest = new_session_token()
     waiting = len(current.queue)
+    if waiting and (too_large := fits_nowhere(current, charge)) is not None:
+        current.tracker.release(charge.session_id)
+        return passed_on(too_large)
     if waiting:
         # First come, first served: nobody overtakes a vehicle that is already waiting.
         if wait:
@@ -219,8 +225,11 @@ def forward(current: ChargeService, charge: ChargeRequest, deadline: float) -> t
     """
     attempts = len(current.balancer.base_urls)
     for attempt in range(attempts):
-        # Each balancer gets its share of what is left, so a silent one leaves time to ask the next.
-        attempt_deadline = time.time() + (deadline - time.time()) / (attempts - attempt)
+        # A balancer gets all the time left but what a failover to each further one needs, so it can
+        # refresh its view before it answers 503; never less than an even share.
+        now = time.time()
+        left, later = deadline - now, attempts - attempt - 1
+        attempt_deadline = now + max(left / (later + 1), left - later * FAILOVER_RESERVE_SECONDS)
         try:
             return charge, current.balancer.start_charge(charge, attempt_deadline)
         except NoAnswer as exc:
@@ -241,6 +250,21 @@ def forward(current: ChargeService, charge: ChargeRequest, deadline: float) -> t
             raise
     current.tracker.release(charge.session_id)
     raise BalancerUnavailable("every load balancer lost its answer to the request")
+
+
+def fits_nowhere(current: ChargeService, charge: ChargeRequest) -> BalancerReply | None:
+    """The balancer's 409 when the request fits under no substation's limit, so is not worth queueing.
+
+    None when it fits, or when no balancer can tell now: then it queues, and is refused when it
+    reaches the head.
+    """
+    try:
+        reply = current.balancer.check_charge(charge)
+    except BalancerUnavailable as exc:
+        log.info("could not ask whether %g kW fits under a substation's limit (%s); it may queue",
+                 charge.amount_kw, exc)
+        return None
+    return reply if reply.status == 409 else None
 
 
 def queued(current: ChargeService, charge: ChargeRequest, token: str, digest: str) -> Response:
@@ -306,16 +330,21 @@ def show_session(session_id: str) -> Response:
     final = finished.final
     if final is None:
         final = live_record(current, finished.session, with_history=True)
-        if final.get("live"):
+        if final.get("state") == "ended":  # the substation's last word: its figures no longer change
             current.tracker.remember_final(session_id, final)
     if not with_history:
         final = {key: value for key, value in final.items() if key != "history"}
     state = body["state"]
-    return jsonify({**body, **final, "state": state})
+    # Records kept before "live" meant "still changing" say true: an ended session's figures are final.
+    return jsonify({**body, **final, "state": state, "live": False})
 
 
 def live_record(current: ChargeService, session: ChargeSession, with_history: bool) -> dict[str, Any]:
-    """What the substation says of the session now; ``{"live": False}`` when it cannot be asked."""
+    """What the substation says of the session now, ``live`` while its figures still change.
+
+    ``{"live": False}`` when the substation cannot be asked; ``live`` is false too once the
+    session has ended there, since its figures are then final.
+    """
     try:
         reply = current.balancer.show_charge(session.substation, session.session_id)
     except BalancerUnavailable as exc:
@@ -326,7 +355,7 @@ def live_record(current: ChargeService, session: ChargeSession, with_history: bo
     record = {key: reply.body[key] for key in LIVE_FIELDS if key in reply.body}
     if with_history and isinstance(reply.body.get("history"), list):
         record["history"] = reply.body["history"]
-    return {**record, "live": True}
+    return {**record, "live": record.get("state") not in (None, "ended")}
 
 
 @blueprint.delete("/sessions/<session_id>")

@@ -4,7 +4,10 @@ One thread works the queue in order. It offers the request at the head to
 the balancer; a 201 starts it and the next one is offered at once, a 503
 leaves it at the head and the dispatcher tries again after
 ``QUEUE_RETRY_SECONDS``: nobody behind it overtakes it, which is what
-"first come, first served across the grid" means. Requests that waited past
+"first come, first served across the grid" means. A head that fits under no
+substation's limit (the balancer answers 409: the limits fell since it was
+queued) could never start, so it leaves the queue at once as ``cancelled``
+and the ones behind it move up. Requests that waited past
 ``QUEUE_TIMEOUT_SECONDS`` leave the queue as ``expired``.
 """
 from __future__ import annotations
@@ -100,6 +103,8 @@ class Dispatcher:
             return False
         if reply.status != 201:
             # Validated before it was queued, so a refusal now is the balancer's view of it: tell the client.
+            # A 409 says it fits under no substation's limit (they fell since it was queued): left at the
+            # head it would hold up every request behind it that could start.
             self._queue.remove(entry.session_id)
             self._tracker.finish_waiting(
                 entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "cancelled", entry.queued_at,

@@ -2,7 +2,7 @@
 
 | Metric                                   | Type      | Labels     | Meaning                                             |
 | ---------------------------------------- | --------- | ---------- | --------------------------------------------------- |
-| load_balancer_requests_total             | counter   | outcome    | Charge requests: routed, no_capacity, invalid, error |
+| load_balancer_requests_total             | counter   | outcome    | Charge requests: routed, no_capacity (grid full), unreachable, too_slow, no_time (deadline too short), too_large (fits under no limit), invalid, error |
 | routing_decisions_total                  | counter   | substation | Charge requests admitted at each substation          |
 | forward_failures_total                   | counter   | substation | Forwards that failed (connection, timeout, 5xx)      |
 | lost_sessions_freed_total                | counter   | substation | Sessions admitted whose answer was lost, then freed  |
@@ -32,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from load_balancer.tail import ForwardTiming
 from load_balancer.view import SubstationSnapshot
 
-OUTCOMES = ("routed", "no_capacity", "invalid", "error")
+OUTCOMES = ("routed", "no_capacity", "unreachable", "too_slow", "no_time", "too_large", "invalid", "error")
 HEDGE_OUTCOMES = ("sent", "over_budget", "first_won", "hedge_won", "stopped", "refused", "lost")
 POLL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -57,7 +57,9 @@ class BalancerMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "load_balancer_requests",
-            "Charge requests by outcome: routed, no_capacity, invalid, error.",
+            "Charge requests by outcome: routed; not placed because the grid is full (no_capacity), no substation "
+            "could be reached (unreachable), they answered too slowly (too_slow) or the caller's deadline left no "
+            "time (no_time); refused as larger than every limit (too_large) or invalid; error.",
             ["outcome"],
             registry=self.registry,
         )

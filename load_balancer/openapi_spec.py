@@ -142,6 +142,18 @@ POLICY = {
     },
 }
 
+TOO_LARGE = error_response(
+    "The request's minimum (its whole amount under strict allocation, at most MIN_CHARGE_KW under fair "
+    "sharing) exceeds every substation's limit now (`exceeds_every_limit`): it could never start while the "
+    "limits stay as they are. Ask for at most `largest_limit_kw`; the limits move, so the same request may "
+    "fit later.",
+    ["exceeds_every_limit"],
+    amount={"type": "number", "description": "The kW asked for."},
+    minimum_kw={"type": "number", "description": "The least a session of that amount would get anywhere."},
+    largest_limit_kw={"type": "number", "exclusiveMinimum": 0, "description": "The largest limit on the grid now."},
+    substation={**SUBSTATION_ID, "description": "The substation with the largest limit."},
+)
+
 SUBSTATION_UNREACHABLE = error_response(
     "The substation could not be asked: unreachable, too slow, or it answered something unusable "
     "(`substation_unreachable`). Retry in a few seconds.",
@@ -174,12 +186,51 @@ PATHS: dict[str, Any] = {
                 ),
                 # A substation's own 400 is passed on unchanged: the same codes.
                 **body_errors(),
+                "409": TOO_LARGE,
                 "503": error_response(
-                    "No substation has room, none is reachable, or none answered in time (`no_capacity`).",
-                    ["no_capacity"],
+                    "Not placed, and why: every substation is full (`no_capacity`, with `free_kw`: what each "
+                    "substation that is up has free for a new session's minimum), none could be reached or "
+                    "used (`substations_unreachable`), they answered too slowly or not at all "
+                    "(`substations_too_slow`), or the request's deadline left no time to ask one "
+                    "(`deadline_too_short`).",
+                    ["no_capacity", "substations_unreachable", "substations_too_slow", "deadline_too_short"],
                     headers=RETRY_AFTER,
                     retry_after_seconds=retry_after_field("Same as Retry-After."),
+                    free_kw={
+                        "type": "object",
+                        "additionalProperties": {"type": "number", "minimum": 0},
+                        "description": "With `no_capacity`: kW free for a new session's minimum at each substation "
+                        "that is up, by id. Asking for at most the largest of them starts at once.",
+                    },
                 ),
+            },
+        }
+    },
+    "/charge/check": {
+        "post": {
+            "operationId": "checkCharge",
+            "tags": ["charging"],
+            "summary": "Whether a charge request fits under some substation's limit",
+            "description": "Nothing is reserved or sent to a substation: for a caller that queues the request "
+            "and wants to refuse at once one that could never start. Read from the balancer's view (refreshed "
+            "first when it says the request fits nowhere).",
+            "security": [],
+            "parameters": [X_REQUEST_ID, ref("parameters", "X-Request-Deadline")],
+            "requestBody": json_request(
+                charge_request_schema(with_session_id=True, with_wait=False),
+                "The charge request, as for `POST /charge`; other fields are ignored.",
+            ),
+            "responses": {
+                "200": json_response(
+                    "It fits under the limit of at least one substation (it may still have to wait for room).",
+                    {
+                        "type": "object",
+                        "required": ["fits", "amount"],
+                        "properties": {"fits": {"const": True}, "amount": {"type": "number"}},
+                    },
+                ),
+                **body_errors(),
+                "409": TOO_LARGE,
             },
         }
     },

@@ -5,23 +5,31 @@ the next candidate is tried. A connection error, timeout or 5xx marks the
 substation down and the next candidate is tried (a pooled connection that
 breaks before any answer is first replaced and the request sent once more).
 When nothing admits the request, the view is refreshed once (single-flight,
-rate-limited) and the decision is made again before giving up with
-``no_capacity``.
+rate-limited) and the decision is made again before giving up. The refusal
+says why, from what happened to the forwards and the refresh
+(``refusal_reason``): the grid is full (with what is free now), the
+substations could not be reached, they were too slow, or the caller's
+deadline left no time. A request whose minimum exceeds every substation's
+limit is refused before any search (``TooLarge``): no amount of waiting makes
+room for it while the limits stay as they are.
 
 The whole search ends by ROUTE_DEADLINE_SECONDS, kept below the caller's own
 timeout: a request still searching after its caller gave up would be admitted
 somewhere with nobody told of it. No forward and no refresh starts without
 time for a useful attempt after it, and each forward's read timeout is cut to
-the time left.
+the time left. The refresh is waited for only while a forward still fits after
+it: a slow poll round goes on in the background and the request is answered.
 """
 from __future__ import annotations
 
 import contextvars
 import logging
 import math
+import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 from urllib.parse import quote
@@ -35,7 +43,7 @@ from load_balancer.lost_answers import LostAnswers, UnansweredForward
 from load_balancer.policies import Policy, make_policy
 from load_balancer.poller import describe_request_error, record_failure
 from load_balancer.tail import ForwardTiming, TailSettings
-from load_balancer.view import GridView, Observation, SubstationSnapshot
+from load_balancer.view import FIT_TOLERANCE_KW, GridView, Observation, SubstationSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +57,25 @@ def shortest_forward_seconds(connect_timeout_seconds: float, forward_timeout_sec
     return connect_timeout_seconds + min(forward_timeout_seconds, SHORTEST_ANSWER_WAIT_SECONDS)
 
 
+# Why a request was not placed (``NoCapacity.reason``): a bounded set, each its own metrics outcome and
+# error code (load_balancer.routes).
+FULL = "full"
+UNREACHABLE = "unreachable"
+TOO_SLOW = "too_slow"
+NO_TIME = "no_time"
+
+
 class ForwardError(Exception):
     """A substation did not give a usable answer; the message says why."""
 
-    def __init__(self, message: str, sick: bool = True) -> None:
+    def __init__(self, message: str, sick: bool = True, slow: bool = False) -> None:
         super().__init__(message)
         # A timeout, a 5xx or a broken answer: the substation is there but unwell, and is ejected
         # for a while. A refused connection is not: nothing listens, and the next poll tells when
         # it is back.
         self.sick = sick
+        # No answer within the read timeout: the substation is there but too slow (or frozen).
+        self.slow = slow
 
 
 class UnknownSubstation(LookupError):
@@ -80,9 +98,26 @@ class Admitted:
 
 @dataclass(frozen=True)
 class NoCapacity:
+    """Nothing admitted the request; ``reason`` is FULL, UNREACHABLE, TOO_SLOW or NO_TIME."""
+
     retry_after_seconds: int
     message: str
     attempts: int
+    reason: str = FULL
+    # Room for a new session's minimum at each substation that is up, by id (reason FULL only).
+    free_kw: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TooLarge:
+    """The request's minimum exceeds every substation's limit: it fits nowhere, however long it waits."""
+
+    message: str
+    amount_kw: float
+    # The least any substation would give a session of this amount: its whole amount under strict.
+    minimum_kw: float
+    largest_limit_kw: float
+    substation_id: str
 
 
 @dataclass(frozen=True)
@@ -93,7 +128,7 @@ class Refused:
     attempts: int
 
 
-RouteOutcome = Admitted | NoCapacity | Refused
+RouteOutcome = Admitted | NoCapacity | Refused | TooLarge
 
 
 @dataclass
@@ -110,6 +145,11 @@ class _Search:
     admitted_at: str | None = None
     # The deadline cut the search short: a forward or a refresh was left out for lack of time.
     out_of_time: bool = False
+    # What went wrong with forwards, by substation id: "unreachable" or "too_slow", and the reason in words.
+    failures: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # A refresh was started or joined; and it had not ended while a forward still fit after it.
+    refreshed: bool = False
+    refresh_late: bool = False
     # The caller's deadline in seconds since the epoch, passed on to the substations.
     caller_deadline: float | None = None
 
@@ -164,6 +204,66 @@ def whole_seconds(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
 
+def free_kw(substation: SubstationSnapshot) -> float:
+    """Room for a new session's minimum at ``substation`` now: what a request could ask for and start.
+
+    Under fair sharing the sessions charging are curtailed to make room, so what counts is the
+    limit less their minimums; a substation that reports no minimums shares nothing. Nothing is
+    free while a session is suspended, or at a substation that is down.
+    """
+    if not substation.up:
+        return 0.0
+    if substation.minimum_load_kw is None:
+        used = substation.committed_kw
+    elif substation.suspended:
+        return 0.0
+    else:
+        used = substation.minimum_load_kw + substation.reserved_minimum_kw
+    return max(0.0, substation.capacity_kw - used)
+
+
+def fits_nowhere(substations: list[SubstationSnapshot], amount_kw: float) -> TooLarge | None:
+    """``TooLarge`` when the minimum of ``amount_kw`` exceeds the limit of every substation polled so far.
+
+    Each substation's minimum is its own (the whole amount under strict allocation, at most
+    MIN_CHARGE_KW under fair sharing), against its limit as last reported. A substation that is down
+    counts with its last limit: it may come back. With no substation polled yet, or every limit at
+    zero (a grid with no power at all is full, not too small), nothing is known to be too large.
+    """
+    known = [s for s in substations if s.substation_id is not None and s.last_poll_at is not None]
+    if not known or any(s.minimum_for(amount_kw) <= s.capacity_kw + FIT_TOLERANCE_KW for s in known):
+        return None
+    largest = max(known, key=lambda s: s.capacity_kw)
+    if largest.capacity_kw <= 0:
+        return None
+    minimum = min(s.minimum_for(amount_kw) for s in known)
+    message = (
+        f"No substation can ever take this request while the limits stay as they are: a session of "
+        f"{amount_kw:g} kW needs at least {minimum:g} kW, and the largest limit on the grid now is "
+        f"{largest.capacity_kw:g} kW (substation {largest.polled_id}). Ask for at most "
+        f"{largest.capacity_kw:g} kW instead."
+    )
+    return TooLarge(message, amount_kw, minimum, largest.capacity_kw, largest.polled_id)
+
+
+def refusal_reason(failures: list[str], out_of_time: bool, tried: bool, any_up: bool) -> str:
+    """Why nothing admitted a request, from what happened to it.
+
+    ``failures``: the kind of each failed forward (``TOO_SLOW`` or ``UNREACHABLE``);
+    ``out_of_time``: the deadline left out a forward or the wait for a refresh; ``tried``: a
+    forward or a refresh was under way before that; ``any_up``: a substation is routable now.
+    A substation that failed may have had room, so its failure is the reason rather than the
+    others being full; slowness first, since it is also what used the deadline up.
+    """
+    if TOO_SLOW in failures or (out_of_time and tried):
+        return TOO_SLOW
+    if out_of_time:
+        return NO_TIME
+    if UNREACHABLE in failures or not any_up:
+        return UNREACHABLE
+    return FULL
+
+
 class Router:
     def __init__(
         self,
@@ -184,7 +284,8 @@ class Router:
         on_hedge: Callable[[str], None] = lambda outcome: None,
         forward_threads: int = 64,
     ) -> None:
-        """``refresh_seconds`` is the longest ``refresh`` takes; ``client.timeout`` bounds each forward.
+        """``refresh_seconds`` is the longest ``refresh`` takes (a request waits for it only while a
+        forward still fits after it); ``client.timeout`` bounds each forward.
 
         ``tail`` sets the adaptive forward timeout and hedging (``load_balancer.tail``); its
         ceiling is the client's read timeout. ``on_hedge`` counts hedges by outcome.
@@ -196,6 +297,11 @@ class Router:
         self._forwards = ThreadPoolExecutor(max_workers=forward_threads, thread_name_prefix="forward")
         self._deadline = deadline_seconds
         self._refresh_seconds = refresh_seconds
+        # Refreshes run here, so a request waits for one only as long as its deadline allows; every
+        # request that needs one while it runs waits for that same one.
+        self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refresh")
+        self._refresh_lock = threading.Lock()
+        self._refreshing: Future | None = None
         self._clock = clock
         self._lost_answers = lost_answers
         self._on_lost_session_freed = on_lost_session_freed
@@ -227,25 +333,63 @@ class Router:
         passed on to the substations, which admit nothing after it.
         """
         session_id = request.session_id or uuid.uuid4().hex
-        own = self._clock() + self._deadline
-        if deadline is not None:
-            own = min(own, self._clock() + (deadline - time.time()))
-        search = _Search(replace(request, session_id=session_id), self._policy, deadline=own,
-                         caller_deadline=deadline)
+        search = self._search(replace(request, session_id=session_id), deadline)
+        too_large = self._too_large(search)
+        if too_large is not None:
+            return too_large
         outcome = self._try_candidates(search)
         if outcome is None and self._refreshed_in_time(search):
             outcome = self._try_candidates(search)
         self._remember_unanswered(search)
         return outcome or self._no_capacity(search)
 
+    def check(self, request: ChargeRequest, deadline: float | None = None) -> TooLarge | None:
+        """``TooLarge`` if ``request`` fits under no substation's limit; nothing is reserved or sent."""
+        return self._too_large(self._search(request, deadline))
+
+    def _search(self, request: ChargeRequest, deadline: float | None) -> _Search:
+        own = self._clock() + self._deadline
+        if deadline is not None:
+            own = min(own, self._clock() + (deadline - time.time()))
+        return _Search(request, self._policy, deadline=own, caller_deadline=deadline)
+
+    def _too_large(self, search: _Search) -> TooLarge | None:
+        """Whether the request fits nowhere; a view that says so is refreshed first, as the limits move."""
+        amount = search.request.amount_kw
+        if fits_nowhere(self._view.snapshots(), amount) is None:
+            return None
+        self._refreshed_in_time(search)
+        too_large = fits_nowhere(self._view.snapshots(), amount)
+        if too_large is not None:
+            log.info("%g kW for vehicle %s fits under no substation's limit (the largest is %g kW)",
+                     amount, search.request.vehicle_id, too_large.largest_limit_kw)
+        return too_large
+
     def _refreshed_in_time(self, search: _Search) -> bool:
-        """Refresh the view if the deadline leaves time for the refresh and a forward after it."""
+        """Refresh the view, waiting for it only while a forward still fits after it; True once refreshed.
+
+        A refresh that has not ended by then goes on for the requests after this one.
+        """
         connect_timeout, forward_timeout = self._client.timeout
-        needed = self._refresh_seconds + shortest_forward_seconds(connect_timeout, forward_timeout)
-        if search.out_of_time or self._time_left(search) < needed:
+        wait_seconds = self._time_left(search) - shortest_forward_seconds(connect_timeout, forward_timeout)
+        if search.out_of_time or wait_seconds <= 0:
             search.out_of_time = True
             return False
-        self._refresh()
+        with self._refresh_lock:
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = self._refresher.submit(contextvars.copy_context().run, self._refresh)
+            refreshing = self._refreshing
+        search.refreshed = True
+        # No round outlasts refresh_seconds (the poller gives up on a poll by then): one that
+        # takes that long has a substation that did not answer its poll.
+        longest_wait = min(wait_seconds, self._refresh_seconds)
+        try:
+            refreshing.result(timeout=longest_wait)
+        except FutureTimeout:
+            search.out_of_time = search.refresh_late = True
+            log.info("the refresh of the view took longer than the %.2f s the request could wait for it",
+                     longest_wait)
+            return False
         return True
 
     def _time_left(self, search: _Search) -> float:
@@ -390,6 +534,8 @@ class Router:
             observation = observation_from_answer(answer.body) if answer.status in (201, 409) else None
         except (ForwardError, ValueError) as exc:
             # A timeout may hide an admission whose answer got lost: it is freed after a later poll.
+            search.failures[candidate.polled_id] = (TOO_SLOW if getattr(exc, "slow", False) else UNREACHABLE,
+                                                    str(exc))
             search.unanswered.append(candidate)
             self._view.release(candidate.url, amount)
             self._mark_failed(candidate, f"forwarding to {candidate.url}/charge failed: {exc}",
@@ -457,31 +603,43 @@ class Router:
 
     def _no_capacity(self, search: _Search) -> NoCapacity:
         retry_after = whole_seconds(min(search.retry_hints, default=self._poll_interval))
-        log.info(
-            "no room for %g kW for vehicle %s after %d attempts%s",
-            search.request.amount_kw,
-            search.request.vehicle_id,
-            search.attempts,
-            f" (gave up at the {self._deadline:g} s routing deadline)" if search.out_of_time else "",
+        snapshots = self._view.snapshots()
+        up = [s for s in snapshots if s.up and s.substation_id is not None]
+        reason = refusal_reason(
+            [kind for kind, _ in search.failures.values()], search.out_of_time,
+            tried=search.attempts > 0 or search.refreshed, any_up=bool(up),
         )
-        return NoCapacity(retry_after, self._no_capacity_message(search, retry_after), search.attempts)
+        free = {s.polled_id: round(free_kw(s), 3) for s in up} if reason == FULL else {}
+        message = self._refusal_message(search, reason, retry_after, free, snapshots)
+        log.info("%g kW for vehicle %s not placed after %d attempts (%s): %s",
+                 search.request.amount_kw, search.request.vehicle_id, search.attempts, reason, message)
+        return NoCapacity(retry_after, message, search.attempts, reason, free)
 
-    def _no_capacity_message(self, search: _Search, retry_after: int) -> str:
+    def _refusal_message(self, search: _Search, reason: str, retry_after: int, free: dict[str, float],
+                         snapshots: list[SubstationSnapshot]) -> str:
         see_status = "GET /status on the load balancer shows each substation's state."
-        if search.out_of_time:
-            return (
-                f"No substation could be reached in time: they were too slow to answer within "
-                f"{self._deadline:g} s. Retry after {retry_after} s; {see_status}"
-            )
-        if any(s.up for s in self._view.snapshots()):
-            return (
-                f"No substation has {search.request.amount_kw:g} kW free right now. "
-                f"Retry after {retry_after} s, or ask for less power."
-            )
-        return (
-            "No substation is reachable right now, so the request cannot be placed. "
-            f"Retry after {retry_after} s; {see_status}"
-        )
+        failed = "; ".join(f"{substation}: {what}" for substation, (_, what) in sorted(search.failures.items()))
+        if reason == TOO_SLOW:
+            what = (f"forwards got no answer in time ({failed})" if failed
+                    else "the poll of the substations did not end in time" if search.refresh_late
+                    else "the substations answered too slowly to try them all in time")
+            return (f"The request could not be placed in time: {what}. The substations may be overloaded "
+                    f"or stuck. Retry after {retry_after} s; {see_status}")
+        if reason == NO_TIME:
+            return ("The request's time ran out before a substation could be asked (its deadline, "
+                    f"X-Request-Deadline, left too little). Retry after {retry_after} s, with a later deadline.")
+        if reason == UNREACHABLE:
+            down = [s.substation_id or s.url for s in snapshots if not s.up]
+            what = failed or (f"{', '.join(down)} cannot be reached" if down else "none is registered")
+            return (f"No substation could be reached or used, so the request cannot be placed ({what}). Retry after "
+                    f"{retry_after} s; if it persists, the substations or the network to them are down. {see_status}")
+        most = max(free.values(), default=0.0)
+        room = ", ".join(f"{substation} {kw:g} kW" for substation, kw in sorted(free.items()))
+        down = [s.substation_id or s.url for s in snapshots if not s.up]
+        also = f"; {', '.join(down)} cannot be reached now" if down else ""
+        ask_less = f", or ask for at most {most:g} kW to start now" if most > 0 else ""
+        return (f"The grid is full: no substation has room for {search.request.amount_kw:g} kW now (free for a "
+                f"new session: {room}{also}). Retry after {retry_after} s{ask_less}.")
 
     # Lost answers -----------------------------------------------------------
 
@@ -592,10 +750,13 @@ class Router:
 
     def close(self) -> None:
         self._forwards.shutdown(wait=False, cancel_futures=True)
+        self._refresher.shutdown(wait=False, cancel_futures=True)
 
 
 def forward_error(exc: requests.RequestException) -> ForwardError:
-    return ForwardError(describe_request_error(exc), sick=not isinstance(exc, NotSent))
+    # A connect timeout is no slowness of the substation: nothing accepted the connection.
+    slow = isinstance(exc, requests.Timeout) and not isinstance(exc, requests.ConnectTimeout)
+    return ForwardError(describe_request_error(exc), sick=not isinstance(exc, NotSent), slow=slow)
 
 
 def answer_of(response: HttpResponse) -> Answer:

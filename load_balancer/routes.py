@@ -12,7 +12,19 @@ from gridcommon.web import ApiError, json_object_body, metrics_response, parse_c
 from load_balancer.policies import POLICY_NAMES
 from load_balancer.poller import PollError
 from load_balancer.registry import TooManySubstations, UrlNotAllowed
-from load_balancer.router import Admitted, Answer, ForwardError, Refused, UnknownSubstation
+from load_balancer.router import (
+    FULL,
+    NO_TIME,
+    TOO_SLOW,
+    UNREACHABLE,
+    Admitted,
+    Answer,
+    ForwardError,
+    NoCapacity,
+    Refused,
+    TooLarge,
+    UnknownSubstation,
+)
 from load_balancer.view import SubstationConflict
 
 if TYPE_CHECKING:
@@ -62,10 +74,48 @@ def charge() -> tuple[Response, int]:
     if isinstance(outcome, Refused):
         balancer.metrics.count_request("invalid")
         return jsonify(outcome.answer.body), outcome.answer.status
-    balancer.metrics.count_request("no_capacity")
-    raise ApiError(
-        503, "no_capacity", outcome.message, retry_after_seconds=outcome.retry_after_seconds
-    ).with_header("Retry-After", str(outcome.retry_after_seconds))
+    if isinstance(outcome, TooLarge):
+        balancer.metrics.count_request("too_large")
+        raise too_large_error(outcome)
+    metrics_outcome, error = NOT_PLACED[outcome.reason]
+    balancer.metrics.count_request(metrics_outcome)
+    raise not_placed_error(outcome, error)
+
+
+# Why a request was not placed: (metrics outcome, error code) of each NoCapacity reason.
+NOT_PLACED = {
+    FULL: ("no_capacity", "no_capacity"),
+    UNREACHABLE: ("unreachable", "substations_unreachable"),
+    TOO_SLOW: ("too_slow", "substations_too_slow"),
+    NO_TIME: ("no_time", "deadline_too_short"),
+}
+
+
+def not_placed_error(outcome: NoCapacity, error: str) -> ApiError:
+    """503 with the reason's own error code; a full grid's says what is free at each substation."""
+    extra: dict[str, Any] = {"retry_after_seconds": outcome.retry_after_seconds}
+    if outcome.reason == FULL:
+        extra["free_kw"] = outcome.free_kw
+    return ApiError(503, error, outcome.message, **extra).with_header("Retry-After", str(outcome.retry_after_seconds))
+
+
+def too_large_error(outcome: TooLarge) -> ApiError:
+    return ApiError(
+        409, "exceeds_every_limit", outcome.message, amount=outcome.amount_kw, minimum_kw=outcome.minimum_kw,
+        largest_limit_kw=outcome.largest_limit_kw, substation=outcome.substation_id,
+    )
+
+
+@api.post("/charge/check")
+def check_charge() -> Response:
+    """Whether a request could fit under some substation's limit: for a caller about to queue it."""
+    balancer = _balancer()
+    settings = balancer.settings
+    charge_request = parse_charge_body(settings.max_amount_kw, settings.max_session_seconds, accept_session_id=True)
+    too_large = balancer.router.check(charge_request, deadline=parse_deadline(request.headers.get(DEADLINE_HEADER)))
+    if too_large is not None:
+        raise too_large_error(too_large)
+    return jsonify({"fits": True, "amount": charge_request.amount_kw})
 
 
 @api.delete("/sessions/<session_id>")

@@ -89,11 +89,11 @@ def test_oversized_charge_body_is_refused(client: FlaskClient) -> None:
 
 def test_no_substation_means_503_with_retry_after_of_the_poll_interval(client: FlaskClient) -> None:
     response = client.post("/charge", json={"vehicle_id": "ev-1", "amount": 10})
-    body = assert_json_error(response, 503, "no_capacity")
+    body = assert_json_error(response, 503, "substations_unreachable")
     assert response.headers["Retry-After"] == "7"
     assert body["retry_after_seconds"] == 7
-    assert "reachable" in body["message"]
-    assert requests_counted(client, "no_capacity") == 1
+    assert "none is registered" in body["message"]
+    assert requests_counted(client, "unreachable") == 1
 
 
 def test_stopping_a_session_at_an_unknown_substation_is_404(client: FlaskClient) -> None:
@@ -268,7 +268,7 @@ def test_health_and_status(client: FlaskClient) -> None:
 
 def test_metrics_page_has_the_documented_metrics(client: FlaskClient) -> None:
     scrape = parse_metrics(client.get("/metrics").get_data(as_text=True))
-    for outcome in ("routed", "no_capacity", "invalid", "error"):
+    for outcome in ("routed", "no_capacity", "unreachable", "too_slow", "no_time", "too_large", "invalid", "error"):
         assert scrape.value("load_balancer_requests_total", outcome=outcome) == 0
     assert scrape.value("load_balancer_poll_interval_seconds") == 7.0
     assert scrape.value("healthy_substations") == 0

@@ -224,7 +224,9 @@ def test_substations_can_be_registered_and_deregistered_at_run_time(launch: Laun
     # started last, so stopped first: no idle connections delay the others
     lb = balancer(launch, [small], ADMIN_TOKEN=REGISTRY_TOKEN)
     wait_for(lambda: status_of(lb).get("substation-1", {}).get("up", False), timeout=5, what="first poll")
-    assert charge(lb, "ev-big", 30.0).status_code == 503, "30 kW does not fit the 10 kW substation"
+    too_large = charge(lb, "ev-big", 30.0)
+    assert too_large.status_code == 409, "30 kW does not fit the 10 kW substation's limit, the only one"
+    assert too_large.json()["error"] == "exceeds_every_limit"
 
     anonymous = requests.post(f"{lb.url}/substations", json={"url": extra.url}, timeout=5)
     assert anonymous.status_code == 401 and anonymous.json()["error"] == "unauthorized"
@@ -262,7 +264,7 @@ def test_substations_can_be_registered_and_deregistered_at_run_time(launch: Laun
     metrics = scrape(lb)
     assert metrics.value("substation_up", substation="substation-extra") is None
     assert metrics.value("routing_decisions_total", substation="substation-extra") is None
-    assert charge(lb, "ev-big-2", 30.0).status_code == 503
+    assert charge(lb, "ev-big-2", 30.0).status_code == 409, "only the 10 kW substation is left"
     assert requests.delete(f"{lb.url}/substations/substation-extra", headers=OPERATOR, timeout=5).status_code == 404
 
 
@@ -374,8 +376,8 @@ def test_routing_ends_by_its_deadline_and_leaves_no_session_behind(launch: Launc
     # third would admit the request after the caller's own time limit.
     assert took <= ROUTE_DEADLINE_SECONDS + SLACK_SECONDS, f"answered after {took:.2f} s"
     assert response.status_code == 503, response.text
-    assert response.json()["error"] == "no_capacity"
-    assert "could be reached in time" in response.json()["message"]
+    assert response.json()["error"] == "substations_too_slow"
+    assert "could not be placed in time" in response.json()["message"]
     assert int(response.headers["Retry-After"]) >= 1
 
     def counted(metric: str, substation_id: str) -> float:
