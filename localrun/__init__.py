@@ -10,7 +10,11 @@ the foreground:
 * every line a process writes reaches the terminal prefixed by its name
   (``localrun/output.py``, a supervisord event listener);
 * Ctrl-C, SIGTERM or SIGHUP (the terminal closing) stops everything, the charge API
-  first and the substations last.
+  first and the substations last, and `make run` returns once every process has stopped;
+* one runs at a time: a lock under .run/supervisor/, held until supervisord has stopped
+  everything, makes a second `make run` say which one runs (or is still stopping) and exit;
+* what the processes and supervisord write (state, logs) is yours alone (umask 077; the
+  services also create their state 0600 in a 0700 folder themselves).
 
 Nothing here restarts anything itself: supervisord does.
 """

@@ -4,12 +4,15 @@
 
 Starts every process of the Procfile (or only the NAMEs), restarts the ones that die,
 and prints their output prefixed by their names. Ctrl-C, SIGTERM or SIGHUP stops them
-all. `make run` is `python -m localrun --optional prometheus`.
+all, and it returns once every one has stopped. One runs at a time per run folder: a second
+start says which one runs and exits. `make run` is `python -m localrun --optional prometheus`.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
+import fcntl
 import os
 import re
 import shutil
@@ -22,6 +25,11 @@ from localrun import procfile, supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# supervisord and everything it starts create files only you can read: logs, state, data.
+SUPERVISORD_UMASK = 0o077
+# Room in the pipe for what supervisord prints while it stops everything once this launcher is
+# gone (a few kilobytes); Linux's default for a user (fs.pipe-max-size) and 16 times a pipe's default.
+PIPE_BYTES = 1024 * 1024
 
 
 def load_env_file(path: Path, environ: dict[str, str]) -> list[str]:
@@ -67,7 +75,57 @@ def _die_with_parent() -> None:
         pass
 
 
-def run(config: Path, width: int = 0, out=None) -> int:
+def hold_lock(path: Path) -> int:
+    """Takes the run folder's lock (fcntl.flock) and returns its descriptor; exits saying who holds it.
+
+    This launcher holds it, and supervisord too through the descriptor ``run`` hands it, so
+    it is held until both have exited: until every process has stopped, even when this
+    launcher is killed and supervisord stops them alone. The kernel drops it with the last
+    of them however they end, so a file left by a killed run never blocks a start. The file
+    names their pids, for the message of a start refused meanwhile.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holders = os.read(descriptor, 64).decode(errors="replace").split()
+        os.close(descriptor)
+        raise SystemExit(_already_running([int(word) for word in holders if word.isdigit()])) from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    return descriptor
+
+
+def _already_running(pids: list[int]) -> str:
+    """The one sentence of a refused start, from the pids in the lock file (launcher, supervisord)."""
+    launcher, supervisord = (pids + [0, 0])[:2]
+    if launcher and _alive(launcher):
+        return (
+            f"localrun: another `make run` (pid {launcher}) is running here or still stopping its services: "
+            f"wait for it to end, or stop it (Ctrl-C in its terminal, or `kill {launcher}`) and start again."
+        )
+    which = f"supervisord (pid {supervisord})" if supervisord else "supervisord"
+    return (
+        f"localrun: the {which} of an earlier `make run` is still stopping its services: "
+        "wait for it to end (a few seconds) and start again."
+    )
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a killed launcher nobody has reaped yet (a zombie) does not."""
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        if exc.errno != errno.EPERM:
+            return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def run(config: Path, width: int = 0, out=None, lock: int | None = None) -> int:
     """supervisord in the foreground until it stops; our signals become its SIGTERM.
 
     supervisord runs in a process group of its own: Ctrl-C reaches only this launcher, which
@@ -75,6 +133,13 @@ def run(config: Path, width: int = 0, out=None) -> int:
     of making it reload its configuration and restart everything. Everything supervisord
     prints (its own lines and, through the output listener, every process's) comes through
     one pipe to this launcher, the only writer of the terminal or file `make run` prints to.
+    ``lock`` (``hold_lock``) is handed to supervisord, which holds it until it exits.
+
+    supervisord holds the pipe's read end too, and never reads it: when this launcher is
+    killed outright (SIGKILL, a process manager's last resort), supervisord gets SIGTERM
+    (PR_SET_PDEATHSIG) and its lines still fit in the pipe while it stops everything. A
+    pipe without a reader would fail its next line instead (EPIPE), which ends supervisord
+    on the spot and leaves the processes it had not stopped yet running, on their ports.
     """
     out = out if out is not None else sys.stdout.buffer
     stop_asked = False
@@ -89,24 +154,36 @@ def run(config: Path, width: int = 0, out=None) -> int:
     # Before supervisord starts: a Ctrl-C at that moment stops it as soon as it runs.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
+    read_end, write_end = os.pipe()
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:  # above this user's pipe quota: the default 64 KiB
+        pass
     child = subprocess.Popen(
         [sys.executable, "-m", "supervisor.supervisord", "--nodaemon", "--configuration", str(config)],
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+        stdout=write_end,
         stderr=subprocess.STDOUT,
         process_group=0,
         preexec_fn=_die_with_parent,
+        # Its own umask= applies only when it daemonizes; nodaemon, it keeps the one it is given.
+        umask=SUPERVISORD_UMASK,
+        pass_fds=(read_end,) if lock is None else (read_end, lock),
     )
+    os.close(write_end)
+    if lock is not None:
+        os.write(lock, f"{child.pid}\n".encode())
     if stop_asked:
         child.send_signal(signal.SIGTERM)
     writable = True
-    for line in child.stdout:
-        if writable:
-            try:
-                out.write(_supervisord_line(line, width))
-                out.flush()
-            except OSError:  # the terminal is gone: keep reading, so that supervisord never blocks
-                writable = False
+    with open(read_end, "rb") as printed:
+        for line in printed:
+            if writable:
+                try:
+                    out.write(_supervisord_line(line, width))
+                    out.flush()
+                except OSError:  # the terminal is gone: keep reading, so that supervisord never blocks
+                    writable = False
     return child.wait()
 
 
@@ -144,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     if not processes:
         raise SystemExit("localrun: nothing to run")
     layout = supervisor.Layout((args.run_dir or root / ".run" / "supervisor").resolve())
+    # Before the configuration is written: a running supervisord's would lose its password.
+    lock = hold_lock(layout.lock)
     colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     settings = supervisor.Settings(args.start_seconds, args.start_retries, colour=colour)
     config = supervisor.write(processes, root, layout, sys.executable, settings)
@@ -162,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         f"started again. Logs in {_shown(layout.logs)}/; `{ctl} status` shows them; Ctrl-C stops everything.",
         flush=True,
     )
-    return run(config, width=max(len(process.name) for process in processes))
+    return run(config, width=max(len(process.name) for process in processes), lock=lock)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ LOG_MAX_BYTES = "10MB"
 # Events waiting for the output listener; past this supervisord drops the oldest (and says so).
 OUTPUT_BUFFER_EVENTS = 4096
 OUTPUT_LISTENER = Path(__file__).resolve().with_name("output.py")
+# What a process creates (the state, Prometheus's data) is yours alone, whatever your shell's umask.
+PROGRAM_UMASK = 0o077
 # AF_UNIX paths are limited to 108 bytes on Linux.
 MAX_SOCKET_PATH = 100
 
@@ -58,6 +60,10 @@ class Layout:
     @property
     def log(self) -> Path:
         return self.run_dir / "supervisord.log"
+
+    @property
+    def lock(self) -> Path:
+        return self.run_dir / "localrun.lock"
 
     @property
     def logs(self) -> Path:
@@ -112,7 +118,7 @@ def _command(*words: object) -> str:
 def write(processes: list[Process], root: Path, layout: Layout, python: str, settings: Settings = Settings()) -> Path:
     """Writes the configuration and one script per process; returns the configuration's path."""
     for folder in (layout.run_dir, layout.logs, layout.scripts):
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     names = [process.name for process in processes]
     # The control socket is yours alone (chmod 0700); the password, new at every run, only
     # keeps supervisord from warning about a socket without one.
@@ -129,8 +135,8 @@ def write(processes: list[Process], root: Path, layout: Layout, python: str, set
         f"childlogdir={_value(layout.logs)}",
         "loglevel=info",
         *_user_line(),
-        # The state, the peer key and the logs are yours alone.
-        "umask=077",
+        # supervisord's own umask= applies only when it daemonizes: the launcher starts it with
+        # umask 077 (its logs and socket are yours alone) and each program gets PROGRAM_UMASK.
         "",
         "[unix_http_server]",
         f"file={_value(layout.socket)}",
@@ -171,6 +177,7 @@ def write(processes: list[Process], root: Path, layout: Layout, python: str, set
             f"[program:{process.name}]",
             f"command={_command('/bin/sh', script)}",
             f"directory={_value(root)}",
+            f"umask={PROGRAM_UMASK:03o}",
             # Started in Procfile order, stopped the other way round: the charge API first.
             f"priority={100 + 10 * index}",
             "autostart=true",

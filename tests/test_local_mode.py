@@ -148,6 +148,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def localrun_command(procfile_path: Path, workdir: Path, run_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "localrun", "--procfile", str(procfile_path), "--root", str(REPO_ROOT),
+            "--run-dir", str(run_dir), "--env-file", str(workdir / "no.env"), *args]
+
+
 @contextmanager
 def local_runner(procfile_path: Path, workdir: Path, *args: str) -> Iterator[Runner]:
     # AF_UNIX paths are short: supervisord's files go to a short temporary folder.
@@ -155,14 +160,16 @@ def local_runner(procfile_path: Path, workdir: Path, *args: str) -> Iterator[Run
     log = workdir / "terminal.log"
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "localrun", "--procfile", str(procfile_path), "--root", str(REPO_ROOT),
-             "--run-dir", str(run_dir), "--env-file", str(workdir / "no.env"), *args],
+            localrun_command(procfile_path, workdir, run_dir, *args),
             cwd=REPO_ROOT,
             env=CLEAN_ENV,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
+            # Its own process group, as `make run` in a terminal or under a process manager.
             start_new_session=True,
+            # A usual shell's umask: what local mode writes must be private all the same.
+            umask=0o022,
         )
     runner = Runner(process, run_dir, log)
     try:
@@ -223,7 +230,8 @@ def test_procfile_parser_reads_names_and_commands_and_rejects_mistakes():
 
 def test_the_procfile_defines_every_local_process():
     names = [process.name for process in procfile.read(REPO_ROOT / "Procfile")]
-    assert names == [*SERVICES, "prometheus"]
+    # The gateway is no WSGI app behind an edge: it runs alone, on its own two ports (9000, 9001).
+    assert names == [*SERVICES, "charge-point-gateway", "prometheus"]
 
 
 def test_an_optional_process_runs_only_when_its_program_is_installed():
@@ -260,6 +268,8 @@ def test_supervisord_accepts_the_configuration_with_a_restart_policy_for_every_p
         assert program.stopasgroup and program.killasgroup
         assert program.stdout_events_enabled and program.redirect_stderr
         assert program.directory == str(REPO_ROOT)
+        # supervisord's own umask= is for daemon mode only: each program gets its own.
+        assert program.umask == supervisor.PROGRAM_UMASK == 0o077
     # Started in Procfile order (substations first), so stopped the other way round.
     priorities = [programs[process.name].priority for process in processes]
     assert priorities == sorted(priorities) and len(set(priorities)) == len(priorities)
@@ -283,7 +293,7 @@ def test_each_script_runs_the_dockerfiles_command_with_the_procfiles_settings(pr
     _, layout, _ = written
     stubs = tmp_path / "bin"
     stubs.mkdir()
-    stub = stubs / "gunicorn"
+    stub = stubs / "python"
     stub.write_text(f"#!{sys.executable}\nimport json, os, sys\nprint(json.dumps([sys.argv[1:], dict(os.environ)]))\n")
     stub.chmod(0o755)
     key = secrets.token_hex(32)
@@ -298,7 +308,7 @@ def test_each_script_runs_the_dockerfiles_command_with_the_procfiles_settings(pr
     assert result.returncode == 0, result.stderr
     argv, environ = json.loads(result.stdout)
     package = "substation_service" if process.startswith("substation") else process.replace("-2", "").replace("-", "_")
-    assert argv == ["-c", "python:gridcommon.gunicorn_conf", f"{package}:create_app()"]
+    assert argv == ["-m", "gridcommon.serve", f"{package}:create_app()"]
     assert environ["HOST"] == "127.0.0.1"
     assert environ["ADMIN_TOKEN"] == "tok en", "an assignment keeps its value whole, spaces included"
     if process.startswith("substation"):
@@ -457,3 +467,134 @@ def test_ctrl_c_sigterm_and_a_closing_terminal_stop_everything(tmp_path, signum)
         assert time.monotonic() - started < 20
         assert not _alive(steady)
         assert "supervisord" in runner.output() and "stopped: steady" in runner.output()
+
+
+def _processes_in_group(pgid: int) -> set[int]:
+    """The live processes of process group ``pgid`` (a supervised program and its gunicorn worker)."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.add(int(stat.parent.name))
+    return members
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.integration
+def test_sigterm_to_its_group_returns_once_every_service_stopped_and_a_start_meanwhile_is_refused(local_stack, tmp_path):
+    """`kill -TERM -<pgid>` as a process manager sends it, and `make run` again at once."""
+    runner, ports = local_stack
+    admitted = requests.post(
+        f"http://127.0.0.1:{ports[5000]}/charge",
+        json={"vehicle_id": "EV-private", "amount": 10, "duration_seconds": 600},
+        timeout=10,
+    )
+    assert admitted.status_code == 201, admitted.text
+
+    # The ledgers and the charge API's records, their -wal and -shm included, and supervisord's
+    # logs are yours alone, though the launcher runs with umask 022.
+    state = tmp_path / "state"
+    files = sorted(state.iterdir())
+    assert {path.name for path in files} >= {
+        f"{name}.sqlite3{suffix}"
+        for name in ("substation-1", "substation-2", "substation-3", "charge_request_service")
+        for suffix in ("", "-wal", "-shm")
+    }
+    assert _mode(state) == 0o700
+    assert {path.name: oct(_mode(path)) for path in files} == {path.name: "0o600" for path in files}
+    logs = [runner.run_dir / "supervisord.log", *(runner.run_dir / "logs").iterdir()]
+    assert {path.name: oct(_mode(path) & 0o077) for path in logs} == {path.name: "0o0" for path in logs}
+
+    # Every process of every service: supervisord gives each its own group (gunicorn's master and worker).
+    groups = [runner.info(name)["pid"] for name in SERVICES]
+    services = {pid for group in groups for pid in _processes_in_group(group)}
+    assert len(services) >= 2 * len(SERVICES), services
+    supervisord = int((runner.run_dir / "supervisord.pid").read_text())
+
+    os.killpg(runner.process.pid, signal.SIGTERM)
+    second = subprocess.Popen(
+        localrun_command(tmp_path / "Procfile", tmp_path, runner.run_dir),
+        cwd=REPO_ROOT, env=CLEAN_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        printed, _ = second.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:  # it started after all: stop it before failing
+        os.killpg(second.pid, signal.SIGTERM)
+        printed, _ = second.communicate(timeout=TIMEOUT)
+        pytest.fail(f"a second start ran while the first was stopping:\n{printed.decode(errors='replace')}")
+    text = printed.decode(errors="replace")
+    assert second.returncode != 0, text
+    assert "Another program is already listening" not in text
+    assert text.count("\n") == 1, f"one sentence, not: {text!r}"
+    assert re.fullmatch(
+        rf"localrun: another `make run` \(pid {runner.process.pid}\) is running here or still stopping its "
+        rf"services: wait for it to end, or stop it \(Ctrl-C in its terminal, or `kill {runner.process.pid}`\) "
+        r"and start again\.\n",
+        text,
+    ), text
+
+    assert runner.process.wait(timeout=TIMEOUT) == 0
+    # Checked the moment it returned: not a process of any service left, nor supervisord.
+    left = {pid for group in groups for pid in _processes_in_group(group)} | {
+        pid for pid in (*services, supervisord) if _alive(pid)
+    }
+    assert not left, f"still running after the launcher returned: {left}\n{runner.output()[-3000:]}"
+    for port in ports.values():
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    output = runner.output()
+    assert "stopped: substation-1" in output and "stopped: charge-request-service" in output
+
+    # The lock file is left with the pids of a run that has ended: it does not hold the next start back.
+    assert str(runner.process.pid) in (runner.run_dir / "localrun.lock").read_text()
+    again = subprocess.run(
+        localrun_command(tmp_path / "Procfile", tmp_path, runner.run_dir, "--write-only"),
+        cwd=REPO_ROOT, env=CLEAN_ENV, capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert again.returncode == 0 and again.stdout.strip() == str(runner.run_dir / "supervisord.conf"), again
+
+
+@pytest.mark.integration
+def test_a_killed_launcher_leaves_supervisord_to_stop_every_service_and_keeps_the_lock_meanwhile(local_stack, tmp_path):
+    """SIGKILL, a process manager's last resort: supervisord, left without a reader, still stops everything."""
+    runner, ports = local_stack
+    groups = [runner.info(name)["pid"] for name in SERVICES]
+    services = {pid for group in groups for pid in _processes_in_group(group)}
+    supervisord = int((runner.run_dir / "supervisord.pid").read_text())
+    try:
+        runner.process.kill()
+        assert runner.process.wait(timeout=10) == -signal.SIGKILL
+        second = subprocess.run(
+            localrun_command(tmp_path / "Procfile", tmp_path, runner.run_dir, "--write-only"),
+            cwd=REPO_ROOT, env=CLEAN_ENV, capture_output=True, text=True, timeout=TIMEOUT,
+        )
+        assert second.returncode != 0 and second.stdout == "", second
+        assert second.stderr == (
+            f"localrun: the supervisord (pid {supervisord}) of an earlier `make run` is still stopping its services: "
+            "wait for it to end (a few seconds) and start again.\n"
+        )
+        deadline = time.monotonic() + TIMEOUT
+        while _alive(supervisord) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(supervisord), "supervisord did not stop"
+        left = {pid for group in groups for pid in _processes_in_group(group)} | {
+            pid for pid in services if _alive(pid)
+        }
+        assert not left, f"services left running: {left}"
+        log = (runner.run_dir / "supervisord.log").read_text()
+        assert "received SIGTERM indicating exit request" in log
+        assert all(f"stopped: {name}" in log for name in SERVICES), log[-3000:]
+    finally:  # whatever a failure left running
+        for group in [*groups, supervisord]:
+            if _processes_in_group(group):
+                _kill_group(group)
+    for port in ports.values():
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
