@@ -28,6 +28,8 @@ COMPOSE_TARGETS = {
     "substation": {"substation_1:5011", "substation_2:5012", "substation_3:5013"},
     "load_balancer": {"load_balancer:5002", "load_balancer_2:5003"},
     "charge_request_service": {"charge_request_service:5000"},
+    # The gateway's HTTP port: its OCPP port (9000) serves the stations only.
+    "charge_point_gateway": {"charge_point_gateway:9001"},
     "prometheus": {"localhost:9090"},
 }
 ALERTS = [rule for rule in load_rules() if rule.is_alert]

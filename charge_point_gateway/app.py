@@ -1,0 +1,108 @@
+"""Start the gateway: state file, deployment file, the OCPP port and the HTTP port in one event loop."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from ocpp.exceptions import OCPPError
+
+from gridcommon.logs import configure_logging
+from gridcommon.settings import SettingsError
+from gridcommon.sqlitestate import StateFileError
+from charge_point_gateway.config import Settings
+from charge_point_gateway.gateway import Gateway
+from charge_point_gateway.http_api import create_http_app
+from charge_point_gateway.registry import StationSpecError, parse_deployment
+from charge_point_gateway.server import OcppServer
+from charge_point_gateway.store import GatewayStore
+from charge_point_gateway.substation_client import SubstationClient
+
+log = logging.getLogger("gateway")
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start; the message says what to fix."""
+
+
+def load_deployment(gateway: Gateway, path: str) -> int:
+    """Create or replace the stations of the deployment file; how many there were."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise StartupError(f"STATIONS_FILE {path} cannot be read: {exc}") from None
+    except ValueError as exc:
+        raise StartupError(f"STATIONS_FILE {path} is not JSON: {exc}") from None
+    try:
+        stations = parse_deployment(document)
+    except StationSpecError as exc:
+        raise StartupError(f"STATIONS_FILE {path}: {exc}") from None
+    for station in stations:
+        gateway.put_station(station)
+    return len(stations)
+
+
+async def run(settings: Settings) -> None:
+    try:
+        store = GatewayStore(settings.state_file, settings.state_full_sync)
+    except StateFileError as exc:
+        raise StartupError(str(exc)) from None
+    async with aiohttp.ClientSession() as http:
+        gateway = Gateway(settings, store, SubstationClient(http, settings.substation_timeout_seconds))
+        if settings.stations_file:
+            log.info("loaded %d stations from %s", load_deployment(gateway, settings.stations_file),
+                     settings.stations_file)
+        await gateway.start()
+        ocpp = OcppServer(gateway)
+        await ocpp.start()
+        # A scrape or an operator call in progress gets 2 s to finish when the gateway stops.
+        runner = web.AppRunner(create_http_app(gateway), access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        await web.TCPSite(runner, settings.host, settings.http_port).start()
+        scheme = "wss" if settings.tls else "ws"
+        log.info("listening for stations at %s://%s:%d/<station-id>, HTTP API at http://%s:%d", scheme,
+                 settings.host, settings.ocpp_port, settings.host, settings.http_port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: closing station connections (their profiles hold) and the HTTP port")
+        await gateway.close()
+        await ocpp.close()
+        await runner.cleanup()
+    store.close()
+
+
+def _not_a_station_error(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], OCPPError))
+
+
+def main() -> int:
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as exc:
+        configure_logging("charge-point-gateway")
+        log.error("cannot start: %s", exc)
+        return 2
+    configure_logging("charge-point-gateway", settings.log_level)
+    # The ocpp package logs every frame at INFO (too much for thousands of stations), and every CALLERROR it
+    # answers with a traceback: for a station's malformed CALL that is the station's fault, already answered
+    # and counted, so only errors of the gateway's own handlers keep their traceback.
+    ocpp_log = logging.getLogger("ocpp")
+    ocpp_log.setLevel(logging.WARNING)
+    ocpp_log.addFilter(_not_a_station_error)
+    logging.getLogger("ocpp.station").setLevel(settings.log_level.upper())
+    logging.getLogger("ocpp.server").setLevel(settings.log_level.upper())
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        asyncio.run(run(settings))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    return 0

@@ -1,0 +1,167 @@
+"""The OCPP-J WebSocket endpoint: who may connect, how many, and over which subprotocol.
+
+Refused before any upgrade, with a plain HTTP answer saying why:
+404 for a path that names no registered station (an id over 48 characters or with ':'
+names none), 401 for missing or wrong Basic credentials, 403 for a username that is not
+the station id, 503 past the global or per-address connection cap, and 400 (websockets'
+own) without ``ocpp1.6`` or ``ocpp2.0.1`` among the offered subprotocols.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import ssl
+from collections import Counter
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote
+from weakref import WeakKeyDictionary
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from charge_point_gateway.gateway import Gateway
+from charge_point_gateway.passwords import verify_password
+from charge_point_gateway.protocol import Station16, Station201
+from charge_point_gateway.registry import Station, station_id_problem
+
+log = logging.getLogger("ocpp.server")
+SUBPROTOCOLS = ["ocpp2.0.1", "ocpp1.6"]
+# Password checks at once: scrypt takes ~50 ms and 16 MiB each, and the machine has few cores.
+CONCURRENT_PASSWORD_CHECKS = 2
+
+
+class OcppServer:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.settings = gateway.settings
+        self._stations: WeakKeyDictionary[ServerConnection, Station] = WeakKeyDictionary()
+        self._per_address: Counter[str] = Counter()
+        self._open = 0
+        self._checks = asyncio.Semaphore(CONCURRENT_PASSWORD_CHECKS)
+        self._server: Server | None = None
+
+    async def start(self) -> Server:
+        settings = self.settings
+        context = None
+        if settings.tls:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        self._server = await serve(
+            self._handle,
+            settings.host,
+            settings.ocpp_port,
+            subprotocols=SUBPROTOCOLS,  # type: ignore[arg-type]
+            process_request=self._process_request,
+            open_timeout=settings.open_timeout_seconds,
+            max_size=settings.max_message_bytes,
+            ping_interval=settings.ping_interval_seconds,
+            ping_timeout=settings.ping_timeout_seconds,
+            # A station that does not complete a closing handshake within the ping timeout is gone anyway.
+            close_timeout=settings.ping_timeout_seconds,
+            ssl=context,
+            server_header=None,
+        )
+        return self._server
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def _refuse(self, connection: ServerConnection, status: HTTPStatus, reason: str, text: str,
+                headers: dict[str, str] | None = None) -> Response:
+        self.gateway.metrics.refused.labels(reason).inc()
+        log.info("refused a station handshake from %s: %s", _address(connection), text)
+        response = connection.respond(status, text + "\n")
+        for name, value in (headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        station_id = unquote(request.path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1])
+        problem = station_id_problem(station_id)
+        if problem:
+            return self._refuse(connection, HTTPStatus.NOT_FOUND, "bad_id",
+                                f"No station here: {problem}. Connect to ws(s)://HOST:PORT/<station-id>.")
+        station = self.gateway.stations.get(station_id)
+        if station is None:
+            return self._refuse(connection, HTTPStatus.NOT_FOUND, "unknown_station",
+                                f"Station {station_id!r} is not registered: an operator adds it with "
+                                "PUT /stations/<station-id> on the gateway's HTTP port.")
+        address = _address(connection)
+        if self._open >= self.settings.max_connections:
+            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "capacity",
+                                f"The gateway holds its maximum of {self.settings.max_connections} stations; "
+                                "retry later.", {"Retry-After": "30"})
+        if self._per_address[address] >= self.settings.max_connections_per_address:
+            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "address_capacity",
+                                f"Too many connections from {address} "
+                                f"(at most {self.settings.max_connections_per_address}); retry later.",
+                                {"Retry-After": "30"})
+        credentials = _basic_credentials(request.headers)
+        challenge = {"WWW-Authenticate": 'Basic realm="OCPP", charset="UTF-8"'}
+        if credentials is None:
+            return self._refuse(connection, HTTPStatus.UNAUTHORIZED, "no_credentials",
+                                "HTTP Basic credentials required: username = station id, password = the "
+                                "station's (security profile 1 or 2).", challenge)
+        username, password = credentials
+        if username != station_id:
+            return self._refuse(connection, HTTPStatus.FORBIDDEN, "wrong_username",
+                                "The Basic username must be the station id of the URL.")
+        async with self._checks:
+            valid = await asyncio.to_thread(verify_password, password, station.password_hash)
+        if not valid:
+            return self._refuse(connection, HTTPStatus.UNAUTHORIZED, "wrong_password",
+                                f"Wrong password for station {station_id!r}.", challenge)
+        self._stations[connection] = station
+        return None
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        station = self._stations.get(connection)
+        if station is None or connection.subprotocol not in SUBPROTOCOLS:
+            await connection.close(1002, "subprotocol ocpp1.6 or ocpp2.0.1 required")
+            return
+        address = _address(connection)
+        self._open += 1
+        self._per_address[address] += 1
+        cls = Station16 if connection.subprotocol == "ocpp1.6" else Station201
+        link = cls(self.gateway, station, connection)
+        previous = self.gateway.links.get(station.station_id)
+        if previous is not None:
+            log.info("station %s connected again: its earlier connection is closed", station.station_id)
+            await previous.disconnect(1000, "replaced by a newer connection of this station")
+        self.gateway.connected(station, link)
+        log.info("station %s connected from %s over %s", station.station_id, address, connection.subprotocol)
+        try:
+            await link.start()
+        except ConnectionClosed as closed:
+            log.info("station %s disconnected (%s)", station.station_id, closed)
+        finally:
+            self._open -= 1
+            self._per_address[address] -= 1
+            if self._per_address[address] <= 0:
+                del self._per_address[address]
+            self.gateway.disconnected(station.station_id, link)
+
+
+def _address(connection: ServerConnection) -> str:
+    remote: Any = connection.remote_address
+    return str(remote[0]) if isinstance(remote, tuple) and remote else "unknown"
+
+
+def _basic_credentials(headers: Headers) -> tuple[str, str] | None:
+    scheme, _, encoded = headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    username, colon, password = decoded.partition(":")
+    return (username, password) if colon else None
