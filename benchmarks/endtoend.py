@@ -1,8 +1,10 @@
 """End to end: the whole public path against a trivial three-hop chain, in one run.
 
 Both are real gunicorn processes with the services' settings, loaded by the same
-closed loop (``benchmarks.closedloop``). The stack runs as deployed: live allocation,
-durable state in SQLite, operator tokens, signed peer balancing.
+closed loop (``benchmarks.closedloop``). The stack runs as deployed: each service behind
+its edge (nginx, gridcommon.edge), live allocation, durable state in SQLite, operator
+tokens, signed peer balancing. The chain is gunicorn alone, as the services were served
+before they had an edge: the fixed yardstick.
 """
 from __future__ import annotations
 
@@ -24,11 +26,27 @@ REPEATS = 3
 
 
 def process_ids(service: Service) -> list[int]:
-    """The gunicorn master and its workers."""
+    """The service's process and all its descendants: the edge and gunicorn, their masters and workers."""
     assert service.process is not None
-    pid = service.process.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [pid, *(int(child) for child in children)]
+    found, pending = [], [service.process.pid]
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pending += (int(child) for child in (task / "children").read_text().split())
+    return found
+
+
+def gunicorn_worker(service: Service) -> int:
+    """The gunicorn worker, where the service's own code runs: a gunicorn process whose parent is gunicorn too."""
+    def command(pid: int) -> bytes:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+    for pid in process_ids(service):
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        if b"gunicorn" in command(pid) and b"gunicorn" in command(parent):
+            return pid
+    raise RuntimeError(f"{service.name}: no gunicorn worker among its processes")
 
 
 def cpu_seconds(service: Service) -> float:
@@ -76,7 +94,8 @@ def measure(url: str, services: list[Service], clients: int, seconds: float, pre
 
 def start_chain(log_dir: Path) -> list[Service]:
     log_dir.mkdir(parents=True, exist_ok=True)
-    hops = [Service(name=f"chain-{index}", app="benchmarks.chain:create_app()", env={}, log_dir=log_dir)
+    # gunicorn alone, as before the services had an edge: the fixed yardstick.
+    hops = [Service(name=f"chain-{index}", app="benchmarks.chain:create_app()", env={}, log_dir=log_dir, edge=False)
             for index in range(3)]
     for hop, next_hop in zip(hops, hops[1:]):
         hop.env["NEXT_URL"] = next_hop.url

@@ -39,6 +39,9 @@
 | LOG_LEVEL                      | INFO           | DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).            |
 | ACCESS_LOG_BURST               | 20             | Requests a second whose log lines are all written.             |
 | ACCESS_LOG_SAMPLE              | 100            | Past the burst, one request in this many is logged.            |
+
+`HOST` and `PORT` are where the balancer listens, behind its edge (nginx): the edge's timeouts and
+caps (`EDGE_*`) are in gridcommon/edge.py, `THREADS` is gunicorn's (gridcommon/gunicorn_conf.py).
 """
 from __future__ import annotations
 

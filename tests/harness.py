@@ -1,4 +1,4 @@
-"""Start the real services as gunicorn processes on free 127.0.0.1 ports.
+"""Start the real services on free 127.0.0.1 ports, as they are deployed: gunicorn behind its edge.
 
 Tests never use the ports of ``make run``, so both can run at once.
 """
@@ -26,6 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 OPERATOR_TOKEN = "test-operator-token"
 OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 GUNICORN_CONF = "python:gridcommon.gunicorn_conf"
+# How every service is deployed (Procfile, Dockerfiles): gunicorn behind nginx (gridcommon.edge).
+SERVE = "gridcommon.serve"
 
 
 def free_port() -> int:
@@ -88,7 +90,11 @@ def logged_within(service: "Service", text: str, timeout: float = 5.0) -> bool:
 
 @dataclass
 class Service:
-    """One service process; ``app`` is gunicorn's ``module:create_app()`` target."""
+    """One service process; ``app`` is gunicorn's ``module:create_app()`` target.
+
+    It runs behind its edge (``python -m gridcommon.serve``) as deployed; ``edge=False`` runs
+    gunicorn alone on the port, as the benchmarks' reference chain does.
+    """
 
     name: str
     app: str
@@ -97,6 +103,7 @@ class Service:
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
     netns: str | None = None  # run inside this network namespace, reachable at ``host``
+    edge: bool = True
     process: subprocess.Popen | None = None
 
     @property
@@ -110,7 +117,10 @@ class Service:
     def start(self, wait: bool = True) -> "Service":
         env = {**os.environ, **self.env, "HOST": self.host, "PORT": str(self.port)}
         env.setdefault("PYTHONUNBUFFERED", "1")
-        command = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, self.app]
+        if self.edge:
+            command = [sys.executable, "-m", SERVE, self.app]
+        else:
+            command = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, self.app]
         if self.netns:
             command = ["ip", "netns", "exec", self.netns, *command]
         log = open(self.log_path, "ab")

@@ -1,8 +1,6 @@
 """A retry, a restart or a lost answer never forgets, duplicates or overbooks a session (real processes)."""
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -149,16 +147,12 @@ def test_a_killed_balancer_costs_no_request(two_balancers: Stack) -> None:
 def test_a_frozen_balancer_is_given_up_on_and_the_session_booked_once(two_balancers: Stack) -> None:
     first, _ = two_balancers.balancers  # type: ignore[attr-defined]
     assert charge(two_balancers, "ev-warm").status_code == 201  # the first balancer is the preferred one
-    os.kill(first.process.pid, signal.SIGSTOP)  # the master: its worker answers no more either
-    for child in Path(f"/proc/{first.process.pid}/task/{first.process.pid}/children").read_text().split():
-        os.kill(int(child), signal.SIGSTOP)
+    first.suspend()  # every process of it, its edge and gunicorn's worker included: nothing answers
     try:
         answer = charge(two_balancers, "ev-frozen")
         assert answer.status_code == 201, answer.text
     finally:
-        for child in Path(f"/proc/{first.process.pid}/task/{first.process.pid}/children").read_text().split():
-            os.kill(int(child), signal.SIGCONT)
-        os.kill(first.process.pid, signal.SIGCONT)
+        first.resume()
     time.sleep(1.0)  # the thawed balancer's forward, if any, reaches its substation now
     held = [s for s in held_everywhere(two_balancers) if s["vehicle_id"] == "ev-frozen"]
     assert [s["session_id"] for s in held] == [answer.json()["session_id"]]

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -23,10 +24,10 @@ from docker.utils.build import exclude_paths
 
 from load_balancer.registry import UrlAllowList
 from localrun import procfile
-from tests.harness import REPO_ROOT
+from tests.harness import REPO_ROOT, free_port, wait_until_healthy
 from tests.test_local_mode import local_stack  # noqa: F401 (a fixture)
 
-PUBLISHED_PORTS = {"charge_request_service": 5000, "prometheus": 9090, "grafana": 3000}
+PUBLISHED_PORTS = {"charge_request_service": 5000, "charge_point_gateway": 9000, "prometheus": 9090, "grafana": 3000}
 # Each service's own port inside the compose network, as the README documents them.
 SERVICE_PORTS = {
     "charge_request_service": 5000,
@@ -35,6 +36,8 @@ SERVICE_PORTS = {
     "substation_1": 5011,
     "substation_2": 5012,
     "substation_3": 5013,
+    # Its HTTP port (/health, /metrics, the operator API); stations connect to OCPP_PORT, 9000.
+    "charge_point_gateway": 9001,
     "prometheus": 9090,
     "grafana": 3000,
 }
@@ -45,9 +48,9 @@ SUBSTATIONS = {
 }
 BALANCERS = ("load_balancer", "load_balancer_2")
 # Services that keep durable state: each gets a volume of its own at /state.
-STATEFUL = (*SUBSTATIONS, "charge_request_service")
+STATEFUL = (*SUBSTATIONS, "charge_request_service", "charge_point_gateway")
 # The services with an operator API opened by ADMIN_TOKEN.
-OPERATED = (*SUBSTATIONS, *BALANCERS, "charge_request_service")
+OPERATED = (*SUBSTATIONS, *BALANCERS, "charge_request_service", "charge_point_gateway")
 # Procfile process name -> compose service built from the same package.
 PROCFILE_SERVICES = {
     "substation-1": "substation_1",
@@ -56,6 +59,7 @@ PROCFILE_SERVICES = {
     "load-balancer": "load_balancer",
     "load-balancer-2": "load_balancer_2",
     "charge-request-service": "charge_request_service",
+    "charge-point-gateway": "charge_point_gateway",
 }
 TIMEOUT = 30
 # compose refuses to start without a Grafana admin password: the tests give it this one.
@@ -67,6 +71,7 @@ TEST_GRAFANA_PASSWORD = "test-grafana-password"
 
 COMPOSE_SETTINGS = {
     "GRAFANA_ADMIN_PASSWORD", "LOG_LEVEL", "ADMIN_TOKEN", "ROUTING_POLICY", "PEER_KEY", "MONITORING_BIND_ADDRESS",
+    "AUTHORIZE_ALL", "ID_TAGS",
 }
 
 
@@ -124,6 +129,8 @@ def test_only_the_charge_api_prometheus_and_grafana_publish_ports():
     # The charge API on every address of the host; Prometheus (no login) and Grafana on this host only.
     assert _published(services()) == {
         "charge_request_service": [("", 5000, 5000)],
+        # Charging stations connect to the gateway's OCPP port from outside the host.
+        "charge_point_gateway": [("", 9000, 9000)],
         "prometheus": [("127.0.0.1", 9090, 9090)],
         "grafana": [("127.0.0.1", 3000, 3000)],
     }
@@ -148,7 +155,11 @@ def test_every_service_has_a_healthcheck_that_runs_in_its_image():
         else:
             assert test[:4] == ["CMD", "python", "-m", "gridcommon.healthcheck"], name
         url = test[-1]
-        assert urlsplit(url).path in ("/health", "/-/ready", "/api/health"), name
+        if name in BALANCERS:
+            # Healthy once it can route: its /status counts at least one routable substation.
+            assert test[4:6] == ["--at-least", "healthy_substations=1"] and urlsplit(url).path == "/status", name
+        else:
+            assert urlsplit(url).path in ("/health", "/-/ready", "/api/health"), name
         if name != "load_tester":
             assert urlsplit(url).port == SERVICE_PORTS[name], f"{name} checks the wrong port"
 
@@ -161,6 +172,8 @@ def test_no_broken_service_keeps_the_stack_from_starting():
         **{balancer: {substation: started for substation in SUBSTATIONS} for balancer in BALANCERS},
         # The charge API fails over between the balancers: it needs neither to be healthy.
         "charge_request_service": {balancer: started for balancer in BALANCERS},
+        # The gateway retries a substation that does not answer; its stations keep their profiles meanwhile.
+        "charge_point_gateway": {substation: started for substation in SUBSTATIONS},
         # Prometheus starts on its own: it must show a target that is down, not wait for it.
         "grafana": {"prometheus": healthy},
         # A load test measures a working stack.
@@ -193,6 +206,8 @@ def test_load_tester_runs_only_in_the_test_profile_against_the_charge_api():
 def test_each_service_listens_on_its_own_port_and_finds_the_others_by_name():
     for name in ("charge_request_service", *BALANCERS, *SUBSTATIONS):
         assert services()[name]["environment"]["PORT"] == str(SERVICE_PORTS[name]), name
+    gateway = services()["charge_point_gateway"]["environment"]
+    assert (gateway["HTTP_PORT"], gateway["OCPP_PORT"]) == (str(SERVICE_PORTS["charge_point_gateway"]), "9000")
     # The charge API knows both balancers and fails over between them.
     assert services()["charge_request_service"]["environment"]["LOAD_BALANCER_URL"].split(",") == [
         f"http://{name}:{SERVICE_PORTS[name]}" for name in BALANCERS
@@ -269,7 +284,7 @@ def test_prometheus_scrapes_every_service_where_compose_runs_it():
     config_file = REPO_ROOT / "prometheus" / config_in_container.relative_to(mount["target"])
     scrape_configs = yaml.safe_load(config_file.read_text())["scrape_configs"]
     targets = {target for job in scrape_configs for group in job["static_configs"] for target in group["targets"]}
-    python_services = {"charge_request_service", *BALANCERS, *SUBSTATIONS}
+    python_services = {"charge_request_service", "charge_point_gateway", *BALANCERS, *SUBSTATIONS}
     assert {f"{name}:{SERVICE_PORTS[name]}" for name in python_services} <= targets
 
 
@@ -382,11 +397,27 @@ def test_service_dockerfiles_share_one_shape(package):
     user = arguments["USER"]
     assert re.fullmatch(r"[1-9]\d*:\d+", user), f"{package} must run as a numeric non-root user, not {user!r}"
     assert keywords.index("USER") < keywords.index("CMD")
-    gunicorn = ["gunicorn", "-c", "python:gridcommon.gunicorn_conf", f"{package}:create_app()"]
-    assert json.loads(arguments["CMD"]) == gunicorn
+    served = ["python", "-m", "gridcommon.serve", f"{package}:create_app()"]
+    assert json.loads(arguments["CMD"]) == served
     port = re.search(r"\bPORT=(\d+)", " ".join(args for keyword, args in steps if keyword == "ENV")).group(1)
     assert int(port) == SERVICE_PORTS[SERVICE_DOCKERFILES[package]]
     assert f"EXPOSE {port}" in {f"{keyword} {args}" for keyword, args in steps}
+
+
+def test_gateway_dockerfile_has_the_services_shape_without_the_edge():
+    """The gateway runs alone (asyncio, no gunicorn, no nginx): otherwise built like the others."""
+    steps = instructions(REPO_ROOT / "charge_point_gateway" / "Dockerfile")
+    keywords = [keyword for keyword, _ in steps]
+    arguments = dict(steps)
+    assert [args for keyword, args in steps if keyword == "FROM"] == ["python:3.11-slim AS build", "python:3.11-slim"]
+    assert re.fullmatch(r"[1-9]\d*:\d+", arguments["USER"])
+    assert keywords.index("USER") < keywords.index("CMD")
+    assert json.loads(arguments["CMD"]) == ["python", "-m", "charge_point_gateway"]
+    assert "nginx" not in " ".join(args for keyword, args in steps if keyword == "RUN")
+    environment = " ".join(args for keyword, args in steps if keyword == "ENV")
+    ports = {name: re.search(rf"\b{name}=(\d+)", environment).group(1) for name in ("OCPP_PORT", "HTTP_PORT")}
+    assert ports == {"OCPP_PORT": "9000", "HTTP_PORT": str(SERVICE_PORTS["charge_point_gateway"])}
+    assert arguments["EXPOSE"].split() == ["9000", "9001"]
 
 
 # --- .dockerignore ---------------------------------------------------------------------------------
@@ -455,13 +486,18 @@ def test_procfile_runs_the_dockerfiles_command_with_the_compose_settings(process
     # (local mode passes yours through).
     assert set(environment) - {"HOST"} == set(compose_environment) - {"LOG_LEVEL"}
     assert environment["HOST"] == "127.0.0.1"
-    assert environment["PORT"] == compose_environment["PORT"]
+    for setting in ("PORT", "OCPP_PORT", "HTTP_PORT"):
+        assert environment.get(setting) == compose_environment.get(setting), setting
     for setting in ("SUBSTATION_ID", "CAPACITY_KW", "STORAGE_KW", "GENERATION_PROFILE", "PROFILE_DAY_SECONDS"):
         assert environment.get(setting) == compose_environment.get(setting), setting
     # Chosen in your environment, with the same defaults as compose's (empty: the API is off).
     assert environment.get("ADMIN_TOKEN") == "${ADMIN_TOKEN:-}"
     if "ROUTING_POLICY" in environment:
         assert environment["ROUTING_POLICY"] == "${ROUTING_POLICY:-fair_share}"
+    # The gateway's id tags: none may charge unless you allow them, in local mode as in compose.
+    for setting, default in (("AUTHORIZE_ALL", "false"), ("ID_TAGS", "")):
+        if setting in environment:
+            assert environment[setting] == f"${{{setting}:-{default}}}" and compose_environment[setting] == default
     if "STATE_DIR" in environment:
         assert environment["STATE_DIR"] == ".run/state"
     if "SUBSTATION_URL_ALLOW" in environment:
@@ -497,3 +533,29 @@ def test_the_procfile_starts_a_working_stack(local_stack):
     assert {path.name for path in state.glob("*.sqlite3")} == {
         *(f"{substation_id}.sqlite3" for substation_id, _ in SUBSTATIONS.values()), "charge_request_service.sqlite3"
     }
+
+
+@pytest.mark.integration
+def test_the_procfile_gateway_line_starts_a_gateway(tmp_path):
+    """The line as `make run` runs it (its ports moved, .run/ in the test's folder): both ports
+    answer, the state file goes to the state folder, and stations are refused until registered."""
+    (line,) = [process for process in procfile.read(REPO_ROOT / "Procfile") if process.name == "charge-point-gateway"]
+    ocpp_port, http_port = free_port(), free_port()
+    command = line.command.replace("OCPP_PORT=9000", f"OCPP_PORT={ocpp_port}")
+    command = command.replace("HTTP_PORT=9001", f"HTTP_PORT={http_port}").replace(".run/", f"{tmp_path}/")
+    assert ".run" not in command and f"OCPP_PORT={ocpp_port}" in command and f"HTTP_PORT={http_port}" in command
+    clean = {k: v for k, v in os.environ.items() if k not in {"ADMIN_TOKEN", "AUTHORIZE_ALL", "ID_TAGS", "STATIONS_FILE"}}
+    with open(tmp_path / "gateway.log", "wb") as log:
+        gateway = subprocess.Popen(["/bin/sh", "-c", procfile.exec_form(command)], cwd=REPO_ROOT, env=clean,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{http_port}/health", gateway, timeout=TIMEOUT)
+        assert (tmp_path / "state" / "gateway.sqlite3").is_file()
+        # The OCPP port: a station the registry does not know is refused before the upgrade.
+        refused = requests.get(f"http://127.0.0.1:{ocpp_port}/cp-unknown", timeout=TIMEOUT)
+        assert refused.status_code == 404 and "not registered" in refused.text, refused.text
+        # No ADMIN_TOKEN in the environment: the operator API is off, as the Procfile's comment says.
+        assert requests.put(f"http://127.0.0.1:{http_port}/stations/cp-1", json={}, timeout=TIMEOUT).status_code == 403
+    finally:
+        os.killpg(gateway.pid, signal.SIGTERM)
+        assert gateway.wait(timeout=TIMEOUT) == 0, (tmp_path / "gateway.log").read_text()

@@ -81,8 +81,8 @@ PEER_TIMINGS = {
 # The poll under way at the cut may still have succeeded; then PEER_MISSED_POLLS polls go unanswered.
 LEAVES_GROUP_WITHIN = (PEER_MISSED_POLLS + 1) * (MEMBERSHIP_POLL_SECONDS + PEER_TIMEOUT_SECONDS) + SLACK_SECONDS
 
-# Substations close idle connections after one second (gunicorn_conf's 5 s otherwise), so a short cut outlasts them.
-SHORT_KEEPALIVE = "--keep-alive 1"
+# Substations close idle connections after one second (their edge's 15 s otherwise), so a short cut outlasts them.
+SHORT_KEEPALIVE = "1"
 
 LONG_SESSION_SECONDS = 600  # outlasts every test: no session ends while a test counts them
 CLIENT_TIMEOUT_SECONDS = 10
@@ -228,7 +228,7 @@ def grid(lan: VirtualLan, launch: Launcher, tmp_path: Path) -> Grid:
     hosts = [lan.add_host() for _ in range(3)]
     substations = launch(
         [
-            substation_at(host, index, tmp_path, CAPACITY_KW="300", GUNICORN_CMD_ARGS=SHORT_KEEPALIVE)
+            substation_at(host, index, tmp_path, CAPACITY_KW="300", EDGE_KEEPALIVE_TIMEOUT_SECONDS=SHORT_KEEPALIVE)
             for index, host in enumerate(hosts, start=1)
         ]
     )
