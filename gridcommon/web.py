@@ -236,7 +236,7 @@ def _check_path(path: str) -> None:
 
 
 _HTTP_ERROR_MESSAGES = {
-    404: "No such endpoint. See the README's endpoint table for what this service offers.",
+    404: "No such endpoint. GET /openapi.json lists what this service offers.",
     405: "This endpoint does not accept that HTTP method.",
     413: f"Request body too large: at most {MAX_BODY_BYTES} bytes are accepted.",
     415: "Send the body as JSON with the header 'Content-Type: application/json'.",

@@ -130,7 +130,10 @@ def test_every_bad_input_gets_its_status_as_json_and_the_stack_stays_up(stack_fa
 def test_unknown_paths_and_methods_are_json_on_every_service(stack_factory):
     stack = stack_factory(capacities=(50.0,))
     for service in stack.services:
-        assert_json_error(requests.get(f"{service.url}/no/such/path", timeout=TIMEOUT), 404)
+        not_found = assert_json_error(requests.get(f"{service.url}/no/such/path", timeout=TIMEOUT), 404)
+        # The 404 points at the document listing this service's endpoints, and that document is there.
+        assert "GET /openapi.json" in not_found["message"], not_found
+        assert requests.get(f"{service.url}/openapi.json", timeout=TIMEOUT).status_code == 200, service.name
         wrong_method = requests.put(f"{service.url}/health", timeout=TIMEOUT)
         assert_json_error(wrong_method, 405)
         assert "GET" in wrong_method.headers["Allow"]
