@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from load_tester.api import GridClient, StackError
+from load_tester import station_cli
 from load_tester.compare import ALLOCATION_POLICIES, POLICIES, AllocationSwitch, compare_policies
 from load_tester.config import Defaults
 from load_tester.report import (
     ALLOCATION_HEADER,
-    COMPARISON_HEADER,
     COMPARISON_REPORT,
     REPORT_FILE,
     RunReport,
     allocation_rows,
     assemble,
+    comparison_header,
     comparison_rows,
     console_text,
     text_table,
@@ -109,6 +110,7 @@ def _allocation_list(text: str) -> tuple[str, ...]:
 
 def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
     scenarios = "\n".join(f"  {s.name:<10} {s.description}" for s in SCENARIOS.values())
+    scenarios += f"\n  {station_cli.SCENARIO:<10} {station_cli.DESCRIPTION}"
     parser = argparse.ArgumentParser(
         prog="python -m load_tester",
         description="Send charge requests to the Smart Grid Load Balancer and report what the grid did with them.",
@@ -116,7 +118,8 @@ def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("--scenario", choices=sorted(SCENARIOS), default="rush-hour", help="named preset (default: rush-hour)")
+    add("--scenario", choices=sorted([*SCENARIOS, station_cli.SCENARIO]), default="rush-hour",
+        help="named preset (default: rush-hour)")
     add("--target", default=defaults.target_url, metavar="URL",
         help="charge request service URL (default: %(default)s)")
     add("--balancer", default=defaults.balancer_url, metavar="URL",
@@ -172,6 +175,7 @@ def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
     add("--timeout", type=_bounded(float, 0, 120, low_inclusive=False), default=10.0, metavar="SECONDS",
         help="seconds to wait for each answer (default: %(default)s)")
     add("--no-progress", action="store_true", help="no progress bar")
+    station_cli.add_options(parser)
     return parser
 
 
@@ -272,6 +276,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     defaults = Defaults.from_env(os.environ if environ is None else environ)
     parser = build_parser(defaults)
     args = parser.parse_args(argv)
+    if args.scenario == station_cli.SCENARIO:
+        return station_cli.main(args, defaults)
     plan = resolve_plan(parser, args)
     client = GridClient(
         args.target, args.balancer, admin_token=defaults.admin_token,
@@ -405,7 +411,7 @@ def _compare(client: GridClient, plan: LoadPlan, args: argparse.Namespace) -> in
     title = f"Routing policies compared: {plan.scenario} (seed {plan.seed})"
     write_comparison(args.output, title, reports)
     print(title)
-    print(text_table(COMPARISON_HEADER, comparison_rows(reports)))
+    print(text_table(comparison_header(reports), comparison_rows(reports)))
     for report in reports:
         for line in report.verdict.problems:
             print(f"PROBLEM ({report.settings['policy']}): {line}")
