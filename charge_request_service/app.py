@@ -8,6 +8,7 @@ from flask import Flask
 
 from charge_request_service.balancer import BalancerClient
 from charge_request_service.config import Settings
+from charge_request_service.console import install_console
 from charge_request_service.limits import install_rate_limits
 from charge_request_service.openapi_spec import SPEC
 from charge_request_service.metrics import ChargeMetrics
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None, start_background: bool = True, 
     service = build_service(settings, clock)
     app.extensions[EXTENSION_KEY] = service
     app.register_blueprint(blueprint)
+    install_console(app, settings, service.queue.__len__)
     install_openapi(app, SPEC)
     install_rate_limits(app, settings)
     if start_background:

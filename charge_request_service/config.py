@@ -18,11 +18,15 @@
 | `STATE_DIR`               | (empty)                 | Folder of the durable records (`charge_request_service.sqlite3`): sessions, queue, idempotency answers; empty keeps them in memory |
 | `STATE_SYNC`              | `normal`                | `normal` survives a killed process; `full` also a power cut   |
 | `RECONCILE_SECONDS`       | `30`                    | How often sessions are checked against the substations (and at start) |
+| `GATEWAY_URL`             | (empty)                 | Base URL of the OCPP gateway's HTTP port; the console's stations panel reads its `GET /stations` (empty: no panel data) |
+| `PROMETHEUS_URL`          | (empty)                 | Base URL of a Prometheus; the console shows its recent alerts (empty: none shown) |
+| `CONSOLE_MAX_STREAMS`     | `4`                     | Consoles that may follow the live stream at once: each holds a server thread; past it, 503 |
 | `LOG_LEVEL`               | `info`                  | Python log level, shared with gunicorn                        |
 | `ACCESS_LOG_BURST`        | `20`                    | Requests a second whose log lines are all written             |
 | `ACCESS_LOG_SAMPLE`       | `100`                   | Past the burst, one request in this many is logged (1: every one, 0: none); named, failed and slow requests always are |
 
-`HOST`, `PORT` and `THREADS` are gunicorn's (gridcommon/gunicorn_conf.py).
+`HOST` and `PORT` are where the service listens, behind its edge (nginx): the edge's timeouts and caps
+(`EDGE_*`) are in gridcommon/edge.py, `THREADS` is gunicorn's (gridcommon/gunicorn_conf.py).
 """
 from __future__ import annotations
 
@@ -64,6 +68,9 @@ class Settings:
     state_dir: str = ""
     state_full_sync: bool = False
     reconcile_seconds: float = 30.0
+    gateway_url: str = ""
+    prometheus_url: str = ""
+    console_max_streams: int = 4
     log_level: str = "info"
     log_sampling: LogSampling = field(default_factory=LogSampling)
 
@@ -97,6 +104,10 @@ class Settings:
             state_dir=env_str(env, "STATE_DIR", ""),
             state_full_sync=env_choice(env, "STATE_SYNC", "normal", ("normal", "full")) == "full",
             reconcile_seconds=env_float(env, "RECONCILE_SECONDS", cls.reconcile_seconds, minimum=0.1),
+            gateway_url=",".join(env_base_urls(env, "GATEWAY_URL", "http://127.0.0.1:8081")[:1]),
+            prometheus_url=",".join(env_base_urls(env, "PROMETHEUS_URL", "http://127.0.0.1:9090")[:1]),
+            # Below gunicorn's 16 threads: streams must leave most of them to the charge API.
+            console_max_streams=env_int(env, "CONSOLE_MAX_STREAMS", cls.console_max_streams, minimum=0, maximum=8),
             log_level=env_log_level(env),
             log_sampling=env_log_sampling(env),
         )
