@@ -48,6 +48,8 @@ class Engine:
     # podman's command line with this engine's storage, and its environment (podman only).
     podman: list[str] = field(default_factory=list)
     podman_environment: dict[str, str] = field(default_factory=dict)
+    # The API service's own log (podman only): what the engine said about networks, DNS and healthchecks.
+    log: Path | None = None
 
     def client(self, timeout: float = 120) -> docker.DockerClient:
         return docker.DockerClient(base_url=self.docker_host, timeout=timeout)
@@ -117,6 +119,7 @@ def podman_service(root: Path, socket_dir: Path, start_timeout: float = 60) -> I
         {"DOCKER_HOST": f"unix://{socket}", "DOCKER_BUILDKIT": "0"},
         command,
         environment,
+        log_path,
     )
     try:
         _wait_for_api(engine, service, log_path, start_timeout)

