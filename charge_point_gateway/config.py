@@ -28,7 +28,10 @@
 | `DEADBAND_A`               | `0.5`       | An increase smaller than this is not sent (decreases always are)        |
 | `MIN_PROFILE_INTERVAL_SECONDS` | `10`    | Least time between two increases to one transaction (stations keep profiles in flash) |
 | `VEHICLE_RESPONSE_SECONDS` | `2`         | After a decrease is accepted, increases wait this long for the vehicle to follow |
-| `FALLBACK_CURRENT_A`       | `6`         | TxDefaultProfile and station-max fallback installed at boot, A per phase |
+| `FALLBACK_CURRENT_A`       | `0`         | TxDefaultProfile at boot, A per phase: a new transaction's draw before its TxProfile (0: none) ... |
+|                            |             | ... so a station cut off from the gateway starts no new charging; running ones keep their last TxProfile |
+| `STATION_MAX_CURRENT_A`    | `0`         | ChargePointMaxProfile / ChargingStationMaxProfile at boot: the whole station's cap, A per phase ... |
+|                            |             | ... online or offline, never above its registered `max_current_a` (0: that maximum) |
 | `MIN_CURRENT_A`            | `6`         | A vehicle's minimum current (IEC 61851), A per phase                    |
 | `VOLTS`                    | `230`       | Phase voltage used to turn A into kW                                    |
 | `TAPER_RATIO`              | `0.6`       | A vehicle drawing below this share of its allocation ...                |
@@ -84,7 +87,8 @@ class Settings:
     deadband_a: float = 0.5
     min_profile_interval_seconds: float = 10.0
     vehicle_response_seconds: float = 2.0
-    fallback_current_a: float = 6.0
+    fallback_current_a: float = 0.0
+    station_max_current_a: float = 0.0
     min_current_a: float = 6.0
     volts: float = 230.0
     taper_ratio: float = 0.6
@@ -146,6 +150,7 @@ class Settings:
                 env, "VEHICLE_RESPONSE_SECONDS", cls.vehicle_response_seconds, minimum=0
             ),
             fallback_current_a=env_float(env, "FALLBACK_CURRENT_A", cls.fallback_current_a, minimum=0),
+            station_max_current_a=env_float(env, "STATION_MAX_CURRENT_A", cls.station_max_current_a, minimum=0),
             min_current_a=env_float(env, "MIN_CURRENT_A", cls.min_current_a, minimum=0.1),
             volts=env_float(env, "VOLTS", cls.volts, minimum=1),
             taper_ratio=env_float(env, "TAPER_RATIO", cls.taper_ratio, minimum=0, maximum=1),

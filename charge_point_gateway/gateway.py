@@ -22,6 +22,7 @@ from charge_point_gateway.registry import Station
 from charge_point_gateway.store import GatewayStore
 from charge_point_gateway.substation_client import SubstationClient, SubstationUnavailable
 from charge_point_gateway.transactions import (
+    ActiveTransactions,
     Transaction,
     amps_to_kw,
     kw_to_amps,
@@ -45,8 +46,10 @@ class StationLink(Protocol):
     async def set_tx_profile(self, transaction: Transaction, amps: float, phases: int) -> bool:
         """Send the transaction's TxProfile; True when the station accepted it."""
 
-    async def install_fallback(self, amps: float, phases: int) -> bool:
-        """Install the conservative default profile a station uses when it hears nothing else."""
+    async def install_fallback(self, default_a: float, station_max_a: float, phases: int) -> list[str]:
+        """Install the TxDefaultProfile (``default_a``: what a transaction without its own TxProfile may draw)
+        and the station-wide maximum profile (``station_max_a``); returns the ones the station refused.
+        A CALLERROR or an unanswered call raises."""
 
     async def transaction_ongoing(self, transaction_id: str) -> bool | None:
         """Whether the station still runs the transaction (None: it cannot tell)."""
@@ -76,24 +79,22 @@ class Gateway:
         self.metrics = GatewayMetrics(self.snapshot)
         self.links: dict[str, StationLink] = {}
         self.stations: dict[str, Station] = {station.station_id: station for station, *_ in store.stations()}
-        self.transactions: dict[str, Transaction] = {t.session_id: t for t in store.active_transactions()}
-        for transaction in self.transactions.values():
+        # Indexed by substation, station and connector: an allocation change, a reconnect or MeterValues
+        # touch their own transactions without a scan of all of them.
+        self.transactions = ActiveTransactions(store.active_transactions())
+        for transaction in self.transactions:
             transaction.announced = True  # its station had its answer, or will replay and get the same id
         self.substations: dict[str, SubstationState] = {}
         self._background: set[asyncio.Task] = set()
         self._admitting: set[str] = set()
         self._seen_written: dict[str, float] = {}
-        # (station id, connector or EVSE) -> its running transaction: MeterValues find theirs without a scan.
-        self._on_connector: dict[tuple[str, int], str] = {
-            (t.station_id, t.connector): t.session_id for t in self.transactions.values()
-        }
 
     # Life cycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
         for url in {station.substation_url for station in self.stations.values()}:
             self.substation(url)
-        for transaction in self.transactions.values():
+        for transaction in self.transactions:
             station = self.stations.get(transaction.station_id)
             state = self.substation(transaction.substation_url)
             # What it holds: its last accepted TxProfile, else the fallback (TxDefaultProfile), and at its
@@ -148,7 +149,7 @@ class Gateway:
         self.links[station.station_id] = link
         self.store.seen(station.station_id, time.time(), "connected", link.protocol)
         self.substation(station.substation_url)
-        for transaction in self._active_of(station.station_id):
+        for transaction in self.transactions.of_station(station.station_id):
             normal = self._normal_minimum(transaction, station)
             if not transaction.profile_rejected and transaction.minimum_kw > normal + 1e-6:
                 # Counted at what it held while offline: now it can be told again, so its own minimum returns.
@@ -172,15 +173,27 @@ class Gateway:
             self._seen_written[station_id] = now
             self.store.seen(station_id, now, "connected")
 
+    def station_max_a(self, station: Station) -> float:
+        """The station-wide cap installed at boot: ``STATION_MAX_CURRENT_A``, never above its registered maximum
+        (0: its registered maximum)."""
+        configured = self.settings.station_max_current_a
+        return station.max_current_a if configured <= 0 else min(configured, station.max_current_a)
+
     async def booted(self, station: Station) -> None:
-        """After BootNotification: the fallback profile, then the station's transactions re-checked."""
+        """After BootNotification: the fallback profiles, then the station's transactions re-checked."""
         link = self.links.get(station.station_id)
         if link is None:
             return
-        if not await link.install_fallback(self.settings.fallback_current_a, station.phases):
+        default_a, station_max_a = self.settings.fallback_current_a, self.station_max_a(station)
+        try:
+            refused = await link.install_fallback(default_a, station_max_a, station.phases)
+        except Exception as exc:  # noqa: BLE001 - a CALLERROR, a timeout or a closed link: the same refusal
+            refused = [f"the fallback profiles (it answered {exc.__class__.__name__}: {exc})"]
+        if refused:
             self.metrics.profiles_rejected.labels("fallback").inc()
-            log.warning("station %s refused the fallback profile (%g A): if it loses the gateway it may draw "
-                        "its maximum", station.station_id, self.settings.fallback_current_a)
+            log.warning("station %s refused %s: a new transaction may draw more than %g A before its own "
+                        "profile, and if it loses the gateway it may draw more than %g A; check that it supports "
+                        "smart charging", station.station_id, " and ".join(refused), default_a, station_max_a)
         await self.reconcile(station)
 
     async def reconcile(self, station: Station) -> None:
@@ -188,16 +201,13 @@ class Gateway:
         link = self.links.get(station.station_id)
         if link is None:
             return
-        for transaction in list(self._active_of(station.station_id)):
+        for transaction in self.transactions.of_station(station.station_id):
             ongoing = await link.transaction_ongoing(transaction.transaction_id)
             if ongoing is False:
                 log.info("station %s no longer runs transaction %s: ending its session %s",
-                         station.station_id, transaction.transaction_id, transaction.session_id)
+                         station.station_id, transaction.transaction_id, transaction.substation_session_id)
                 self.end(transaction, "NotOngoing")
         self.substation(station.substation_url).wake.set()
-
-    def _active_of(self, station_id: str) -> list[Transaction]:
-        return [t for t in self.transactions.values() if t.station_id == station_id]
 
     # Transactions ---------------------------------------------------------------------------
 
@@ -216,8 +226,7 @@ class Gateway:
 
     def on_connector(self, station_id: str, connector: int) -> Transaction | None:
         """The active transaction on a station's connector (1.6) or EVSE (2.0.1), if any."""
-        session_id = self._on_connector.get((station_id, connector))
-        return None if session_id is None else self.transactions.get(session_id)
+        return self.transactions.on_connector(station_id, connector)
 
     def save(self, transaction: Transaction) -> None:
         self.store.save(transaction)
@@ -275,8 +284,7 @@ class Gateway:
             announced=announced,
         )
         self.store.save(transaction, start_key)
-        self.transactions[session_id] = transaction
-        self._on_connector[(station.station_id, connector)] = session_id
+        self.transactions.add(transaction)
         state = self.substation(station.substation_url)
         state.planner.track(session_id, settings.fallback_current_a)
         log.info("transaction %s of station %s (connector %d) started: session %s at %s",
@@ -294,10 +302,11 @@ class Gateway:
         finally:
             self._admitting.discard(transaction.session_id)
 
-    async def _ask_for_session(self, transaction: Transaction, relearned: bool = False) -> None:
+    async def _ask_for_session(self, transaction: Transaction, relearned: bool = False,
+                               renamed: bool = False) -> None:
         try:
             answer = await self.client.start(
-                transaction.substation_url, transaction.session_id,
+                transaction.substation_url, transaction.substation_session_id,
                 vehicle_id_for(transaction.station_id, transaction.connector, transaction.id_tag),
                 transaction.amount_kw, self._minimum_at(transaction, transaction.minimum_kw),
                 self.settings.lease_seconds,
@@ -305,7 +314,7 @@ class Gateway:
         except SubstationUnavailable as exc:
             self.metrics.substation_errors.labels("start").inc()
             log.warning("session %s not admitted yet, retrying when %s answers: %s",
-                        transaction.session_id, transaction.substation_url, exc)
+                        transaction.substation_session_id, transaction.substation_url, exc)
             self.substation(transaction.substation_url).wake.set()
             return
         if answer.status == 201:
@@ -319,15 +328,27 @@ class Gateway:
         elif answer.status == 400 and answer.body.get("field") == "minimum_kw" and not relearned:
             # Its MIN_CHARGE_KW was not known yet (or changed): ask it, then ask for the session again.
             await self._learn_minimum(self.substation(transaction.substation_url))
-            await self._ask_for_session(transaction, relearned=True)
+            await self._ask_for_session(transaction, relearned=True, renamed=renamed)
+            return
+        elif answer.status == 409 and answer.body.get("error") == "session_id_retired" and not renamed:
+            # The substation ended the session while the transaction runs on (its lease lapsed while the gateway
+            # was down, or an operator stopped it): its id is spent, and a vehicle drawing under its last profile
+            # is counted nowhere. A new generation names a new session, kept durably before it is asked for.
+            retired = transaction.substation_session_id
+            transaction.generation += 1
+            self.store.save(transaction)
+            log.warning("%s had ended session %s while transaction %s of station %s still runs: asking for it "
+                        "again as session %s", transaction.substation_url, retired, transaction.transaction_id,
+                        transaction.station_id, transaction.substation_session_id)
+            await self._ask_for_session(transaction, relearned=relearned, renamed=True)
             return
         elif answer.status == 409 and answer.body.get("error") == "capacity_exceeded":
             log.info("no room at %s for session %s: its station is held at 0 A until there is",
-                     transaction.substation_url, transaction.session_id)
+                     transaction.substation_url, transaction.substation_session_id)
         else:
             self.metrics.substation_errors.labels("start").inc()
-            log.warning("%s refused session %s (%s): %s", transaction.substation_url, transaction.session_id,
-                        answer.status, answer.body.get("message", answer.body))
+            log.warning("%s refused session %s (%s): %s", transaction.substation_url,
+                        transaction.substation_session_id, answer.status, answer.body.get("message", answer.body))
         self.substation(transaction.substation_url).wake.set()
 
     def end(self, transaction: Transaction, reason: str | None, meter_stop_wh: float | None = None) -> None:
@@ -339,14 +360,11 @@ class Gateway:
         if meter_stop_wh is not None:
             transaction.energy_wh = meter_stop_wh - (transaction.meter_start_wh or 0.0)
         self.store.save(transaction)
-        self.transactions.pop(transaction.session_id, None)
-        key = (transaction.station_id, transaction.connector)
-        if self._on_connector.get(key) == transaction.session_id:
-            del self._on_connector[key]
+        self.transactions.remove(transaction.session_id)
         state = self.substation(transaction.substation_url)
         state.planner.forget(transaction.session_id)
         log.info("transaction %s of station %s ended (%s): stopping session %s", transaction.transaction_id,
-                 transaction.station_id, reason or "no reason given", transaction.session_id)
+                 transaction.station_id, reason or "no reason given", transaction.substation_session_id)
         state.admitted_at.pop(transaction.session_id, None)
         self.spawn(self._stop_session(transaction))
         state.wake.set()
@@ -354,17 +372,18 @@ class Gateway:
     async def _stop_session(self, transaction: Transaction) -> None:
         for attempt in range(5):
             try:
-                answer = await self.client.stop(transaction.substation_url, transaction.session_id)
+                answer = await self.client.stop(transaction.substation_url, transaction.substation_session_id)
                 if answer.status in (200, 404):
                     return
-                log.warning("stopping session %s: %s answered %d", transaction.session_id,
+                log.warning("stopping session %s: %s answered %d", transaction.substation_session_id,
                             transaction.substation_url, answer.status)
             except SubstationUnavailable as exc:
-                log.warning("stopping session %s failed (attempt %d): %s", transaction.session_id, attempt + 1, exc)
+                log.warning("stopping session %s failed (attempt %d): %s", transaction.substation_session_id,
+                            attempt + 1, exc)
             self.metrics.substation_errors.labels("stop").inc()
             await asyncio.sleep(RETRY_SECONDS * (attempt + 1))
         log.error("session %s could not be stopped at %s: its lease ends it within %g s",
-                  transaction.session_id, transaction.substation_url, self.settings.lease_seconds)
+                  transaction.substation_session_id, transaction.substation_url, self.settings.lease_seconds)
 
     def metered(self, transaction: Transaction, power_w: float | None, energy_wh: float | None) -> None:
         """MeterValues of a transaction: its measured power and energy, and the taper check."""
@@ -428,16 +447,17 @@ class Gateway:
             if amount_kw is not None and minimum_kw > amount_kw:
                 minimum_kw = None
         try:
-            answer = await self.client.change(transaction.substation_url, transaction.session_id,
+            answer = await self.client.change(transaction.substation_url, transaction.substation_session_id,
                                               amount_kw=amount_kw, minimum_kw=minimum_kw)
         except SubstationUnavailable as exc:
             self.metrics.substation_errors.labels("change").inc()
-            log.warning("changing session %s failed: %s", transaction.session_id, exc)
+            log.warning("changing session %s failed: %s", transaction.substation_session_id, exc)
             return False
         if answer.status != 200:
             self.metrics.substation_errors.labels("change").inc()
             log.warning("%s refused to change session %s to amount %s / minimum %s kW (%d): %s",
-                        transaction.substation_url, transaction.session_id, amount_kw, minimum_kw, answer.status,
+                        transaction.substation_url, transaction.substation_session_id, amount_kw, minimum_kw,
+                        answer.status,
                         answer.body.get("message", answer.body))
             return False
         if amount_kw is not None:
@@ -491,11 +511,9 @@ class Gateway:
             s["session_id"]: float(s.get("allocated_kw") or 0.0)
             for s in sessions if isinstance(s, dict) and isinstance(s.get("session_id"), str)
         }
-        for transaction in list(self.transactions.values()):
-            if transaction.substation_url != state.url:
-                continue
-            if transaction.session_id in allocated:
-                transaction.allocated_kw = allocated[transaction.session_id]
+        for transaction in self.transactions.of_substation(state.url):
+            if transaction.substation_session_id in allocated:
+                transaction.allocated_kw = allocated[transaction.substation_session_id]
                 state.admitted_at.pop(transaction.session_id, None)
                 if not transaction.admitted:
                     transaction.admitted = True
@@ -504,7 +522,8 @@ class Gateway:
                 transaction.allocated_kw = None  # admitted after this snapshot was taken: the next one shows it
             elif transaction.admitted:
                 # The substation no longer has it (its lease lapsed, or an operator stopped it): ask again.
-                log.warning("session %s is gone from %s: asking for it again", transaction.session_id, state.url)
+                log.warning("session %s is gone from %s: asking for it again", transaction.substation_session_id,
+                            state.url)
                 transaction.admitted = False
                 transaction.allocated_kw = None
                 self.spawn(self._admit(transaction))
@@ -513,8 +532,8 @@ class Gateway:
 
     def _targets(self, state: SubstationState) -> dict[str, float]:
         targets: dict[str, float] = {}
-        for transaction in self.transactions.values():
-            if transaction.substation_url != state.url or not transaction.announced:
+        for transaction in self.transactions.of_substation(state.url):
+            if not transaction.announced:
                 continue
             station = self.stations.get(transaction.station_id)
             if station is None:
@@ -594,7 +613,8 @@ class Gateway:
         period = self.settings.lease_seconds / 3
         while True:
             await asyncio.sleep(period)
-            ids = [t.session_id for t in self.transactions.values() if t.substation_url == state.url and t.admitted]
+            held = {t.substation_session_id: t for t in self.transactions.of_substation(state.url) if t.admitted}
+            ids = list(held)
             for chunk in (ids[i:i + 5000] for i in range(0, len(ids), 5000)):
                 try:
                     answer = await self.client.renew(state.url, chunk, self.settings.lease_seconds)
@@ -604,8 +624,8 @@ class Gateway:
                     continue
                 unknown = answer.body.get("unknown") or []
                 for session_id in unknown:
-                    transaction = self.transactions.get(session_id)
-                    if transaction is not None:
+                    transaction = held.get(session_id)
+                    if transaction is not None and transaction.active:
                         log.warning("lease of session %s at %s had lapsed: asking for it again", session_id,
                                     state.url)
                         transaction.admitted = False
@@ -617,7 +637,7 @@ class Gateway:
             await asyncio.sleep(min(60.0, self.settings.transaction_timeout_seconds / 4))
             cutoff = time.time() - self.settings.transaction_timeout_seconds
             seen = {station.station_id: (last_seen, state) for station, last_seen, state, _ in self.store.stations()}
-            for transaction in list(self.transactions.values()):
+            for transaction in self.transactions:
                 last_seen, _ = seen.get(transaction.station_id, (None, "unknown"))
                 if transaction.station_id in self.links:
                     continue
@@ -648,8 +668,8 @@ class Gateway:
             active_transactions=len(self.transactions),
             pending_admissions=sum(1 for t in self.transactions.values() if not t.admitted),
             blocked_increases={url: len(s.planner.blocked()) for url, s in self.substations.items()},
-            offline_transactions={url: sum(1 for t in self.transactions.values()
-                                           if t.substation_url == url and t.station_id not in self.links)
+            offline_transactions={url: sum(1 for t in self.transactions.of_substation(url)
+                                           if t.station_id not in self.links)
                                   for url in self.substations},
         )
 
@@ -669,7 +689,7 @@ class Gateway:
                 "transactions": [
                     {
                         "transaction_id": t.transaction_id,
-                        "session_id": t.session_id,
+                        "session_id": t.substation_session_id,
                         "connector": t.connector,
                         "admitted": t.admitted,
                         "amount_kw": t.amount_kw,

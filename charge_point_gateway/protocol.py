@@ -50,7 +50,10 @@ def profile_id(session_id: str) -> int:
     return 1000 + int(hashlib.sha256(session_id.encode()).hexdigest()[:7], 16)
 
 
+# The two profiles installed at boot on connector/EVSE 0: the TxDefaultProfile (what a transaction draws
+# before its own TxProfile) and the station-wide maximum (what the whole station draws, whatever it holds).
 FALLBACK_PROFILE_ID = 1
+STATION_MAX_PROFILE_ID = 2
 
 
 class CallBudget:
@@ -274,18 +277,23 @@ class Station16(_Connection, ChargePoint16):
             self.gateway.spawn(self._read_back(transaction.connector, amps, transaction.session_id))
         return accepted
 
-    async def install_fallback(self, amps: float, phases: int) -> bool:
-        answer = await self._call(call16.SetChargingProfile(
-            connector_id=0,
-            cs_charging_profiles={
-                "charging_profile_id": FALLBACK_PROFILE_ID,
-                "stack_level": FALLBACK_STACK_LEVEL,
-                "charging_profile_purpose": "TxDefaultProfile",
-                "charging_profile_kind": "Absolute",
-                "charging_schedule": _schedule16(amps, phases),
-            },
-        ))
-        return answer.status == "Accepted"
+    async def install_fallback(self, default_a: float, station_max_a: float, phases: int) -> list[str]:
+        refused = []
+        for profile_id_, purpose, amps in ((FALLBACK_PROFILE_ID, "TxDefaultProfile", default_a),
+                                           (STATION_MAX_PROFILE_ID, "ChargePointMaxProfile", station_max_a)):
+            answer = await self._call(call16.SetChargingProfile(
+                connector_id=0,
+                cs_charging_profiles={
+                    "charging_profile_id": profile_id_,
+                    "stack_level": FALLBACK_STACK_LEVEL,
+                    "charging_profile_purpose": purpose,
+                    "charging_profile_kind": "Absolute",
+                    "charging_schedule": _schedule16(amps, phases),
+                },
+            ))
+            if answer.status != "Accepted":
+                refused.append(f"its {purpose} ({amps:g} A)")
+        return refused
 
     async def transaction_ongoing(self, transaction_id: str) -> bool | None:
         return None  # 1.6 has no such question: the station replays its queued StopTransaction instead
@@ -428,18 +436,23 @@ class Station201(_Connection, ChargePoint201):
             self.gateway.spawn(self._read_back(transaction.connector, amps, transaction.session_id))
         return accepted
 
-    async def install_fallback(self, amps: float, phases: int) -> bool:
-        answer = await self._call(call201.SetChargingProfile(
-            evse_id=0,
-            charging_profile={
-                "id": FALLBACK_PROFILE_ID,
-                "stack_level": FALLBACK_STACK_LEVEL,
-                "charging_profile_purpose": "TxDefaultProfile",
-                "charging_profile_kind": "Absolute",
-                "charging_schedule": [_schedule201(amps, phases)],
-            },
-        ))
-        return answer.status == "Accepted"
+    async def install_fallback(self, default_a: float, station_max_a: float, phases: int) -> list[str]:
+        refused = []
+        for profile_id_, purpose, amps in ((FALLBACK_PROFILE_ID, "TxDefaultProfile", default_a),
+                                           (STATION_MAX_PROFILE_ID, "ChargingStationMaxProfile", station_max_a)):
+            answer = await self._call(call201.SetChargingProfile(
+                evse_id=0,
+                charging_profile={
+                    "id": profile_id_,
+                    "stack_level": FALLBACK_STACK_LEVEL,
+                    "charging_profile_purpose": purpose,
+                    "charging_profile_kind": "Absolute",
+                    "charging_schedule": [_schedule201(amps, phases)],
+                },
+            ))
+            if answer.status != "Accepted":
+                refused.append(f"its {purpose} ({amps:g} A)")
+        return refused
 
     async def transaction_ongoing(self, transaction_id: str) -> bool | None:
         try:

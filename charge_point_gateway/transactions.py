@@ -3,13 +3,17 @@
 A transaction becomes a session at its station's substation. The session id is derived
 from the station id and the transaction id alone, so asking for the session again after
 a lost answer, a reconnect or a gateway restart is a replay at the substation, never a
-second session. Power is turned between kW (the substations) and A per phase (OCPP).
+second session. A session the substation ended while its transaction still runs (its
+lease lapsed while the gateway was down) cannot be asked for again under its id: the
+transaction's ``generation`` goes up and names a new session, just as deterministic.
+Power is turned between kW (the substations) and A per phase (OCPP).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from gridcommon.validation import VEHICLE_ID_PATTERN
@@ -17,9 +21,13 @@ from gridcommon.validation import VEHICLE_ID_PATTERN
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
-def session_id_for(station_id: str, transaction_id: str) -> str:
-    """The substation session id of a transaction: the same for the same pair, on every gateway."""
-    digest = hashlib.sha256(f"{station_id}\x00{transaction_id}".encode()).hexdigest()
+def session_id_for(station_id: str, transaction_id: str, generation: int = 0) -> str:
+    """The substation session id of a transaction: the same for the same pair (and generation), on every
+    gateway. Generation 0 is the transaction's own key at the gateway too."""
+    name = f"{station_id}\x00{transaction_id}"
+    if generation:
+        name += f"\x00{generation}"
+    digest = hashlib.sha256(name.encode()).hexdigest()
     return f"ocpp-{digest[:32]}"
 
 
@@ -75,11 +83,20 @@ class Transaction:
     limit_a: float | None = None
     # Whether the station knows the transaction id (1.6: once StartTransaction was answered).
     announced: bool = True
+    # How many times its session was ended at the substation while it still ran: names the session now.
+    generation: int = 0
     allocated_kw: float | None = field(default=None, compare=False)
 
     @property
     def active(self) -> bool:
         return self.ended_at is None
+
+    @property
+    def substation_session_id(self) -> str:
+        """The id of its session at the substation now (``session_id`` until a session had to be re-created)."""
+        if self.generation == 0:
+            return self.session_id
+        return session_id_for(self.station_id, self.transaction_id, self.generation)
 
     def seq_no_gap(self, seq_no: int) -> int:
         """Record a 2.0.1 TransactionEvent's seqNo; returns how many numbers were skipped before it."""
@@ -90,6 +107,65 @@ class Transaction:
             self.last_seq_no = seq_no
         self.seq_gaps += gap
         return gap
+
+
+class ActiveTransactions:
+    """The running transactions by their key (``session_id``), indexed by substation, by station and by
+    (station, connector), so an allocation change at one substation touches its own transactions only."""
+
+    def __init__(self, transactions: Iterable[Transaction] = ()) -> None:
+        self._all: dict[str, Transaction] = {}
+        self._by_substation: dict[str, dict[str, Transaction]] = {}
+        self._by_station: dict[str, dict[str, Transaction]] = {}
+        self._on_connector: dict[tuple[str, int], Transaction] = {}
+        for transaction in transactions:
+            self.add(transaction)
+
+    def add(self, transaction: Transaction) -> None:
+        """Keep ``transaction`` (it replaces one with the same key, and the one on its connector)."""
+        self.remove(transaction.session_id)
+        self._all[transaction.session_id] = transaction
+        self._by_substation.setdefault(transaction.substation_url, {})[transaction.session_id] = transaction
+        self._by_station.setdefault(transaction.station_id, {})[transaction.session_id] = transaction
+        self._on_connector[(transaction.station_id, transaction.connector)] = transaction
+
+    def remove(self, session_id: str) -> Transaction | None:
+        """Drop the transaction with this key from every index; returns it (None when not kept)."""
+        transaction = self._all.pop(session_id, None)
+        if transaction is None:
+            return None
+        for index, name in ((self._by_substation, transaction.substation_url),
+                            (self._by_station, transaction.station_id)):
+            group = index.get(name)
+            if group is not None:
+                group.pop(session_id, None)
+                if not group:
+                    del index[name]
+        key = (transaction.station_id, transaction.connector)
+        if self._on_connector.get(key) is transaction:
+            del self._on_connector[key]
+        return transaction
+
+    def get(self, session_id: str) -> Transaction | None:
+        return self._all.get(session_id)
+
+    def values(self) -> list[Transaction]:
+        return list(self._all.values())
+
+    def of_substation(self, substation_url: str) -> list[Transaction]:
+        return list(self._by_substation.get(substation_url, {}).values())
+
+    def of_station(self, station_id: str) -> list[Transaction]:
+        return list(self._by_station.get(station_id, {}).values())
+
+    def on_connector(self, station_id: str, connector: int) -> Transaction | None:
+        return self._on_connector.get((station_id, connector))
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __iter__(self) -> Iterator[Transaction]:
+        return iter(self.values())
 
 
 @dataclass(frozen=True)

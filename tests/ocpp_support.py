@@ -1,10 +1,11 @@
 """Helpers of the gateway's tests: the gateway as a real process, and simulated OCPP stations.
 
 The stations are the ``ocpp`` package's own client side over real WebSockets. Each keeps
-the profiles it is sent as a real station would (a TxDefaultProfile on connector/EVSE 0,
-a TxProfile per transaction) and "draws" what its composite schedule allows: the lowest
-limit of its profiles, never above its own maximum. Its vehicle takes a higher limit at once
-but follows a lower one only ``vehicle_lag`` seconds later, as a real one slowing down does.
+the profiles it is sent as a real station would (a TxDefaultProfile and a station-wide
+maximum profile on connector/EVSE 0, a TxProfile per transaction) and "draws" what its
+composite schedule allows: the lowest limit of its profiles, never above its own maximum.
+Its vehicle takes a higher limit at once but follows a lower one only ``vehicle_lag``
+seconds later, as a real one slowing down does.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any
 
 import requests
 import websockets
+from ocpp.exceptions import NotSupportedError
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint as ChargePoint16
 from ocpp.v16 import call as call16
@@ -145,8 +147,10 @@ class _Profiles:
         self.reject_profiles = reject_profiles
         self.vehicle_lag = vehicle_lag
         self.apply_profiles = True  # False: says "Accepted" and ignores them, as some real chargers do
+        self.fallback_call_error = False  # True: answers a TxDefaultProfile with a CALLERROR (NotSupported)
         self._slowing: dict[str, tuple[float, float]] = {}  # transaction -> (until, the higher limit before)
         self.default_a: float | None = None  # TxDefaultProfile
+        self.station_cap_a: float | None = None  # ChargePointMaxProfile / ChargingStationMaxProfile
         self.tx_a: dict[str, float] = {}  # TxProfile by transaction id
         self.running: dict[int, str] = {}  # connector -> transaction id
         self.profiles_received: list[tuple[float, str, float]] = []  # (time, purpose, limit)
@@ -158,6 +162,8 @@ class _Profiles:
         if transaction is None:
             return 0.0
         limits = [self.station_max_a]
+        if self.station_cap_a is not None:
+            limits.append(self.station_cap_a)  # the whole station's cap: one transaction at a time here
         if transaction in self.tx_a:
             limit = self.tx_a[transaction]
             until, before = self._slowing.get(transaction, (0.0, 0.0))
@@ -170,12 +176,16 @@ class _Profiles:
         assert number_phases in (1, 3), f"numberPhases must be explicit, got {number_phases!r}"
         assert round(limit, 1) == limit, f"limit {limit} has more than one decimal"
         self.profiles_received.append((time.monotonic(), purpose, limit))
+        if self.fallback_call_error and purpose == "TxDefaultProfile":
+            raise NotSupportedError("TxDefaultProfile is not supported here")
         if self.reject_profiles and purpose == "TxProfile":
             return "Rejected"
         if not self.apply_profiles:
             return "Accepted"
         if purpose == "TxDefaultProfile":
             self.default_a = limit
+        elif purpose in ("ChargePointMaxProfile", "ChargingStationMaxProfile"):
+            self.station_cap_a = limit
         elif purpose == "TxProfile":
             key = str(transaction_id)
             before = self.tx_a.get(key)

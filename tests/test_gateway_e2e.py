@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -168,10 +170,10 @@ def test_stations_never_draw_more_than_the_limit(tmp_path: Path, services: list)
     sub = substation(tmp_path, "substation-1", limit_kw)
     start_all([sub])
     services.append(sub)
-    # With no fallback current, a new transaction draws nothing until its own profile: its first
-    # profile is an increase like any other.
+    # The default fallback current is 0 A: a new transaction draws nothing until its own profile, and its
+    # first profile is an increase like any other.
     # The gateway waits longer for a vehicle to slow down (0.5 s) than the simulated ones take (0.3 s).
-    gw = Gateway(tmp_path / "gw", env={**FAST, "FALLBACK_CURRENT_A": "0", "VEHICLE_RESPONSE_SECONDS": "0.5"}).start()
+    gw = Gateway(tmp_path / "gw", env={**FAST, "VEHICLE_RESPONSE_SECONDS": "0.5"}).start()
     services.append(gw)
     names = [f"cp-{n}" for n in range(5)]
     for name in names:
@@ -186,6 +188,7 @@ def test_stations_never_draw_more_than_the_limit(tmp_path: Path, services: list)
             asyncio.create_task(station.start())
             await station.boot()
             stations.append(station)
+        await until(lambda: all(s.default_a is not None for s in stations), 10, "the fallback profiles")
         worst = 0.0
         peak_seen = 0.0
         samples = 0
@@ -235,6 +238,140 @@ def test_stations_never_draw_more_than_the_limit(tmp_path: Path, services: list)
     assert "Traceback" not in gw.log_text(), gw.log_text()[-3000:]
     # Every station applied what it accepted: the read-backs (GetCompositeSchedule) agree.
     assert "composite schedule allows" not in gw.log_text()
+
+
+def test_a_vehicle_plugging_in_on_a_full_substation_never_takes_the_draw_past_its_limit(
+        tmp_path: Path, services: list) -> None:
+    """With the default settings a new transaction draws nothing before the others have come down.
+
+    What the vehicles draw is sampled at 20 Hz from their stations' profiles, each vehicle following a
+    lower limit only 0.3 s later, as a real one slowing down does.
+    """
+    limit_kw = 22.0
+    sub = substation(tmp_path, "substation-1", limit_kw)
+    start_all([sub])
+    services.append(sub)
+    gw = Gateway(tmp_path / "gw").start()
+    services.append(gw)
+    for name in ("first", "second", "third"):
+        gw.register(name, sub.url, max_current_a=32)
+
+    async def scenario() -> tuple[float, float, int]:
+        ws_1 = await connect(gw.ws_url("first"), "first", "ocpp1.6")
+        first = Station16("first", ws_1)
+        # 2.0.1 stations: their vehicle is plugged in (running) before the gateway hears of the transaction.
+        late = []
+        for name in ("second", "third"):
+            late.append(Station201(name, await connect(gw.ws_url(name), name, "ocpp2.0.1")))
+        stations = [first, *late]
+        loops = [asyncio.create_task(s.start()) for s in stations]
+        for station in stations:
+            await station.boot()
+        await until(lambda: all(s.default_a is not None for s in stations), 10, "the fallback profiles")
+        worst = peak = 0.0
+        samples = 0
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal worst, peak, samples
+            while not done.is_set():
+                drawn = sum(s.told_a(1) * VOLTS * 3 / 1000 for s in stations)
+                worst, peak, samples = max(worst, drawn), max(peak, drawn), samples + 1
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.create_task(sample())
+        tx = str(await first.start_transaction(1))
+        # Alone, it takes the whole substation: 22 kW is 31.8 A on three phases.
+        await until(lambda: first.told_a(1) == kw_to_amps(limit_kw, 3, VOLTS, 32), 15, "first at the limit")
+        await asyncio.sleep(0.5)
+        for count, station in enumerate(late, start=2):
+            await station.start_transaction(1, f"{station.id}-1")
+            share = kw_to_amps(limit_kw / count, 3, VOLTS, 32)
+            await until(lambda: all(s.told_a(1) == share for s in stations[:count]), 15,
+                        f"{count} vehicles at {share} A each")
+            await asyncio.sleep(0.5)
+        done.set()
+        await sampler
+        assert first.tx_a[tx] == kw_to_amps(limit_kw / 3, 3, VOLTS, 32)
+        for loop in loops:
+            loop.cancel()
+        return worst, peak, samples
+
+    worst, peak, samples = asyncio.run(scenario())
+    assert samples > 50 and peak > 0.95 * limit_kw  # the substation was full each time a vehicle arrived
+    assert worst <= limit_kw + 1e-9, f"the vehicles drew {worst:.2f} kW on a {limit_kw:g} kW substation"
+
+
+def test_a_session_whose_lease_lapsed_is_created_again_while_its_transaction_runs(
+        tmp_path: Path, services: list) -> None:
+    sub = substation(tmp_path, "substation-1", 30.0)
+    start_all([sub])
+    services.append(sub)
+    gw = Gateway(tmp_path / "gw", env={**FAST, "LEASE_SECONDS": "5"}).start()
+    services.append(gw)
+    gw.register("cp-lapse", sub.url, max_current_a=32)
+    first_id = session_id_for("cp-lapse", "lapse-1")
+    second_id = session_id_for("cp-lapse", "lapse-1", 1)
+
+    def active_ids() -> list[str]:
+        return [s["session_id"] for s in get_json(f"{sub.url}/sessions")["sessions"]]
+
+    async def scenario() -> None:
+        ws = await connect(gw.ws_url("cp-lapse"), "cp-lapse", "ocpp2.0.1")
+        station = Station201("cp-lapse", ws)
+        loop = asyncio.create_task(station.start())
+        await station.boot()
+        await station.start_transaction(1, "lapse-1")
+        await until(lambda: station.tx_a.get("lapse-1") == 32.0, 10, "the station told 32 A")
+        assert await asyncio.to_thread(active_ids) == [first_id]
+        # The gateway stops answering for longer than a lease: no renewal reaches the substation.
+        os.kill(gw.process.pid, signal.SIGSTOP)
+        try:
+            await until(lambda: session_at(sub, first_id).get("end_reason") == "lease_expired", 15, "lapsed")
+        finally:
+            os.kill(gw.process.pid, signal.SIGCONT)
+        # The vehicle still charges: it is counted again, under the transaction's next session id.
+        await until(lambda: active_ids() == [second_id], 15, "the session created again")
+        again = await session_of(sub, second_id)
+        assert again["vehicle_id"] == "TAG1" and again["amount"] == pytest.approx(22.08)
+        assert again["allocated_kw"] == pytest.approx(22.08)
+        await until(lambda: station.tx_a.get("lapse-1") == 32.0, 15, "its profile follows the new session")
+        view = (await asyncio.to_thread(gw.stations))["cp-lapse"]["transactions"]
+        assert [t["session_id"] for t in view] == [second_id]
+        loop.cancel()
+        await ws.close()
+
+    asyncio.run(scenario())
+    assert gw.log_text().count("asking for it again as session " + second_id) == 1
+    # The generation is durable: a restarted gateway goes on with the same session and asks for no other.
+    # The lease is held meanwhile as the gateway would hold it, so a slow restart does not lapse it too.
+    held = requests.post(f"{sub.url}/leases", json={"session_ids": [second_id], "lease_seconds": 120}, timeout=5)
+    assert held.status_code == 200 and held.json()["unknown"] == []
+    gw.kill()
+    gw.start()
+
+    def seen_after_restart() -> bool:
+        view = gw.stations()["cp-lapse"]["transactions"]
+        return [(t["session_id"], t["allocated_kw"]) for t in view] == [(second_id, pytest.approx(22.08))]
+
+    asyncio.run(until(seen_after_restart, 15, "the restarted gateway sees its session's allocation"))
+    assert active_ids() == [second_id]
+    assert "had ended session" not in gw.log_text().split("resumed 1 transactions")[-1]
+    third = requests.get(f"{sub.url}/charge/{session_id_for('cp-lapse', 'lapse-1', 2)}", timeout=5)
+    assert third.status_code == 404
+
+    async def stop() -> None:
+        ws = await connect(gw.ws_url("cp-lapse"), "cp-lapse", "ocpp2.0.1")
+        station = Station201("cp-lapse", ws)
+        loop = asyncio.create_task(station.start())
+        station.running[1] = "lapse-1"
+        await station.stop_transaction(1)
+        await until(lambda: session_at(sub, second_id).get("end_reason") == "stopped", 10, "its session stopped")
+        loop.cancel()
+        await ws.close()
+
+    asyncio.run(stop())
+    assert active_ids() == []
 
 
 def test_a_killed_gateway_loses_no_transaction_and_counts_none_twice(tmp_path: Path, services: list) -> None:

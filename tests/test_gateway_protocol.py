@@ -47,9 +47,12 @@ def test_boot_heartbeat_authorize_and_fallback_profile_on_1_6(gateway: Gateway) 
             loop = asyncio.create_task(station.start())
             boot = await station.boot()
             assert boot.status == "Accepted" and boot.interval > 0
-            # The conservative default every station gets at boot: 6 A per phase, phases explicit.
-            await asyncio.wait_for(_until(lambda: station.default_a is not None), 10)
-            assert station.default_a == 6.0
+            # What every station gets at boot, phases explicit: a TxDefaultProfile of 0 A (a new transaction
+            # waits for its own profile) and a cap on the whole station at its registered maximum.
+            await asyncio.wait_for(_until(lambda: station.station_cap_a is not None), 10)
+            assert station.default_a == 0.0 and station.station_cap_a == 32.0
+            assert [purpose for _, purpose, _ in station.profiles_received] == [
+                "TxDefaultProfile", "ChargePointMaxProfile"]
             from ocpp.v16 import call as call16
             assert (await station.call(call16.Heartbeat())).current_time
             assert (await station.call(call16.Authorize(id_tag="TAG1"))).id_tag_info["status"] == "Accepted"
@@ -70,8 +73,10 @@ def test_boot_heartbeat_authorize_and_fallback_profile_on_2_0_1(gateway: Gateway
             station = Station201("cp201", ws)
             loop = asyncio.create_task(station.start())
             assert (await station.boot()).status == "Accepted"
-            await asyncio.wait_for(_until(lambda: station.default_a is not None), 10)
-            assert station.default_a == 6.0
+            await asyncio.wait_for(_until(lambda: station.station_cap_a is not None), 10)
+            assert station.default_a == 0.0 and station.station_cap_a == 32.0
+            assert [purpose for _, purpose, _ in station.profiles_received] == [
+                "TxDefaultProfile", "ChargingStationMaxProfile"]
             from ocpp.v201 import call as call201
             assert (await station.call(call201.Heartbeat())).current_time
             token = await station.call(call201.Authorize(id_token={"id_token": "TAG1", "type": "ISO14443"}))
@@ -82,6 +87,57 @@ def test_boot_heartbeat_authorize_and_fallback_profile_on_2_0_1(gateway: Gateway
 
     asyncio.run(scenario())
     assert gateway.stations()["cp201"]["protocol"] == "ocpp2.0.1"
+
+
+def test_a_fallback_answered_with_a_call_error_is_counted_and_reconciliation_still_runs(gateway: Gateway) -> None:
+    def fallback_refusals() -> float:
+        page = requests.get(f"{gateway.http}/metrics", timeout=5).text
+        return metric_sum(page, "gateway_profiles_rejected_total", kind="fallback")
+
+    before = fallback_refusals()
+
+    async def scenario() -> None:
+        async with await connect(gateway.ws_url("other"), "other", "ocpp2.0.1") as ws:
+            station = Station201("other", ws)
+            station.fallback_call_error = True
+            loop = asyncio.create_task(station.start())
+            await station.start_transaction(1, "gone-1", id_token="TAG1")
+            assert [t["transaction_id"] for t in gateway.stations()["other"]["transactions"]] == ["gone-1"]
+            # The station restarts and has lost the transaction; at boot it answers the TxDefaultProfile with
+            # a CALLERROR. The gateway still asks it about the transaction (GetTransactionStatus) and ends it.
+            station.running.clear()
+            assert (await station.boot()).status == "Accepted"
+            await asyncio.wait_for(_until(lambda: not gateway.stations()["other"]["transactions"]), 10)
+            assert [purpose for _, purpose, _ in station.profiles_received] == ["TxDefaultProfile"]
+            loop.cancel()
+
+    asyncio.run(scenario())
+    assert fallback_refusals() == before + 1
+    page = requests.get(f"{gateway.http}/metrics", timeout=5).text
+    assert metric_sum(page, "gateway_ocpp_messages_total", action="SetChargingProfile", result="error") >= 1
+    assert "station other refused the fallback profiles (it answered NotSupportedError" in gateway.log_text()
+    assert "no longer runs transaction gone-1" in gateway.log_text()
+
+
+def test_the_fallback_settings_reach_the_station_capped_at_its_maximum(tmp_path: Path) -> None:
+    gw = Gateway(tmp_path / "fallback", env={"FALLBACK_CURRENT_A": "6", "STATION_MAX_CURRENT_A": "16"}).start()
+    try:
+        gw.register("big", NOWHERE, max_current_a=32)
+        gw.register("small", NOWHERE, max_current_a=10)
+
+        async def boot(name: str) -> tuple[float | None, float | None]:
+            async with await connect(gw.ws_url(name), name, "ocpp1.6") as ws:
+                station = Station16(name, ws)
+                loop = asyncio.create_task(station.start())
+                await station.boot()
+                await asyncio.wait_for(_until(lambda: station.station_cap_a is not None), 10)
+                loop.cancel()
+                return station.default_a, station.station_cap_a
+
+        assert asyncio.run(boot("big")) == (6.0, 16.0)
+        assert asyncio.run(boot("small")) == (6.0, 10.0)  # never above what it is registered for
+    finally:
+        gw.stop()
 
 
 def test_unknown_id_tags_start_no_transaction(gateway: Gateway) -> None:

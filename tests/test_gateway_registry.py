@@ -1,6 +1,8 @@
 """The gateway's plain modules: passwords, the station registry, transactions and their durable store."""
 from __future__ import annotations
 
+import json
+import random
 import sqlite3
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from charge_point_gateway.passwords import hash_password, password_problem, veri
 from charge_point_gateway.registry import StationSpecError, parse_deployment, parse_station, station_id_problem
 from charge_point_gateway.store import GatewayStore
 from charge_point_gateway.transactions import (
+    ActiveTransactions,
     Transaction,
     amps_to_kw,
     kw_to_amps,
@@ -60,6 +63,11 @@ def test_session_ids_are_deterministic_and_valid_at_the_substation() -> None:
     assert session_id_for("a-1", "2") != session_id_for("a", "1-2")
     assert vehicle_id_for("cp.1", 2, "TAG 1") == "cp_1-2" and vehicle_id_for("cp", 1, "TAG1") == "TAG1"
     assert VEHICLE_ID_PATTERN.fullmatch(vehicle_id_for("x" * 48, 32, None))
+    # A re-created session's id: deterministic per generation, valid, and never an earlier generation's.
+    generations = [session_id_for("cp-1", "42", n) for n in range(4)]
+    assert generations[0] == one and len(set(generations)) == 4
+    assert generations == [session_id_for("cp-1", "42", n) for n in range(4)]
+    assert all(SESSION_ID_PATTERN.fullmatch(g) for g in generations)
 
 
 def test_current_and_power_conversions_round_down_to_one_decimal() -> None:
@@ -121,3 +129,57 @@ def test_the_store_keeps_stations_and_transactions_through_a_reopen(tmp_path: Pa
     mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
     again.close()
+
+
+def test_the_substation_session_id_follows_the_generation_and_survives_a_reopen(tmp_path: Path) -> None:
+    transaction = _transaction(session_id=session_id_for("cp", "1"))
+    assert transaction.substation_session_id == transaction.session_id
+    transaction.generation = 2
+    assert transaction.substation_session_id == session_id_for("cp", "1", 2) != transaction.session_id
+    store = GatewayStore(tmp_path / "gateway.sqlite3")
+    store.save(transaction)
+    assert store.transaction(transaction.session_id).substation_session_id == session_id_for("cp", "1", 2)
+    # A record written before generations existed loads as generation 0.
+    record = json.loads(store._db.execute("SELECT record FROM transactions").fetchone()[0])
+    del record["generation"]
+    store._db.execute("UPDATE transactions SET record=?", (json.dumps(record),))
+    assert store.transaction(transaction.session_id).generation == 0
+    store.close()
+
+
+def test_active_transactions_stay_indexed_by_substation_station_and_connector() -> None:
+    rng = random.Random(5)
+    index = ActiveTransactions()
+    reference: dict[str, Transaction] = {}
+    last_on: dict[tuple[str, int], Transaction] = {}  # the connector index holds the latest one there, while it runs
+    urls, stations = ["http://a", "http://b", "http://c"], [f"cp-{n}" for n in range(6)]
+    for number in range(2000):
+        if reference and rng.random() < 0.45:
+            key = rng.choice(sorted(reference))
+            assert index.remove(key) is reference.pop(key)
+        else:
+            station = rng.choice(stations)
+            transaction = _transaction(session_id=f"s{number}", station_id=station, transaction_id=str(number),
+                                       connector=rng.randint(1, 2), substation_url=rng.choice(urls))
+            # A connector runs one transaction: a new one there replaces the old in the connector index only.
+            index.add(transaction)
+            reference[transaction.session_id] = transaction
+            last_on[(station, transaction.connector)] = transaction
+        assert len(index) == len(reference)
+        for url in urls:
+            assert {t.session_id for t in index.of_substation(url)} == {
+                k for k, t in reference.items() if t.substation_url == url}
+        for station in stations:
+            assert {t.session_id for t in index.of_station(station)} == {
+                k for k, t in reference.items() if t.station_id == station}
+            for connector in (1, 2):
+                latest = last_on.get((station, connector))
+                expected = latest if latest is not None and latest.session_id in reference else None
+                assert index.on_connector(station, connector) is expected
+    assert index.remove("no-such-key") is None
+    # Adding a transaction again (a restore) does not leave a stale copy in another index.
+    moved = _transaction(session_id="again", substation_url="http://a")
+    index.add(moved)
+    index.add(_transaction(session_id="again", substation_url="http://b"))
+    assert "again" not in {t.session_id for t in index.of_substation("http://a")}
+    assert "again" in {t.session_id for t in index.of_substation("http://b")}
