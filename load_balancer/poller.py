@@ -9,8 +9,9 @@ again moments after they answer, not a whole interval later.
 The refresh is single-flight and rate-limited: when a request finds no room in
 the view, the view may just be old (sessions ended since the last poll, or the
 balancer has only just started). One refresh serves every request waiting at
-that moment, and at most one runs per REFRESH_MIN_INTERVAL_SECONDS, so a burst
-of rejected requests cannot turn into a burst of polls.
+that moment, and at most one runs per REFRESH_MIN_INTERVAL_SECONDS while some
+substation is routable, so a burst of rejected requests cannot turn into a burst
+of polls of a working grid.
 
 A poll trusts nothing it reads: the whole of it (connecting, headers, body) ends
 within CONNECT_TIMEOUT_SECONDS + POLL_TIMEOUT_SECONDS however slowly the other
@@ -228,9 +229,11 @@ class Poller:
         """Bring the view up to date for a request that found no room in it.
 
         Joins a poll already under way instead of starting another; does nothing
-        when the last poll ended less than REFRESH_MIN_INTERVAL_SECONDS ago.
+        when the last poll ended less than REFRESH_MIN_INTERVAL_SECONDS ago, unless
+        that poll left no substation routable: then the grid may have come up since
+        (a balancer started before its substations), and a refused poll costs little.
         """
-        self._single_flight(rate_limited=True)
+        self._single_flight(rate_limited=self._any_routable())
 
     def _single_flight(self, rate_limited: bool) -> None:
         with self._cond:
@@ -270,9 +273,12 @@ class Poller:
 
     def _pause(self) -> float:
         """The time until the next round: shorter while no substation can be routed to."""
-        if any(substation.up for substation in self._view.snapshots()):
+        if self._any_routable():
             return self._interval
         return min(self._interval, UNROUTABLE_POLL_INTERVAL_SECONDS)
+
+    def _any_routable(self) -> bool:
+        return any(substation.up for substation in self._view.snapshots())
 
     def stop(self) -> None:
         self._stopped.set()

@@ -12,7 +12,7 @@ import pytest
 
 from gridcommon.httpclient import HttpClient
 from load_balancer.poller import SUBSTATION_QUERY, PollError, Poller, read_substation_metrics
-from load_balancer.view import GridView
+from load_balancer.view import GridView, Observation
 from substation_service import create_app as create_substation_app
 from substation_service.config import Settings as SubstationSettings
 from tests.harness import wait_for
@@ -263,6 +263,7 @@ def test_concurrent_refreshes_share_one_poll() -> None:
 def test_refreshes_are_rate_limited() -> None:
     clock = FakeClock()
     poller = CountingPoller(clock, min_interval=0.5)
+    poller._view.add_polled("http://s1", "s1", Observation(state_version=1, load_kw=0.0, capacity_kw=100.0))
     poller.release.set()
     poller.refresh()
     clock.now += 0.4
@@ -271,3 +272,16 @@ def test_refreshes_are_rate_limited() -> None:
     clock.now += 0.2
     poller.refresh()
     assert poller.rounds == 2
+
+
+def test_a_refresh_is_not_rate_limited_while_no_substation_is_routable() -> None:
+    # A balancer that started before its substations: its last round found none, but they may
+    # listen now, and a request that found nowhere to go must not be refused on that old round.
+    clock = FakeClock()
+    poller = CountingPoller(clock, min_interval=0.5)
+    poller.release.set()
+    poller.refresh()
+    clock.now += 0.1
+    poller.refresh()
+    assert poller.rounds == 2
+

@@ -61,11 +61,13 @@ CHARGE_API = "http://127.0.0.1:5000"
 PROMETHEUS = "http://127.0.0.1:9090"
 # Ports the services listen on inside the compose network, and must not be reached on from the host.
 INTERNAL_PORTS = {"load_balancer": 5002, "load_balancer_2": 5003, "substation_1": 5011, "substation_2": 5012,
-                  "substation_3": 5013}  # fmt: skip
+                  "substation_3": 5013, "charge_point_gateway": 9001}  # fmt: skip
+# Charging stations reach the gateway's OCPP port from outside.
+OCPP_PORT = 9000
 WITHOUT_GRAFANA = "containers/compose.without-grafana.yml"
 # Settings of the caller's shell that would change what the commands do.
 CALLER_SETTINGS = re.compile(r"^(COMPOSE_|DOCKER_|GRAFANA_ADMIN_PASSWORD$|LOG_LEVEL$|ADMIN_TOKEN$|ROUTING_POLICY$"
-                             r"|PEER_KEY$|MONITORING_BIND_ADDRESS$)")  # fmt: skip
+                             r"|PEER_KEY$|MONITORING_BIND_ADDRESS$|AUTHORIZE_ALL$|ID_TAGS$)")  # fmt: skip
 BUILD_AND_UP_TIMEOUT = 600
 COMMAND_TIMEOUT = 240
 HTTP_TIMEOUT = 10
@@ -258,7 +260,7 @@ def stack(engine: Engine, base_images: list[BaseImage], checkout: Path, summary:
     if not grafana:
         environment["COMPOSE_FILE"] = f"docker-compose.yml{os.pathsep}{WITHOUT_GRAFANA}"
         summary(f"Grafana is left out: its image cannot be had here and has no stand-in ({WITHOUT_GRAFANA})")
-    _ports_are_free(5000, 9090, *([3000] if grafana else []))
+    _ports_are_free(5000, OCPP_PORT, 9090, *([3000] if grafana else []))
     running = Stack(engine, project, checkout, environment, readme_commands(), engine.client(), summary, grafana)
     reporter = FailureReport(running)
     with driving_healthchecks(engine, project):
@@ -474,6 +476,17 @@ def test_the_charge_api_admits_on_its_published_port(stack: Stack):
     admitted = charge(f"EV-{uuid.uuid4().hex[:8]}", duration=30)
     assert admitted.status_code == 201, admitted.text
     assert admitted.json()["substation"] in {"substation-1", "substation-2", "substation-3"}
+
+
+def test_the_gateway_answers_stations_on_its_published_port(stack: Stack):
+    # An unregistered station is refused at the handshake: the gateway is up, reached from outside,
+    # and checks who connects before upgrading.
+    with socket.create_connection(("127.0.0.1", OCPP_PORT), timeout=HTTP_TIMEOUT) as conn:
+        conn.sendall(b"GET /UNKNOWN-STATION HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ocpp1.6\r\n\r\n")
+        status_line = conn.recv(4096).split(b"\r\n", 1)[0]
+    assert status_line.split()[1] == b"404", status_line
 
 
 def test_balancers_and_substations_publish_nothing(stack: Stack):
