@@ -8,6 +8,7 @@ operator's PUT and DELETE.) Errors are JSON of the project's shape
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from typing import Any
@@ -19,6 +20,9 @@ from charge_point_gateway.gateway import Gateway
 from charge_point_gateway.registry import StationSpecError, parse_station, station_id_problem
 
 MAX_BODY_BYTES = 16 * 1024
+# Registrations hashing a password at once, off the event loop: scrypt takes ~50 ms of a core each, and the
+# loop serving the stations needs the other core of a small machine.
+CONCURRENT_REGISTRATIONS = 1
 
 
 def _error(status: int, error: str, message: str, **extra: Any) -> web.Response:
@@ -27,6 +31,7 @@ def _error(status: int, error: str, message: str, **extra: Any) -> web.Response:
 
 def create_http_app(gateway: Gateway) -> web.Application:
     admin_token = gateway.settings.admin_token
+    hashing = asyncio.Semaphore(CONCURRENT_REGISTRATIONS)
 
     def operator_refusal(request: web.Request) -> web.Response | None:
         if not admin_token:
@@ -79,7 +84,8 @@ def create_http_app(gateway: Gateway) -> web.Application:
         except (ValueError, UnicodeDecodeError, RecursionError):
             return _error(400, "invalid_json", "The body must be a JSON object describing the station.")
         try:
-            station = parse_station(station_id, body)
+            async with hashing:
+                station = await asyncio.to_thread(parse_station, station_id, body)
         except StationSpecError as exc:
             return _error(400, "invalid_station", str(exc), field=exc.field)
         created = gateway.put_station(station)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import logging
+import os
+import secrets
 import ssl
 from collections import Counter
 from http import HTTPStatus
@@ -31,8 +34,9 @@ from charge_point_gateway.registry import Station, station_id_problem
 
 log = logging.getLogger("ocpp.server")
 SUBPROTOCOLS = ["ocpp2.0.1", "ocpp1.6"]
-# Password checks at once: scrypt takes ~50 ms and 16 MiB each, and the machine has few cores.
-CONCURRENT_PASSWORD_CHECKS = 2
+# Password checks at once: scrypt takes ~50 ms of a core and 16 MiB each; half the cores at most, so a storm
+# of handshakes always leaves the event loop serving the connected stations a core of its own.
+CONCURRENT_PASSWORD_CHECKS = max(1, (os.cpu_count() or 2) // 2)
 
 
 class OcppServer:
@@ -43,6 +47,16 @@ class OcppServer:
         self._per_address: Counter[str] = Counter()
         self._open = 0
         self._checks = asyncio.Semaphore(CONCURRENT_PASSWORD_CHECKS)
+        # One check at a time per client address, so the global queue holds at most one handshake per address:
+        # hundreds of handshakes from one address (a reconnect storm, a guesser) cannot make the stations of
+        # other addresses wait past the open timeout. An entry lives while its address has a handshake waiting.
+        self._address_checks: dict[str, asyncio.Lock] = {}
+        self._address_waiting: Counter[str] = Counter()
+        # Station id -> keyed digest of the password it last connected with (and of its stored hash, so a new
+        # password registered by the operator misses): a station reconnecting with the same password costs
+        # microseconds, not a scrypt. The key lives only in this process.
+        self._verified: dict[str, bytes] = {}
+        self._verified_key = secrets.token_bytes(32)
         self._server: Server | None = None
 
     async def start(self) -> Server:
@@ -114,13 +128,35 @@ class OcppServer:
         if username != station_id:
             return self._refuse(connection, HTTPStatus.FORBIDDEN, "wrong_username",
                                 "The Basic username must be the station id of the URL.")
-        async with self._checks:
-            valid = await asyncio.to_thread(verify_password, password, station.password_hash)
+        digest = hmac.new(self._verified_key, f"{station.password_hash}\0{password}".encode(), "sha256").digest()
+        valid = hmac.compare_digest(self._verified.get(station_id, b""), digest)
+        if not valid:
+            valid = await self._verify(address, password, station.password_hash)
+            if valid:
+                self._remember(station_id, digest)
         if not valid:
             return self._refuse(connection, HTTPStatus.UNAUTHORIZED, "wrong_password",
                                 f"Wrong password for station {station_id!r}.", challenge)
         self._stations[connection] = station
         return None
+
+    def _remember(self, station_id: str, digest: bytes) -> None:
+        if len(self._verified) >= len(self.gateway.stations):  # bounded: drop the stations deleted since
+            self._verified = {key: value for key, value in self._verified.items() if key in self.gateway.stations}
+        self._verified[station_id] = digest
+
+    async def _verify(self, address: str, password: str, password_hash: str) -> bool:
+        """scrypt off the event loop: at most ``CONCURRENT_PASSWORD_CHECKS`` at once, one per address."""
+        self._address_waiting[address] += 1
+        lock = self._address_checks.setdefault(address, asyncio.Lock())
+        try:
+            async with lock, self._checks:
+                return await asyncio.to_thread(verify_password, password, password_hash)
+        finally:
+            self._address_waiting[address] -= 1
+            if self._address_waiting[address] <= 0:
+                del self._address_waiting[address]
+                del self._address_checks[address]
 
     async def _handle(self, connection: ServerConnection) -> None:
         station = self._stations.get(connection)
