@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from benchmarks import endtoend
+from benchmarks import console, endtoend, energy, stations
 from load_balancer.policies import POLICY_NAMES, make_policy
 from load_balancer.view import GridView, Observation
 from substation_service.ledger import Ledger
@@ -106,13 +106,9 @@ def hop_overhead(log_dir: Path) -> None:
 
 
 def rss_kib(service: Service) -> int:
-    """Resident memory of the gunicorn master and its worker."""
-    assert service.process is not None
-    pids = [service.process.pid]
-    children = Path(f"/proc/{service.process.pid}/task/{service.process.pid}/children")
-    pids += [int(pid) for pid in children.read_text().split()]
+    """Resident memory of the service's processes: the edge and gunicorn, masters and workers."""
     total = 0
-    for pid in pids:
+    for pid in endtoend.process_ids(service):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
@@ -185,6 +181,7 @@ def main() -> None:
     print("# Smart Grid Load Balancer benchmarks (ratios within this run)")
     admission_cost()
     routing_cost()
+    energy.main()
     with tempfile.TemporaryDirectory(prefix="sglb-bench-") as tmp:
         hop_overhead(Path(tmp))
         durable_state(Path(tmp))
@@ -193,6 +190,8 @@ def main() -> None:
         endtoend.frozen_substation(Path(tmp), hedging=True)
         endtoend.frozen_substation(Path(tmp), hedging=False)
         endtoend.memory_growth(Path(tmp))
+        stations.stations_at_scale(Path(tmp))
+        console.live_stream_cost(Path(tmp))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """End to end: the whole public path against a trivial three-hop chain, in one run.
 
-Both are real gunicorn processes with the services' settings, loaded by the same
-closed loop (``benchmarks.closedloop``). The stack runs as deployed: each service behind
-its edge (nginx, gridcommon.edge), live allocation, durable state in SQLite, operator
-tokens, signed peer balancing. The chain is gunicorn alone, as the services were served
-before they had an edge: the fixed yardstick.
+Both are real server processes, one worker with 16 threads each, loaded by the same closed
+loop (``benchmarks.closedloop``). The stack runs as deployed: each service granian behind its
+edge (nginx, gridcommon.edge), live allocation, durable state in SQLite, operator tokens,
+signed peer balancing. The chain is gunicorn alone, as the services were served before they
+had an edge: the fixed yardstick.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ REPEATS = 3
 
 
 def process_ids(service: Service) -> list[int]:
-    """The service's process and all its descendants: the edge and gunicorn, their masters and workers."""
+    """The service's process and all its descendants: the edge and its server, their masters and workers."""
     assert service.process is not None
     found, pending = [], [service.process.pid]
     while pending:
@@ -37,16 +37,21 @@ def process_ids(service: Service) -> list[int]:
     return found
 
 
-def gunicorn_worker(service: Service) -> int:
-    """The gunicorn worker, where the service's own code runs: a gunicorn process whose parent is gunicorn too."""
+# The servers that run the services' code in a worker process their own main process started.
+SERVERS = (b"granian", b"gunicorn")
+
+
+def app_worker(service: Service) -> int:
+    """The worker where the service's own code runs: a granian (or, in the chain, gunicorn) process
+    whose parent is one too."""
     def command(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
 
     for pid in process_ids(service):
         parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        if b"gunicorn" in command(pid) and b"gunicorn" in command(parent):
+        if any(server in command(pid) and server in command(parent) for server in SERVERS):
             return pid
-    raise RuntimeError(f"{service.name}: no gunicorn worker among its processes")
+    raise RuntimeError(f"{service.name}: no granian or gunicorn worker among its processes")
 
 
 def cpu_seconds(service: Service) -> float:

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks.closedloop import closed_loop
-from benchmarks.endtoend import cpu_seconds, gunicorn_worker, start_deployed_stack
+from benchmarks.endtoend import app_worker, cpu_seconds, start_deployed_stack
 
 # Frames of the services and of the libraries they call on the hot path; the rest is the server's loop.
 SHOWN = re.compile(r"\((charge_request_service|load_balancer|substation_service|gridcommon|flask_limiter|limits"
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
             samplers = [
                 subprocess.Popen(
-                    ["py-spy", "record", "--pid", str(gunicorn_worker(service)), "--duration", str(int(options.seconds)),
+                    ["py-spy", "record", "--pid", str(app_worker(service)), "--duration", str(int(options.seconds)),
                      "--rate", "250", "--gil", "--format", "raw", "--output", str(options.output / f"{service.name}.folded")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )

@@ -1,10 +1,11 @@
-"""The edge every service is served behind: nginx, buffering whole requests in front of gunicorn.
+"""The edge every service is served behind: nginx, buffering whole requests in front of granian.
 
-gunicorn's threads read requests themselves, so a client that connects and sends nothing, or
-sends its headers or body a byte at a time, holds one of the 16 threads for as long as it
+A server whose threads read requests themselves lets a client that connects and sends nothing,
+or sends its headers or body a byte at a time, hold one of the 16 threads for as long as it
 likes: a few hundred of them take a service off the network. nginx reads every request on
 its event loop instead, where a slow or idle client costs a socket and a few KiB, and hands
-gunicorn a request only once it has fully arrived, over a Unix socket only it can reach.
+granian (gridcommon.serve) a request only once it has fully arrived, over a Unix socket only
+it can reach. granian has no body timeout and no caps per address: the edge's are the ones.
 
 Settings (environment, read once at start; every service and port the same):
 
@@ -21,7 +22,8 @@ Settings (environment, read once at start; every service and port the same):
 | `EDGE_RUN_DIR`                    | system temp | Where each service's edge keeps its generated nginx.conf, pid file and upstream socket (a fresh folder per start) |
 | `EDGE_NGINX`                      | `nginx` | The nginx program (Debian's `nginx-light` has every module used)         |
 
-Past the edge gunicorn still refuses more than 100 headers, or one over 8190 bytes, with 431.
+Past the edge granian refuses more than 100 headers with 431 (nginx cannot count them); the edge
+answers that refusal with its own JSON 431.
 """
 from __future__ import annotations
 
@@ -33,13 +35,21 @@ from pathlib import Path
 
 from gridcommon.settings import env_float, env_int, env_str
 
-# gunicorn behind the edge: its keep-alive (gridcommon.gunicorn_conf, 15 s) must outlast the
-# edge's idle upstream connections, or the edge could reuse one gunicorn is closing.
+# granian closes a connection idle for 30 s (its HTTP/1 header read timeout, which also counts
+# between kept-alive requests): the edge's idle upstream connections must close before, or the
+# edge could reuse one granian is closing.
 UPSTREAM_KEEPALIVE_SECONDS = 10
-# Idle connections the edge keeps to gunicorn: more than its 16 threads, so a burst never waits on a connect.
+# Idle connections the edge keeps to granian: more than its 16 threads, so a burst never waits on a connect.
 UPSTREAM_IDLE_CONNECTIONS = 32
-# Longest the edge waits for gunicorn's answer: gunicorn's own worker timeout (30 s) kills a stuck worker first.
+# Longest the edge waits for granian's answer: past the longest any service takes on purpose (a long
+# poll waits under 30 s); then the client gets a 503.
 UPSTREAM_READ_TIMEOUT_SECONDS = 35
+# The status the per-address and overall caps refuse with inside nginx: one no service ever answers,
+# so that it can be told apart from a service's own 429 (see _proxy_directives); the client gets 429.
+LIMIT_STATUS = 529
+# Refusals met while a request is passed on, so answered in its location (see _proxy_directives):
+# nginx's own (the caps, a body too large, granian too slow) and granian's 431.
+UPSTREAM_PHASE = (413, 431, LIMIT_STATUS, 504)
 # Requests on one kept-alive client connection before the edge closes it (see render_nginx_conf).
 KEEPALIVE_REQUESTS = 1_000_000
 # How long a stopping edge lets requests in flight finish before it closes them.
@@ -90,11 +100,13 @@ REFUSALS: dict[int, tuple[int, str, str]] = {
     # nginx's own code for a request head over its buffers; the client gets 431.
     494: (431, "request_header_fields_too_large", "A request header is too large, or there are too many of them: "
                                                   "keep each header under 8 KiB."),
-    429: (429, "too_many_connections", "Too many requests are open at once, from your address or in all. "
+    # granian's, for more than 100 headers: it answers them with an empty body.
+    431: (431, "request_header_fields_too_large", "A request header is too large, or there are too many of them: "
+                                                  "keep each header under 8 KiB and send at most 100."),
+    LIMIT_STATUS: (429, "too_many_connections", "Too many requests are open at once, from your address or in all. "
                                        "Finish or close the ones you have, then retry in a moment."),
     501: (501, "not_implemented", "The request's Transfer-Encoding is not supported; send the body with a "
                                   "Content-Length instead."),
-    502: (503, "service_unavailable", "The service is starting or restarting and cannot answer yet; retry in a moment."),
     504: (503, "service_unavailable", "The service did not answer in time; retry in a moment."),
 }
 
@@ -104,25 +116,35 @@ def _quoted(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _error_pages(statuses: object, indent: str) -> str:
+    return "\n".join(f"{indent}error_page {status} ={REFUSALS[status][0]} /.edge/refused/{status};"
+                     for status in statuses)
+
+
 def _refusal_blocks() -> tuple[str, str]:
-    """The ``error_page`` lines and the internal locations that answer them.
+    """The server's ``error_page`` lines (refusals of a request's head) and the internal locations
+    that answer every refusal.
 
     By URI, not a named location: a refusal of the request line itself (414, some 400s) has no
     URI yet, and nginx cannot redirect such a request to a named location.
     """
-    pages, locations = [], []
+    pages = _error_pages((status for status in REFUSALS if status not in UPSTREAM_PHASE), "        ")
+    locations = []
     for status, (answered, error, message) in REFUSALS.items():
-        pages.append(f"        error_page {status} ={answered} /.edge/refused/{status};")
         body = json.dumps({"error": error, "message": message})
-        retry = "            add_header Retry-After 1 always;\n" if answered in (429, 503) else ""
+        headers = "            add_header Retry-After 1 always;\n" if answered in (429, 503) else ""
+        if status == 413:
+            # The service's own 413, intercepted (see _proxy_directives), keeps its request id; nginx's
+            # own has none, and nginx adds no header whose value is empty.
+            headers += "            add_header X-Request-ID $upstream_http_x_request_id always;\n"
         locations.append(
             f"        location = /.edge/refused/{status} {{\n"
             f"            internal;\n"
-            f"            default_type application/json;\n{retry}"
+            f"            default_type application/json;\n{headers}"
             f"            return {answered} {_quoted(body)};\n"
             f"        }}"
         )
-    return "\n".join(pages), "\n".join(locations)
+    return pages, "\n".join(locations)
 
 
 def _seconds(value: float) -> str:
@@ -130,8 +152,17 @@ def _seconds(value: float) -> str:
 
 
 def _proxy_directives() -> str:
-    """How a location hands its requests to gunicorn."""
+    """How a location hands its requests to granian.
+
+    granian answers more than 100 headers with an empty 431; to answer it as JSON the edge must
+    intercept upstream errors, and it intercepts every status its location has an ``error_page``
+    for. So the location lists only statuses no service answers itself (431, 504 and the caps'
+    LIMIT_STATUS) and 413, whose answer is the services' own word for word. A location with pages
+    of its own inherits none of the server's, so nginx's refusals here are listed here too.
+    """
     return f"""            proxy_pass http://service;
+            proxy_intercept_errors on;
+{_error_pages(UPSTREAM_PHASE, "            ")}
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $http_host;
@@ -143,16 +174,19 @@ def _proxy_directives() -> str:
             proxy_connect_timeout 2s;
             proxy_send_timeout 10s;
             proxy_read_timeout {UPSTREAM_READ_TIMEOUT_SECONDS}s;
-            # Tried again only when the connection fails (an idle kept-alive one gunicorn just closed),
+            # Tried again only when the connection fails (an idle kept-alive one granian just closed),
             # and never a POST that was sent: a charge request is not idempotent.
             proxy_next_upstream error;
             proxy_next_upstream_tries 2;
-            proxy_intercept_errors off;
+            # A request passed on runs to its end even if its client has gone: granian drops a request
+            # whose connection closes before its app has started, so a charge request a caller gave up on
+            # would be admitted or not by chance. Admitted, the balancer frees it as a lost answer.
+            proxy_ignore_client_abort on;
 """
 
 
 def render_nginx_conf(settings: EdgeSettings, run_dir: Path, upstream_socket: Path, user: str | None) -> str:
-    """nginx.conf for one service: ``settings.host:port`` in front of gunicorn on ``upstream_socket``.
+    """nginx.conf for one service: ``settings.host:port`` in front of granian on ``upstream_socket``.
 
     ``user`` is for nginx started as root, which would otherwise run its worker as nobody, who
     cannot reach the upstream socket; anyone else runs it as themselves.
@@ -189,14 +223,14 @@ http {{
     client_body_timeout {_seconds(settings.body_timeout_seconds)};
     keepalive_timeout {_seconds(settings.keepalive_timeout_seconds)};
     # nginx's default closes a kept-alive connection after 1,000 requests: a caller that had already
-    # sent its next request on it sees that one fail. gunicorn alone never closed one.
+    # sent its next request on it sees that one fail. The services never close one themselves.
     keepalive_requests {KEEPALIVE_REQUESTS};
     send_timeout 10s;
     # A timed-out client is cut with a reset, not a 408 (nginx sends none): its socket's buffers go at once.
     reset_timedout_connection on;
     client_header_buffer_size 1k;
     large_client_header_buffers 4 {settings.max_header_bytes};
-    # Bodies are read whole into memory before gunicorn sees them, never into a file.
+    # Bodies are read whole into memory before granian sees them, never into a file.
     client_max_body_size {settings.max_body_bytes};
     client_body_buffer_size {settings.max_body_bytes};
     client_body_in_single_buffer on;
@@ -204,7 +238,7 @@ http {{
     limit_conn_zone $binary_remote_addr zone=per_client:4m;
     map $server_port $edge_all {{ default all; }}
     limit_conn_zone $edge_all zone=all_clients:64k;
-    limit_conn_status 429;
+    limit_conn_status {LIMIT_STATUS};
     limit_conn_log_level warn;
 
     upstream service {{
@@ -237,7 +271,7 @@ http {{
 
 
 def upstream_socket_path(run_dir: Path) -> Path:
-    return run_dir / "gunicorn.sock"
+    return run_dir / "granian.sock"
 
 
 def edge_user() -> str | None:

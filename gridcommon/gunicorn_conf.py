@@ -1,33 +1,22 @@
-"""gunicorn settings shared by every service, in compose and in local mode.
+"""gunicorn alone on HOST:PORT: how the services were served before they had an edge.
 
-One worker process with threads: each service keeps its state (sessions, the
-balancer's view of the grid, the peer-balancing state machine) in memory, so a
-single process makes admission atomic under one lock and keeps the Prometheus
-metrics exact without multiprocess mode. Threads give the concurrency.
-
-Every service runs behind its edge (``python -m gridcommon.serve``, see gridcommon.edge),
-which hands it a listening Unix socket (its descriptor in EDGE_UPSTREAM_FD) that only the edge
-reaches: gunicorn then takes only requests that have fully arrived. Without it gunicorn listens
-on HOST:PORT itself, as the benchmarks' trivial reference chain does.
+The services are served by granian behind nginx (``python -m gridcommon.serve``). These
+settings stay for the benchmarks' trivial reference chain, the fixed yardstick the whole path
+is measured against, and for tests of an app with no edge in front of it. One worker process
+with threads, as gridcommon.serve runs granian: the services keep their state in memory.
 """
 import os
 
 from gridcommon.settings import env_int, env_log_level, env_str
 
-_upstream_fd = env_str(os.environ, "EDGE_UPSTREAM_FD", "")
-bind = (
-    f"fd://{int(_upstream_fd)}"
-    if _upstream_fd
-    else f"{env_str(os.environ, 'HOST', '0.0.0.0')}:{env_int(os.environ, 'PORT', 8000, minimum=1, maximum=65535)}"
-)
+bind = f"{env_str(os.environ, 'HOST', '0.0.0.0')}:{env_int(os.environ, 'PORT', 8000, minimum=1, maximum=65535)}"
 workers = 1
 worker_class = "gthread"
 threads = env_int(os.environ, "THREADS", 16, minimum=1, maximum=256)
 timeout = 30
 graceful_timeout = 5
 # Longer than the balancer's and Prometheus's 5 s polls: a connection closed just as the next
-# poll reuses it would read as a failed poll and mark a healthy substation down. Behind the
-# edge, longer than the edge's own idle upstream connections (gridcommon.edge), for the same reason.
+# poll reuses it would read as a failed poll and mark a healthy substation down.
 keepalive = 15
 # The services write their own access line with the request id; gunicorn's would repeat it.
 accesslog = None

@@ -1,4 +1,4 @@
-"""Start the real services on free 127.0.0.1 ports, as they are deployed: gunicorn behind its edge.
+"""Start the real services on free 127.0.0.1 ports, as they are deployed: granian behind its edge.
 
 Tests never use the ports of ``make run``, so both can run at once.
 """
@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 OPERATOR_TOKEN = "test-operator-token"
 OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
 GUNICORN_CONF = "python:gridcommon.gunicorn_conf"
-# How every service is deployed (Procfile, Dockerfiles): gunicorn behind nginx (gridcommon.edge).
+# How every service is deployed (Procfile, Dockerfiles): granian behind nginx (gridcommon.edge).
 SERVE = "gridcommon.serve"
 
 
@@ -90,7 +90,7 @@ def logged_within(service: "Service", text: str, timeout: float = 5.0) -> bool:
 
 @dataclass
 class Service:
-    """One service process; ``app`` is gunicorn's ``module:create_app()`` target.
+    """One service process; ``app`` is its ``module:create_app()`` target.
 
     It runs behind its edge (``python -m gridcommon.serve``) as deployed; ``edge=False`` runs
     gunicorn alone on the port, as the benchmarks' reference chain does.
