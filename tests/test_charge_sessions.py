@@ -252,6 +252,9 @@ def test_settings_defaults_are_the_documented_ones():
         "state_dir": "",
         "state_full_sync": False,
         "reconcile_seconds": 30.0,
+        "gateway_url": "",
+        "prometheus_url": "",
+        "console_max_streams": 4,
         "log_level": "info",
         "log_sampling": {"burst_per_second": 20, "every": 100},
     }
