@@ -18,8 +18,8 @@
 | `STATE_DIR`               | (empty)                 | Folder of the durable records (`charge_request_service.sqlite3`): sessions, queue, idempotency answers; empty keeps them in memory |
 | `STATE_SYNC`              | `normal`                | `normal` survives a killed process; `full` also a power cut   |
 | `RECONCILE_SECONDS`       | `30`                    | How often sessions are checked against the substations (and at start) |
-| `GATEWAY_URL`             | (empty)                 | Base URL of the OCPP gateway's HTTP port; the console's stations panel reads its `GET /stations` (empty: no panel data) |
-| `PROMETHEUS_URL`          | (empty)                 | Base URL of a Prometheus; the console shows its recent alerts (empty: none shown) |
+| `GATEWAY_URL`             | (empty)                 | Base URL of the OCPP gateway's HTTP port; the console's stations panel reads its `GET /stations` (empty: no panel data); one URL, a comma list is refused |
+| `PROMETHEUS_URL`          | (empty)                 | Base URL of a Prometheus; the console shows its recent alerts (empty: none shown); one URL, a comma list is refused |
 | `CONSOLE_MAX_STREAMS`     | `4`                     | Consoles that may follow the live stream at once: each holds a server thread; past it, 503 |
 | `LOG_LEVEL`               | `info`                  | Python log level, shared with gunicorn                        |
 | `ACCESS_LOG_BURST`        | `20`                    | Requests a second whose log lines are all written             |
@@ -104,8 +104,8 @@ class Settings:
             state_dir=env_str(env, "STATE_DIR", ""),
             state_full_sync=env_choice(env, "STATE_SYNC", "normal", ("normal", "full")) == "full",
             reconcile_seconds=env_float(env, "RECONCILE_SECONDS", cls.reconcile_seconds, minimum=0.1),
-            gateway_url=",".join(env_base_urls(env, "GATEWAY_URL", "http://127.0.0.1:8081")[:1]),
-            prometheus_url=",".join(env_base_urls(env, "PROMETHEUS_URL", "http://127.0.0.1:9090")[:1]),
+            gateway_url=_one_base_url(env, "GATEWAY_URL", "http://127.0.0.1:9001"),
+            prometheus_url=_one_base_url(env, "PROMETHEUS_URL", "http://127.0.0.1:9090"),
             # Below gunicorn's 16 threads: streams must leave most of them to the charge API.
             console_max_streams=env_int(env, "CONSOLE_MAX_STREAMS", cls.console_max_streams, minimum=0, maximum=8),
             log_level=env_log_level(env),
@@ -115,6 +115,14 @@ class Settings:
 
 def _timeout(env: Mapping[str, str], name: str, default: float) -> float:
     return env_float(env, name, default, minimum=0.01, maximum=300)
+
+
+def _one_base_url(env: Mapping[str, str], name: str, example: str) -> str:
+    """One base URL, or empty when unset or empty; a list is refused rather than cut to its first."""
+    urls = env_base_urls(env, name, example)
+    if len(urls) > 1:
+        raise SettingsError(f"{name} takes one base URL such as {example}; got {len(urls)} ({env[name]!r})")
+    return urls[0] if urls else ""
 
 
 def _rate_limit(env: Mapping[str, str], name: str, default: str) -> str:

@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import playwright.sync_api as playwright_api
 import pytest
 import requests
 from PIL import Image
 
 from tests.harness import OPERATOR, OPERATOR_TOKEN, REPO_ROOT, Service, all_at_once, start_all, stop_all, wait_for
-
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is installed by `make install-test`")
+from tests.test_console import form_token
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +137,10 @@ def test_without_login_nothing_is_shown_and_no_data_endpoint_answers(browser: An
         assert answer.json()["error"] == "console_login_required"
     # The operator token itself is no console login: only the cookie of one is.
     assert requests.get(f"{base}/console/snapshot", headers=OPERATOR, timeout=5).status_code == 401
-    wrong = requests.post(f"{base}/console/login", data={"token": "not-the-token"}, timeout=5, allow_redirects=False)
+    client = requests.Session()
+    csrf_token = form_token(client.get(f"{base}/console/", timeout=5).text)
+    wrong = client.post(f"{base}/console/login", data={"token": "not-the-token", "csrf_token": csrf_token}, timeout=5,
+                        allow_redirects=False)
     assert wrong.status_code == 401 and "console_login" not in wrong.headers.get("Set-Cookie", "")
 
 

@@ -16,6 +16,7 @@ from charge_request_service.console.feed import Feed
 from charge_request_service.console.grid import GridReader, Sources
 from charge_request_service.console.logins import Logins
 from charge_request_service.console.routes import EXTENSION_KEY, ConsoleState, console
+from charge_request_service.console.throttle import LoginThrottle
 from gridcommon.httpclient import HttpClient
 from gridcommon.web import install_common
 
@@ -45,7 +46,8 @@ def install_console(app: Flask, settings: Settings, queue_length: Callable[[], i
     console_app = Flask(__name__)
     install_common(console_app)
     console_app.extensions[EXTENSION_KEY] = ConsoleState(
-        reader, Logins(MAX_LOGINS, LOGIN_SECONDS, LOGIN_IDLE_SECONDS), feed, actions, settings.admin_token
+        reader, Logins(MAX_LOGINS, LOGIN_SECONDS, LOGIN_IDLE_SECONDS), feed, actions, settings.admin_token,
+        LoginThrottle(settings.rate_limit_storage_uri),
     )
     console_app.register_blueprint(console)
     app.wsgi_app = Mounted(app.wsgi_app, console_app.wsgi_app)  # type: ignore[method-assign]

@@ -2,10 +2,12 @@
 
 The browser holds only the id (in an HttpOnly cookie); the operator token it was
 exchanged for never leaves the server again. Each login has its own CSRF token,
-which the page sends back in a header with every action.
+which the page sends back in a header with every action. The login form has one too
+(``FormTokens``), so no other site can log a browser in to a console of its choosing.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 import threading
@@ -71,3 +73,28 @@ class Logins:
 
 def csrf_matches(login: Login, given: str | None) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), login.csrf_token.encode())
+
+
+class FormTokens:
+    """Signed double-submit tokens of the login form: a random nonce in a cookie, its HMAC in the form.
+
+    Another site can neither read the form's field nor, without this process's secret, make one
+    that matches a cookie it managed to plant. The secret is new at every start (one process
+    serves the console), which only makes forms opened before a restart stale.
+    """
+
+    def __init__(self) -> None:
+        self._secret = secrets.token_bytes(32)
+
+    def issue(self) -> tuple[str, str]:
+        """A new nonce (for the cookie) and the form token that goes with it."""
+        nonce = secrets.token_urlsafe(32)
+        return nonce, self._sign(nonce)
+
+    def matches(self, nonce: str | None, given: str | None) -> bool:
+        if not nonce or not given:
+            return False
+        return hmac.compare_digest(given.encode(), self._sign(nonce).encode())
+
+    def _sign(self, nonce: str) -> str:
+        return hmac.new(self._secret, nonce.encode(), hashlib.sha256).hexdigest()

@@ -15,7 +15,8 @@ from flask import Blueprint, Response, current_app, redirect, render_template, r
 
 from charge_request_service.console.feed import Feed, StreamsFull
 from charge_request_service.console.grid import GridReader
-from charge_request_service.console.logins import Login, Logins, csrf_matches
+from charge_request_service.console.logins import FormTokens, Login, Logins, csrf_matches
+from charge_request_service.console.throttle import LoginThrottle
 from gridcommon.auth import token_matches
 from gridcommon.httpclient import HttpClient
 from gridcommon.validation import SESSION_ID_PATTERN, finite_number
@@ -27,6 +28,8 @@ console = Blueprint("console", __name__, url_prefix="/console", template_folder=
 
 EXTENSION_KEY = "charge_request_service.console"
 COOKIE = "console_login"
+# The login form's half of its double-submit token; the other half is the form's hidden field.
+FORM_COOKIE = "console_form"
 CSRF_HEADER = "X-CSRF-Token"
 # No inline script or style anywhere, no frame around the page, nothing from elsewhere.
 CONTENT_SECURITY_POLICY = (
@@ -40,9 +43,12 @@ RECONNECT_MILLISECONDS = 1000
 class ConsoleState:
     """What the console's endpoints share: the logins, the feed and the client its actions use."""
 
-    def __init__(self, reader: GridReader, logins: Logins, feed: Feed, http: HttpClient, admin_token: str) -> None:
+    def __init__(self, reader: GridReader, logins: Logins, feed: Feed, http: HttpClient, admin_token: str,
+                 throttle: LoginThrottle) -> None:
         self.reader = reader
         self.logins = logins
+        self.form_tokens = FormTokens()
+        self.throttle = throttle
         self.feed = feed
         self.http = http
         self.admin_token = admin_token
@@ -92,9 +98,30 @@ def page() -> Response | str:
 
 
 def login_form(problem: str | None = None, status: int = 200) -> Response:
-    disabled = not state().admin_token
-    body = render_template("console/login.html", problem=problem, disabled=disabled)
-    return Response(body, status=403 if disabled else status, mimetype="text/html")
+    """The form, with a fresh CSRF token in its hidden field and the matching nonce in a cookie."""
+    current = state()
+    disabled = not current.admin_token
+    nonce, form_token = current.form_tokens.issue()
+    body = render_template("console/login.html", problem=problem, disabled=disabled, csrf_token=form_token)
+    response = Response(body, status=403 if disabled else status, mimetype="text/html")
+    if not disabled:
+        response.set_cookie(FORM_COOKIE, nonce, httponly=True, samesite="Strict", secure=request.is_secure,
+                            path="/console")
+    return response
+
+
+def login_refused(status: int, code: str, problem: str, retry_after: int | None = None) -> Response:
+    """The refusal as the login form (a browser's post) or as the usual JSON error (a client asking for JSON)."""
+    if request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json":
+        extra = {} if retry_after is None else {"retry_after_seconds": retry_after}
+        error = ApiError(status, code, problem, **extra)
+        if retry_after is not None:
+            error.with_header("Retry-After", str(retry_after))
+        raise error
+    response = login_form(problem, status=status)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 @console.post("/login")
@@ -102,13 +129,26 @@ def log_in() -> Response:
     current = state()
     if not current.admin_token:
         return login_form()
+    address = request.remote_addr or "(unknown)"
+    refusal = current.throttle.refusal(address)
+    if refusal is not None:
+        log.warning("console login refused from %s: %s", address, refusal.message)
+        return login_refused(429, "too_many_failed_logins", refusal.message, refusal.retry_after_seconds)
+    if not current.form_tokens.matches(request.cookies.get(FORM_COOKIE), request.form.get("csrf_token")):
+        log.warning("console login refused from %s: the form's CSRF token is missing or stale", address)
+        return login_refused(403, "csrf_token_mismatch",
+                             "This login form is stale or was not sent from this console. "
+                             "Log in again with the form now shown (reload /console).")
     given = request.form.get("token", "")
     if not token_matches(given, current.admin_token):
-        log.warning("console login refused from %s: wrong operator token", request.remote_addr)
-        return login_form("That is not the operator token. Check ADMIN_TOKEN and try again.", status=401)
+        current.throttle.failed(address)
+        log.warning("console login refused from %s: wrong operator token", address)
+        return login_refused(401, "wrong_operator_token",
+                             "That is not the operator token. Check ADMIN_TOKEN and try again.")
     login_id, _ = current.logins.open()
-    log.info("console login from %s", request.remote_addr)
+    log.info("console login from %s", address)
     response = redirect("/console/", code=303)
+    response.delete_cookie(FORM_COOKIE, path="/console", httponly=True, samesite="Strict", secure=request.is_secure)
     response.set_cookie(COOKIE, login_id, httponly=True, samesite="Strict", secure=request.is_secure,
                         path="/console", max_age=int(current.logins.lifetime_seconds))
     return response
