@@ -21,12 +21,12 @@
 | `GATEWAY_URL`             | (empty)                 | Base URL of the OCPP gateway's HTTP port; the console's stations panel reads its `GET /stations` (empty: no panel data); one URL, a comma list is refused |
 | `PROMETHEUS_URL`          | (empty)                 | Base URL of a Prometheus; the console shows its recent alerts (empty: none shown); one URL, a comma list is refused |
 | `CONSOLE_MAX_STREAMS`     | `4`                     | Consoles that may follow the live stream at once: each holds a server thread; past it, 503 |
-| `LOG_LEVEL`               | `info`                  | Python log level, shared with gunicorn                        |
+| `LOG_LEVEL`               | `info`                  | Python log level, shared with granian                         |
 | `ACCESS_LOG_BURST`        | `20`                    | Requests a second whose log lines are all written             |
 | `ACCESS_LOG_SAMPLE`       | `100`                   | Past the burst, one request in this many is logged (1: every one, 0: none); named, failed and slow requests always are |
 
 `HOST` and `PORT` are where the service listens, behind its edge (nginx): the edge's timeouts and caps
-(`EDGE_*`) are in gridcommon/edge.py, `THREADS` is gunicorn's (gridcommon/gunicorn_conf.py).
+(`EDGE_*`) are in gridcommon/edge.py, `THREADS` is granian's (gridcommon/serve.py).
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class Settings:
             reconcile_seconds=env_float(env, "RECONCILE_SECONDS", cls.reconcile_seconds, minimum=0.1),
             gateway_url=_one_base_url(env, "GATEWAY_URL", "http://127.0.0.1:9001"),
             prometheus_url=_one_base_url(env, "PROMETHEUS_URL", "http://127.0.0.1:9090"),
-            # Below gunicorn's 16 threads: streams must leave most of them to the charge API.
+            # Below granian's 16 threads (gridcommon/serve.py): streams must leave most of them to the charge API.
             console_max_streams=env_int(env, "CONSOLE_MAX_STREAMS", cls.console_max_streams, minimum=0, maximum=8),
             log_level=env_log_level(env),
             log_sampling=env_log_sampling(env),

@@ -151,15 +151,15 @@ def json_request(schema: Mapping[str, Any], description: str) -> Schema:
 
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
 SERVER_REFUSAL = (
-    "gunicorn refused the request before the service saw it, as HTTP it cannot parse (an empty or malformed "
+    "the edge or the server refused the request before the service saw it, as HTTP it cannot parse (an empty or malformed "
     "`Content-Length`, a control character in a header...): `bad_request`, without `X-Request-ID`."
 )
 
 
 def with_server_refusals(paths: Mapping[str, Any]) -> dict[str, Any]:
-    """``paths`` with gunicorn's own 400 ``bad_request`` added to every operation's 400.
+    """``paths`` with the edge's or the server's own 400 ``bad_request`` added to every operation's 400.
 
-    Any request can be malformed HTTP, whatever its endpoint; gunicorn answers it (as JSON, see
+    Any request can be malformed HTTP, whatever its endpoint; the edge or the server answers it (as JSON, see
     ``gridcommon.web.answer_server_refusals_as_json``) before the app, so without ``X-Request-ID``.
     Operations share response objects: every one gets a new 400.
     """
@@ -260,7 +260,7 @@ def common_components(operator_description: str) -> Schema:
                 "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
             },
             "X-Request-ID-Unless-Refused": {
-                "description": "The request's id, as on every answer, unless gunicorn refused the request as "
+                "description": "The request's id, as on every answer, unless the edge or the server refused the request as "
                 "malformed HTTP before the service saw it.",
                 "required": False,
                 "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
@@ -299,7 +299,7 @@ def info_description(summary: str) -> str:
         "Every answer is JSON (except `/metrics`) and carries `X-Request-ID`. Errors have the shape "
         "`{\"error\": \"<code>\", \"message\": \"<what to do>\", ...}`, whatever went wrong: an unknown path is a "
         "404 `not_found`, a method an endpoint does not take (OPTIONS included) a 405 `method_not_allowed` with "
-        "`Allow`, and a request gunicorn cannot parse (a control character in a header, a request line over 4 KiB, "
+        "`Allow`, and a request the edge or the server cannot parse (a control character in a header, a request line over 4 KiB, "
         "a header over 8 KiB) a 400/414/431 of the same shape. Every GET also answers HEAD. A 500 "
         "`internal_error` would be a bug: it is never part of an endpoint's contract."
     )

@@ -103,7 +103,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def env_log_level(env: Mapping[str, str]) -> str:
-    """LOG_LEVEL, shared with gunicorn (gridcommon.gunicorn_conf reads the same variable)."""
+    """LOG_LEVEL, shared with the server (gridcommon.serve passes the same level to granian)."""
     level = env_str(env, "LOG_LEVEL", "info").lower()
     if level not in LOG_LEVELS:
         raise SettingsError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}; got {level!r}")

@@ -41,7 +41,7 @@
 | ACCESS_LOG_SAMPLE              | 100            | Past the burst, one request in this many is logged.            |
 
 `HOST` and `PORT` are where the balancer listens, behind its edge (nginx): the edge's timeouts and
-caps (`EDGE_*`) are in gridcommon/edge.py, `THREADS` is gunicorn's (gridcommon/gunicorn_conf.py).
+caps (`EDGE_*`) are in gridcommon/edge.py, `THREADS` is granian's (gridcommon/serve.py).
 """
 from __future__ import annotations
 

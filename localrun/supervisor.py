@@ -3,15 +3,15 @@
 Restarts work as supervisord's do:
 
 * a process that dies after it has run START_SECONDS is started again at once (its
-  port held a moment by a dying gunicorn worker only makes that start fail, which
+  port held a moment by a dying worker only makes that start fail, which
   is the next case);
 * a process that dies within START_SECONDS of its start is a failed start: supervisord
   waits 1 s before the next try, then 2 s, 3 s... one second more each time (BACKOFF),
   and after START_RETRIES failed starts in a row gives up on it (FATAL: "gave up" in
   the log) while the others keep running; `supervisorctl -c <conf> start NAME`
   tries again. 60 tries wait up to a minute each, about half an hour in all.
-* stopping sends SIGTERM to the process's whole group (gunicorn's graceful stop,
-  GRACEFUL_TIMEOUT 5 s), and SIGKILL after STOP_WAIT_SECONDS.
+* stopping sends SIGTERM to the process's whole group (nginx and granian stop
+  gracefully), and SIGKILL after STOP_WAIT_SECONDS.
 
 Each process's command goes into a script of its own (sh runs it), so the Procfile's
 quoting reaches the shell untouched: `honcho export supervisord` instead pastes each

@@ -13,8 +13,8 @@
 | `ADMIN_TOKEN`         | (empty)                      | Operator token of `PUT`/`DELETE /limit`; empty turns the operator API off (403) |
 | `STATE_DIR`           | (empty)                      | Folder of the durable ledger (`<SUBSTATION_ID>.sqlite3`, SQLite in WAL mode); empty keeps state in memory only |
 | `STATE_SYNC`          | `normal`                     | `normal` survives a killed process; `full` also a power cut (an fsync per change) |
-| `MAX_LONG_POLLS`      | `4`                          | Long polls of `GET /sessions?after_version=&wait=` waiting at once; more get a 429. Each holds one of gunicorn's `THREADS` (16), so it must stay below them |
-| `LOG_LEVEL`           | `info`                       | Python log level, shared with gunicorn                         |
+| `MAX_LONG_POLLS`      | `4`                          | Long polls of `GET /sessions?after_version=&wait=` waiting at once; more get a 429. Each holds one of granian's `THREADS` (16), so it must stay below them |
+| `LOG_LEVEL`           | `info`                       | Python log level, shared with granian                          |
 | `ACCESS_LOG_BURST`    | `20`                         | Requests a second whose log lines are all written (unless the charge API chose) |
 | `ACCESS_LOG_SAMPLE`   | `100`                        | Past the burst, one request in this many is logged             |
 
@@ -80,7 +80,7 @@ class Settings:
                 f"({max_session_seconds:g}); lower one or raise the other."
             )
         port = env_int(env, "PORT", 8000, minimum=1, maximum=65535)
-        # gunicorn_conf's THREADS: long polls must leave threads for everything else.
+        # THREADS (gridcommon/serve.py): long polls must leave threads for everything else.
         threads = env_int(env, "THREADS", 16, minimum=1, maximum=256)
         max_long_polls = env_int(env, "MAX_LONG_POLLS", cls.max_long_polls, minimum=0)
         if max_long_polls >= threads:
