@@ -15,7 +15,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 STAMP := $(VENV)/installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: run test bench profile loadtest install install-test nginx prometheus iproute2 podman grafana-schema ocpp-node-station chromium console-axe helm wipe-state clean help docs
+.PHONY: run test bench profile loadtest install install-test nginx prometheus iproute2 podman grafana-schema ocpp-node-station chromium console-axe helm postgresql wipe-state clean help docs
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -126,7 +126,16 @@ $(HELM):
 helm: $(HELM)
 	@ln -sfn $(notdir $(HELM)) .tools/helm
 
-install-test: install prometheus iproute2 podman grafana-schema ocpp-node-station chromium console-axe helm
+# The charge API's tests and benchmark on PostgreSQL start a cluster of their own (tests/postgres_support.py) with
+# Debian's PostgreSQL 15 server programs; the package's own cluster and server are not used: stop them.
+POSTGRES_BIN := /usr/lib/postgresql/15/bin
+postgresql:
+	@[ -x $(POSTGRES_BIN)/initdb ] && [ -x $(POSTGRES_BIN)/pg_ctl ] || { \
+		echo "Installing PostgreSQL 15 from Debian's packages..."; \
+		apt-get update -qq && $(APT_INSTALL) postgresql-15 >/dev/null; \
+		{ systemctl disable --now postgresql 2>/dev/null || true; }; }
+
+install-test: install prometheus iproute2 podman grafana-schema ocpp-node-station chromium console-axe helm postgresql
 
 test: install-test
 	$(PYTHON) -m pytest
@@ -173,7 +182,7 @@ $(ENERGY_BENCH_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PYTHON) -m pip install --quiet -e '.[energy-bench]'
 	touch $@
 
-bench: install $(ENERGY_BENCH_STAMP)
+bench: install postgresql $(ENERGY_BENCH_STAMP)
 	$(PYTHON) -m benchmarks
 
 # The documentation site (mkdocs.yml, docs/) into site/: open site/index.html, no server needed.

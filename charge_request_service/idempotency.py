@@ -7,6 +7,11 @@ answered is told to retry (409). Only final answers are kept: a 201, a 202 or
 a client error in the request itself. A 502, 503, 429 or 409 (the vehicle
 still has a session) may be different a moment later, so a repeat of those
 tries again.
+
+With a database replicas share, the key is claimed by a row committed before
+the request is forwarded, so a repeat sent to another replica meanwhile is told
+to retry (409) too; a claim whose replica died answering is taken over once it
+is older than ``claim_seconds`` (by then no answer to its forward can come).
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class Idempotency:
     """The answers given to requests that carried a key: in the store if there is one, else in memory."""
 
     store: ChargeStore | None = None
+    claim_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -55,6 +61,14 @@ class Idempotency:
 
     def begin(self, key: str, body_fingerprint: str) -> StoredAnswer | None:
         """The answer to replay, or None for a new request (the key is then held until ``finish``)."""
+        if self.store is not None and self.store.shared:
+            now = time.time()
+            outcome, answer = self.store.claim_answer(key, body_fingerprint, now, now - self.claim_seconds)
+            if outcome == "misused":
+                raise KeyMisused(key)
+            if outcome == "busy":
+                raise KeyBusy(key)
+            return answer
         with self._lock:
             answer = self.store.answer(key) if self.store is not None else self._answers.get(key)
             if answer is not None:
@@ -69,6 +83,12 @@ class Idempotency:
     def finish(self, key: str, body_fingerprint: str, status: int, body: dict[str, Any],
                headers: dict[str, str]) -> None:
         """Keep the answer if it is final, and release the key."""
+        if self.store is not None and self.store.shared:
+            if status in KEPT_STATUSES:
+                self.store.put_answer(key, StoredAnswer(body_fingerprint, status, body, headers, time.time()))
+            else:
+                self.store.release_claim(key)
+            return
         with self._lock:
             self._in_flight.discard(key)
             if status not in KEPT_STATUSES:

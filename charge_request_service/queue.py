@@ -6,15 +6,22 @@ substation has room for its minimum. The queue is bounded (``MAX_QUEUED``),
 a request waits at most ``QUEUE_TIMEOUT_SECONDS`` and the client may cancel
 it. Positions cost O(log n) to read, so clients polling their place in a
 long queue cost little.
+
+``SharedQueue`` is the same queue in a database replicas share: one arrival
+order and one bound for all of them, and one dispatcher at a time (a lease).
 """
 from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+
+from charge_request_service.sessions import PendingSession
+from charge_request_service.store import ChargeStore
 
 from gridcommon.timefmt import format_time, parse_time
 from gridcommon.validation import ChargeRequest
@@ -39,6 +46,8 @@ class QueuedRequest:
     sequence: int
     # SHA-256 of the session_token its client got: the session it becomes keeps it.
     token_digest: str | None = None
+    # Id of the client key that queued it: the session it becomes belongs to that key.
+    owner: str | None = None
 
     @property
     def session_id(self) -> str:
@@ -50,8 +59,17 @@ class QueuedRequest:
         return {
             "vehicle_id": self.request.vehicle_id, "request": self.request.as_json(),
             "queued_at": format_time(self.queued_at), "expires_at": format_time(self.expires_at),
-            "token_digest": self.token_digest,
+            "token_digest": self.token_digest, "owner": self.owner,
         }
+
+    @classmethod
+    def from_record(cls, record: dict, sequence: int) -> "QueuedRequest":
+        body = record["request"]
+        request = ChargeRequest(body["vehicle_id"], body["amount"], body.get("duration_seconds"),
+                                body["session_id"], body.get("energy_kwh"),
+                                parse_time(body["departure"]) if body.get("departure") else None)
+        return cls(request, parse_time(record["queued_at"]), parse_time(record["expires_at"]), sequence,
+                   record.get("token_digest"), record.get("owner"))
 
     def as_json(self, position: int) -> dict[str, object]:
         return {
@@ -61,6 +79,7 @@ class QueuedRequest:
             "vehicle_id": self.request.vehicle_id,
             "amount": self.request.amount_kw,
             "duration_seconds": self.request.duration_seconds,
+            **{name: value for name, value in self.request.as_json().items() if name in ("energy_kwh", "departure")},
             "queued_at": format_time(self.queued_at),
             "expires_at": format_time(self.expires_at),
         }
@@ -85,7 +104,8 @@ class WaitingQueue:
         with self._lock:
             return len(self._entries)
 
-    def add(self, request: ChargeRequest, token_digest: str | None = None) -> tuple[QueuedRequest, int]:
+    def add(self, request: ChargeRequest, token_digest: str | None = None,
+            owner: str | None = None) -> tuple[QueuedRequest, int]:
         """Queue a request that carries its session id; ``(entry, position)``; raises ``QueueFull``."""
         if request.session_id is None:
             raise ValueError("a queued request needs its session id")
@@ -93,7 +113,9 @@ class WaitingQueue:
             if len(self._entries) >= self._max_queued:
                 raise QueueFull(self._max_queued)
             now = self._clock()
-            entry = QueuedRequest(request, now, now + self._timeout, self._next_sequence, token_digest)
+            # A vehicle that departs leaves the queue with it: power after its departure is of no use.
+            expires_at = min(now + self._timeout, request.departure or now + self._timeout)
+            entry = QueuedRequest(request, now, expires_at, self._next_sequence, token_digest, owner)
             self._next_sequence += 1
             self._entries[entry.session_id] = entry
             return entry, self._position_locked(entry)
@@ -102,11 +124,7 @@ class WaitingQueue:
         """Queue again, in their order, the requests a previous process had queued."""
         with self._lock:
             for record in sorted(records, key=lambda r: r["queued_at"]):
-                body = record["request"]
-                request = ChargeRequest(body["vehicle_id"], body["amount"], body.get("duration_seconds"),
-                                        body["session_id"])
-                entry = QueuedRequest(request, parse_time(record["queued_at"]), parse_time(record["expires_at"]),
-                                      self._next_sequence, record.get("token_digest"))
+                entry = QueuedRequest.from_record(record, self._next_sequence)
                 self._next_sequence += 1
                 self._entries[entry.session_id] = entry
 
@@ -142,6 +160,11 @@ class WaitingQueue:
                 del self._entries[entry.session_id]
                 bisect.insort(self._gaps, entry.sequence)
                 expired.append(entry)
+            # A request that departs earlier expires out of turn: a pass over the bounded queue finds them.
+            for entry in [e for e in self._entries.values() if e.request.departure is not None and e.expires_at <= now]:
+                del self._entries[entry.session_id]
+                bisect.insort(self._gaps, entry.sequence)
+                expired.append(entry)
             self._forget_gaps_locked()
             return expired
 
@@ -160,3 +183,99 @@ class WaitingQueue:
         head = next(iter(self._entries.values()), None)
         cut = len(self._gaps) if head is None else bisect.bisect_left(self._gaps, head.sequence)
         del self._gaps[:cut]
+
+
+class SharedQueue:
+    """``WaitingQueue``'s methods on the rows of a database replicas share (``ChargeStore.shared``).
+
+    A queued request is its session's row in state ``queued``: its ``sequence``, given under the
+    queue's lock, is the one arrival order of every replica, and the bound is counted under the same
+    lock. Only the replica that holds the dispatch lease sees a head and expires requests, so one
+    dispatcher at a time offers the head: nobody is overtaken. A request taken out goes back to
+    ``pending`` until its caller records how it ended, so should that replica die meanwhile, the
+    reconciler settles it like any request whose answer never came.
+    """
+
+    LEASE = "dispatch"
+
+    def __init__(self, store: ChargeStore, max_queued: int, timeout_seconds: float, clock: Clock, holder: str,
+                 lease_seconds: float) -> None:
+        if max_queued < 0:
+            raise ValueError(f"max_queued must be at least 0, got {max_queued}")
+        self._store = store
+        self._max_queued = max_queued
+        self._timeout = timedelta(seconds=timeout_seconds)
+        self._clock = clock
+        self._holder = holder
+        self._lease_seconds = lease_seconds
+
+    def __len__(self) -> int:
+        # A request that just claimed its vehicle read the length in the same round trip, a moment ago.
+        noted = self._store.noted_queue_length()
+        return self._store.count_in("queued") if noted is None else noted
+
+    def add(self, request: ChargeRequest, token_digest: str | None = None,
+            owner: str | None = None) -> tuple[QueuedRequest, int]:
+        """Queue a pending request (its row); ``(entry, position)``; raises ``QueueFull``."""
+        if request.session_id is None:
+            raise ValueError("a queued request needs its session id")
+        now = self._clock()
+        # As in WaitingQueue: a vehicle that departs leaves the queue with it.
+        expires_at = min(now + self._timeout, request.departure or now + self._timeout)
+        entry = QueuedRequest(request, now, expires_at, 0, token_digest, owner)
+        placed = self._store.enqueue(entry.session_id, entry.to_record(), now.timestamp(),
+                                     entry.expires_at.timestamp(), self._max_queued)
+        if placed is None:
+            raise QueueFull(self._max_queued)
+        sequence, position = placed
+        return replace(entry, sequence=sequence), position
+
+    def restore(self, records: list[dict]) -> None:
+        """Nothing to take back: the database holds the queue."""
+
+    def get(self, session_id: str) -> tuple[QueuedRequest, int] | None:
+        stored = self._store.session(session_id)
+        if stored is None or stored.state != "queued" or stored.sequence is None:
+            return None
+        return QueuedRequest.from_record(stored.record, stored.sequence), self._store.queue_position(stored.sequence)
+
+    def head(self) -> QueuedRequest | None:
+        """The request to offer next, for the replica that holds the dispatch lease; None elsewhere."""
+        if not self._dispatching():
+            return None
+        rows = self._store.sessions_in("queued", limit=1)
+        return QueuedRequest.from_record(rows[0].record, rows[0].sequence or 0) if rows else None
+
+    def remove(self, session_id: str) -> QueuedRequest | None:
+        """Take a request out (it started, or its client cancelled it); None if it was not waiting
+        (or another replica took it out first)."""
+        stored = self._store.session(session_id)
+        if stored is None or stored.state != "queued":
+            return None
+        entry = QueuedRequest.from_record(stored.record, stored.sequence or 0)
+        return entry if self._take_out(entry) else None
+
+    def expire(self) -> list[QueuedRequest]:
+        """Take out every request that waited past its time (the dispatch lease's holder only)."""
+        if not self._dispatching():
+            return []
+        expired = self._store.sessions_in("queued", due_by=self._clock().timestamp())
+        entries = [QueuedRequest.from_record(row.record, row.sequence or 0) for row in expired]
+        return [entry for entry in entries if self._take_out(entry)]
+
+    def oldest_wait_seconds(self) -> float:
+        rows = self._store.sessions_in("queued", limit=1)
+        if not rows:
+            return 0.0
+        queued_at = QueuedRequest.from_record(rows[0].record, rows[0].sequence or 0).queued_at
+        return max(0.0, (self._clock() - queued_at).total_seconds())
+
+    def _take_out(self, entry: QueuedRequest) -> bool:
+        now = self._clock()
+        pending = PendingSession(entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, now,
+                                 entry.owner)
+        return self._store.change_session(entry.session_id, ("queued",), "pending", pending.to_record(),
+                                          now.timestamp())
+
+    def _dispatching(self) -> bool:
+        return self._store.take_lease(self.LEASE, self._holder, time.time(), self._lease_seconds)

@@ -11,15 +11,23 @@ Two things can drift apart, both after a crash or a lost answer:
 
 A pending request is settled within ``PENDING_GRACE`` (the request timeout
 plus a margin) plus one ``RECONCILE_SECONDS``.
+
+On a database replicas share, one replica at a time reconciles: the one that
+holds the ``reconcile`` lease, renewed at every round and taken over by another
+replica once it has run out (its holder died). It settles every replica's
+pending requests, writes ``ended`` on sessions past their end, and forgets the
+finished sessions and answers past their retention.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 from charge_request_service.balancer import BalancerClient, BalancerUnavailable
-from charge_request_service.sessions import SessionTracker
+from charge_request_service.sessions import SessionTracker, SharedSessionTracker
+from charge_request_service.store import ChargeStore
 
 log = logging.getLogger("charge")
 
@@ -27,10 +35,18 @@ log = logging.getLogger("charge")
 CHECKS_PER_ROUND = 200
 
 
+LEASE = "reconcile"
+
+
 class Reconciler:
-    def __init__(self, tracker: SessionTracker, balancer: BalancerClient, interval_seconds: float,
-                 pending_grace_seconds: float) -> None:
+    def __init__(self, tracker: SessionTracker | SharedSessionTracker, balancer: BalancerClient,
+                 interval_seconds: float, pending_grace_seconds: float, store: ChargeStore | None = None,
+                 holder: str = "") -> None:
         self._tracker = tracker
+        # A shared database: the lease, and its length (a few rounds, so a round that runs long keeps it).
+        self._shared_store = store if store is not None and store.shared else None
+        self._holder = holder
+        self._lease_seconds = max(3 * interval_seconds, 2.0)
         self._balancer = balancer
         self._interval = interval_seconds
         self._grace = timedelta(seconds=pending_grace_seconds)
@@ -57,7 +73,14 @@ class Reconciler:
             self._stopped.wait(self._interval)
 
     def run_once(self) -> tuple[int, int]:
-        """One round; ``(pending stopped, sessions found ended)``."""
+        """One round; ``(pending stopped, sessions found ended)``; ``(0, 0)`` while another replica holds the lease."""
+        store = self._shared_store
+        if store is not None:
+            if not store.take_lease(LEASE, self._holder, time.time(), self._lease_seconds):
+                return 0, 0
+            assert isinstance(self._tracker, SharedSessionTracker)
+            self._tracker.end_due()
+            store.trim(time.time())
         return self._settle_pending(), self._check_active()
 
     def _settle_pending(self) -> int:

@@ -1,7 +1,8 @@
 """Chaos: every service killed with SIGKILL at a random moment and restarted, under a closed loop.
 
 The audit afterwards reads the clients' own records and the substations' databases (their SQLite
-files, not their answers), and the allocation histories and 20 Hz samples of tests/allocation_audit.py:
+files, not their answers), and the allocation histories and 20 Hz samples of tests/allocation_audit.py
+(the charge API keeps its records in SQLite, then in PostgreSQL):
 
 * every 201 a client received is a session exactly one substation held (it may have ended since);
 * no substation held a session no client was told of for longer than the reconciliation window;
@@ -28,6 +29,7 @@ import requests
 
 from tests.allocation_audit import Sampler, sweep
 from tests.harness import OPERATOR_TOKEN, Service, start_all, wait_for
+from tests.postgres_support import ChargeRecords
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +81,7 @@ def hard_kill(service: Service) -> None:
 
 
 @pytest.fixture
-def grid(tmp_path: Path):
+def grid(tmp_path: Path, charge_records: ChargeRecords):
     state = tmp_path / "state"
     substations = [
         Service(name=f"substation-{index}", app="substation_service:create_app()", env={
@@ -97,7 +99,7 @@ def grid(tmp_path: Path):
         for index in (1, 2)
     ])
     charge = Service(name="charge-request-service", app="charge_request_service:create_app()", env={
-        "LOAD_BALANCER_URL": ",".join(b.url for b in balancers), "STATE_DIR": str(state),
+        "LOAD_BALANCER_URL": ",".join(b.url for b in balancers), **charge_records.env(tmp_path),
         "ADMIN_TOKEN": OPERATOR_TOKEN, "RATE_LIMIT_PER_VEHICLE": "", "REQUEST_TIMEOUT_SECONDS": str(REQUEST_TIMEOUT_SECONDS),
         "CONNECT_TIMEOUT_SECONDS": "0.5", "RECONCILE_SECONDS": str(RECONCILE_SECONDS),
     }, log_dir=tmp_path).start()

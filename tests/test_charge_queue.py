@@ -12,6 +12,7 @@ import requests
 from charge_request_service.queue import QueueFull, WaitingQueue
 from gridcommon.validation import ChargeRequest
 from tests.harness import OPERATOR, Stack, scrape, sessions_at, start_stack, wait_for
+from tests.postgres_support import ChargeRecords
 
 pytestmark = pytest.mark.integration
 
@@ -60,19 +61,20 @@ def test_requests_expire_oldest_first_after_their_time() -> None:
     assert queue.get("s-2")[1] == 1
 
 
-# ----- the charge API, against a real grid ------------------------------------------------------
+# ----- the charge API, against a real grid, its records in SQLite and in PostgreSQL -------------
 
 SESSION_SECONDS = 2.0
 
 
 @pytest.fixture
-def small_grid(tmp_path: Path) -> Stack:
+def small_grid(tmp_path: Path, charge_records: ChargeRecords) -> Stack:
     # 3 kW and a 1.4 kW minimum: room for two vehicles at once, whatever they ask for.
     stack = start_stack(
         tmp_path,
         capacities=(3.0,),
         balancer_env={"POLL_INTERVAL_SECONDS": "0.5"},
-        charge_env={"QUEUE_RETRY_SECONDS": "0.1", "QUEUE_TIMEOUT_SECONDS": "30", "MAX_QUEUED": "3"},
+        charge_env={"QUEUE_RETRY_SECONDS": "0.1", "QUEUE_TIMEOUT_SECONDS": "30", "MAX_QUEUED": "3",
+                    **charge_records.env(tmp_path)},
     )
     yield stack
     stack.stop()
@@ -132,9 +134,10 @@ def test_a_waiting_request_can_be_cancelled_and_a_full_queue_refuses(small_grid:
     assert len(sessions_at(small_grid.substations[0])) == 2
 
 
-def test_a_request_that_waits_too_long_expires(tmp_path: Path) -> None:
+def test_a_request_that_waits_too_long_expires(tmp_path: Path, charge_records: ChargeRecords) -> None:
     stack = start_stack(tmp_path, capacities=(1.5,), charge_env={"QUEUE_TIMEOUT_SECONDS": "0.5",
-                                                                  "QUEUE_RETRY_SECONDS": "0.1"})
+                                                                  "QUEUE_RETRY_SECONDS": "0.1",
+                                                                  **charge_records.env(tmp_path)})
     try:
         charge(stack, "ev-1", duration=60)
         waiting = charge(stack, "ev-2", wait=True).json()

@@ -30,6 +30,10 @@ app.kubernetes.io/part-of: smart-grid-load-balancer
 
 {{/* Object names of the components. */}}
 {{- define "sglb.chargeApi" -}}{{ include "sglb.fullname" . }}-charge-api{{- end -}}
+{{- /* chargeApi.replicaCount, or when it is empty: 1 on SQLite (one writer of its file), 2 on a shared PostgreSQL. */ -}}
+{{- define "sglb.chargeApiReplicas" -}}
+{{- if kindIs "invalid" .Values.chargeApi.replicaCount -}}{{ ternary 1 2 (eq .Values.database.type "sqlite") }}{{- else -}}{{ .Values.chargeApi.replicaCount }}{{- end -}}
+{{- end -}}
 {{- define "sglb.loadBalancer" -}}{{ include "sglb.fullname" . }}-load-balancer{{- end -}}
 {{- define "sglb.gateway" -}}{{ include "sglb.fullname" . }}-gateway{{- end -}}
 {{- define "sglb.secret" -}}{{ include "sglb.fullname" . }}-secrets{{- end -}}
