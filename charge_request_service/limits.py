@@ -1,10 +1,13 @@
 """Rate limits of the public API: ``limits`` (Flask-Limiter's own core), in memory by default, Redis optional.
 
-Per vehicle, on by default: a vehicle asking many times a second is broken or
-hostile, whether its requests are valid or not. Per client address, off by
-default: one charge-point backend may send for thousands of vehicles from
-one address (and the load tester sends rush hour from one). A refused
-request is a 429 with ``Retry-After`` and the usual JSON error.
+Per client key, its ``requests_per_second`` quota (``charge_request_service.client_keys``).
+Per vehicle, on by default, counted per client key and vehicle, so one
+client's requests never lock another's vehicle out, and only for valid
+requests, so a broken request never counts against the vehicle it names.
+Per client address, off by default: one charge-point backend may send for
+thousands of vehicles from one address (and the load tester sends rush hour
+from one). The key's and the address's limits are checked before the body is
+read. A refused request is a 429 with ``Retry-After`` and the usual JSON error.
 
 The limits are checked with the ``limits`` library directly, the moving-window
 strategy on the storage ``RATE_LIMIT_STORAGE_URI`` names. Flask-Limiter's
@@ -13,67 +16,59 @@ request) cost a seventh of the charge API's CPU for the two checks made here.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
-from collections.abc import Callable
-from typing import Any
 
-from flask import Flask, request
-from limits import RateLimitItem, parse_many
+from flask import request
+from limits import RateLimitItem, RateLimitItemPerSecond, parse_many
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 # Registers the bounded-memory:// scheme, the default store.
 import charge_request_service.rate_limit_store  # noqa: F401
+from charge_request_service.client_keys import ClientKey
 from charge_request_service.config import Settings
-from gridcommon.validation import VEHICLE_ID_PATTERN
-from gridcommon.web import ApiError, json_object_body
+from gridcommon.web import ApiError
 
 log = logging.getLogger(__name__)
 
-CHARGE_ENDPOINT = "charge.start_charging"
 
-
-def vehicle_key() -> str:
-    """The vehicle a charge request is for; requests too broken to name one share one bucket.
-
-    The body is read as the endpoint reads it (and kept for it); what is wrong with it, the
-    endpoint says after the limits.
-    """
-    try:
-        vehicle_id = json_object_body().get("vehicle_id")
-    except ApiError:
-        vehicle_id = None
-    if isinstance(vehicle_id, str) and VEHICLE_ID_PATTERN.fullmatch(vehicle_id):
-        return vehicle_id
-    return "(unnamed)"
-
-
-def client_key() -> str:
+def client_address() -> str:
     return request.remote_addr or "(unknown)"
 
 
 class RateLimits:
-    """The per-vehicle and per-client limits of ``POST /charge``."""
+    """The per-key, per-vehicle and per-address limits of ``POST /charge``."""
 
     def __init__(self, settings: Settings) -> None:
         self._limiter = MovingWindowRateLimiter(storage_from_string(settings.rate_limit_storage_uri))
-        self._checks: list[tuple[str, str, Callable[[], str], list[RateLimitItem]]] = []
-        if settings.rate_limit_per_vehicle:
-            self._checks.append(("vehicle", "vehicle", vehicle_key, parse_many(settings.rate_limit_per_vehicle)))
-        if settings.rate_limit_per_client:
-            self._checks.append(("client", "client address", client_key, parse_many(settings.rate_limit_per_client)))
+        self._per_vehicle = parse_many(settings.rate_limit_per_vehicle) if settings.rate_limit_per_vehicle else []
+        self._per_address = parse_many(settings.rate_limit_per_client) if settings.rate_limit_per_client else []
         self._store_failing = False
 
-    def check(self) -> None:
-        """Count this request; ``ApiError`` 429 when one of its limits is used up."""
-        for scope, what, key_of, limits in self._checks:
-            key = key_of()
-            for limit in limits:
-                if not self._hit(limit, scope, key):
-                    raise self._refusal(limit, what, scope, key)
+    def check_client(self, key: ClientKey | None) -> None:
+        """Count the request against its address and its key; ``ApiError`` 429 when a limit is used up."""
+        if self._per_address:
+            self._check("client", "client address", client_address(), self._per_address)
+        if key is not None:
+            limit = RateLimitItemPerSecond(key.quotas.requests_per_second)
+            if not self._hit(limit, "key", key.key_id):
+                refusal = self._refusal(limit, f"client key ({key.name!r})", "key", key.key_id)
+                refusal.error = "quota_exceeded"
+                refusal.extra.update(quota="requests_per_second", limit=key.quotas.requests_per_second)
+                raise refusal
+
+    def check_vehicle(self, owner: str | None, vehicle_id: str) -> None:
+        """Count a valid request against its vehicle, as this client sees it: one client's requests never
+        lock out the vehicle for another."""
+        if self._per_vehicle:
+            self._check("vehicle", "vehicle", f"{owner or '-'}/{vehicle_id}", self._per_vehicle)
+
+    def _check(self, scope: str, what: str, key: str, limits: list[RateLimitItem]) -> None:
+        for limit in limits:
+            if not self._hit(limit, scope, key):
+                raise self._refusal(limit, what, scope, key)
 
     def _hit(self, limit: RateLimitItem, scope: str, key: str) -> bool:
         try:
@@ -102,19 +97,3 @@ class RateLimits:
             f"Wait {retry_after} s (Retry-After), then ask again.",
             retry_after_seconds=retry_after,
         ).with_header("Retry-After", str(retry_after))
-
-
-def install_rate_limits(app: Flask, settings: Settings) -> RateLimits:
-    """Check the limits before the charge endpoint runs."""
-    limits = RateLimits(settings)
-    # The blueprint's view is wrapped here rather than decorated where it is defined, so the limits
-    # come from this app's settings.
-    view = app.view_functions[CHARGE_ENDPOINT]
-
-    @functools.wraps(view)
-    def limited(*args: Any, **kwargs: Any) -> Any:
-        limits.check()
-        return view(*args, **kwargs)
-
-    app.view_functions[CHARGE_ENDPOINT] = limited
-    return limits

@@ -40,7 +40,70 @@ from gridcommon.openapi import (
 
 SERVICE = "charge request service"
 X_REQUEST_ID = ref("parameters", "X-Request-ID")
-SESSION_ACCESS = [{"sessionToken": []}, {"operatorToken": []}]
+# A client key (PUBLIC_API_AUTH=keys; with open, none is needed) or the operator's token.
+CLIENT_ACCESS = [{"clientKey": []}, {"clientKeyBearer": []}, {"operatorToken": []}]
+SESSION_ACCESS = [{"clientKey": []}, {"clientKeyBearer": []}, {"sessionToken": []}, {"operatorToken": []}]
+WRONG_KEY_CODES = ["api_key_required", "invalid_api_key", "api_key_revoked"]
+UNAUTHORIZED_CLIENT = error_response(
+    "With `PUBLIC_API_AUTH=keys`, no client key nor operator token was sent (`api_key_required`); with either "
+    "mode, a key was sent that this service did not issue or that was rotated (`invalid_api_key`), or one the "
+    "operator revoked (`api_key_revoked`). Checked before the body is read; counted in "
+    "`client_key_rejections_total{reason}`.",
+    WRONG_KEY_CODES,
+    headers=WWW_AUTHENTICATE,
+)
+KEY_ID_PARAMETER: dict[str, Any] = {
+    "name": "key_id",
+    "in": "path",
+    "required": True,
+    "description": "The `key_id` of the answer to `POST /client-keys` (`ck_` and 12 hex digits).",
+    "schema": {"type": "string", "examples": ["ck_3f2a0c1e9b7d"]},
+}
+QUOTAS = {
+    "type": "object",
+    "description": "What a key may hold at once and send. A queued request holds its session and kW from the "
+    "moment it queues, since it starts without asking again.",
+    "additionalProperties": False,
+    "properties": {
+        "sessions": {"type": "integer", "minimum": 0, "maximum": 100000, "default": 10,
+                     "description": "Sessions at once: waiting in the queue, being forwarded or charging."},
+        "kw": {"type": "number", "minimum": 0, "maximum": 1000000, "default": 110,
+               "description": "kW those sessions may ask for (`amount`) together, kW."},
+        "queued": {"type": "integer", "minimum": 0, "maximum": 100000, "default": 10,
+                   "description": "Of those, requests waiting in the queue."},
+        "requests_per_second": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 5,
+                                "description": "`POST /charge` requests a second (replays of a stored answer "
+                                "are not counted)."},
+    },
+}
+CLIENT_KEY = {
+    "type": "object",
+    "description": "A client key as the operator sees it: never the key itself, nor its hash.",
+    "required": ["key_id", "name", "quotas", "created_at", "rotated_at", "revoked_at", "state"],
+    "properties": {
+        "key_id": {"type": "string", "pattern": "^ck_[0-9a-f]{12}$"},
+        "name": {"type": "string"},
+        "quotas": {**QUOTAS, "required": ["sessions", "kw", "queued", "requests_per_second"]},
+        "created_at": TIME,
+        "rotated_at": {"type": ["string", "null"], "format": "date-time"},
+        "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+        "state": {"enum": ["active", "revoked"]},
+        "usage": {
+            "type": "object",
+            "description": "What the key holds now, and its refusals since this process started, by reason.",
+            "properties": {
+                "sessions": {"type": "integer", "minimum": 0},
+                "kw": {"type": "number", "minimum": 0},
+                "queued": {"type": "integer", "minimum": 0},
+                "refusals": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+            },
+        },
+    },
+}
+API_KEY = {"type": "string", "pattern": "^sgk_[A-Za-z0-9_-]{43}$",
+           "description": "The key itself, shown this once: only its SHA-256 is kept. Send it as "
+           "`X-API-Key: <key>` or `Authorization: Bearer <key>`."}
+KEY_NOT_FOUND = path_errors(["client_key_not_found"], "`client_key_not_found`: no client key with this id; or")
 
 SESSION_ID_PARAMETER: dict[str, Any] = {
     "name": "session_id",
@@ -71,6 +134,24 @@ SESSION_TOKEN = {
     "to read or stop the session. Only its SHA-256 is kept.",
 }
 
+# A session's energy need and how it is expected to go (issue 23): only for a session that stated one.
+NEED = {
+    "energy_kwh": {**KW, "minimum": 0, "description": "The energy the vehicle asked for by `departure`, "
+                   "kWh. (From a substation, for a session without a need, the energy delivered so far.)"},
+    "departure": {**TIME, "description": "When the vehicle leaves: the need is planned to be met by then."},
+    "expected_energy_kwh": {**KW, "minimum": 0, "description": "The energy expected by `departure` under the "
+                            "substation's current plan, kWh."},
+    "feasible": {"type": "boolean", "description": "Whether the need is expected to be met: `expected_energy_kwh` "
+                 "at least `energy_kwh` less 0.1 kWh."},
+}
+NEED_LIVE = {
+    **NEED,
+    "delivered_kwh": {**KW, "minimum": 0, "description": "Energy delivered so far, kWh."},
+    "still_needed_kwh": {**KW, "minimum": 0, "description": "`energy_kwh` less `delivered_kwh`, at least 0."},
+    "expected_shortfall_kwh": {**KW, "minimum": 0, "description": "What is expected to be missing at departure."},
+    "need_met": {"type": "boolean", "description": "Once ended: less than 0.1 kWh was missing."},
+}
+
 ADMISSION = {
     "description": "The substation's record of the new session and its load after it, as the balancer "
     "passed it on, plus how it was routed and the session's token.",
@@ -93,6 +174,7 @@ ADMISSION = {
                     "sent again).",
                 },
                 "session_token": SESSION_TOKEN,
+                **NEED,
             },
         },
     ],
@@ -111,7 +193,10 @@ QUEUED_SESSION = {
         "amount": KW,
         "duration_seconds": {"type": ["number", "null"]},
         "queued_at": TIME,
-        "expires_at": {**TIME, "description": "When it leaves the queue unserved (`QUEUE_TIMEOUT_SECONDS`)."},
+        "expires_at": {**TIME, "description": "When it leaves the queue unserved (`QUEUE_TIMEOUT_SECONDS`, or its "
+                       "`departure` if that comes first)."},
+        "energy_kwh": NEED["energy_kwh"],
+        "departure": NEED["departure"],
     },
 }
 
@@ -129,6 +214,7 @@ ACTIVE_SESSION = {
         "remaining_seconds": {"type": "number", "minimum": 0},
         "queued_at": {**TIME, "description": "Only for a session that waited in the queue."},
         "queue_wait_seconds": {"type": "number", "minimum": 0},
+        **NEED,
     },
 }
 
@@ -157,12 +243,14 @@ SESSION_VIEW = {
         "finished_at": TIME,
         "allocated_kw": {**KW, "minimum": 0},
         "minimum_kw": {**KW, "minimum": 0},
-        "energy_kwh": {**KW, "minimum": 0},
         "suspended_seconds": {**KW, "minimum": 0},
         "ended_at": TIME,
         "end_reason": {"enum": ["completed", "stopped"]},
         "history": {**HISTORY, "description": "With `?history=1`: the allocation's changes."},
-        "live": {"type": "boolean"},
+        "live": {"type": "boolean", "description": "false: these figures are not current (the substation could "
+                 "not be asked, or the session has ended); `expected_energy_kwh` and `feasible` are then those "
+                 "of the admission."},
+        **NEED_LIVE,
     },
 }
 
@@ -209,9 +297,10 @@ REPLAYED = {
 }
 
 UNAUTHORIZED_SESSION = error_response(
-    "No `Authorization: Bearer` credential (`unauthorized`). Asked before anything else, so the answer never "
-    "tells whether a session exists.",
-    ["unauthorized"],
+    "No client key and no `Authorization: Bearer` credential (`unauthorized`). Asked before anything else, so "
+    "the answer never tells whether a session exists. A client key that opens nothing: `invalid_api_key`, "
+    "`api_key_revoked`.",
+    ["unauthorized", "invalid_api_key", "api_key_revoked"],
     headers=WWW_AUTHENTICATE,
 )
 FORBIDDEN_SESSION = error_response(
@@ -232,17 +321,21 @@ PATHS: dict[str, Any] = {
             "summary": "Ask for power for a vehicle",
             "description": "The balancer routes the request to a substation with room. Without room anywhere "
             "the answer is a 503, or with `\"wait\": true` a place in the queue (202); while anyone waits, a "
-            "new request without `wait` is a 503 too (nobody overtakes the queue). Limited per vehicle "
-            "(`RATE_LIMIT_PER_VEHICLE`, 2/second and 30/minute by default) and optionally per client address.",
-            "security": [],
+            "new request without `wait` is a 503 too (nobody overtakes the queue). With `PUBLIC_API_AUTH=keys` "
+            "(the default but on a loopback address) it needs a client key or the operator token; a key's quotas "
+            "(sessions, kW, queued requests, requests a second) are booked before the request goes anywhere, and "
+            "the session belongs to the key. Limited per key and vehicle (`RATE_LIMIT_PER_VEHICLE`, 2/second and "
+            "30/minute by default; valid requests only) and optionally per client address.",
+            "security": CLIENT_ACCESS,
             "parameters": [
                 X_REQUEST_ID,
                 {
                     "name": "Idempotency-Key",
                     "in": "header",
                     "required": False,
-                    "description": "1 to 255 printable ASCII characters. A repeat with the same key and body "
-                    "gets the first answer again (`Idempotent-Replayed: true`) and books nothing new; kept are "
+                    "description": "1 to 255 printable ASCII characters, each client key's own. A repeat with the "
+                    "same key and body from the same client gets the first answer again (`Idempotent-Replayed: "
+                    "true`), books nothing new and is not rate limited; kept are "
                     "201, 202 and errors in the request itself (400, 413, 415, 422), while a 409, 429, 502 or "
                     "503 may be different a moment later, so a repeat of those is tried again.",
                     "schema": {"type": "string", "examples": ["7c0e2b7c-2f64-4b8e-9f1d-0d5b6a1c9e21"]},
@@ -273,9 +366,11 @@ PATHS: dict[str, Any] = {
                     headers=REPLAYED,
                     **FIELD,
                 ),
+                "401": UNAUTHORIZED_CLIENT,
                 "409": error_response(
                     "The vehicle has a session already, queued or charging (`vehicle_already_charging`, with "
-                    "its `session_id`), a request with this `Idempotency-Key` is still being answered "
+                    "its `session_id` when the asking key owns it, or to the operator), a request with this "
+                    "`Idempotency-Key` is still being answered "
                     "(`idempotency_key_in_use`, with `Retry-After`), or the request could never start while the "
                     "limits stay as they are (`exceeds_every_limit`): its minimum (the whole amount under strict "
                     "allocation, at most `MIN_CHARGE_KW` under fair sharing) exceeds every substation's limit. "
@@ -298,10 +393,18 @@ PATHS: dict[str, Any] = {
                     ["idempotency_key_reused"],
                 ),
                 "429": error_response(
-                    "Too many charge requests for this vehicle (or client address); retry after `Retry-After`.",
-                    ["too_many_requests"],
+                    "Too many charge requests for this vehicle (or client address) (`too_many_requests`), or the "
+                    "request would pass a quota of its client key (`quota_exceeded`, naming it in `quota`: "
+                    "`sessions`, `kw`, `queued` or `requests_per_second`); retry after `Retry-After` (for "
+                    "`sessions` and `kw`, when the key's first session ends).",
+                    ["too_many_requests", "quota_exceeded"],
                     headers=RETRY_AFTER,
                     retry_after_seconds=retry_after_field("Same as Retry-After."),
+                    quota={"enum": ["sessions", "kw", "queued", "requests_per_second"],
+                           "description": "With `quota_exceeded`: the quota met."},
+                    limit={"type": "number", "description": "With `quota_exceeded`: the key's quota."},
+                    in_use={"type": "number", "description": "With `quota_exceeded` for `sessions`, `kw` or "
+                            "`queued`: how much of it the key holds."},
                 ),
                 "502": BALANCER_UNAVAILABLE,
                 "503": error_response(
@@ -348,7 +451,8 @@ PATHS: dict[str, Any] = {
             "operationId": "showSession",
             "tags": ["sessions"],
             "summary": "One session, queued, running or finished",
-            "description": "With the session's own `session_token` or the operator token.",
+            "description": "With the client key that created it, the session's own `session_token` or the "
+            "operator token. Another key's session is answered 404, as if it did not exist.",
             "security": SESSION_ACCESS,
             "parameters": [
                 X_REQUEST_ID,
@@ -374,7 +478,8 @@ PATHS: dict[str, Any] = {
             "operationId": "stopSession",
             "tags": ["sessions"],
             "summary": "Stop a session, or cancel a queued request",
-            "description": "With the session's own `session_token` or the operator token.",
+            "description": "With the client key that created it, the session's own `session_token` or the "
+            "operator token. Another key's session is answered 404, as if it did not exist.",
             "security": SESSION_ACCESS,
             "parameters": [X_REQUEST_ID],
             "responses": {
@@ -398,9 +503,11 @@ PATHS: dict[str, Any] = {
             "operationId": "status",
             "tags": ["observability"],
             "summary": "Sessions, queue, balancer health and answer counts",
-            "security": [],
+            "description": "With `PUBLIC_API_AUTH=keys`, for a client key or the operator.",
+            "security": CLIENT_ACCESS,
             "parameters": [X_REQUEST_ID],
-            "responses": {"200": json_response("The service's state.", schema_ref("Status"))},
+            "responses": {"200": json_response("The service's state.", schema_ref("Status")),
+                          "401": UNAUTHORIZED_CLIENT},
         }
     },
     "/health": {
@@ -413,8 +520,101 @@ PATHS: dict[str, Any] = {
     "/metrics": {
         "get": metrics_operation(
             "`charge_requests_total{status}`, `requests_duration_seconds`, `failed_requests_total`, "
-            "`active_sessions`, the queue's gauges and `charge_queue_wait_seconds{outcome}`."
+            "`active_sessions`, the queue's gauges, `charge_queue_wait_seconds{outcome}`, "
+            "`client_key_rejections_total{reason}` and, per active client key (at most `MAX_CLIENT_KEYS`), "
+            "`client_key_info{key,name}`, `client_key_sessions`, `client_key_allocated_kw`, `client_key_queued` "
+            "and `client_key_refusals_total{key,reason}`."
         )
+    },
+    "/client-keys": {
+        "post": {
+            "operationId": "createClientKey",
+            "tags": ["client keys"],
+            "summary": "Create a client key (operator only)",
+            "description": "The answer holds the key itself, once. At most `MAX_CLIENT_KEYS` keys are active.",
+            "security": [{"operatorToken": []}],
+            "parameters": [X_REQUEST_ID],
+            "requestBody": json_request(
+                {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+                    "name": {"type": "string", "pattern": r"^[\w .,:@()/+-]{1,80}$",
+                             "description": "Who holds it, for the console and the metrics."},
+                    "quotas": QUOTAS}},
+                "The key's name and quotas; a quota not given takes its default.",
+            ),
+            "responses": {
+                "201": json_response("Created: `api_key` is the key, shown this once.",
+                                     {"allOf": [schema_ref("ClientKey"), {"required": ["api_key"],
+                                                                           "properties": {"api_key": API_KEY}}]},
+                                     headers={"Location": {"description": "`/client-keys/<key_id>`.",
+                                                           "schema": {"type": "string"}}}),
+                **body_errors(("invalid_json", "invalid_field", "missing_field")),
+                "409": error_response("`MAX_CLIENT_KEYS` keys are active already (`too_many_client_keys`): "
+                                      "revoke one first.", ["too_many_client_keys"]),
+                **operator_errors(SERVICE),
+            },
+        },
+        "get": {
+            "operationId": "listClientKeys",
+            "tags": ["client keys"],
+            "summary": "Every client key, revoked ones included, with what each holds (operator only)",
+            "security": [{"operatorToken": []}],
+            "parameters": [X_REQUEST_ID],
+            "responses": {
+                "200": json_response("The keys, oldest first.", {
+                    "type": "object", "required": ["client_keys"],
+                    "properties": {"client_keys": {"type": "array", "items": schema_ref("ClientKey")}}}),
+                **operator_errors(SERVICE),
+            },
+        },
+    },
+    "/client-keys/{key_id}": {
+        "parameters": [KEY_ID_PARAMETER],
+        "get": {
+            "operationId": "showClientKey",
+            "tags": ["client keys"],
+            "summary": "One client key and what it holds (operator only)",
+            "security": [{"operatorToken": []}],
+            "parameters": [X_REQUEST_ID],
+            "responses": {
+                "200": json_response("The key.", schema_ref("ClientKey")),
+                **operator_errors(SERVICE),
+                **KEY_NOT_FOUND,
+            },
+        },
+        "delete": {
+            "operationId": "revokeClientKey",
+            "tags": ["client keys"],
+            "summary": "Revoke a client key (operator only)",
+            "description": "It opens nothing from now on; its sessions run on (stop them with "
+            "`DELETE /sessions/<id>` and the operator token). Revoking it again changes nothing.",
+            "security": [{"operatorToken": []}],
+            "parameters": [X_REQUEST_ID],
+            "responses": {
+                "200": json_response("The key, revoked.", schema_ref("ClientKey")),
+                **operator_errors(SERVICE),
+                **KEY_NOT_FOUND,
+            },
+        },
+    },
+    "/client-keys/{key_id}/rotate": {
+        "parameters": [KEY_ID_PARAMETER],
+        "post": {
+            "operationId": "rotateClientKey",
+            "tags": ["client keys"],
+            "summary": "Give a client key a new secret (operator only)",
+            "description": "The previous secret stops working at once; the key's id, quotas and sessions stay.",
+            "security": [{"operatorToken": []}],
+            "parameters": [X_REQUEST_ID],
+            "responses": {
+                "200": json_response("Rotated: `api_key` is the new key, shown this once.",
+                                     {"allOf": [schema_ref("ClientKey"), {"required": ["api_key"],
+                                                                           "properties": {"api_key": API_KEY}}]}),
+                "409": error_response("The key is revoked (`client_key_revoked`): create a new one.",
+                                      ["client_key_revoked"]),
+                **operator_errors(SERVICE),
+                **KEY_NOT_FOUND,
+            },
+        },
     },
     OPENAPI_PATH: {"get": openapi_operation()},
 }
@@ -425,6 +625,18 @@ def _components() -> dict[str, Any]:
         "The operator's token (`ADMIN_TOKEN`): lists every session and reads or stops any one. Without "
         "`ADMIN_TOKEN` the operator API is off (403)."
     )
+    components["securitySchemes"]["clientKey"] = {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "A client key (`sgk_...`), from the operator (`POST /client-keys`): starts sessions, which "
+        "then belong to it, within its quotas. Needed with `PUBLIC_API_AUTH=keys`; with `open`, optional.",
+    }
+    components["securitySchemes"]["clientKeyBearer"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The same client key, sent as `Authorization: Bearer <key>`.",
+    }
     components["securitySchemes"]["sessionToken"] = {
         "type": "http",
         "scheme": "bearer",
@@ -437,7 +649,7 @@ def _components() -> dict[str, Any]:
         "schema": {"type": "string", "pattern": "^/sessions/[A-Za-z0-9_-]{1,64}$"},
     }
     components["schemas"].update(
-        {"ActiveSession": ACTIVE_SESSION, "SessionView": SESSION_VIEW, "Status": STATUS}
+        {"ActiveSession": ACTIVE_SESSION, "SessionView": SESSION_VIEW, "Status": STATUS, "ClientKey": CLIENT_KEY}
     )
     return components
 
@@ -450,6 +662,7 @@ SPEC: dict[str, Any] = document(
     [
         ("sessions", "Charging sessions."),
         ("observability", "Health, status and metrics."),
+        ("client keys", "The operator's keys for clients of the API, and their quotas."),
     ],
     PATHS,
     _components(),

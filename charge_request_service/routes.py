@@ -9,10 +9,21 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from charge_request_service.access import new_session_token, require_session_access, require_some_credential
+from charge_request_service.access import new_session_token
 from charge_request_service.balancer import BalancerClient, BalancerReply, BalancerUnavailable, NoAnswer
 from charge_request_service.idempotency import KEY_HEADER, KEY_PATTERN, Idempotency, KeyBusy, KeyMisused, fingerprint
 from charge_request_service.config import Settings
+from charge_request_service.key_access import (
+    book_queued,
+    book_session,
+    check_request_rate,
+    check_vehicle_rate,
+    idempotency_scope,
+    may_see,
+    owner_id,
+    require_credential,
+    require_session_owner,
+)
 from charge_request_service.metrics import ChargeMetrics
 from charge_request_service.queue import QueueFull, WaitingQueue
 from charge_request_service.reconcile import Reconciler
@@ -99,32 +110,61 @@ def admitted_session(reply: BalancerReply) -> ChargeSession:
 def active_session(current: ChargeService, session_id: str) -> ChargeSession:
     session = current.tracker.get(session_id)
     if session is None:
-        require_some_credential()
-        raise ApiError(
-            404,
-            "session_not_found",
-            f"No active session {session_id!r} here: it was never started through this service, has ended or "
-            "was stopped.",
-            session_id=session_id,
-        )
+        require_credential()
+        raise no_active_session(session_id)
     return session
 
 
+def no_active_session(session_id: str) -> ApiError:
+    return ApiError(
+        404,
+        "session_not_found",
+        f"No active session {session_id!r} here: it was never started through this service, has ended or "
+        "was stopped.",
+        session_id=session_id,
+    )
+
+
+def no_session(session_id: str) -> ApiError:
+    return ApiError(
+        404,
+        "session_not_found",
+        f"No session {session_id!r} here: it was never started through this service, or it ended too long "
+        "ago to be kept.",
+        session_id=session_id,
+    )
+
+
+def owner_of(current: ChargeService, session_id: str) -> str | None:
+    """The client key that holds the session a vehicle has (pending, queued or active)."""
+    if (session := current.tracker.get(session_id)) is not None:
+        return session.owner
+    if (waiting := current.queue.get(session_id)) is not None:
+        return waiting[0].owner
+    return next((pending.owner for pending in current.tracker.pending() if pending.session_id == session_id), None)
+
+
 # Fields of the substation's record that say how a session is doing now.
-LIVE_FIELDS = ("state", "allocated_kw", "minimum_kw", "energy_kwh", "suspended_seconds", "ended_at", "end_reason")
+LIVE_FIELDS = ("state", "allocated_kw", "minimum_kw", "energy_kwh", "suspended_seconds", "ended_at", "end_reason",
+               # and, for a session with an energy need, how that need is doing (issue 23)
+               "departure", "delivered_kwh", "still_needed_kwh", "expected_energy_kwh", "expected_shortfall_kwh",
+               "feasible", "need_met")
 
 
 @blueprint.post("/charge")
 def start_charging() -> Response:
     """Charge, queue or refuse; with an ``Idempotency-Key``, a repeat gets the first answer again."""
     current = charge_service()
-    body = json_object_body()
     key = request.headers.get(KEY_HEADER)
     if key is None:
-        return answer_charge(current, body)
+        check_request_rate()
+        return answer_charge(current, json_object_body())
     if not KEY_PATTERN.fullmatch(key):
         raise ApiError(400, "invalid_header", f"{KEY_HEADER} must be 1 to 255 printable ASCII characters.",
                        field=KEY_HEADER)
+    # Each client's keys are its own: the same Idempotency-Key from another client is another request.
+    key = idempotency_scope(key)
+    body = json_object_body()
     body_print = fingerprint(body)
     try:
         stored = current.idempotency.begin(key, body_print)
@@ -141,6 +181,8 @@ def start_charging() -> Response:
         response.headers["Idempotent-Replayed"] = "true"
         return response
     try:
+        # A replay (above) is not counted: a client retrying after a timeout gets its answer, not a 429.
+        check_request_rate()
         response = answer_charge(current, body)
     except ApiError as exc:
         response = error_response(exc.status, exc.error, exc.message, **exc.extra)
@@ -158,19 +200,30 @@ def answer_charge(current: ChargeService, body: dict[str, Any]) -> Response:
     if not isinstance(wait, bool):
         raise ApiError(400, "invalid_field", "wait, when given, must be true or false.", field="wait")
     charge = charge_from_body(body, current.settings.max_amount_kw, current.settings.max_session_seconds)
+    check_vehicle_rate(charge.vehicle_id)  # valid requests only: a broken one never counts against a vehicle
     # The budget counts from when the request arrived; every hop after this one admits nothing past it.
     deadline = time.time() - (time.perf_counter() - g.started) + current.settings.request_timeout_seconds
     # This service names the session, so it can ask about it and stop exactly it later.
     charge = replace(charge, session_id=uuid.uuid4().hex)
+    book_session(charge)  # the key's quotas, booked before the request goes anywhere
     try:
-        current.tracker.reserve(charge.session_id, charge.vehicle_id, charge.amount_kw)
+        current.tracker.reserve(charge.session_id, charge.vehicle_id, charge.amount_kw, owner_id())
     except VehicleBusy as busy:
+        if may_see(owner_of(current, busy.session_id)):
+            raise ApiError(
+                409,
+                "vehicle_already_charging",
+                f"Vehicle {busy.vehicle_id} already has session {busy.session_id}, waiting or charging. One "
+                "vehicle has one session at a time: stop that one first (DELETE /sessions/<id>) or wait until it "
+                "ends.",
+                session_id=busy.session_id,
+            ) from None
+        # Whose session it is, and its id, are not this client's to know.
         raise ApiError(
             409,
             "vehicle_already_charging",
-            f"Vehicle {busy.vehicle_id} already has session {busy.session_id}, waiting or charging. One vehicle "
-            "has one session at a time: stop that one first (DELETE /sessions/<id>) or wait until it ends.",
-            session_id=busy.session_id,
+            f"Vehicle {busy.vehicle_id} already has a session, waiting or charging, that this client did not "
+            "start. One vehicle has one session at a time: retry once it has ended, or ask the operator.",
         ) from None
     token, digest = new_session_token()
     waiting = len(current.queue)
@@ -202,7 +255,10 @@ def answer_charge(current: ChargeService, body: dict[str, Any]) -> Response:
             reply.body["message"],
         )
         return passed_on(reply)
-    session = admitted_session(reply).with_token(digest)
+    session = admitted_session(reply).with_token(digest).owned_by(owner_id())
+    if session.energy_kwh is None and charge.energy_kwh is not None:
+        # A substation that did not answer for the need: the record keeps what was asked all the same.
+        session = replace(session, energy_kwh=charge.energy_kwh, departure=charge.departure)
     current.tracker.record(session)
     log.info(
         "session %s started: vehicle %s, up to %g kW at %s until %s",
@@ -269,14 +325,18 @@ def fits_nowhere(current: ChargeService, charge: ChargeRequest) -> BalancerReply
 
 def queued(current: ChargeService, charge: ChargeRequest, token: str, digest: str) -> Response:
     """202: the request waits for power; its Location tells how it is doing."""
+    retry_after = max(1, round(current.settings.queue_retry_seconds))
     try:
-        entry, position = current.queue.add(charge, digest)
+        book_queued(retry_after)
+        entry, position = current.queue.add(charge, digest, owner_id())
     except QueueFull as exc:
         current.tracker.release(charge.session_id)
-        retry_after = max(1, round(current.settings.queue_retry_seconds))
         raise ApiError(
             503, "queue_full", f"{exc}. Retry in {retry_after} s or later.", retry_after_seconds=retry_after
         ).with_header("Retry-After", str(retry_after)) from None
+    except ApiError:
+        current.tracker.release(charge.session_id)
+        raise
     current.tracker.queued(entry.session_id, entry.to_record())
     if position == 1:
         current.dispatcher.request_queued()
@@ -301,29 +361,22 @@ def list_sessions() -> Response:
 def show_session(session_id: str) -> Response:
     """Queued, charging, suspended, ended, expired or cancelled: the session as it is now."""
     current = charge_service()
-    admin_token = current.settings.admin_token
     waiting = current.queue.get(session_id)
     if waiting is not None:
         entry, position = waiting
-        require_session_access(entry.token_digest, admin_token)
+        require_session_owner(entry.owner, entry.token_digest, no_session(session_id))
         return jsonify(entry.as_json(position))
     with_history = request.args.get("history") in {"1", "true"}
     session = current.tracker.get(session_id)
     if session is not None:
-        require_session_access(session.token_digest, admin_token)
+        require_session_owner(session.owner, session.token_digest, no_session(session_id))
         body = session.as_json(current.tracker.now())
         return jsonify({**body, **live_record(current, session, with_history)})
     finished = current.tracker.finished(session_id)
     if finished is None:
-        require_some_credential()
-        raise ApiError(
-            404,
-            "session_not_found",
-            f"No session {session_id!r} here: it was never started through this service, or it ended too long "
-            "ago to be kept.",
-            session_id=session_id,
-        )
-    require_session_access(finished.token_digest, admin_token)
+        require_credential()
+        raise no_session(session_id)
+    require_session_owner(finished.owner, finished.token_digest, no_session(session_id))
     body = finished.as_json()
     if finished.session is None:
         return jsonify(body)
@@ -363,13 +416,13 @@ def stop_session(session_id: str) -> Response:
     current = charge_service()
     waiting = current.queue.get(session_id)
     if waiting is not None:
-        require_session_access(waiting[0].token_digest, current.settings.admin_token)
+        require_session_owner(waiting[0].owner, waiting[0].token_digest, no_active_session(session_id))
     waiting_entry = current.queue.remove(session_id) if waiting is not None else None
     if waiting_entry is not None:
         waiting = waiting_entry
         current.tracker.finish_waiting(
             session_id, waiting.request.vehicle_id, waiting.request.amount_kw, "cancelled", waiting.queued_at,
-            waiting.token_digest,
+            waiting.token_digest, waiting.owner,
         )
         current.metrics.left_queue("cancelled", max(0.0, (current.tracker.now() - waiting.queued_at).total_seconds()))
         log.info("queued request %s cancelled by its client", session_id)
@@ -377,9 +430,9 @@ def stop_session(session_id: str) -> Response:
     finished = current.tracker.finished(session_id)
     if finished is not None and current.tracker.get(session_id) is None:
         # Only its own client (or the operator) may learn that it is over.
-        require_session_access(finished.token_digest, current.settings.admin_token)
+        require_session_owner(finished.owner, finished.token_digest, no_active_session(session_id))
     session = active_session(current, session_id)
-    require_session_access(session.token_digest, current.settings.admin_token)
+    require_session_owner(session.owner, session.token_digest, no_active_session(session_id))
     # A failed call raises before forget(), so the session stays tracked and the client can retry.
     reply = current.balancer.stop_charge(session.substation, session.session_id)
     current.tracker.forget(session_id)

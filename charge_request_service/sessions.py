@@ -5,8 +5,14 @@ session is active from its admission until its ``ends_at`` or until a client
 stops it; sessions past their end move to the finished ones lazily whenever
 the tracker is read, so every count is exact at the moment it is asked for.
 Finished sessions (ended, stopped, expired in the queue, cancelled) are kept,
-the last ``FINISHED_KEPT`` of them, so a client can still read how its
-session ended.
+so a client can still read how its session ended: with a store, on disk for
+its retention (``charge_request_service.store``) and the last ``FINISHED_CACHED``
+in memory; without one, the last ``FINISHED_KEPT`` in memory.
+
+``SessionTracker`` is one process's view, written through to its store.
+``SharedSessionTracker`` is for a database replicas share: the database is the
+truth, and every decision two replicas could race on (a vehicle's one session,
+stopping or ending a session) is made there.
 """
 from __future__ import annotations
 
@@ -19,13 +25,16 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from charge_request_service.store import ChargeStore
+from charge_request_service.database import FINISHED_STATES
+from charge_request_service.store import ChargeStore, StoredSession
 from gridcommon.timefmt import format_time, parse_time, utc_now
 from gridcommon.validation import finite_number
 
 Clock = Callable[[], datetime]
 
 FINISHED_KEPT = 10_000
+# Finished sessions held in memory when a store keeps them all.
+FINISHED_CACHED = 1_000
 
 
 class InvalidAdmission(ValueError):
@@ -44,6 +53,13 @@ class ChargeSession:
     queued_at: datetime | None = None
     # SHA-256 of the session_token its client got (charge_request_service.access).
     token_digest: str | None = None
+    # Id of the client key that asked for it (charge_request_service.client_keys); None when none was sent.
+    owner: str | None = None
+    # The vehicle's need and what the substation expected at admission (issue 23); None without a need.
+    energy_kwh: float | None = None
+    departure: datetime | None = None
+    expected_energy_kwh: float | None = None
+    feasible: bool | None = None
 
     @classmethod
     def from_admission(cls, body: Mapping[str, Any]) -> "ChargeSession":
@@ -56,6 +72,7 @@ class ChargeSession:
                 amount_kw=_number(body, "amount"),
                 started_at=parse_time(_text(body, "started_at")),
                 ends_at=parse_time(_text(body, "ends_at")),
+                **_need(body),
             )
         except (TypeError, ValueError) as exc:
             raise InvalidAdmission(str(exc)) from None
@@ -72,12 +89,16 @@ class ChargeSession:
     def with_token(self, token_digest: str) -> "ChargeSession":
         return replace(self, token_digest=token_digest)
 
+    def owned_by(self, owner: str | None) -> "ChargeSession":
+        return replace(self, owner=owner)
+
     def to_record(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id, "vehicle_id": self.vehicle_id, "substation": self.substation,
             "amount_kw": self.amount_kw, "started_at": format_time(self.started_at),
             "ends_at": format_time(self.ends_at),
             "queued_at": format_time(self.queued_at) if self.queued_at else None, "token_digest": self.token_digest,
+            "owner": self.owner, **self._need_json(),
         }
 
     @classmethod
@@ -86,6 +107,7 @@ class ChargeSession:
             record["session_id"], record["vehicle_id"], record["substation"], record["amount_kw"],
             parse_time(record["started_at"]), parse_time(record["ends_at"]),
             parse_time(record["queued_at"]) if record.get("queued_at") else None, record.get("token_digest"),
+            record.get("owner"), **_need(record),
         )
 
     @property
@@ -105,7 +127,17 @@ class ChargeSession:
         if self.queued_at is not None:
             body["queued_at"] = format_time(self.queued_at)
             body["queue_wait_seconds"] = round(self.queue_wait_seconds or 0.0, 3)
-        return body
+        return {**body, **self._need_json()}
+
+    def _need_json(self) -> dict[str, Any]:
+        """The need's fields that are set: a session without one answers as before."""
+        fields = {
+            "energy_kwh": self.energy_kwh,
+            "departure": None if self.departure is None else format_time(self.departure),
+            "expected_energy_kwh": self.expected_energy_kwh,
+            "feasible": self.feasible,
+        }
+        return {name: value for name, value in fields.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -127,6 +159,7 @@ class FinishedSession:
     queued_at: datetime | None = None
     final: Mapping[str, Any] | None = None
     token_digest: str | None = None
+    owner: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -135,6 +168,7 @@ class FinishedSession:
             "session": self.session.to_record() if self.session else None,
             "queued_at": format_time(self.queued_at) if self.queued_at else None,
             "final": dict(self.final) if self.final is not None else None, "token_digest": self.token_digest,
+            "owner": self.owner,
         }
 
     @classmethod
@@ -144,7 +178,7 @@ class FinishedSession:
             parse_time(record["finished_at"]),
             ChargeSession.from_record(record["session"]) if record.get("session") else None,
             parse_time(record["queued_at"]) if record.get("queued_at") else None,
-            record.get("final"), record.get("token_digest"),
+            record.get("final"), record.get("token_digest"), record.get("owner"),
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -166,6 +200,22 @@ def _text(body: Mapping[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidAdmission(f"{name} is missing or not a non-empty string")
     return value
+
+
+def _need(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The need's fields of a substation's answer or a stored record, by ``ChargeSession``'s names.
+
+    A substation's ``energy_kwh`` is the need only in the answer for a session with one (it then says
+    whether it is ``feasible``); without one, the field is the energy delivered so far.
+    """
+    has_need = isinstance(body.get("feasible"), bool)
+    departure = body.get("departure")
+    return {
+        "energy_kwh": finite_number(body.get("energy_kwh")) if has_need else None,
+        "departure": parse_time(departure) if isinstance(departure, str) else None,
+        "expected_energy_kwh": finite_number(body.get("expected_energy_kwh")) if has_need else None,
+        "feasible": body["feasible"] if has_need else None,
+    }
 
 
 def _number(body: Mapping[str, Any], name: str) -> float:
@@ -196,14 +246,16 @@ class PendingSession:
     vehicle_id: str
     amount_kw: float
     created_at: datetime
+    owner: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "vehicle_id": self.vehicle_id, "amount_kw": self.amount_kw,
-                "created_at": format_time(self.created_at)}
+                "created_at": format_time(self.created_at), "owner": self.owner}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "PendingSession":
-        return cls(record["session_id"], record["vehicle_id"], record["amount_kw"], parse_time(record["created_at"]))
+        return cls(record["session_id"], record["vehicle_id"], record["amount_kw"], parse_time(record["created_at"]),
+                   record.get("owner"))
 
 
 class VehicleBusy(Exception):
@@ -258,9 +310,10 @@ class SessionTracker:
             self._sessions[session.session_id] = session
             self._vehicles[session.vehicle_id] = session.session_id
             heapq.heappush(self._endings, (session.ends_at, session.session_id))
-            self._put(session.session_id, session.vehicle_id, "active", session.to_record(), now)
+            self._put(session.session_id, session.vehicle_id, "active", session.to_record(), now,
+                      session.ends_at.timestamp())
 
-    def reserve(self, session_id: str, vehicle_id: str, amount_kw: float) -> PendingSession:
+    def reserve(self, session_id: str, vehicle_id: str, amount_kw: float, owner: str | None = None) -> PendingSession:
         """Note a request about to be forwarded; raises ``VehicleBusy`` if the vehicle has a session."""
         with self._locked():
             now = self._clock()
@@ -268,7 +321,7 @@ class SessionTracker:
             existing = self._vehicles.get(vehicle_id)
             if existing is not None:
                 raise VehicleBusy(vehicle_id, existing)
-            pending = PendingSession(session_id, vehicle_id, amount_kw, now)
+            pending = PendingSession(session_id, vehicle_id, amount_kw, now, owner)
             self._pending[session_id] = pending
             self._vehicles[vehicle_id] = session_id
             self._put(session_id, vehicle_id, "pending", pending.to_record(), now)
@@ -310,7 +363,7 @@ class SessionTracker:
                 self._expired += 1
                 self._keep_finished(FinishedSession(
                     session_id, session.vehicle_id, session.amount_kw, "ended", now, session, session.queued_at,
-                    token_digest=session.token_digest,
+                    token_digest=session.token_digest, owner=session.owner,
                 ))
             return session
 
@@ -337,8 +390,6 @@ class SessionTracker:
                 elif state == "queued":
                     queued.append(record)
                     self._vehicles[record["vehicle_id"]] = session_id
-                else:
-                    self._finished[session_id] = FinishedSession.from_record(record)
             self._drop_expired(self._clock())
             return list(self._pending.values()), queued
 
@@ -346,9 +397,10 @@ class SessionTracker:
         if self._vehicles.get(vehicle_id) == session_id:
             del self._vehicles[vehicle_id]
 
-    def _put(self, session_id: str, vehicle_id: str, state: str, record: dict[str, Any], now: datetime) -> None:
+    def _put(self, session_id: str, vehicle_id: str, state: str, record: dict[str, Any], now: datetime,
+             due_at: float | None = None) -> None:
         if self._store is not None:
-            self._store.put_session(session_id, vehicle_id, state, record, now.timestamp())
+            self._store.put_session(session_id, vehicle_id, state, record, now.timestamp(), due_at)
 
     def get(self, session_id: str) -> ChargeSession | None:
         """The session if it is still active, else ``None``."""
@@ -378,28 +430,32 @@ class SessionTracker:
                 self._keep_finished(FinishedSession(
                     session.session_id, session.vehicle_id, session.amount_kw, "stopped", now, session,
                     session.queued_at,
-                    token_digest=session.token_digest,
+                    token_digest=session.token_digest, owner=session.owner,
                 ))
             return session
 
     def finish_waiting(self, session_id: str, vehicle_id: str, amount_kw: float, state: str,
-                       queued_at: datetime, token_digest: str | None) -> None:
+                       queued_at: datetime, token_digest: str | None, owner: str | None = None) -> None:
         """Record how a request that never started left the queue: ``expired`` or ``cancelled``."""
         with self._locked():
             self._keep_finished(FinishedSession(
                 session_id, vehicle_id, amount_kw, state, self._clock(), queued_at=queued_at,
-                token_digest=token_digest,
+                token_digest=token_digest, owner=owner,
             ))
 
     def finished(self, session_id: str) -> FinishedSession | None:
         with self._locked():
             self._drop_expired(self._clock())
-            return self._finished.get(session_id)
+            entry = self._finished.get(session_id)
+        if entry is None and self._store is not None:  # past the cache: read from disk
+            entry = finished_from(self._store.session(session_id))
+        return entry
 
     def remember_final(self, session_id: str, final: Mapping[str, Any]) -> None:
         """Keep the substation's last record of a finished session: it no longer changes."""
+        stored = self.finished(session_id)
         with self._locked():
-            entry = self._finished.get(session_id)
+            entry = self._finished.get(session_id, stored)
             if entry is not None:
                 entry = self._finished[session_id] = replace(entry, final=dict(final))
                 self._put(session_id, entry.vehicle_id, entry.state, entry.to_record(), entry.finished_at)
@@ -408,7 +464,7 @@ class SessionTracker:
         self._finished[entry.session_id] = entry
         self._free_vehicle(entry.vehicle_id, entry.session_id)
         self._put(entry.session_id, entry.vehicle_id, entry.state, entry.to_record(), entry.finished_at)
-        while len(self._finished) > FINISHED_KEPT:
+        while len(self._finished) > (FINISHED_KEPT if self._store is None else FINISHED_CACHED):
             self._finished.popitem(last=False)
 
     def counts(self) -> SessionCounts:
@@ -426,5 +482,173 @@ class SessionTracker:
                 self._expired += 1
                 self._keep_finished(FinishedSession(
                     session_id, session.vehicle_id, session.amount_kw, "ended", ends_at, session, session.queued_at,
-                    token_digest=session.token_digest,
+                    token_digest=session.token_digest, owner=session.owner,
                 ))
+
+
+def finished_from(stored: StoredSession | None) -> FinishedSession | None:
+    """The finished session a stored row holds; None for a row that is not finished (or no row)."""
+    if stored is None or stored.state not in FINISHED_STATES:
+        return None
+    return FinishedSession.from_record(stored.record)
+
+
+class SharedSessionTracker:
+    """Sessions in a database other replicas share (``ChargeStore.shared``): ``SessionTracker``'s methods.
+
+    Nothing but finished sessions is cached: another replica may stop, end or start any session
+    at any moment. Whatever two replicas could race on is decided by the database — the vehicle's
+    one open session by its unique index (the pending row is the claim), a stop or an end by a
+    conditional update that only one of them wins. Sessions past their ``ends_at`` read as ended
+    at once; the reconciler writes them so (``end_due``). The counts of stops and ends are this
+    replica's; ``active`` counts are the database's.
+    """
+
+    def __init__(self, clock: Clock, store: ChargeStore) -> None:
+        self._clock = clock
+        self._store = store
+        self._lock = threading.Lock()
+        self._finished: OrderedDict[str, FinishedSession] = OrderedDict()
+        self._recorded = 0
+        self._stopped = 0
+        self._expired = 0
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    def record(self, session: ChargeSession) -> None:
+        now = self._clock()
+        self._store.put_session(session.session_id, session.vehicle_id, "active", session.to_record(),
+                                now.timestamp(), session.ends_at.timestamp())
+        with self._lock:
+            self._recorded += 1
+
+    def reserve(self, session_id: str, vehicle_id: str, amount_kw: float, owner: str | None = None) -> PendingSession:
+        """Claim the vehicle with the request's pending row; ``VehicleBusy`` names the session that holds it."""
+        now = self._clock()
+        pending = PendingSession(session_id, vehicle_id, amount_kw, now, owner)
+        for _ in range(2):
+            holder = self._store.claim_vehicle(session_id, vehicle_id, pending.to_record(), now.timestamp())
+            if holder is None:
+                return pending
+            if not (holder.state == "active" and holder.due_at is not None and holder.due_at <= now.timestamp()):
+                break
+            self._end(ChargeSession.from_record(holder.record), "ended", None)  # it ran its time: the vehicle is free
+        raise VehicleBusy(vehicle_id, holder.session_id)
+
+    def queued(self, session_id: str, record: dict[str, Any]) -> None:
+        """Nothing to do: the shared queue moved the row to ``queued`` as it queued it."""
+
+    def release(self, session_id: str) -> None:
+        self._store.delete_session(session_id, "pending")
+
+    def rekey(self, old_session_id: str, new_session_id: str) -> None:
+        stored = self._store.session(old_session_id)
+        if stored is None or stored.state != "pending":
+            raise KeyError(old_session_id)
+        renamed = replace(PendingSession.from_record(stored.record), session_id=new_session_id)
+        self._store.rename_pending(old_session_id, new_session_id, renamed.to_record(), self._clock().timestamp())
+
+    def end_unheld(self, session_id: str) -> ChargeSession | None:
+        session = self._active(session_id)
+        return session if session is not None and self._end(session, "ended", self._clock()) else None
+
+    def pending(self) -> list[PendingSession]:
+        """Every replica's pending requests: whichever replica reconciles settles them all."""
+        return [PendingSession.from_record(row.record) for row in self._store.sessions_in("pending")]
+
+    def load(self) -> tuple[list[PendingSession], list[dict[str, Any]]]:
+        """Nothing to take back into memory: the database is read as it is."""
+        return [], []
+
+    def get(self, session_id: str) -> ChargeSession | None:
+        """The session if it is still active, else ``None``; one past its end is marked ended now."""
+        session = self._active(session_id)
+        if session is None or session.ends_at > self._clock():
+            return session
+        self._end(session, "ended", None)
+        return None
+
+    def _active(self, session_id: str) -> ChargeSession | None:
+        stored = self._store.session(session_id)
+        return ChargeSession.from_record(stored.record) if stored is not None and stored.state == "active" else None
+
+    def active(self) -> list[ChargeSession]:
+        rows = self._store.sessions_in("active", due_after=self._clock().timestamp())
+        sessions = [ChargeSession.from_record(row.record) for row in rows]
+        return sorted(sessions, key=lambda session: (session.started_at, session.session_id))
+
+    def active_count(self) -> int:
+        return self._store.count_in("active", due_after=self._clock().timestamp())
+
+    def forget(self, session_id: str) -> ChargeSession | None:
+        """Stop a session for its client; ``None`` if it was not active (or another replica stopped it first)."""
+        session = self._active(session_id)
+        if session is None or not self._end(session, "stopped", self._clock()):
+            return None
+        with self._lock:
+            self._stopped += 1
+        return session
+
+    def end_due(self, limit: int = 1_000) -> int:
+        """Write ``ended`` on the sessions past their end; how many this call ended."""
+        rows = self._store.sessions_in("active", due_by=self._clock().timestamp(), limit=limit)
+        return sum(self._end(ChargeSession.from_record(row.record), "ended", None) for row in rows)
+
+    def _end(self, session: ChargeSession, state: str, at: datetime | None) -> bool:
+        """Move an active session to ``state`` (at its end, unless ``at``); whether this replica did it."""
+        finished_at = at or session.ends_at
+        entry = FinishedSession(session.session_id, session.vehicle_id, session.amount_kw, state, finished_at,
+                                session, session.queued_at, token_digest=session.token_digest, owner=session.owner)
+        if not self._store.change_session(session.session_id, ("active",), state, entry.to_record(),
+                                          finished_at.timestamp()):
+            return False
+        with self._lock:
+            if state != "stopped":
+                self._expired += 1
+            self._cache(entry)
+        return True
+
+    def finish_waiting(self, session_id: str, vehicle_id: str, amount_kw: float, state: str,
+                       queued_at: datetime, token_digest: str | None, owner: str | None = None) -> None:
+        """How a request that never started left the queue (the shared queue took it out as ``pending``)."""
+        entry = FinishedSession(session_id, vehicle_id, amount_kw, state, self._clock(), queued_at=queued_at,
+                                token_digest=token_digest, owner=owner)
+        if self._store.change_session(session_id, ("pending", "queued"), state, entry.to_record(),
+                                      entry.finished_at.timestamp()):
+            with self._lock:
+                self._cache(entry)
+
+    def finished(self, session_id: str) -> FinishedSession | None:
+        with self._lock:
+            entry = self._finished.get(session_id)
+        if entry is not None:
+            return entry
+        stored = self._store.session(session_id)
+        if stored is not None and stored.state == "active":
+            session = ChargeSession.from_record(stored.record)
+            if session.ends_at <= self._clock():  # past its end, and nobody has marked it yet: marked now
+                self._end(session, "ended", None)
+                stored = self._store.session(session_id)
+        return finished_from(stored)
+
+    def remember_final(self, session_id: str, final: Mapping[str, Any]) -> None:
+        entry = self.finished(session_id)
+        if entry is None:
+            return
+        entry = replace(entry, final=dict(final))
+        if self._store.change_session(session_id, (entry.state,), entry.state, entry.to_record(),
+                                      entry.finished_at.timestamp()):
+            with self._lock:
+                self._cache(entry)
+
+    def _cache(self, entry: FinishedSession) -> None:
+        self._finished[entry.session_id] = entry
+        self._finished.move_to_end(entry.session_id)
+        while len(self._finished) > FINISHED_CACHED:
+            self._finished.popitem(last=False)
+
+    def counts(self) -> SessionCounts:
+        with self._lock:
+            recorded, stopped, expired = self._recorded, self._stopped, self._expired
+        return SessionCounts(recorded, stopped, expired, self.active_count())

@@ -72,7 +72,7 @@ class Dispatcher:
         for entry in self._queue.expire():
             self._tracker.finish_waiting(
                 entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "expired", entry.queued_at,
-                entry.token_digest,
+                entry.token_digest, entry.owner,
             )
             self._metrics.left_queue("expired", self._waited(entry))
             log.info("queued request %s of vehicle %s expired after waiting its time",
@@ -92,7 +92,7 @@ class Dispatcher:
             self._queue.remove(entry.session_id)
             self._tracker.finish_waiting(
                 entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "expired", entry.queued_at,
-                entry.token_digest,
+                entry.token_digest, entry.owner,
             )
             self._metrics.left_queue("expired", self._waited(entry))
             return True
@@ -108,7 +108,7 @@ class Dispatcher:
             self._queue.remove(entry.session_id)
             self._tracker.finish_waiting(
                 entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "cancelled", entry.queued_at,
-                entry.token_digest,
+                entry.token_digest, entry.owner,
             )
             self._metrics.left_queue("cancelled", self._waited(entry))
             log.warning("queued request %s was refused (HTTP %s): %s", entry.session_id, reply.status,
@@ -118,6 +118,7 @@ class Dispatcher:
             session = ChargeSession.from_admission(reply.body).waited(entry.queued_at)
             if entry.token_digest is not None:
                 session = session.with_token(entry.token_digest)
+            session = session.owned_by(entry.owner)
         except InvalidAdmission as exc:
             log.error("the balancer admitted queued request %s but its answer is unusable: %s",
                       entry.session_id, exc)

@@ -5,7 +5,7 @@
 | `LOADTEST_TARGET_URL`   | `http://127.0.0.1:5000`  | the charge request service the requests go to        |
 | `LOADTEST_BALANCER_URL` | `http://127.0.0.1:5002`  | the balancer sampled for load (and switched for `--compare-policies`) |
 | `LOADTEST_OUTPUT_DIR`   | `loadtest-results`       | where results.json, the plots and the report go      |
-| `ADMIN_TOKEN`           | empty                    | operator token: `--compare-policies`, `--compare-allocation`, `derate` |
+| `ADMIN_TOKEN`           | empty                    | operator token: `--compare-policies`, `--compare-allocation`, `derate`; sent with every charge request too, which a charge API with `PUBLIC_API_AUTH=keys` needs |
 """
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def make_client(balancer_url: str, clock: Callable[[], datetime] = utc_now, **se
     timeouts = {"request_timeout_seconds": 3, "health_timeout_seconds": 1}
     app = create_app(
         Settings(load_balancer_url=balancer_url, admin_token=OPERATOR_TOKEN, rate_limit_per_vehicle="",
-                 **{**timeouts, **settings}),
+                 public_api_auth="open", **{**timeouts, **settings}),
         clock=clock,
     )
     client = app.test_client()

@@ -18,12 +18,16 @@ TIMEOUT = 10
 
 
 def readme_curl(base_url: str) -> list[str]:
-    """The README's first charge request, word for word, aimed at this stack's charge API."""
+    """The README's first charge request, word for word, aimed at this stack's charge API, with a client key
+    the operator made for it where it says ``$key``."""
     text = (REPO_ROOT / "README.md").read_text().replace("\\\n", " ")
     command = next(
         line for line in text.splitlines() if line.startswith("curl") and "POST localhost:5000/charge" in line
     )
-    words = [word.replace("localhost:5000", base_url.removeprefix("http://")) for word in shlex.split(command)]
+    key = requests.post(f"{base_url}/client-keys", json={"name": "readme"}, headers=OPERATOR,
+                        timeout=TIMEOUT).json()["api_key"]
+    words = [word.replace("localhost:5000", base_url.removeprefix("http://")).replace("$key", key)
+             for word in shlex.split(command)]
     return [*words, "-w", "\n%{http_code}"]
 
 

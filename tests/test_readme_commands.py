@@ -176,9 +176,13 @@ def procfile_services(log_dir: Path, state_dir: Path) -> dict[str, Service]:
     return services
 
 
-@pytest.fixture
-def local_stack(tmp_path: Path):
+@pytest.fixture(params=["open", "keys"])
+def local_stack(tmp_path: Path, request: pytest.FixtureRequest):
+    """The Procfile's stack; its charge API as `make run` has it (``open`` on 127.0.0.1), and with client keys
+    required, as compose has it: the tour works in both."""
     services = procfile_services(tmp_path / "logs", tmp_path / "state")
+    assert services["charge-request-service"].env["PUBLIC_API_AUTH"] == "open"
+    services["charge-request-service"].env["PUBLIC_API_AUTH"] = request.param
     (tmp_path / "logs").mkdir()
     order = ["substation-1", "substation-2", "substation-3", "load-balancer", "load-balancer-2",
              "charge-request-service"]

@@ -100,6 +100,9 @@ def json_answers(ctx: schemathesis.CheckContext, response: schemathesis.Response
     if case.operation.path == "/metrics" and response.status_code == 200:
         assert content_type.startswith("text/plain"), f"/metrics answered {content_type!r}"
         return
+    if case.operation.path == "/sessions/export" and response.status_code == 200:  # a substation's records as files
+        assert content_type.split(";")[0] in {"text/csv", "application/x-ndjson"}, content_type
+        return
     assert content_type.split(";")[0].strip() == "application/json", (
         f"{case.operation.label} answered {response.status_code} as {content_type!r}, not JSON"
     )
@@ -173,7 +176,9 @@ def start_fuzz_stack(log_dir: Path) -> Stack:
         substation_env={"ADMIN_TOKEN": OPERATOR_TOKEN},
         balancer_env={"ADMIN_TOKEN": OPERATOR_TOKEN},
         # Queued requests expire soon and the queue is short, so fuzzing sees every state of it.
-        charge_env={"RATE_LIMIT_PER_VEHICLE": "", "QUEUE_TIMEOUT_SECONDS": "5", "MAX_QUEUED": "20"},
+        # Client keys required, as deployed: the fuzzer asks as the operator, and without it (ignored_auth).
+        charge_env={"RATE_LIMIT_PER_VEHICLE": "", "QUEUE_TIMEOUT_SECONDS": "5", "MAX_QUEUED": "20",
+                    "PUBLIC_API_AUTH": "keys"},
     )
     if not WRAPPED:
         return harness.start_stack(log_dir, **kwargs)
@@ -196,7 +201,7 @@ def rate_limited_charge(stack: Stack) -> Iterator[Service]:
     service = service_class(
         name="charge-rate-limited",
         app="charge_request_service:create_app()",
-        env={"LOAD_BALANCER_URL": stack.balancer.url, "ADMIN_TOKEN": OPERATOR_TOKEN},
+        env={"LOAD_BALANCER_URL": stack.balancer.url, "ADMIN_TOKEN": OPERATOR_TOKEN, "PUBLIC_API_AUTH": "keys"},
         log_dir=stack.charge.log_path.parent,
     ).start()
     yield service

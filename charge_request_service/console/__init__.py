@@ -29,7 +29,8 @@ LOGIN_IDLE_SECONDS = 30 * 60.0
 MAX_LOGINS = 64
 
 
-def install_console(app: Flask, settings: Settings, queue_length: Callable[[], int]) -> Flask:
+def install_console(app: Flask, settings: Settings, queue_length: Callable[[], int],
+                    client_keys: Callable[[], list[dict[str, Any]]] = list) -> Flask:
     """Mount the console at /console in front of ``app``; the gatherer starts with the first console watching."""
     # Short timeouts: a source that hangs must not hold the snapshot every console waits for.
     reads = HttpClient("charge_request_service-console/1", timeout=(0.5, 2.0), pool_size=8)
@@ -41,7 +42,7 @@ def install_console(app: Flask, settings: Settings, queue_length: Callable[[], i
         prometheus_url=settings.prometheus_url or None,
         admin_token=settings.admin_token,
     )
-    reader = GridReader(sources, reads, queue_length)
+    reader = GridReader(sources, reads, queue_length, client_keys=client_keys)
     feed = Feed(reader.snapshot, SNAPSHOT_SECONDS, settings.console_max_streams)
     console_app = Flask(__name__)
     install_common(console_app)

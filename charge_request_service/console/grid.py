@@ -104,10 +104,13 @@ class GridReader:
     """Takes snapshots of the whole grid; one at a time (the caller shares them out)."""
 
     def __init__(self, sources: Sources, http: HttpClient, queue_length: Callable[[], int],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 client_keys: Callable[[], list[dict[str, Any]]] = list) -> None:
         self.sources = sources
         self._http = http
         self._queue_length = queue_length
+        # What each active client key holds and was refused (charge_request_service.key_access), read in-process.
+        self._client_keys = client_keys
         self._clock = clock
         # One thread per source at most; the snapshot takes as long as the slowest answer.
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="console-read")
@@ -211,6 +214,7 @@ class GridReader:
             "sessions": sessions[:MAX_ROWS],
             "stations": self._stations(stations),
             "alerts": self._alerts_json(),
+            "client_keys": self._client_keys()[:MAX_ROWS],
             "balancers": self._balancers(statuses, metrics, started),
         }
 

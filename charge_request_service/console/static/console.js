@@ -221,6 +221,14 @@
     ]);
   }
 
+  function renderClientKeys(keys) {
+    replaceRows(byId("client-keys"), keys || [], (k) => [
+      k.key_id, k.name, k.sessions + " / " + k.quotas.sessions, kw(k.kw) + " / " + kw(k.quotas.kw),
+      k.queued + " / " + k.quotas.queued,
+      Object.entries(k.refusals).map(([reason, count]) => reason + ": " + count).join(", ") || "none",
+    ]);
+  }
+
   function renderAlerts(alerts) {
     setText(byId("alerts-note"), !alerts.configured ? "No Prometheus configured (set PROMETHEUS_URL)."
       : alerts.error ? "Prometheus " + alerts.error + "." : alerts.alerts.length ? "" : "No alerts.");
@@ -238,6 +246,7 @@
     renderSessions(snapshot.sessions);
     renderStations(snapshot.stations);
     renderAlerts(snapshot.alerts);
+    renderClientKeys(snapshot.client_keys);
     lastUpdate = Date.now();
     setText(byId("live"), "Live: updated " + new Date(snapshot.taken_at * 1000).toLocaleTimeString());
     performance.measure("console-render", "console-render-start");
