@@ -12,23 +12,34 @@ minimum, so ``uninterrupted_charging`` would change nothing: for the runs with
 it, each charging point's minimum is set to ours (``MIN_CHARGE_KW``), which is
 what the option then applies.
 
+Then the same policy through the substation's real :class:`Ledger` (its state file
+included, on a simulated clock): what re-planning costs per event with 1,000
+sessions with deadlines against 10, and what 100,000 finished sessions cost in
+memory against 10,000 while any one of them still answers with its energy.
+
 ``python -m benchmarks.energy`` runs only this part.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import math
+import os
 import random
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from load_tester.energy import jain_index
 from load_tester.workplace_day import SECONDS_PER_HOUR, PlannedSession, workplace_day
-from substation_service.allocation import amount_to_mw, to_mw
+from substation_service.allocation import AllocationPolicy, amount_to_mw, to_mw
+from substation_service.ledger import Ledger
 from substation_service.scheduling import DEFAULT_PRIORITY, DeadlineSet, Need, Priority, is_urgent, plan, usable_mw
+from substation_service.store import LedgerStore
 
 SEED = 2019
 SESSIONS = 60
@@ -282,6 +293,124 @@ def replan_cost() -> None:
           f"{'ok' if ratio <= 5 else 'MISSED'}")
 
 
+class SimulatedClock:
+    """Seconds since the epoch that move only when the benchmark says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _deadline_ledger(count: int, clock: SimulatedClock) -> tuple[Ledger, float]:
+    """A ledger under the deadline policy with ``count`` sessions with needs; the power runs out mid-queue."""
+    rng = random.Random(5)
+    limit_kw = count * (MIN_CHARGE_KW + (7.2 - MIN_CHARGE_KW) / 2)
+    ledger = Ledger(limit_kw, 60.0, clock=clock, policy=AllocationPolicy.DEADLINE)
+    for index in range(count):
+        ledger.admit(f"ev-{index}", 7.2, energy_kwh=rng.uniform(1, 40), departure=clock() + rng.uniform(2, 10) * 3600)
+    return ledger, limit_kw
+
+
+def ledger_replan_cost() -> None:
+    """Events through the real Ledger: a change of the operator's limit, and a vehicle arriving and leaving.
+
+    The clock stands still while it is timed, so no session ends meanwhile. An arrival's answer
+    carries its forecast (``expected_energy_kwh``), which walks every session with a need once per
+    change: its cost is printed apart.
+    """
+    print("\n## Re-planning through the Ledger (deadline policy), per event, by sessions with deadlines")
+    costs: dict[tuple[str, int], float] = {}
+    for count in (10, 100, 1_000):
+        clock = SimulatedClock()
+        ledger, limit_kw = _deadline_ledger(count, clock)
+        rng = random.Random(9)
+        events = 1_000
+
+        def limit_changes() -> None:
+            for index in range(events):
+                ledger.set_operator_limit(limit_kw - (index % 2) * 3.0)
+
+        def arrivals_and_departures() -> None:
+            for _ in range(events):
+                admission = ledger.admit("ev-arriving", 7.2, energy_kwh=rng.uniform(1, 40),
+                                         departure=clock() + rng.uniform(2, 10) * 3600)
+                ledger.release(admission.session.session_id)
+
+        def arrivals_without_need() -> None:
+            for _ in range(events):
+                admission = ledger.admit("ev-arriving", 7.2, duration_seconds=3600)
+                ledger.release(admission.session.session_id)
+
+        for kind, run in (("limit", limit_changes), ("arrive+leave, no need", arrivals_without_need),
+                          ("arrive+leave with need, forecast", arrivals_and_departures)):
+            timings = []
+            for _ in range(3):
+                started = time.perf_counter()
+                run()
+                timings.append((time.perf_counter() - started) / events)
+            costs[kind, count] = min(timings)
+    for (kind, count), cost in costs.items():
+        print(f"  {kind:<34} {count:>5} sessions: {cost / costs[kind, 10]:6.2f}x the cost with 10 "
+              f"({cost * 1e6:.0f} us)")
+    ratio = max(costs["limit", 1_000] / costs["limit", 10],
+                costs["arrive+leave, no need", 1_000] / costs["arrive+leave, no need", 10])
+    print(f"  floor: re-planning (a change of limit, an arrival and a departure) with 1000 sessions with deadlines "
+          f"at most 5x the cost with 10, through the Ledger -> {ratio:.2f}x {'ok' if ratio <= 5 else 'MISSED'}")
+    print(f"  (an arrival with a need also answers with its forecast, O(n log n): "
+          f"{costs['arrive+leave with need, forecast', 1_000] / costs['arrive+leave with need, forecast', 10]:.1f}x)")
+
+
+def _rss_bytes() -> int:
+    """The process's resident memory now (Linux: /proc/self/statm), after a full collection."""
+    gc.collect()
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def records_memory(total: int = 100_000, first_mark: int = 10_000) -> None:
+    """Finished sessions are records on disk: memory after 100,000 against after 10,000, and any one answers."""
+    print(f"\n## Finished records: {total:,} sessions through a Ledger with its state file, simulated clock")
+    clock = SimulatedClock()
+    rng = random.Random(17)
+    with tempfile.TemporaryDirectory() as folder:
+        store = LedgerStore(Path(folder) / "records.sqlite3", "substation-bench")
+        ledger = Ledger(100.0, 60.0, clock=clock, policy=AllocationPolicy.DEADLINE, store=store,
+                        substation_id="substation-bench")
+        energies: dict[str, float] = {}
+        memory: dict[int, int] = {}
+        started = time.perf_counter()
+        for index in range(total):
+            # As the balancer sends them: an id of its own and a deadline a few seconds ahead.
+            # (The ids are not kept here: the benchmark's own list would grow with them.)
+            ledger.admit(f"ev-{index % 500}", 11.0, session_id=f"s-{index}", deadline=clock() + 5,
+                         energy_kwh=rng.uniform(0.01, 0.05), departure=clock() + 30)
+            clock.now += 2.0  # about 6 charging at once; each ends when its need is delivered
+            if index + 1 == first_mark:
+                ledger.snapshot()
+                memory[first_mark] = _rss_bytes()
+        clock.now += 60
+        ledger.snapshot()
+        memory[total] = _rss_bytes()
+        elapsed = time.perf_counter() - started
+        first = "s-0"
+        for key in [first, f"s-{first_mark}", *(f"s-{index}" for index in rng.sample(range(total), 5))]:
+            report = ledger.session(key)
+            energies[key] = report.energy_kwh
+            assert report.need_met and abs(report.energy_kwh - report.need_kwh) < 1e-6, report
+        size = (Path(folder) / "records.sqlite3").stat().st_size
+        store.close()
+    ratio = memory[total] / memory[first_mark]
+    print(f"  {total:,} sessions in {elapsed:.1f} s; state file {size / 1e6:.0f} MB")
+    print(f"  resident memory after {first_mark:,}: {memory[first_mark] / 1e6:.1f} MB; after {total:,}: "
+          f"{memory[total] / 1e6:.1f} MB")
+    print(f"  the first session still answers: {energies['s-0']:.4f} kWh delivered ({len(energies)} looked up, "
+          f"every one with its energy)")
+    print(f"  floor: memory after {total:,} at most 1.1x after {first_mark:,} -> {ratio:.3f}x "
+          f"{'ok' if ratio <= 1.1 else 'MISSED'}")
+
+
 DEFAULT = DEFAULT_PRIORITY.value
 OUR_POLICIES = ("llf", "edf", "llf-exact", "fair_share")
 
@@ -290,6 +419,8 @@ def main() -> None:
     quality()
     over_limit()
     replan_cost()
+    ledger_replan_cost()
+    records_memory()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from gridcommon.validation import ChargeRequest
 DEFAULT_RETRY_AFTER = "1"
 # The balancer answers by the deadline; this much longer lets its answer travel back.
 ANSWER_GRACE_SECONDS = 0.5
+# A session's live figures are worth a short wait only: past it, the stored record answers, marked not current.
+SHOW_READ_SECONDS = 2.0
 
 
 class BalancerUnavailable(Exception):
@@ -120,7 +122,9 @@ class BalancerClient:
     def show_charge(self, substation: str, session_id: str) -> BalancerReply:
         """GET /charge/<substation>/<session_id>: 200 the substation's record, 404 it has none."""
         path = f"/charge/{quote(substation, safe='')}/{quote(session_id, safe='')}"
-        reply = self._call("GET", path, expected={200, 404}, repeatable=True)
+        connect, read = self._http.timeout
+        reply = self._call("GET", path, expected={200, 404}, repeatable=True,
+                           timeout=(connect, min(read, SHOW_READ_SECONDS)))
         if reply.status == 404 and reply.body.get("error") != "session_not_found":
             raise BalancerUnavailable(
                 f"the load balancer cannot reach substation {substation} "

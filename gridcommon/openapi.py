@@ -19,7 +19,12 @@ from typing import Any
 
 from flask import Flask, Response
 
-from gridcommon.validation import DEFAULT_MAX_AMOUNT_KW, DEFAULT_MAX_DURATION_SECONDS
+from gridcommon.validation import (
+    DEFAULT_MAX_AMOUNT_KW,
+    DEFAULT_MAX_DURATION_SECONDS,
+    MAX_DEPARTURE_AHEAD_SECONDS,
+    MAX_ENERGY_KWH,
+)
 
 OPENAPI_PATH = "/openapi.json"
 OPENAPI_VERSION = "3.1.0"
@@ -349,7 +354,24 @@ def charge_request_schema(
             "exclusiveMinimum": 0,
             "maximum": max_duration_seconds,
             "description": "How long the session lasts: more than 0, at most `MAX_SESSION_SECONDS` "
-            f"({max_duration_seconds:g} by default). Absent or null: the substation's `SESSION_SECONDS`.",
+            f"({max_duration_seconds:g} by default). Absent or null: the substation's `SESSION_SECONDS`, "
+            "or with `energy_kwh` and `departure`, until the energy is delivered or the vehicle departs.",
+        },
+        "energy_kwh": {
+            "type": ["number", "null"],
+            "exclusiveMinimum": 0,
+            "maximum": MAX_ENERGY_KWH,
+            "description": f"The energy the vehicle needs, kWh: more than 0, at most {MAX_ENERGY_KWH:g}. Needs a "
+            "`departure` (or a `duration_seconds`): by when. The session is planned to deliver it by then, and "
+            "the answer says whether that is expected (`expected_energy_kwh`, `feasible`).",
+            "examples": [30],
+        },
+        "departure": {
+            "type": ["string", "number", "null"],
+            "description": "When the vehicle leaves: an ISO 8601 time (without a zone, UTC) or a number of "
+            f"seconds from now; after now and at most {MAX_DEPARTURE_AHEAD_SECONDS / 86400:g} days ahead. "
+            "Passed on as the absolute UTC time. Alone (without `energy_kwh`), the session lasts until then.",
+            "examples": ["2026-12-06T17:30:00Z", 28800],
         },
     }
     if with_session_id:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
+
+from gridcommon.timefmt import format_time, parse_time, utc_now
 
 # \A and \Z, used with fullmatch: "^...$" with match() also takes "EV-1\n", because "$"
 # matches before a trailing newline, and that newline would then travel into logs and URLs.
@@ -22,6 +25,12 @@ DEFAULT_MAX_DURATION_SECONDS = 3600.0
 # Times are reported in milliseconds: a shorter session (5e-324 s is a valid JSON number) would
 # start and end at the same instant, and its duration would read as 0.
 MIN_DURATION_SECONDS = 0.001
+# An energy need (issue 23): the most a vehicle may ask for (a large truck's battery), and how far
+# ahead its departure may be. A need beyond these is a typo or a unit error (Wh sent as kWh).
+MAX_ENERGY_KWH = 500.0
+MAX_DEPARTURE_AHEAD_SECONDS = 7 * 24 * 3600.0
+# An ISO 8601 time is about 30 characters; a longer string is not one.
+MAX_TIME_TEXT = 64
 
 
 class ValidationError(ValueError):
@@ -41,6 +50,9 @@ class ChargeRequest:
     # Chosen by the balancer, never by the public: the same id on a retried forward makes the
     # substation answer with the session it already admitted instead of admitting it twice.
     session_id: str | None = None
+    # The vehicle's need: this much energy by its departure (both optional; see parse_energy_need).
+    energy_kwh: float | None = None
+    departure: datetime | None = None
 
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"vehicle_id": self.vehicle_id, "amount": self.amount_kw}
@@ -48,6 +60,11 @@ class ChargeRequest:
             body["duration_seconds"] = self.duration_seconds
         if self.session_id is not None:
             body["session_id"] = self.session_id
+        if self.energy_kwh is not None:
+            body["energy_kwh"] = self.energy_kwh
+        if self.departure is not None:
+            # Always the absolute form: "seconds from now" would mean later at every hop it passes.
+            body["departure"] = format_time(self.departure)
         return body
 
 
@@ -104,12 +121,83 @@ def parse_charge_request(
             "session_id",
             "session_id, when given, must be a string of 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'.",
         )
+    need = parse_energy_need(body)
+    if need.energy_kwh is not None and need.departure is None and duration is None:
+        raise ValidationError(
+            "departure",
+            "energy_kwh needs a departure (or a duration_seconds): by when should the energy be delivered?",
+        )
     return ChargeRequest(
         vehicle_id=vehicle_id,
         amount_kw=amount,
         duration_seconds=duration,
         session_id=session_id,
+        energy_kwh=need.energy_kwh,
+        departure=need.departure,
     )
+
+
+@dataclass(frozen=True)
+class EnergyNeed:
+    """What a vehicle needs: ``energy_kwh`` by ``departure`` (UTC); either may be None."""
+
+    energy_kwh: float | None = None
+    departure: datetime | None = None
+
+
+def parse_energy_kwh(value: Any) -> float:
+    """An energy need in kWh, or ``ValidationError`` naming ``energy_kwh``."""
+    energy = finite_number(value)
+    if energy is None or not 0 < energy <= MAX_ENERGY_KWH:
+        raise ValidationError(
+            "energy_kwh",
+            f"energy_kwh must be a number of kWh greater than 0 and at most {MAX_ENERGY_KWH:g} "
+            f"(got {_shown(value)}).",
+        )
+    return energy
+
+
+def parse_departure(value: Any, now: datetime | None = None) -> datetime:
+    """A departure as an absolute UTC time, or ``ValidationError`` naming ``departure``.
+
+    ``value`` is an ISO 8601 time (one without a zone is UTC) or a number of seconds from ``now``;
+    either way it must be after ``now`` and at most ``MAX_DEPARTURE_AHEAD_SECONDS`` later.
+    """
+    now = now or utc_now()
+    latest = now + timedelta(seconds=MAX_DEPARTURE_AHEAD_SECONDS)
+    rule = (f"departure must be an ISO 8601 time (e.g. \"{format_time(now + timedelta(hours=8))}\") or a number "
+            f"of seconds from now, after now and at most {MAX_DEPARTURE_AHEAD_SECONDS / 86400:g} days ahead")
+    if isinstance(value, str) and len(value) <= MAX_TIME_TEXT:
+        try:
+            # In UTC at once: a time at the edge of the calendar overflows here, not in a later message.
+            departure = parse_time(value.strip()).astimezone(timezone.utc)
+        except (ValueError, OverflowError):
+            raise ValidationError("departure", f"{rule}; {_shown(value)} is not an ISO 8601 time.") from None
+    else:
+        seconds = finite_number(value)
+        if seconds is None:
+            raise ValidationError("departure", f"{rule}; got {_shown(value)}.")
+        if not 0 < seconds <= MAX_DEPARTURE_AHEAD_SECONDS:
+            raise ValidationError("departure", f"{rule}; {seconds:g} seconds from now is not.")
+        departure = now + timedelta(seconds=seconds)
+    if departure <= now:
+        raise ValidationError("departure", f"{rule}; {format_time(departure)} has already passed.")
+    if departure > latest:
+        raise ValidationError("departure", f"{rule}; {format_time(departure)} is later than {format_time(latest)}.")
+    return departure
+
+
+def parse_energy_need(body: dict[str, Any], now: datetime | None = None) -> EnergyNeed:
+    """``energy_kwh`` and ``departure`` of a request, each None when absent or null."""
+    energy = None if body.get("energy_kwh") is None else parse_energy_kwh(body["energy_kwh"])
+    departure = None if body.get("departure") is None else parse_departure(body["departure"], now)
+    return EnergyNeed(energy, departure)
+
+
+def _shown(value: Any) -> str:
+    """``value`` as a client sent it, cut short: an error quotes it, never a whole document."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # An open-ended session (OCPP) is held by a lease its caller renews; a lease outside these bounds is a typo.

@@ -173,7 +173,10 @@ PATHS: dict[str, Any] = {
             "tags": ["charging"],
             "summary": "Place a charge request at a substation with room",
             "description": "Tries the routing policy's candidates until one admits the request, within "
-            "`ROUTE_DEADLINE_SECONDS`. The same `session_id` sent twice is admitted once.",
+            "`ROUTE_DEADLINE_SECONDS`. The same `session_id` sent twice is admitted once. A request with an "
+            "energy need (`energy_kwh` with a `departure` or `duration_seconds`) is offered first where the need "
+            "is expected to be met (the power it would get there now, held until then, covers it), then where "
+            "it gets the most power; equal candidates keep the policy's order.",
             "security": [],
             "parameters": [X_REQUEST_ID, ref("parameters", "X-Request-Deadline")],
             "requestBody": json_request(

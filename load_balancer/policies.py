@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from abc import ABC, abstractmethod
-from typing import ClassVar, Iterable
+from typing import Callable, ClassVar, Iterable
 
+from gridcommon.validation import ChargeRequest
 from load_balancer.view import SubstationSnapshot
+
+SECONDS_PER_HOUR = 3600.0
+# A need is met when less than this is missing (ACN-Sim's definition, as the substations count it).
+NEED_TOLERANCE_KWH = 0.1
 
 
 class Policy(ABC):
@@ -115,6 +121,72 @@ class FairShare(Policy):
 
     def _order(self, eligible: list[SubstationSnapshot], amount_kw: float) -> list[SubstationSnapshot]:
         return sorted(eligible, key=lambda s: (-s.predicted_allocation_kw(amount_kw), s.utilisation))
+
+
+def expected_energy_kwh(substation: SubstationSnapshot, amount_kw: float, seconds_left: float) -> float:
+    """About how much energy a session of ``amount_kw`` would get at ``substation`` in ``seconds_left``.
+
+    The power it would be given now (``predicted_allocation_kw``) held until then: an estimate for
+    ranking, not a promise; the substation's own answer says what it expects under its plan.
+    """
+    return substation.predicted_allocation_kw(amount_kw) * max(0.0, seconds_left) / SECONDS_PER_HOUR
+
+
+def order_for_need(
+    ordered: list[SubstationSnapshot], amount_kw: float, energy_kwh: float, seconds_left: float
+) -> list[SubstationSnapshot]:
+    """``ordered`` rearranged for a need of ``energy_kwh`` within ``seconds_left``: where it is best met first.
+
+    First the substations where the need is expected to be met (``expected_energy_kwh`` at least the
+    need, less the tolerance), then the others; within each, the most predicted power first. Equal
+    substations keep their order in ``ordered`` (the configured policy's), as sorting is stable.
+    """
+    def rank(substation: SubstationSnapshot) -> tuple[bool, float]:
+        expected = expected_energy_kwh(substation, amount_kw, seconds_left)
+        return expected < energy_kwh - NEED_TOLERANCE_KWH, -substation.predicted_allocation_kw(amount_kw)
+
+    return sorted(ordered, key=rank)
+
+
+def seconds_to_deliver(request: ChargeRequest, now: float) -> float | None:
+    """How long a request's need has to be delivered (seconds from ``now``, epoch seconds); None without one.
+
+    Until its departure, or the end of its duration if that comes first.
+    """
+    if request.energy_kwh is None:
+        return None
+    limits = []
+    if request.departure is not None:
+        limits.append(request.departure.timestamp() - now)
+    if request.duration_seconds is not None:
+        limits.append(request.duration_seconds)
+    return min(limits) if limits else None
+
+
+class NeedFirst(Policy):
+    """The configured policy's order, rearranged for a request with an energy need (``order_for_need``).
+
+    Made per request (``with_need``), since the need and the time left are the request's own; it
+    keeps the configured policy's name, which is what routed it.
+    """
+
+    def __init__(self, base: Policy, request: ChargeRequest, clock: Callable[[], float] = time.time) -> None:
+        self._base = base
+        self._request = request
+        self._clock = clock
+        self.name = base.name  # type: ignore[misc]  # the routing policy in effect is still the base one
+
+    def _order(self, eligible: list[SubstationSnapshot], amount_kw: float) -> list[SubstationSnapshot]:
+        ordered = self._base._order(eligible, amount_kw)
+        seconds_left = seconds_to_deliver(self._request, self._clock())
+        if seconds_left is None or self._request.energy_kwh is None:
+            return ordered
+        return order_for_need(ordered, amount_kw, self._request.energy_kwh, seconds_left)
+
+
+def with_need(policy: Policy, request: ChargeRequest) -> Policy:
+    """``policy`` itself for a request without an energy need; for one with a need, ``NeedFirst`` around it."""
+    return policy if request.energy_kwh is None else NeedFirst(policy, request)
 
 
 DEFAULT_POLICY = FairShare.name

@@ -40,7 +40,7 @@ from gridcommon.deadline import DEADLINE_HEADER, format_deadline
 from gridcommon.httpclient import BrokeBeforeAnswer, Exchange, HttpClient, HttpResponse, NotSent
 from gridcommon.validation import ChargeRequest, finite_number
 from load_balancer.lost_answers import LostAnswers, UnansweredForward
-from load_balancer.policies import Policy, make_policy
+from load_balancer.policies import Policy, make_policy, with_need
 from load_balancer.poller import describe_request_error, record_failure
 from load_balancer.tail import ForwardTiming, TailSettings
 from load_balancer.view import FIT_TOLERANCE_KW, GridView, Observation, SubstationSnapshot
@@ -351,7 +351,8 @@ class Router:
         own = self._clock() + self._deadline
         if deadline is not None:
             own = min(own, self._clock() + (deadline - time.time()))
-        return _Search(request, self._policy, deadline=own, caller_deadline=deadline)
+        # A request with an energy need goes where it is best met first (load_balancer.policies.order_for_need).
+        return _Search(request, with_need(self._policy, request), deadline=own, caller_deadline=deadline)
 
     def _too_large(self, search: _Search) -> TooLarge | None:
         """Whether the request fits nowhere; a view that says so is refreshed first, as the limits move."""
@@ -409,12 +410,20 @@ class Router:
     def _remember_unanswered(self, search: _Search) -> None:
         # Only once the request is finished: no later attempt can still be admitted under its id.
         assert search.request.session_id is not None
-        lifetime = search.request.duration_seconds or self._longest_session
+        lifetime = self._lifetime(search.request)
         for substation in search.unanswered:
             if substation.url != search.admitted_at:
                 self._lost_answers.remember(
                     substation.url, substation.polled_id, search.request.session_id, lifetime
                 )
+
+    def _lifetime(self, request: ChargeRequest) -> float:
+        """How long a session of ``request`` may run: its duration, else until its departure, else the longest."""
+        if request.duration_seconds is not None:
+            return request.duration_seconds
+        if request.departure is not None:
+            return max(0.0, request.departure.timestamp() - time.time())
+        return self._longest_session
 
     def _try_candidates(self, search: _Search) -> Admitted | Refused | None:
         """Forward to the policy's candidates in turn; hedge one that is slow to answer.
@@ -580,7 +589,7 @@ class Router:
             self._mark_failed(candidate, f"forwarding to {candidate.url}/charge failed: {result}",
                               eject=getattr(result, "sick", True))
             self._lost_answers.remember(candidate.url, candidate.polled_id, search.request.session_id,
-                                        search.request.duration_seconds or self._longest_session)
+                                        self._lifetime(search.request))
             self._on_hedge("lost")
             return
         try:
@@ -599,7 +608,7 @@ class Router:
             log.info("could not stop the unused copy of session %s at %s yet (%s); the next sweep will",
                      search.request.session_id, candidate.url, exc)
             self._lost_answers.remember(candidate.url, candidate.polled_id, search.request.session_id,
-                                        search.request.duration_seconds or self._longest_session)
+                                        self._lifetime(search.request))
 
     def _no_capacity(self, search: _Search) -> NoCapacity:
         retry_after = whole_seconds(min(search.retry_hints, default=self._poll_interval))

@@ -34,10 +34,12 @@ from load_tester.report import (
 )
 from load_tester.runner import GRACE_SECONDS, Watching, run_load
 from load_tester.scenarios import (
+    DEFAULT_COMPRESSION,
     MAX_AMOUNT_KW,
     MAX_REQUESTS,
     MAX_SESSION_SECONDS,
     SCENARIOS,
+    WORKPLACE_DAY,
     DeratePlan,
     LoadPlan,
     PlannedRequest,
@@ -46,6 +48,7 @@ from load_tester.scenarios import (
 )
 from load_tester.substations import choose_derated
 from load_tester.verdict import Limits
+from load_tester.workplace_day import DAY_SECONDS, MAX_SESSIONS
 
 EXIT_PASSED, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 CONNECT_TIMEOUT_SECONDS = 2.0
@@ -109,8 +112,8 @@ def _allocation_list(text: str) -> tuple[str, ...]:
 
 
 def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
-    scenarios = "\n".join(f"  {s.name:<10} {s.description}" for s in SCENARIOS.values())
-    scenarios += f"\n  {station_cli.SCENARIO:<10} {station_cli.DESCRIPTION}"
+    scenarios = "\n".join(f"  {s.name:<13} {s.description}" for s in SCENARIOS.values())
+    scenarios += f"\n  {station_cli.SCENARIO:<13} {station_cli.DESCRIPTION}"
     parser = argparse.ArgumentParser(
         prog="python -m load_tester",
         description="Send charge requests to the Smart Grid Load Balancer and report what the grid did with them.",
@@ -161,13 +164,17 @@ def build_parser(defaults: Defaults) -> argparse.ArgumentParser:
         help="how many times a second each substation's sessions are read during the run, to check that "
              "their allocations never add up to more than its limit (default: %(default)g)")
     add("--derate-at", type=_bounded(float, 0, 86400), metavar="SECONDS",
-        help="--scenario derate: seconds into the run at which the limit is halved "
-             "(default: a quarter of --session-duration)")
+        help=f"--scenario derate (or {WORKPLACE_DAY}, to halve a limit during the day): seconds into the run at "
+             "which the limit is halved (default: a quarter of --session-duration, or of the compressed day)")
     add("--derate-for", type=_bounded(float, 0, 86400, low_inclusive=False), metavar="SECONDS",
         help="--scenario derate: how long it stays halved before DELETE /limit restores it "
              "(default: a quarter of --session-duration)")
     add("--derate-substation", metavar="ID",
         help="--scenario derate: the substation derated (default: the one with the highest limit then)")
+    add("--compression", type=_bounded(float, 1, 86400), metavar="FACTOR",
+        help=f"--scenario {WORKPLACE_DAY}: how many times faster than real time the day is played; energies "
+             f"shrink alike, powers stay (default: {DEFAULT_COMPRESSION:g}, a day in "
+             f"{DAY_SECONDS / DEFAULT_COMPRESSION:g} s). --requests is the number of vehicles that day")
     add("--observe", type=_bounded(float, 0, 3600), default=0.0, metavar="SECONDS",
         help="keep sampling this long after the run's sessions ended, e.g. to see the grid settle (default: 0)")
     add("--sample-interval", type=_bounded(float, 0.05, 60), default=0.5, metavar="SECONDS",
@@ -193,31 +200,42 @@ def resolve_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> L
     if args.compare_policies and args.compare_allocation is not None:
         parser.error("--compare-policies and --compare-allocation each run the scenario once per policy: "
                      "choose one of them")  # fmt: skip
+    workplace = scenario.workplace
+    if args.compression is not None and not workplace:
+        parser.error(f"--compression applies only to --scenario {WORKPLACE_DAY}: add it, or drop the option")
+    if workplace and args.requests is not None and args.requests > MAX_SESSIONS:
+        parser.error(f"--requests: a {WORKPLACE_DAY} has at most {MAX_SESSIONS} vehicles")
+    compression = _pick(args.compression, DEFAULT_COMPRESSION) if workplace else None
     derate_options = [
         name for name in ("derate_at", "derate_for", "derate_substation") if getattr(args, name) is not None
     ]
-    if derate_options and not scenario.derate:
+    if derate_options and not (scenario.derate or workplace):
         parser.error(
-            f"--{derate_options[0].replace('_', '-')} applies only to --scenario derate: add it, or drop the option"
+            f"--{derate_options[0].replace('_', '-')} applies only to --scenario derate (or {WORKPLACE_DAY}, "
+            "where it halves a limit during the day): add it, or drop the option"
         )
     return LoadPlan(
         scenario=scenario.name,
         requests=_pick(args.requests, scenario.requests),
         concurrency=_pick(args.concurrency, scenario.concurrency),
         ramp_up_seconds=_pick(args.ramp_up, scenario.ramp_up_seconds),
-        duration_seconds=_pick(args.duration, scenario.duration_seconds),
+        # A workplace day is over when its last vehicle has arrived: a day, compressed.
+        duration_seconds=_pick(args.duration, DAY_SECONDS / compression if compression else scenario.duration_seconds),
         amount_min_kw=low,
         amount_max_kw=high,
-        session_seconds=args.session_duration,
+        # No stay of a workplace day is longer than the day itself.
+        session_seconds=DAY_SECONDS / compression if compression else args.session_duration,
         seed=args.seed if args.seed is not None else random.SystemRandom().randrange(1_000_000),
         arrival_rate=None if scenario.arrival_rate is None else _pick(args.rate, scenario.arrival_rate),
         wait=args.wait,
-        derate=_derate_plan(args) if scenario.derate else None,
+        derate=(_derate_plan(args, DAY_SECONDS / compression if compression else None)
+                if scenario.derate or (workplace and derate_options) else None),
+        compression=compression,
     )
 
 
-def _derate_plan(args: argparse.Namespace) -> DeratePlan:
-    at, length = default_derate(args.session_duration)
+def _derate_plan(args: argparse.Namespace, session_seconds: float | None = None) -> DeratePlan:
+    at, length = default_derate(session_seconds or args.session_duration)
     return DeratePlan(
         at_seconds=_pick(args.derate_at, at),
         for_seconds=_pick(args.derate_for, length),
@@ -251,6 +269,8 @@ def run_settings(plan: LoadPlan, planned: Sequence[PlannedRequest], args: argpar
         "timeout_seconds": args.timeout,
         "wait": plan.wait,
         "substation_sample_hz": args.substation_sample_hz,
+        "compression": plan.compression,
+        "need_met_within_kwh": plan.need_met_within_kwh,
         "derate": None if plan.derate is None else {
             "at_seconds": plan.derate.at_seconds, "for_seconds": plan.derate.for_seconds,
             "substation": plan.derate.substation, "factor": plan.derate.factor,

@@ -5,6 +5,13 @@ delivered, read from the substation's own record once the session ended (or
 from the charge API). Jain's fairness index of the energies,
 ``(Σx)² / (n·Σx²)``, is 1 when every vehicle got the same and ``1/n`` when one
 got everything.
+
+A vehicle with an energy need (the ``workplace-day`` scenario) asks for that need
+instead, and is judged as ACN-Sim judges a schedule: the share of the energy asked
+for that was delivered, the share of the demands met (less than 0.1 kWh missing,
+scaled with a compressed day's energies), and Jain's index of each vehicle's
+delivered ÷ requested, so a vehicle that needed little counts as much as one that
+needed much.
 """
 from __future__ import annotations
 
@@ -89,6 +96,15 @@ class EnergyFigures:
     queued: int
     queue_wait_p50_seconds: float | None
     queue_wait_p95_seconds: float | None
+    # Vehicles with an energy need: how many, how many had it met, and Jain's index of delivered ÷ need
+    # over all of them (unserved as 0). None without such vehicles.
+    demands: int = 0
+    demands_met: int | None = None
+    jain_index_of_shares: float | None = None
+
+    @property
+    def demands_met_ratio(self) -> float | None:
+        return None if not self.demands or self.demands_met is None else self.demands_met / self.demands
 
     @property
     def energy_delivered_ratio(self) -> float | None:
@@ -97,11 +113,12 @@ class EnergyFigures:
         return self.energy_delivered_kwh / self.energy_requested_kwh
 
 
-def energy_figures(results: Sequence[RequestResult]) -> EnergyFigures:
+def energy_figures(results: Sequence[RequestResult], need_met_within_kwh: float = 0.1) -> EnergyFigures:
     """Vehicles served out of requested, energy delivered out of requested, fairness, queue waits.
 
     Requested counts every vehicle of the run (planned); an unserved one got 0 kWh. Jain's index is
-    given over the served vehicles, and over all requested ones (unserved as 0).
+    given over the served vehicles, and over all requested ones (unserved as 0). For vehicles with an
+    energy need, demands met are those missing less than ``need_met_within_kwh``.
     """
     served = [r for r in results if r.served]
     known = [r for r in served if r.energy_kwh is not None]
@@ -127,7 +144,27 @@ def energy_figures(results: Sequence[RequestResult]) -> EnergyFigures:
         queued=sum(1 for r in results if r.queued),
         queue_wait_p50_seconds=percentile(waits, 50) if waits else None,
         queue_wait_p95_seconds=percentile(waits, 95) if waits else None,
+        **_demand_fields(results, need_met_within_kwh),
     )
+
+
+def _demand_fields(results: Sequence[RequestResult], need_met_within_kwh: float) -> dict[str, object]:
+    """Demands met and Jain's index of delivered ÷ need, over every vehicle that stated a need."""
+    demands = [r for r in results if r.need_kwh is not None]
+    if not demands:
+        return {}
+    # An unserved vehicle got nothing; a served one whose energy is unknown is not judged either way.
+    delivered = [(r.energy_kwh if r.served else 0.0, r.need_kwh or 0.0) for r in demands]
+    judged = [(got, need) for got, need in delivered if got is not None]
+    met = sum(1 for got, need in judged if need - got < need_met_within_kwh)
+    return {
+        "demands": len(demands),
+        "demands_met": met if len(judged) == len(demands) else None,
+        "jain_index_of_shares": (
+            jain_index([got / need for got, need in judged if need > 0])
+            if len(judged) == len(demands) else None
+        ),
+    }
 
 
 def average_power_kw(result: RequestResult) -> float | None:

@@ -85,6 +85,8 @@ class RequestResult:
     # The charge API's credential for this session (GET/DELETE /sessions/<id>): kept in memory only,
     # never written out, since whoever holds it may stop the session.
     session_token: str | None = field(default=None, repr=False)
+    # The vehicle's energy need (kWh by its departure), for a request that stated one.
+    need_kwh: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         body = asdict(self)
@@ -106,6 +108,9 @@ class RequestResult:
 
     @property
     def energy_requested_kwh(self) -> float:
+        """Its need, or its amount for its whole session."""
+        if self.need_kwh is not None:
+            return self.need_kwh
         return self.amount_kw * self.duration_seconds / 3600.0
 
     @property
@@ -123,6 +128,7 @@ def _planned_fields(planned: PlannedRequest, request_id: str) -> dict[str, Any]:
         "amount_kw": planned.amount_kw,
         "duration_seconds": planned.duration_seconds,
         "scheduled_offset": planned.offset_seconds,
+        "need_kwh": planned.need_kwh,
     }
 
 
@@ -439,11 +445,15 @@ class SessionRecord:
     vehicle_id: str
     amount_kw: float
     state: str
+    # Energy delivered (a substation's ``delivered_kwh``, or its ``energy_kwh`` for a session without a need).
     energy_kwh: float
     started_at: float  # seconds since the epoch
     ends_at: float
     # (seconds since the epoch, kW): the allocation from each point on; an ended session's last point is 0 kW.
     history: tuple[tuple[float, float], ...]
+    # For a session with an energy need: the need (kWh), and once ended whether the substation counts it met.
+    need_kwh: float | None = None
+    need_met: bool | None = None
 
     @property
     def ended(self) -> bool:
@@ -499,9 +509,13 @@ def _session_record(substation: str, entry: Any) -> SessionRecord | None:
         return None
     session_id = _text(entry.get("session_id"))
     amount = _number(entry.get("amount"))
-    energy = _number(entry.get("energy_kwh"))
+    # With a need, energy_kwh is the need and delivered_kwh what was delivered (issue 23's contract).
+    delivered = _number(entry.get("delivered_kwh"))
+    energy = delivered if delivered is not None else _number(entry.get("energy_kwh"))
+    need = _number(entry.get("energy_kwh")) if delivered is not None and "feasible" in entry else None
     started = _epoch(entry.get("started_at"))
-    ends = _epoch(entry.get("ends_at"))
+    # A session with a need may end at its departure rather than at a fixed end.
+    ends = _epoch(entry.get("ends_at")) or _epoch(entry.get("departure"))
     history = entry.get("history")
     if session_id is None or amount is None or energy is None or started is None or ends is None:
         return None
@@ -520,6 +534,8 @@ def _session_record(substation: str, entry: Any) -> SessionRecord | None:
         started_at=started,
         ends_at=ends,
         history=tuple(point for point in points if point is not None),
+        need_kwh=need,
+        need_met=entry["need_met"] if isinstance(entry.get("need_met"), bool) else None,
     )
 
 

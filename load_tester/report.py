@@ -115,7 +115,7 @@ def assemble(title: str, settings: dict[str, Any], data: RunData, limits: Limits
     witnesses = find_violations(
         data.audits, data.substation_samples, run_start_by_substation(data.substation_samples), data.started_epoch
     )
-    energy = energy_figures(data.results)
+    energy = energy_figures(data.results, settings.get("need_met_within_kwh") or 0.1)
     summary = summarise(
         data.results, data.samples, witnesses, data.timing, energy, data.substation_samples, data.answers_end_t,
         allocation_policy=settings.get("allocation_policy"),
@@ -170,6 +170,7 @@ def summary_rows(summary: Summary) -> list[tuple[str, str]]:
         ("Jain's fairness index, served vehicles", _number(summary.jain_index_served, 3)),
         ("Jain's fairness index, all requested vehicles", _number(summary.jain_index_all, 3)),
         ("Share of request delivered, min / p5 / p50 / p95 (%)", share_text(summary)),
+        *(_demand_rows(summary) if summary.demands else []),
         ("Queued (202)", str(summary.queued)),
         ("Queue wait p50 (s)", _number(summary.queue_wait_p50_seconds, 2)),
         ("Queue wait p95 (s)", _number(summary.queue_wait_p95_seconds, 2)),
@@ -180,6 +181,17 @@ def summary_rows(summary: Summary) -> list[tuple[str, str]]:
         ("Allocation instants checked", str(summary.history_instants_checked)),
         ("Substation samples checked", str(summary.substation_samples)),
         ("Load tester CPU (% of a core)", _number(summary.tool_cpu_percent)),
+    ]
+
+
+def _demand_rows(summary: Summary) -> list[tuple[str, str]]:
+    """ACN-Sim's figures of a run whose vehicles stated an energy need."""
+    met = "-" if summary.demands_met is None else f"{summary.demands_met} of {summary.demands}"
+    return [
+        # ACN-Sim's 0.1 kWh, scaled down with the energies of a time-compressed day.
+        ("Demands met (less than 0.1 kWh missing)", met),
+        ("Demands met (%)", _percent(summary.demands_met_ratio)),
+        ("Jain's index of delivered / requested, vehicles with a need", _number(summary.jain_index_of_shares, 3)),
     ]
 
 

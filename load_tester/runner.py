@@ -481,7 +481,9 @@ def _energy_from_charge_api(client: GridClient, results: Sequence[RequestResult]
         except requests.RequestException:
             continue
         body = _json(response)
-        energy = body.get("energy_kwh") if isinstance(body, dict) and response.status_code == 200 else None
+        # For a session with a need, energy_kwh is the need and delivered_kwh what it got.
+        energy = (body.get("delivered_kwh", body.get("energy_kwh"))
+                  if isinstance(body, dict) and response.status_code == 200 else None)
         if isinstance(energy, (int, float)) and not isinstance(energy, bool):
             found[result.request_id] = with_energy(result, float(energy), CHARGE_API)
     return tuple(found.get(r.request_id, r) for r in results)

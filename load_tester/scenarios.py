@@ -9,11 +9,18 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from load_tester.workplace_day import DAY_SECONDS, compress, workplace_day
+
 # The charge API refuses more; the tool checks options against the same limits.
 MAX_AMOUNT_KW = 350.0
 MAX_SESSION_SECONDS = 3600.0
 # An open-loop run stops adding arrivals here whatever the rate and duration.
 MAX_REQUESTS = 100_000
+WORKPLACE_DAY = "workplace-day"
+# The workplace day played this many times faster by default: 24 hours in two minutes.
+DEFAULT_COMPRESSION = 720.0
+# A need is met when less than this is missing (ACN-Sim's definition), in a day played at full speed.
+NEED_MET_WITHIN_KWH = 0.1
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,8 @@ class Scenario:
     arrival_rate: float | None = None
     # Lower one substation's limit to half during the run (operator PUT /limit), then lift it.
     derate: bool = False
+    # Vehicles of a seeded workplace day (load_tester.workplace_day), each with an energy need by its departure.
+    workplace: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -47,6 +56,16 @@ SCENARIOS: dict[str, Scenario] = {
             0.0,
             120.0,
             arrival_rate=2.0,
+        ),
+        Scenario(
+            WORKPLACE_DAY,
+            "a seeded workplace car park's day, time-compressed: arrivals peak in the morning, stays of hours, "
+            "each vehicle needing kWh by its departure",
+            60,
+            100,
+            0.0,
+            DAY_SECONDS / DEFAULT_COMPRESSION,
+            workplace=True,
         ),
         Scenario(
             "derate",
@@ -104,10 +123,17 @@ class LoadPlan:
     # Send "wait": true: with no room anywhere the charge API queues the request (202) instead of a 503.
     wait: bool = False
     derate: DeratePlan | None = None
+    # Workplace day only: how many times faster than real time it is played.
+    compression: float | None = None
 
     @property
     def open_loop(self) -> bool:
         return self.arrival_rate is not None
+
+    @property
+    def need_met_within_kwh(self) -> float:
+        """What may be missing from a met need: ACN-Sim's 0.1 kWh, shrunk with the day's energies when compressed."""
+        return NEED_MET_WITHIN_KWH / (self.compression or 1.0)
 
 
 @dataclass(frozen=True)
@@ -118,23 +144,34 @@ class PlannedRequest:
     duration_seconds: float
     # Seconds after the start of the run at which the request is due.
     offset_seconds: float
+    # A vehicle with an energy need asks for this much (kWh) by its departure, ``duration_seconds`` after
+    # it is sent, instead of power for a fixed time.
+    need_kwh: float | None = None
 
     def body(self, wait: bool = False) -> dict[str, object]:
-        body: dict[str, object] = {
-            "vehicle_id": self.vehicle_id, "amount": self.amount_kw, "duration_seconds": self.duration_seconds
-        }
+        body: dict[str, object] = {"vehicle_id": self.vehicle_id, "amount": self.amount_kw}
+        if self.need_kwh is None:
+            body["duration_seconds"] = self.duration_seconds
+        else:
+            # Seconds from now: the departure counts from when the request is sent, however late that is.
+            body["energy_kwh"] = self.need_kwh
+            body["departure"] = self.duration_seconds
         if wait:
             body["wait"] = True
         return body
 
     @property
     def energy_kwh(self) -> float:
-        """What the vehicle asks for: its amount for its whole session."""
+        """What the vehicle asks for: its need, or its amount for its whole session."""
+        if self.need_kwh is not None:
+            return self.need_kwh
         return self.amount_kw * self.duration_seconds / 3600.0
 
 
 def generate_requests(plan: LoadPlan) -> list[PlannedRequest]:
     """The requests of a run, in the order they are due."""
+    if plan.compression is not None:
+        return workplace_requests(plan)
     rng = random.Random(plan.seed)
     offsets = _open_loop_offsets(plan, rng) if plan.open_loop else _ramp_offsets(plan)
     return [
@@ -147,6 +184,32 @@ def generate_requests(plan: LoadPlan) -> list[PlannedRequest]:
         )
         for index, offset in enumerate(offsets)
     ]
+
+
+def workplace_requests(plan: LoadPlan) -> list[PlannedRequest]:
+    """The seeded workplace day, ``plan.compression`` times faster, from its first arrival on.
+
+    Each vehicle asks for its on-board charger's power, its need and its departure; the night before
+    the first arrival is skipped, and arrivals after the time limit are not planned.
+    """
+    assert plan.compression is not None
+    day = compress(workplace_day(plan.seed, plan.requests), plan.compression)
+    first = day[0].arrival
+    planned = []
+    for index, session in enumerate(day):
+        offset = round(session.arrival - first, 6)
+        if offset >= plan.duration_seconds:
+            break
+        planned.append(PlannedRequest(
+            index=index,
+            vehicle_id=f"ev-{plan.seed}-{index + 1:05d}",
+            amount_kw=round(session.max_kw, 3),
+            duration_seconds=round(session.departure - session.arrival, 3),
+            offset_seconds=offset,
+            # Never 0 once rounded: a need of 0 kWh is no need (and the charge API refuses it).
+            need_kwh=max(round(session.energy_kwh, 6), 1e-6),
+        ))
+    return planned
 
 
 def _ramp_offsets(plan: LoadPlan) -> list[float]:

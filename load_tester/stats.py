@@ -109,6 +109,12 @@ class Summary:
     # vehicle is short anywhere. At the last answer, and the largest at any instant.
     power_spread_end_kw: float | None = None
     power_spread_peak_kw: float | None = None
+    # Vehicles with an energy need (workplace-day): how many, the share whose need was met, and Jain's
+    # index of delivered / need over all of them; energy_delivered_ratio is then the share of needs delivered.
+    demands: int = 0
+    demands_met: int | None = None
+    demands_met_ratio: float | None = None
+    jain_index_of_shares: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,6 +191,10 @@ def _energy_fields(energy: EnergyFigures) -> dict[str, Any]:
         "queued": energy.queued,
         "queue_wait_p50_seconds": energy.queue_wait_p50_seconds,
         "queue_wait_p95_seconds": energy.queue_wait_p95_seconds,
+        "demands": energy.demands,
+        "demands_met": energy.demands_met,
+        "demands_met_ratio": energy.demands_met_ratio,
+        "jain_index_of_shares": energy.jain_index_of_shares,
     }
 
 

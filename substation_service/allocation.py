@@ -57,6 +57,9 @@ def to_kw(mw: int) -> float:
 class AllocationPolicy(str, Enum):
     FAIR_SHARE = "fair_share"
     STRICT = "strict"
+    # Sessions with an energy need by a departure first, most urgent first (substation_service/scheduling.py);
+    # the others share what is left as under fair_share, with the same minimums.
+    DEADLINE = "deadline"
 
 
 ALLOCATION_POLICIES = tuple(policy.value for policy in AllocationPolicy)
@@ -140,6 +143,11 @@ class ChargingSet:
     @property
     def suspended_count(self) -> int:
         return len(self._suspended)
+
+    @property
+    def suspended_in_order(self) -> list[str]:
+        """The suspended sessions, the one suspended longest first (who resumes first)."""
+        return list(self._suspended)
 
     @property
     def curtailed_count(self) -> int:

@@ -19,6 +19,7 @@ from substation_service.openapi_spec import SPEC
 from substation_service.peering import build_peering, install_peering
 from substation_service.peering.machine import Readings
 from substation_service.peering.transport import MESSAGES_PATH
+from substation_service.record_routes import record_blueprint
 from substation_service.routes import EXTENSION_KEY, Substation, blueprint
 from substation_service.store import LedgerStore, StoreError
 
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None, start_background: bool = True, 
     app.extensions[EXTENSION_KEY] = substation
     app.register_blueprint(blueprint)
     app.register_blueprint(limit_blueprint)
+    app.register_blueprint(record_blueprint)
     install_openapi(app, SPEC)
     install_peering(app, peering, substation.metrics.registry, start_background)
     return app
@@ -76,7 +78,7 @@ def peering_readings(ledger: Ledger) -> Readings:
 
 def build_substation(settings: Settings, clock: Clock | None) -> Substation:
     # The gauges read the ledger at scrape time; the ledger reports finished sessions to the metrics.
-    metrics = SubstationMetrics(settings.substation_id, snapshot=lambda: ledger.snapshot())
+    metrics = SubstationMetrics(settings.substation_id, snapshot=lambda: ledger.snapshot(needs=True))
     store = open_store(settings)
     ledger = Ledger(
         settings.capacity_kw,
@@ -90,6 +92,8 @@ def build_substation(settings: Settings, clock: Clock | None) -> Substation:
         retire_ids_for_seconds=settings.max_session_seconds,
         store=store,
         substation_id=settings.substation_id,
+        records_retention_seconds=settings.records_retention_days * 86400.0,
+        records_max_rows=settings.records_max_rows,
     )
     if store is not None:
         snapshot = ledger.snapshot()

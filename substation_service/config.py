@@ -8,11 +8,13 @@
 | `MAX_SESSION_SECONDS` | `3600`                       | Longest `duration_seconds` a request may ask for               |
 | `MAX_AMOUNT_KW`       | `350`                        | Largest `amount` a request may ask for (a fast charger's peak)  |
 | `PUBLIC_URL`          | `http://127.0.0.1:$PORT`     | How peers and operators reach this substation (`/status` url)  |
-| `ALLOCATION_POLICY`   | `fair_share`                 | `fair_share`: every session gets between `MIN_CHARGE_KW` and its amount, the rest shared max-min fairly; `strict`: its whole amount or it is refused |
+| `ALLOCATION_POLICY`   | `deadline`                   | `deadline`: every session gets its minimum, the rest goes first to sessions with an energy need (`energy_kwh` by `departure`), least laxity first, and what they leave is shared max-min fairly (without needs it is `fair_share`); `fair_share`: every session gets between `MIN_CHARGE_KW` and its amount, the rest shared max-min fairly; `strict`: its whole amount or it is refused |
 | `MIN_CHARGE_KW`       | `1.4`                        | Least power a charging session gets under `fair_share` (6 A single phase); a session asking less gets what it asks |
 | `ADMIN_TOKEN`         | (empty)                      | Operator token of `PUT`/`DELETE /limit`; empty turns the operator API off (403) |
 | `STATE_DIR`           | (empty)                      | Folder of the durable ledger (`<SUBSTATION_ID>.sqlite3`, SQLite in WAL mode); empty keeps state in memory only |
 | `STATE_SYNC`          | `normal`                     | `normal` survives a killed process; `full` also a power cut (an fsync per change) |
+| `SESSION_RECORDS_RETENTION_DAYS` | `90`              | How long finished sessions' records stay in the state file (billing, reports; `GET /sessions?ended=1&since=`) |
+| `SESSION_RECORDS_MAX_ROWS` | `1000000`               | Most finished records kept in the state file, the oldest forgotten first (about 1-2 KB each: size it to the disk) |
 | `MAX_LONG_POLLS`      | `4`                          | Long polls of `GET /sessions?after_version=&wait=` waiting at once; more get a 429. Each holds one of granian's `THREADS` (16), so it must stay below them |
 | `LOG_LEVEL`           | `info`                       | Python log level, shared with granian                          |
 | `ACCESS_LOG_BURST`    | `20`                         | Requests a second whose log lines are all written (unless the charge API chose) |
@@ -52,12 +54,14 @@ class Settings:
     public_url: str = "http://127.0.0.1:8000"
     log_level: str = "info"
     log_sampling: LogSampling = field(default_factory=LogSampling)
-    allocation_policy: AllocationPolicy = AllocationPolicy.FAIR_SHARE
+    allocation_policy: AllocationPolicy = AllocationPolicy.DEADLINE
     min_charge_kw: float = 1.4
     admin_token: str = ""
     state_dir: str = ""
     state_full_sync: bool = False
     max_long_polls: int = 4
+    records_retention_days: float = 90.0
+    records_max_rows: int = 1_000_000
     peering: PeeringSettings = field(default_factory=PeeringSettings)
 
     @property
@@ -105,5 +109,8 @@ class Settings:
             state_dir=env_str(env, "STATE_DIR", ""),
             state_full_sync=env_choice(env, "STATE_SYNC", "normal", ("normal", "full")) == "full",
             max_long_polls=max_long_polls,
+            records_retention_days=env_float(env, "SESSION_RECORDS_RETENTION_DAYS", cls.records_retention_days,
+                                             minimum=0.001),
+            records_max_rows=env_int(env, "SESSION_RECORDS_MAX_ROWS", cls.records_max_rows, minimum=1),
             peering=PeeringSettings.from_env(env),
         )

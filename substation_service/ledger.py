@@ -24,10 +24,26 @@ it asks for (``change``) while it charges. ``state_version`` grows with every
 change of anyone's allocation, and ``wait_for_change`` lets a watcher hear of
 it at once.
 
-How the limit is shared is :mod:`substation_service.allocation`'s business.
+How the limit is shared is :mod:`substation_service.allocation`'s business
+(and under the ``deadline`` policy :mod:`substation_service.scheduling`'s).
 The ledger keeps the records: per session its allocation history (time, kW),
 the energy it got, how long it was suspended; per substation the limit's
 history and the energy delivered.
+
+A session may state an energy need (``energy_kwh`` by ``departure``). Under
+``deadline`` its power is its own, not a fair-share level's: the ledger follows
+each change the plan makes to it (O(sessions whose power changed)), integrates
+its energy, and plays its planning events like any other event, at their
+time: its need delivered (it ends, ``energy_delivered``), its laxity reaching
+``URGENT_WITHIN_SECONDS`` (it must charge at full power) or 0 (it can no
+longer be met). Each report of such a session carries the energy it is
+expected to have by its departure under the current plan
+(:func:`substation_service.scheduling.project`, once per change of state).
+Under ``fair_share`` and ``strict`` a need is recorded and reported, and the
+session ends at its departure.
+
+With a state file, finished sessions are records kept on disk for a retention
+and up to a row bound; memory keeps only the newest (``ENDED_SESSIONS_KEPT``).
 """
 from __future__ import annotations
 
@@ -57,6 +73,7 @@ from substation_service.allocation import (
     to_mw,
 )
 from substation_service.peering.power import LocalPower
+from substation_service.scheduling import URGENT_WITHIN_SECONDS, DeadlineSet, Projected, project
 from substation_service.store import SCHEMA_VERSION, LedgerStore, StoredSession, StoredState
 
 Clock = Callable[[], float]
@@ -64,7 +81,9 @@ Clock = Callable[[], float]
 # A step of the generation profile is applied with the value that holds just after it, so float
 # rounding of the step's time can never leave the old, higher value in force past the step.
 PROFILE_STEP_EPSILON_SECONDS = 1e-3
-# Bounds of what is kept: ended sessions (for GET /charge/<id> and audits) and points per history.
+# Bounds of what is kept in memory: ended sessions (for GET /charge/<id> and audits) and points per
+# history. With a state file, ended sessions are records kept on disk far longer (RECORDS_*), and a
+# lookup of an older one reads the file.
 ENDED_SESSIONS_KEPT = 10_000
 # With a state file, the reports of only the newest ended sessions stay in memory too; older ones are
 # read from the file when asked for, so memory does not grow with the sessions seen.
@@ -82,6 +101,12 @@ RETIRE_MARGIN_SECONDS = 1.0
 AMOUNT_CHANGES_KEPT = 1_000
 # A watcher wakes this long after an event's time, so the event is due when it looks again.
 EVENT_WAKE_MARGIN_SECONDS = 0.001
+# A need counts as met with less than this still missing (ACN-Sim's definition).
+NEED_MET_MARGIN_KWH = 0.1
+# Finished records stay in the state file this long, and at most this many of them (the oldest go first).
+DEFAULT_RECORDS_RETENTION_SECONDS = 90 * 86400.0
+DEFAULT_RECORDS_MAX_ROWS = 1_000_000
+MWS_PER_KWH = 1_000_000 * SECONDS_PER_HOUR
 
 
 def steady_wall_clock() -> Clock:
@@ -148,6 +173,50 @@ class SessionReport:
     lease_expires_at: float | None = None
     # Seconds until a session with a fixed end ends; None for a leased one.
     remaining_seconds: float | None = None
+    # An energy need: ``need_kwh`` by ``departure`` (seconds since the epoch); None without one.
+    need_kwh: float | None = None
+    departure: float | None = None
+    # What it is expected to have by its departure under the current plan (scheduling.project);
+    # for an ended session, what it got.
+    expected_kwh: float | None = None
+
+    @property
+    def has_need(self) -> bool:
+        return self.need_kwh is not None
+
+    @property
+    def still_needed_kwh(self) -> float | None:
+        return None if self.need_kwh is None else max(0.0, self.need_kwh - self.energy_kwh)
+
+    @property
+    def expected_shortfall_kwh(self) -> float | None:
+        if self.need_kwh is None or self.expected_kwh is None:
+            return None
+        return max(0.0, self.need_kwh - self.expected_kwh)
+
+    @property
+    def feasible(self) -> bool | None:
+        if self.need_kwh is None or self.expected_kwh is None:
+            return None
+        return self.expected_kwh >= self.need_kwh - NEED_MET_MARGIN_KWH
+
+    @property
+    def need_met(self) -> bool | None:
+        """Less than ``NEED_MET_MARGIN_KWH`` missing; None without a need."""
+        return None if self.need_kwh is None else self.need_kwh - self.energy_kwh < NEED_MET_MARGIN_KWH
+
+
+@dataclass(frozen=True)
+class NeedFigures:
+    """The substation's energy needs: of the sessions that finished, and the ones running now."""
+
+    # Of finished sessions with a need, since the state file began (or this process, without one).
+    requested_kwh: float
+    delivered_kwh: float
+    met: int
+    missed: int
+    # Sum over the running sessions with a need of what they are expected to miss.
+    expected_shortfall_kwh: float
 
 
 @dataclass(frozen=True)
@@ -205,6 +274,8 @@ class Snapshot:
     # Active sessions held by a lease, and leases that lapsed since this process started.
     leased: int = 0
     leases_expired: int = 0
+    # Only when asked for: its forecast costs O(n log n).
+    needs: NeedFigures | None = None
 
     @property
     def active_chargers(self) -> int:
@@ -416,6 +487,31 @@ class _Entry:
     lease_seconds: float | None = None
     # When it ends unless something happens first: its fixed end, or when its lease lapses.
     end_at: float = 0.0
+    # An energy need (kWh since it started) by ``departure`` as the driver stated it; ``due`` is when the
+    # plan must have delivered it: the departure, or the session's fixed end when that comes first.
+    need_kwh: float | None = None
+    departure: float | None = None
+    due: float | None = None
+    # What was counted before ``base_at`` (a switch of policy, a need stated later): energy, suspended
+    # seconds and history points; the energy after it is counted the way the session is counted now.
+    base_at: float | None = None
+    base_mws: float = 0.0
+    base_suspended: float = 0.0
+    base_points: list[tuple[float, float]] = field(default_factory=list)
+    # Under the deadline policy a session with a need has a power of its own, not a fair-share level:
+    # its energy up to ``power_since`` and its history points are kept here (``tracked``).
+    tracked: bool = False
+    power_mw: int = 0
+    power_since: float = 0.0
+    delivered_mws: float = 0.0
+    points: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS_KEPT))
+    # Its next planning event: "done" (need delivered), "urgent", "hopeless" (can no longer be met), or
+    # "met" (a leased session's need delivered: it stays, behind every need); None when none is due.
+    mark_at: float | None = None
+    mark_kind: str = ""
+    hopeless: bool = False
+    # A leased session whose need was delivered: it stays, behind every need, until its holder ends it.
+    met: bool = False
 
 
 class _LevelHistory:
@@ -497,15 +593,19 @@ class Ledger:
         *,
         clock: Clock | None = None,
         power: LocalPower | None = None,
-        policy: AllocationPolicy = AllocationPolicy.FAIR_SHARE,
+        policy: AllocationPolicy = AllocationPolicy.DEADLINE,
         min_charge_kw: float = 1.4,
         on_session_finished: SessionFinished | None = None,
         retire_ids_for_seconds: float = 3600.0,
         store: LedgerStore | None = None,
         substation_id: str = "",
+        records_retention_seconds: float = DEFAULT_RECORDS_RETENTION_SECONDS,
+        records_max_rows: int = DEFAULT_RECORDS_MAX_ROWS,
     ) -> None:
         """With a ``store`` every change is committed to it before the ledger answers, and a ledger
-        opened on a store that holds state carries on where that one stopped (see ``_restore``)."""
+        opened on a store that holds state carries on where that one stopped (see ``_restore``).
+        Finished sessions stay in it as records for ``records_retention_seconds``, at most
+        ``records_max_rows`` of them."""
         if capacity_kw < 0:
             raise ValueError(f"capacity_kw must be at least 0, got {capacity_kw}")
         if default_duration_seconds <= 0:
@@ -529,7 +629,7 @@ class Ledger:
         self._next_step_at = self._power.next_change_after(now)
         self._peer_kw = 0.0
         self._operator_limit_kw: float | None = None
-        self._set = ChargingSet()
+        self._set: ChargingSet | DeadlineSet = self._new_set(policy)
         self._levels = _LevelHistory(now)
         self._sessions: dict[str, _Entry] = {}
         self._requested_mw = 0
@@ -551,9 +651,17 @@ class Ledger:
         self._unreported: list[tuple[Session, float]] = []
         self._store = store
         self._substation_id = substation_id
+        self._records_retention_seconds = records_retention_seconds
+        self._records_max_rows = records_max_rows
+        # (time, session id) of the sessions' next planning events (Entry.mark_at); stale ones are skipped.
+        self._marks: list[tuple[float, str]] = []
+        # Of finished sessions with a need: kWh asked, kWh delivered, needs met and missed.
+        self._needs = {"requested_kwh": 0.0, "delivered_kwh": 0.0, "met": 0, "missed": 0}
+        # (state_version, expected mW·s by departure of each charging tracked session): see _expected_mws.
+        self._projection: tuple[int, dict[str, float]] = (-1, {})
         self._finished_since_trim = 0
         self._flushed_version = -1
-        state = store.load() if store is not None else None
+        state = store.load(ENDED_SESSIONS_KEPT) if store is not None else None
         if state is not None and not state.empty:
             self._restore(state, now)
         else:
@@ -575,6 +683,8 @@ class Ledger:
         *,
         lease_seconds: float | None = None,
         minimum_kw: float | None = None,
+        energy_kwh: float | None = None,
+        departure: float | None = None,
     ) -> Admission:
         """Start a session if its minimum fits beside everyone's, else raise ``CapacityExceeded``.
 
@@ -593,11 +703,20 @@ class Ledger:
         from then on the request raises ``DeadlinePassed``, judged by the
         ledger's clock under its lock, so the id of a session that ends needs
         retiring only until the latest deadline of its copies.
+
+        ``energy_kwh`` by ``departure`` (seconds since the epoch) is the vehicle's need. A
+        session with a need and no duration ends when its need is delivered, at departure, or
+        when stopped (a leased one only when stopped or its lease lapses); ``departure`` alone
+        ends it then. A departure not after now raises ``ValidationError`` naming it.
         """
         if not amount_kw > 0 or not math.isfinite(amount_kw):
             raise ValueError(f"amount_kw must be a finite number greater than 0, got {amount_kw}")
         if lease_seconds is not None and duration_seconds is not None:
             raise ValueError("a session has a duration_seconds or a lease_seconds, not both")
+        if energy_kwh is not None and not (energy_kwh > 0 and math.isfinite(energy_kwh)):
+            raise ValidationError("energy_kwh", f"energy_kwh must be a finite number greater than 0, got {energy_kwh}")
+        if energy_kwh is not None and departure is None and duration_seconds is None:
+            raise ValidationError("departure", "energy_kwh needs a departure (or a duration_seconds): by when?")
         duration = self.default_duration_seconds if duration_seconds is None else duration_seconds
         if not duration > 0:
             raise ValueError(f"duration_seconds must be greater than 0, got {duration}")
@@ -606,30 +725,54 @@ class Ledger:
         self._check_minimum(minimum_kw, amount_kw)
         amount_mw = amount_to_mw(amount_kw)
         minimum = self._minimum_of(amount_mw, minimum_kw)
+        # The id of a finished record is never used again (its row would be replaced). Read before the lock:
+        # a record is in the file once committed, and the newest ones are in memory (_ended) anyway.
+        on_record = session_id is not None and self._store is not None and (
+            session_id not in self._ended and self._store.ended_report(session_id) is not None)
         with self._current() as now:
             if deadline is not None and now >= deadline:
                 raise DeadlinePassed(session_id, now - deadline, self._snapshot(now))
             if session_id is not None and session_id in self._sessions:
                 return self._replay(self._sessions[session_id], vehicle_id, amount_kw, now, deadline)
-            if session_id is not None and (session_id in self._ended or self._retired.holds(session_id, now)):
+            if session_id is not None and (on_record or session_id in self._ended
+                                           or self._retired.holds(session_id, now)):
                 raise SessionIdRetired(session_id)
+            if departure is not None and not departure > now:
+                raise ValidationError("departure", "departure must be after now (by this substation's clock).")
             if not self._set.admits(minimum):
                 raise CapacityExceeded(amount_kw, to_kw(minimum), self._snapshot(now))
-            ends_at = None if lease_seconds is not None else now + duration
+            if lease_seconds is not None:
+                ends_at = None
+            elif departure is not None and duration_seconds is None:
+                ends_at = departure
+            else:
+                ends_at = now + duration if departure is None else min(now + duration, departure)
             session = Session(session_id or uuid.uuid4().hex, vehicle_id, amount_kw, now, ends_at)
             self._admitted += 1
             member = Member(session.session_id, amount_mw, minimum, self._admitted)
-            self._set.add(member)
-            self._levels.record(now, self._set.level_mw)
+            due = None
+            if energy_kwh is not None:
+                due = departure if ends_at is None else ends_at
             entry = _Entry(session, member, self._levels.last_position, [(now, True)], deadline,
                            amounts=[(now, amount_kw, minimum_kw)], minimum_kw=minimum_kw, lease_seconds=lease_seconds,
-                           end_at=now + (duration if lease_seconds is None else lease_seconds))
+                           end_at=ends_at if lease_seconds is None else now + lease_seconds,
+                           need_kwh=energy_kwh, departure=departure, due=due)
+            entry.tracked = self._tracks(entry)
+            entry.power_since = now
+            if isinstance(self._set, DeadlineSet):
+                self._set.add(member.key, amount_mw, minimum, due, energy_kwh, order=member.order)
+            else:
+                self._set.add(member)
             self._sessions[session.session_id] = entry
+            self._track_powers(now)
+            self._levels.record(now, self._set.level_mw)
+            entry.start_position = self._levels.last_position
             if self._store is not None:
                 self._store.admit(StoredSession(
                     session.session_id, vehicle_id, amount_kw, session.started_at, session.ends_at,
                     member.order, entry.start_position, entry.state_changes,
                     lease_seconds=lease_seconds, minimum_kw=minimum_kw, amounts=entry.amounts,
+                    need=_need_json(entry),
                 ))
             self._requested_mw += amount_mw
             self._leased += lease_seconds is not None
@@ -680,7 +823,8 @@ class Ledger:
         entry.end_at = now + lease_seconds
         self._push_end(entry)
 
-    def change(self, session_id: str, amount_kw: float | None = None, minimum_kw: float | None = None) -> Change:
+    def change(self, session_id: str, amount_kw: float | None = None, minimum_kw: float | None = None, *,
+               energy_kwh: float | None = None, departure: float | None = None) -> Change:
         """Change what an active session asks for: its amount, its own minimum, or both; re-allocate at once.
 
         A minimum above the new amount, or below ``min_charge_kw``, raises ``ValidationError``
@@ -688,13 +832,23 @@ class Ledger:
         minimum, as for any session asking less than the minimum. A raised minimum that does
         not fit beside the other charging sessions' raises ``CapacityExceeded`` and changes
         nothing; ``UnknownSession`` when no session with this id is active.
+
+        ``energy_kwh`` (the session's whole need, counted from its start) and ``departure`` state
+        or change its need (OCPP's NotifyEVChargingNeeds); a session without a need must be given
+        both, and the plan is made again at once. A fixed end stays: it is the latest the need can be due.
         """
         if amount_kw is not None and (not amount_kw > 0 or not math.isfinite(amount_kw)):
             raise ValidationError("amount", f"amount must be a finite number greater than 0, got {amount_kw}")
+        if energy_kwh is not None and not (energy_kwh > 0 and math.isfinite(energy_kwh)):
+            raise ValidationError("energy_kwh", f"energy_kwh must be a finite number greater than 0, got {energy_kwh}")
         with self._current() as now:
             entry = self._sessions.get(session_id)
             if entry is None:
                 raise UnknownSession(session_id)
+            if energy_kwh is not None or departure is not None:
+                self._change_need(entry, now, energy_kwh, departure)
+                if amount_kw is None and minimum_kw is None:
+                    return Change(self._report(entry, now), self._snapshot(now))
             new_amount = entry.session.amount_kw if amount_kw is None else amount_kw
             new_minimum = entry.minimum_kw if minimum_kw is None else minimum_kw
             if minimum_kw is not None:
@@ -718,6 +872,7 @@ class Ledger:
             self._requested_mw += amount_mw - member.amount_mw
             entry.minimum_kw = new_minimum
             suspended, resumed = self._set.change(session_id, amount_mw, minimum)
+            member.amount_mw, member.minimum_mw = amount_mw, minimum  # a DeadlineSet keeps members of its own
             self._record_state_changes(now, suspended, resumed)
             if self._store is not None:
                 self._store.amount_changed(session_id, new_amount, new_minimum, entry.amounts)
@@ -761,18 +916,50 @@ class Ledger:
             return Release(report, now, self._snapshot(now))
 
     def session(self, session_id: str, history: bool = True) -> SessionReport:
-        """An active session, or one that ended not long ago; raises ``UnknownSession``."""
+        """An active session, or the record of a finished one (kept on disk with a state file);
+        raises ``UnknownSession``."""
         with self._current() as now:
             entry = self._sessions.get(session_id)
             if entry is not None:
                 return self._report(entry, now, with_history=history)
-            if session_id not in self._ended:
-                raise UnknownSession(session_id)
-            return self._ended_report(session_id)
+            if session_id in self._ended:
+                return self._ended_report(session_id)
+        packed = self._store.ended_report(session_id) if self._store is not None else None
+        if packed is None:
+            raise UnknownSession(session_id)
+        return _unpacked(packed)
 
-    def snapshot(self) -> Snapshot:
+    def records(self, since: float | None = None, after: tuple[float, str] | None = None,
+                limit: int = 100) -> list[SessionReport]:
+        """Finished sessions' records, by end time (then id), ended at or after ``since`` and past the
+        cursor ``after`` (the ``(ended_at, session_id)`` of the last one read): a page of at most ``limit``.
+
+        From the state file when there is one (every record kept), else from memory (the newest).
+        """
+        if self._store is not None:
+            return [_unpacked(packed) for packed in self._store.records(since, after, limit)]
+        with self._current():
+            reports = [_unpacked(packed) for packed in self._ended.values() if packed is not None]
+        reports.sort(key=lambda report: (report.ended_at, report.session.session_id))
+        return [report for report in reports
+                if (since is None or report.ended_at >= since)
+                and (after is None or (report.ended_at, report.session.session_id) > after)][:limit]
+
+    def now(self) -> float:
+        """The ledger's time now: what it judges deadlines and departures by."""
+        return max(self._clock(), self._time)
+
+    def snapshot(self, needs: bool = False) -> Snapshot:
+        """The state now; ``needs`` adds the energy needs' figures (a forecast of every need: O(n log n))."""
         with self._current() as now:
-            return self._snapshot(now)
+            snapshot = self._snapshot(now)
+            if needs:
+                shortfall = math.fsum(report.expected_shortfall_kwh or 0.0 for report in (
+                    self._report(entry, now) for entry in self._sessions.values() if entry.need_kwh is not None))
+                snapshot = dataclasses.replace(snapshot, needs=NeedFigures(
+                    self._needs["requested_kwh"], self._needs["delivered_kwh"], self._needs["met"],
+                    self._needs["missed"], shortfall))
+            return snapshot
 
     def sessions(self) -> list[Session]:
         """Active sessions, the one that started first first."""
@@ -787,7 +974,8 @@ class Ledger:
         with self._current() as now:
             reports = [self._report(entry, now, with_history=history) for entry in self._sessions.values()]
             if include_ended:
-                stored = self._store.ended_reports() if self._store is not None and None in self._ended.values() else {}
+                stored = (self._store.ended_reports(list(self._ended)) if self._store is not None
+                          and None in self._ended.values() else {})
                 reports = [*(_unpacked(packed or stored[key]) for key, packed in self._ended.items()
                              if packed or key in stored), *reports]
             return self._snapshot(now), reports
@@ -818,10 +1006,13 @@ class Ledger:
         Switching to strict may suspend sessions whose whole amounts no longer fit together.
         """
         with self._current() as now:
-            self.policy = policy
+            previous, self.policy = self.policy, policy
             for entry in self._sessions.values():
                 entry.member.minimum_mw = self._minimum_of(entry.member.amount_mw, entry.minimum_kw)
-            self._set.rebuild_minimums()
+            if AllocationPolicy.DEADLINE in (previous, policy):
+                self._rebuild_set(now)
+            else:
+                self._set.rebuild_minimums()
             self._apply_limit(now)
             self._state_version += 1
             return self._snapshot(now)
@@ -885,16 +1076,23 @@ class Ledger:
                 self._report_finished()
 
     def _play_events_until(self, now: float) -> None:
-        """Sessions ending and profile steps up to ``now``, each at its own time, in time order."""
+        """Sessions ending, profile steps and planning events up to ``now``, each at its own time, in time order."""
         while True:
             next_end = self._next_end_at()
             next_step = self._next_step_at
-            if next_end is not None and next_end <= now and (next_step is None or next_end <= next_step):
+            next_mark = self._next_mark_at()
+            if next_mark is not None and next_mark <= now and all(
+                    at is None or next_mark < at for at in (next_end, next_step)):
+                _, session_id = heapq.heappop(self._marks)
+                self._advance_energy(next_mark)
+                self._play_mark(self._sessions[session_id], next_mark)
+            elif next_end is not None and next_end <= now and (next_step is None or next_end <= next_step):
                 _, session_id = heapq.heappop(self._ends)
                 entry = self._sessions[session_id]
                 self._advance_energy(next_end)
                 if entry.lease_seconds is None:
-                    self._finish(entry, next_end, reason="completed")
+                    departed = entry.departure is not None and next_end == entry.departure
+                    self._finish(entry, next_end, reason="departed" if departed else "completed")
                 else:
                     self._leases_expired += 1
                     self._finish(entry, next_end, reason="lease_expired")
@@ -925,12 +1123,13 @@ class Ledger:
         parts = self._parts()
         previous_level, previous_limit = self._set.level_mw, self._set.limit_mw
         suspended, resumed = self._set.fit(to_mw(parts.limit_kw))
-        self._record_state_changes(at, suspended, resumed)
+        replanned = self._record_state_changes(at, suspended, resumed)
         if not self._limit_history or self._limit_history[-1][1:] != (parts.limit_kw, parts.source.value):
             self._limit_history.append((at, parts.limit_kw, parts.source.value))
             if self._store is not None:
                 self._store.limit(at, parts.limit_kw, parts.source.value)
-        if suspended or resumed or (previous_level, previous_limit) != (self._set.level_mw, self._set.limit_mw):
+        if (suspended or resumed or replanned
+                or (previous_level, previous_limit) != (self._set.level_mw, self._set.limit_mw)):
             self._state_version += 1
 
     def _finish(self, entry: _Entry, now: float, reason: str) -> SessionReport:
@@ -939,6 +1138,10 @@ class Ledger:
         self._requested_mw -= entry.member.amount_mw
         self._leased -= entry.lease_seconds is not None
         ended = self._report(entry, now, with_history=True, ended_at=now, end_reason=reason)
+        if ended.need_kwh is not None:
+            self._needs["requested_kwh"] += ended.need_kwh
+            self._needs["delivered_kwh"] += ended.energy_kwh
+            self._needs["met" if ended.need_met else "missed"] += 1
         suspended, resumed = self._set.remove(session.session_id)
         self._record_state_changes(now, suspended, resumed)
         packed = _packed(report_to_json(ended))
@@ -953,13 +1156,228 @@ class Ledger:
         self._prune_levels()
         return ended
 
-    def _record_state_changes(self, at: float, suspended: list[str], resumed: list[str]) -> None:
+    def _record_state_changes(self, at: float, suspended: list[str], resumed: list[str]) -> bool:
+        """Record suspensions, resumptions and the powers they leave; True when a tracked power changed."""
         for key, charging in [*((key, False) for key in suspended), *((key, True) for key in resumed)]:
             entry = self._sessions[key]
             entry.state_changes.append((at, charging))
             if self._store is not None:
                 self._store.state_changed(key, entry.state_changes)
+        replanned = self._track_powers(at)
         self._levels.record(at, self._set.level_mw)
+        return replanned
+
+    # ----- the deadline policy ---------------------------------------------------------------
+
+    def _new_set(self, policy: AllocationPolicy) -> ChargingSet | DeadlineSet:
+        return DeadlineSet() if policy is AllocationPolicy.DEADLINE else ChargingSet()
+
+    def _tracks(self, entry: _Entry) -> bool:
+        """Whether the session's power is its own (deadline policy, with a need) rather than a level's."""
+        return self.policy is AllocationPolicy.DEADLINE and entry.need_kwh is not None
+
+    def _delivered_mws(self, entry: _Entry, at: float) -> float:
+        """A tracked session's energy up to ``at`` (not before its last change of power)."""
+        return entry.delivered_mws + entry.power_mw * max(0.0, at - entry.power_since)
+
+    def _track_powers(self, at: float) -> bool:
+        """Follow the deadline plan's changes: each tracked session's power, energy, history and next
+        planning event. O(sessions whose power changed). True when any power changed."""
+        if not isinstance(self._set, DeadlineSet):
+            return False
+        moved = False
+        while changed := self._set.take_changed():
+            for key in changed:
+                entry = self._sessions.get(key)
+                if entry is None or not entry.tracked:
+                    continue
+                power = self._set.allocation_of(key)
+                if power != entry.power_mw:
+                    moved = True
+                    entry.delivered_mws = self._delivered_mws(entry, at)
+                    entry.power_mw, entry.power_since = power, at
+                    if entry.points and entry.points[-1][0] == at:
+                        entry.points.pop()  # several changes at one instant: the last one holds
+                    entry.points.append((at, to_kw(power)))
+                    if self._store is not None:
+                        self._store.need_changed(key, _need_json(entry))
+                self._plan_mark(entry, at)  # may turn it urgent at once: then it is in the next round
+        return moved
+
+    def _plan_mark(self, entry: _Entry, at: float) -> None:
+        """When the session's plan next needs looking at, from its power now, and what happens then.
+
+        Laxity (time to spare at full power) shrinks at ``1 - power/maximum``: it reaches
+        ``URGENT_WITHIN_SECONDS`` (the session must charge at full power), then 0 (it can no longer
+        be met: it keeps its place, without the urgency). Or its need is delivered first.
+        """
+        key = entry.session.session_id
+        assert isinstance(self._set, DeadlineSet)
+        remaining = entry.need_kwh * MWS_PER_KWH - self._delivered_mws(entry, at)
+        maximum, power = entry.member.amount_mw, entry.power_mw
+        candidates: list[tuple[float, str]] = []
+        if entry.met:
+            pass  # nothing more to plan: it takes what is left after every need
+        elif remaining <= 0:
+            candidates.append((at, "done" if entry.lease_seconds is None else "met"))
+        else:
+            if power > 0:
+                candidates.append((at + remaining / power, "done" if entry.lease_seconds is None else "met"))
+            if entry.due is not None and not entry.hopeless:
+                laxity = (entry.due - at) - remaining / maximum
+                shrinking = 1.0 - power / maximum
+                if self._set.is_urgent(key):
+                    if laxity <= 0:
+                        candidates.append((at, "hopeless"))
+                    elif shrinking > 0:
+                        candidates.append((at + laxity / shrinking, "hopeless"))
+                elif laxity < 0:
+                    entry.hopeless = True
+                elif laxity < URGENT_WITHIN_SECONDS:
+                    candidates.append((at, "urgent"))
+                elif shrinking > 0:
+                    candidates.append((at + (laxity - URGENT_WITHIN_SECONDS) / shrinking, "urgent"))
+        mark = min(candidates, default=None)
+        if mark is not None and mark[0] <= at and mark[1] in ("urgent", "hopeless"):
+            self._apply_mark(entry, mark[1])  # due now: its power changes, and it is planned again
+            return
+        entry.mark_at, entry.mark_kind = (None, "") if mark is None else mark
+        if mark is not None:
+            heapq.heappush(self._marks, (mark[0], key))
+            if len(self._marks) > 2 * len(self._sessions) + 64:
+                self._marks = [(other.mark_at, k) for k, other in self._sessions.items() if other.mark_at is not None]
+                heapq.heapify(self._marks)
+
+    def _next_mark_at(self) -> float | None:
+        while self._marks:
+            at, key = self._marks[0]
+            entry = self._sessions.get(key)
+            if entry is not None and entry.mark_at == at:
+                return at
+            heapq.heappop(self._marks)
+        return None
+
+    def _play_mark(self, entry: _Entry, at: float) -> None:
+        entry.mark_at = None
+        if entry.mark_kind == "done":
+            self._finish(entry, at, reason="energy_delivered")
+            return
+        self._apply_mark(entry, entry.mark_kind)
+        self._record_state_changes(at, [], [])
+        self._state_version += 1
+
+    def _apply_mark(self, entry: _Entry, kind: str) -> None:
+        assert isinstance(self._set, DeadlineSet)
+        key = entry.session.session_id
+        entry.mark_at = None
+        if kind == "urgent":
+            self._set.set_urgent(key, True)
+        elif kind == "hopeless":
+            entry.hopeless = True
+            self._set.set_urgent(key, False)
+        elif kind == "met":
+            # A leased session's need is delivered but its holder keeps it: it comes after every need now.
+            entry.met = True
+            self._set.set_urgent(key, False)
+            self._set.set_need(key, None, 0.0)  # a need without a departure: after every departure
+
+    def _checkpoint(self, entry: _Entry, at: float) -> None:
+        """Count what the session got up to ``at`` as it is counted now, then count on from there."""
+        if entry.tracked:
+            energy, points = self._delivered_mws(entry, at), list(entry.points)
+            suspended = _suspended_between(entry.state_changes, entry.session.started_at, at)
+        else:
+            points, energy, suspended = self._integrate(entry, at)
+            points = _merge_points(points)
+        entry.base_at, entry.base_mws, entry.base_suspended = at, energy, suspended
+        entry.base_points = points[-HISTORY_POINTS_KEPT:]
+        entry.tracked = False
+        entry.mark_at, entry.mark_kind = None, ""
+
+    def _start_tracking(self, entry: _Entry, at: float) -> None:
+        """From ``at`` on, the session's power is its own (the deadline plan's): checkpoint, then follow it."""
+        self._checkpoint(entry, at)
+        entry.tracked = True
+        entry.delivered_mws, entry.power_mw, entry.power_since = entry.base_mws, 0, at
+        entry.points = deque(entry.base_points, maxlen=HISTORY_POINTS_KEPT)
+        if entry.points and entry.points[-1][0] < at:
+            entry.points.append((at, 0.0))  # replaced by its power at ``at`` when tracking records it
+
+    def _change_need(self, entry: _Entry, at: float, energy_kwh: float | None, departure: float | None) -> None:
+        if entry.need_kwh is None and (energy_kwh is None or departure is None):
+            raise ValidationError("energy_kwh" if energy_kwh is None else "departure",
+                                  "a session without a need must be given both energy_kwh and departure")
+        if departure is not None and not departure > at:
+            raise ValidationError("departure", "departure must be after now (by this substation's clock).")
+        entry.need_kwh = entry.need_kwh if energy_kwh is None else energy_kwh
+        entry.departure = entry.departure if departure is None else departure
+        ends_at = entry.session.ends_at
+        entry.due = entry.departure if ends_at is None else min(ends_at, entry.departure)
+        entry.hopeless = entry.met = False
+        if self.policy is AllocationPolicy.DEADLINE:
+            assert isinstance(self._set, DeadlineSet)
+            key = entry.session.session_id
+            if entry.tracked:
+                entry.delivered_mws = self._delivered_mws(entry, at)
+                entry.power_since = at
+            else:
+                self._start_tracking(entry, at)
+            entry.mark_at, entry.mark_kind = None, ""
+            self._set.set_urgent(key, False)
+            remaining = max(0.0, entry.need_kwh - entry.delivered_mws / MWS_PER_KWH)
+            self._set.set_need(key, entry.due, remaining)
+            self._record_state_changes(at, [], [])
+        if self._store is not None:
+            self._store.need_changed(entry.session.session_id, _need_json(entry))
+        self._state_version += 1
+
+    def _rebuild_set(self, at: float) -> None:
+        """A switch to or from the deadline policy: the sessions go into a new set as they are."""
+        suspended = self._set.suspended_in_order
+        for entry in self._sessions.values():
+            self._checkpoint(entry, at)
+        self._set = self._new_set(self.policy)
+        members = [entry.member for entry in self._sessions.values()]
+        limit = to_mw(self._parts().limit_kw)
+        if isinstance(self._set, DeadlineSet):
+            needs = []
+            for entry in self._sessions.values():
+                remaining = None
+                if entry.need_kwh is not None:
+                    self._start_tracking(entry, at)
+                    remaining = max(0.0, entry.need_kwh - entry.delivered_mws / MWS_PER_KWH)
+                needs.append((entry.member, entry.due, remaining))
+            self._set.restore(needs, suspended, limit)
+        else:
+            self._set.restore(members, suspended, limit)
+        self._record_state_changes(at, [], [])
+
+    def _expected_mws(self, entry: _Entry, now: float, energy_mws: float) -> float:
+        """What the session is expected to have by its need's due time under the current plan."""
+        key = entry.session.session_id
+        remaining = entry.need_kwh * MWS_PER_KWH - energy_mws
+        if remaining <= 0 or entry.due is None or not self._set.is_charging(key):
+            return energy_mws  # a suspended one is counted at nothing more: when it resumes is not foreseen
+        if not entry.tracked:
+            return energy_mws + min(remaining, self._set.allocation_of(key) * max(0.0, entry.due - now))
+        # Each plan is forecast once: between two changes every session charges as it planned, so the
+        # energy it will have by its due time stays what the forecast said.
+        version, expected = self._projection
+        if version != self._state_version:
+            assert isinstance(self._set, DeadlineSet)
+            queue, delivered = [], {}
+            for member in self._set.queue():
+                other = self._sessions.get(member.key)
+                if other is None or other.due is None or other.met:
+                    continue
+                delivered[member.key] = self._delivered_mws(other, now)
+                left = other.need_kwh * MWS_PER_KWH - delivered[member.key]
+                queue.append(Projected(member.key, member.minimum_mw, member.amount_mw, max(0.0, left),
+                                       max(now, other.due)))
+            budget = self._set.limit_mw - self._set.charging_minimum_total_mw
+            expected = {k: delivered[k] + more for k, more in project(queue, budget, now).items()}
+            self._projection = (self._state_version, expected)
+        return expected.get(key, energy_mws)
 
     def _retire(self, session_id: str, now: float, until: float | None = None) -> None:
         forget_at = self._retired.add(session_id, now, until)
@@ -1013,7 +1431,7 @@ class Ledger:
         if changed is not None:
             self._store.levels_from(*changed, dropped_past=self._levels.take_dropped_past())
         if self._finished_since_trim >= TRIM_EVERY_FINISHES:
-            self._store.trim(now, ENDED_SESSIONS_KEPT, LIMIT_HISTORY_KEPT)
+            self._store.trim(now, self._records_retention_seconds, self._records_max_rows, LIMIT_HISTORY_KEPT)
             self._finished_since_trim = 0
         self._store.meta({
             "schema_version": SCHEMA_VERSION,
@@ -1024,6 +1442,7 @@ class Ledger:
             "admitted": self._admitted,
             "operator_limit_kw": self._operator_limit_kw,
             "peer_kw": self._peer_kw,
+            "needs": self._needs,
         })
         self._flushed_version = self._state_version
         return self._store.seal()
@@ -1043,6 +1462,7 @@ class Ledger:
         self._admitted = meta["admitted"]
         self._operator_limit_kw = meta["operator_limit_kw"]
         self._peer_kw = meta["peer_kw"]
+        self._needs.update(meta.get("needs", {}))  # absent before schema 3
         self._generation_kw = self._power.generation_at(self._time + PROFILE_STEP_EPSILON_SECONDS)
         self._next_step_at = self._power.next_change_after(self._time + PROFILE_STEP_EPSILON_SECONDS)
         if state.levels:
@@ -1060,6 +1480,8 @@ class Ledger:
             entry = _Entry(session, member, stored.start_position, list(stored.state_changes),
                            amounts=list(stored.amounts), minimum_kw=stored.minimum_kw,
                            lease_seconds=stored.lease_seconds, end_at=end_at)
+            if stored.need is not None:
+                _restore_need(entry, jsonfast.loads(stored.need))
             self._sessions[session.session_id] = entry
             self._requested_mw += amount
             self._leased += stored.lease_seconds is not None
@@ -1069,7 +1491,21 @@ class Ledger:
             if not charging:
                 # Suspended at one instant means newest first: the order they were suspended in.
                 suspended.append((last_at, -stored.admitted, stored.session_id))
-        self._set.restore(members, [key for *_, key in sorted(suspended)], to_mw(self._parts().limit_kw))
+        suspended_in_order = [key for *_, key in sorted(suspended)]
+        if isinstance(self._set, DeadlineSet):
+            for entry in self._sessions.values():
+                if entry.need_kwh is not None and not entry.tracked:
+                    self._start_tracking(entry, self._time)  # kept under another policy before the restart
+            self._set.restore([(entry.member, None if entry.met else entry.due,
+                                None if entry.need_kwh is None else max(
+                                    0.0, entry.need_kwh - self._delivered_mws(entry, self._time) / MWS_PER_KWH))
+                               for entry in self._sessions.values()], suspended_in_order,
+                              to_mw(self._parts().limit_kw))
+        else:
+            for entry in self._sessions.values():
+                if entry.tracked:
+                    self._checkpoint(entry, self._time)  # kept under the deadline policy before the restart
+            self._set.restore(members, suspended_in_order, to_mw(self._parts().limit_kw))
         for record in state.ended[-ENDED_SESSIONS_KEPT:]:
             self._keep_ended(record["session_id"], _packed(record))
         self._retired.restore(state.retired)
@@ -1144,12 +1580,16 @@ class Ledger:
                 points.append((ended_at, 0.0))
             history = tuple(_merge_points(points)[-HISTORY_POINTS_KEPT:])
         ends_at = entry.session.ends_at
+        energy_kwh = energy_mws / MWS_PER_KWH
+        expected = None
+        if entry.need_kwh is not None:
+            expected = energy_kwh if ended_at is not None else self._expected_mws(entry, now, energy_mws) / MWS_PER_KWH
         return SessionReport(
             session=entry.session,
             state=state,
             allocated_kw=allocated,
             minimum_kw=to_kw(entry.member.minimum_mw),
-            energy_kwh=energy_mws / 1000.0 / 1000.0 / SECONDS_PER_HOUR,
+            energy_kwh=energy_kwh,
             suspended_seconds=suspended_seconds,
             history=history,
             ended_at=ended_at,
@@ -1157,23 +1597,30 @@ class Ledger:
             lease_seconds=entry.lease_seconds,
             lease_expires_at=entry.end_at if entry.lease_seconds is not None and ended_at is None else None,
             remaining_seconds=None if ends_at is None else max(0.0, ends_at - (now if ended_at is None else ended_at)),
+            need_kwh=entry.need_kwh,
+            departure=entry.departure,
+            expected_kwh=expected,
         )
 
     def _integrate(self, entry: _Entry, until: float) -> tuple[list[tuple[float, float]], float, float]:
         """The session's allocation points, energy (mW·s) and suspended seconds from its start to ``until``."""
+        if entry.tracked:
+            return (list(entry.points), self._delivered_mws(entry, until),
+                    _suspended_between(entry.state_changes, entry.session.started_at, until))
         changes = entry.state_changes
         amount_times = [t for t, *_ in entry.amounts]
         # (amount, floor) in mW: the floor binds only above the level, and only a session's own minimum can
         # be above it (under strict the level is None: every charging session gets its whole amount).
         terms_mw = [(amount_to_mw(kw), self._minimum_of(amount_to_mw(kw), minimum, AllocationPolicy.FAIR_SHARE))
                     for _, kw, minimum in entry.amounts]
-        points: list[tuple[float, float]] = []
-        energy = 0.0
-        suspended = 0.0
+        points: list[tuple[float, float]] = list(entry.base_points)
+        energy = entry.base_mws
+        suspended = entry.base_suspended
         # From the point before the session's own: a change undone at the instant it started removes its
         # point, and the level in effect then is the one before (the time of each point picks the right one).
         level_points = list(self._levels.since(entry.start_position - 1))
-        started = entry.session.started_at
+        # Counted from its start, or from where what came before was counted (Entry.base_at).
+        started = entry.session.started_at if entry.base_at is None else entry.base_at
         # Segment boundaries: every level change, suspension, resumption and change of amount, up to ``until``.
         times = sorted({started, *(t for t, _ in level_points), *(t for t, _ in changes), *amount_times})
         times = [t for t in times if started <= t <= until]
@@ -1203,6 +1650,41 @@ class Ledger:
             self._on_session_finished(session, charged_seconds)
 
 
+def _suspended_between(changes: list[tuple[float, bool]], start: float, until: float) -> float:
+    """Seconds suspended between ``start`` and ``until``, from (time, charging?) at every change."""
+    suspended = 0.0
+    for index, (at, charging) in enumerate(changes):
+        end = changes[index + 1][0] if index + 1 < len(changes) else until
+        if not charging:
+            suspended += max(0.0, min(end, until) - max(at, start))
+    return suspended
+
+
+def _need_json(entry: _Entry) -> str | None:
+    """A session's need and, when tracked, its own power history, as the store keeps them."""
+    if entry.need_kwh is None and entry.base_at is None:
+        return None
+    return jsonfast.dumps_text({
+        "need_kwh": entry.need_kwh, "departure": entry.departure, "due": entry.due, "hopeless": entry.hopeless,
+        "base_at": entry.base_at, "base_mws": entry.base_mws, "base_suspended": entry.base_suspended,
+        "base_points": entry.base_points, "tracked": entry.tracked, "power_mw": entry.power_mw,
+        "power_since": entry.power_since, "delivered_mws": entry.delivered_mws, "points": list(entry.points),
+        "met": entry.met,
+    })
+
+
+def _restore_need(entry: _Entry, need: dict) -> None:
+    """Take back what ``_need_json`` kept."""
+    entry.need_kwh, entry.departure, entry.due = need["need_kwh"], need["departure"], need["due"]
+    entry.hopeless = need["hopeless"]
+    entry.base_at, entry.base_mws, entry.base_suspended = need["base_at"], need["base_mws"], need["base_suspended"]
+    entry.base_points = [(at, kw) for at, kw in need["base_points"]]
+    entry.tracked, entry.power_mw, entry.power_since = need["tracked"], need["power_mw"], need["power_since"]
+    entry.delivered_mws = need["delivered_mws"]
+    entry.points = deque(((at, kw) for at, kw in need["points"]), maxlen=HISTORY_POINTS_KEPT)
+    entry.met = need["met"]
+
+
 def _merge_points(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     merged: list[tuple[float, float]] = []
     for at, kw in points:
@@ -1228,6 +1710,10 @@ def report_to_json(report: SessionReport) -> dict:
         "history": [list(point) for point in report.history or ()],
         "ended_at": report.ended_at,
         "end_reason": report.end_reason,
+        "delivered_kwh": report.energy_kwh,
+        "need_kwh": report.need_kwh,
+        "departure": report.departure,
+        "need_met": report.need_met,
     }
 
 
@@ -1256,4 +1742,8 @@ def report_from_json(record: dict) -> SessionReport:
         # Absent from the records of schema 1, which had no leases.
         lease_seconds=record.get("lease_seconds"),
         remaining_seconds=None if record["ends_at"] is None else max(0.0, record["ends_at"] - record["ended_at"]),
+        # Absent from the records of schema 2, which had no needs.
+        need_kwh=record.get("need_kwh"),
+        departure=record.get("departure"),
+        expected_kwh=None if record.get("need_kwh") is None else record["energy_kwh"],
     )

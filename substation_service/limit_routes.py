@@ -90,7 +90,7 @@ def show_policy() -> Response:
 
 @limit_blueprint.put("/allocation-policy")
 def set_policy() -> Response:
-    """Switch between fair_share and strict at run time, e.g. to compare them on one grid."""
+    """Switch between deadline, fair_share and strict at run time, e.g. to compare them on one grid."""
     current = substation()
     require_operator(current.settings.admin_token, "substation")
     name = json_object_body().get("policy")

@@ -72,6 +72,10 @@ class _SnapshotGauges:
         yield GaugeMetricFamily("substation_limit_source", "", labels=["substation", "source"])
         yield CounterMetricFamily("energy_delivered_kwh", "", labels=["substation"])
         yield CounterMetricFamily("leases_expired", "", labels=["substation"])
+        yield CounterMetricFamily("substation_energy_requested_kwh", "", labels=["substation"])
+        yield CounterMetricFamily("substation_energy_delivered_kwh", "", labels=["substation"])
+        yield CounterMetricFamily("substation_needs", "", labels=["substation", "result"])
+        yield GaugeMetricFamily("substation_expected_shortfall_kwh", "", labels=["substation"])
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._snapshot()
@@ -108,6 +112,45 @@ class _SnapshotGauges:
         )
         expired.add_metric(labels, snapshot.leases_expired)
         yield expired
+        yield from self._needs(snapshot)
+
+    def _needs(self, snapshot: Snapshot) -> Iterator[Metric]:
+        """Energy needs (energy_kwh by departure): asked versus delivered, and demands met (ACN-Sim's way)."""
+        needs = snapshot.needs
+        if needs is None:
+            return
+        labels = [self._substation_id]
+        requested = CounterMetricFamily(
+            "substation_energy_requested_kwh",
+            "Energy needed by the sessions with a need that finished, kWh (what they asked for).",
+            labels=["substation"],
+        )
+        requested.add_metric(labels, needs.requested_kwh)
+        yield requested
+        delivered = CounterMetricFamily(
+            "substation_energy_delivered_kwh",
+            "Energy delivered to the sessions with a need that finished, kWh: divided by "
+            "substation_energy_requested_kwh_total, the share of requested energy delivered.",
+            labels=["substation"],
+        )
+        delivered.add_metric(labels, needs.delivered_kwh)
+        yield delivered
+        results = CounterMetricFamily(
+            "substation_needs",
+            "Finished sessions with a need, by whether it was met (less than 0.1 kWh missing) or missed.",
+            labels=["substation", "result"],
+        )
+        results.add_metric([*labels, "met"], needs.met)
+        results.add_metric([*labels, "missed"], needs.missed)
+        yield results
+        shortfall = GaugeMetricFamily(
+            "substation_expected_shortfall_kwh",
+            "Energy the running sessions with a need are expected to miss by their departures under the current "
+            "plan, kWh (the sum of their expected_shortfall_kwh).",
+            labels=["substation"],
+        )
+        shortfall.add_metric(labels, needs.expected_shortfall_kwh)
+        yield shortfall
 
 
 class SubstationMetrics:

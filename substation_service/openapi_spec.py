@@ -38,10 +38,11 @@ from gridcommon.openapi import (
     schema_ref,
     substation_session_schema,
 )
-from gridcommon.validation import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
+from gridcommon.validation import MAX_ENERGY_KWH, MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from substation_service.allocation import ALLOCATION_POLICIES
 from substation_service.limit_routes import MAX_LIMIT_KW
 from substation_service.peering.messages import MIGRATION_ID_PATTERN, NODE_ID_PATTERN
+from substation_service.record_routes import CSV_COLUMNS, EXPORT_FORMATS, PAGE_DEFAULT, PAGE_MAX
 from substation_service.routes import MAX_RENEWALS, MAX_WAIT_SECONDS
 
 SERVICE = "substation"
@@ -92,7 +93,28 @@ def _session_schema() -> dict[str, Any]:
                                       "description": "Its fixed length; null for a leased session."}
     properties["remaining_seconds"] = {"type": ["number", "null"], "minimum": 0,
                                        "description": "Seconds until it ends by itself; null for a leased session."}
-    properties["end_reason"] = {"enum": ["completed", "stopped", "lease_expired"]}
+    properties["end_reason"] = {
+        "enum": ["completed", "stopped", "lease_expired", "energy_delivered", "departed"],
+        "description": "`completed`: ran its duration; `energy_delivered`: its need was delivered; `departed`: its "
+        "departure came first; `stopped`: DELETE; `lease_expired`: its lease lapsed unrenewed.",
+    }
+    properties["energy_kwh"] = {**KW, "minimum": 0, "description": "With a need: the energy needed, kWh. "
+                                "Without one: the energy delivered so far (as `delivered_kwh`)."}
+    properties["departure"] = {**TIME, "description": "When the vehicle leaves, as the request stated it."}
+    properties["delivered_kwh"] = {**KW, "minimum": 0, "description": "Energy delivered so far, kWh (with a need, "
+                                   "and in every finished record)."}
+    properties["still_needed_kwh"] = {**KW, "minimum": 0, "description": "With a need: what is still missing."}
+    properties["expected_energy_kwh"] = {
+        **KW, "minimum": 0,
+        "description": "With a need: the energy it is expected to have by its departure if the plan stays as it "
+        "is (no arrivals, the same limit); sessions ahead of it finishing only add to it.",
+    }
+    properties["expected_shortfall_kwh"] = {**KW, "minimum": 0, "description": "`energy_kwh - expected_energy_kwh`, "
+                                            "at least 0."}
+    properties["feasible"] = {"type": "boolean", "description": "With a need: `expected_energy_kwh >= energy_kwh "
+                              "- 0.1`. False: the need is not expected to be met, and the driver is told so."}
+    properties["need_met"] = {"type": "boolean", "description": "A finished session with a need: less than "
+                              "0.1 kWh missing (ACN-Sim's definition)."}
     properties["lease_seconds"] = {**KW, "description": "A leased session's lease length (its last renewal's)."}
     properties["lease_expires_at"] = {
         "type": ["number", "null"],
@@ -122,6 +144,16 @@ def _charge_request() -> dict[str, Any]:
 SESSION_LINKS = {
     "GetSession": {"operationId": "showSession", "parameters": {"session_id": "$response.body#/session_id"}},
     "StopSession": {"operationId": "stopSession", "parameters": {"session_id": "$response.body#/session_id"}},
+}
+
+RECORDS_PAGE = {
+    "type": "object",
+    "required": ["substation", "sessions", "next_after"],
+    "properties": {
+        "substation": SUBSTATION_ID,
+        "sessions": {"type": "array", "items": SESSION},
+        "next_after": {"type": ["string", "null"]},
+    },
 }
 
 STATUS = {
@@ -416,8 +448,13 @@ PATHS: dict[str, Any] = {
                     "amount": {"type": ["number", "null"], "exclusiveMinimum": 0,
                                "description": "kW asked for from now on, at most `MAX_AMOUNT_KW`."},
                     "minimum_kw": {**MINIMUM_KW, "type": ["number", "null"]},
+                    "energy_kwh": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_ENERGY_KWH,
+                                   "description": "The session's whole need, kWh (OCPP's `energyAmount` / 1000); "
+                                   "a session without a need must also be given `departure`."},
+                    "departure": {"type": ["string", "null"], "description": "When the vehicle leaves (ISO 8601 "
+                                  "UTC; OCPP's `departureTime`): after now, at most 7 days ahead."},
                 }},
-                "`amount`, `minimum_kw` or both; other fields are ignored.",
+                "`amount`, `minimum_kw`, a need (`energy_kwh`, `departure`), or several; other fields are ignored.",
             ),
             "responses": {
                 "200": json_response("Changed: the session and the load after.", SESSION_WITH_CAPACITY),
@@ -487,7 +524,15 @@ PATHS: dict[str, Any] = {
             "parameters": [
                 X_REQUEST_ID,
                 _flag("history", "Add each session's allocation history."),
-                _flag("ended", "Add the ended sessions kept for audits."),
+                _flag("ended", "Add the ended sessions kept in memory (the newest) for audits. With `since`, "
+                      "`limit` or `after`: a page of finished records instead (operator only)."),
+                {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "With `ended=1`: records of sessions that ended at or after this ISO 8601 time."},
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": PAGE_MAX},
+                 "description": f"With `ended=1`: records per page, 1 to {PAGE_MAX} (default {PAGE_DEFAULT})."},
+                {"name": "after", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "With `ended=1`: the `next_after` of the page before."},
                 {
                     "name": "after_version",
                     "in": "query",
@@ -507,8 +552,9 @@ PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": json_response(
-                    "Every session at one instant.",
-                    {
+                    "Every session at one instant; or, with `since`, `limit` or `after`, a page of records "
+                    "(`next_after`: the cursor of the next page, null on the last).",
+                    {"anyOf": [RECORDS_PAGE, {
                         "type": "object",
                         "required": ["substation", "taken_at", "state_version", "limit_kw", "limit_source", "load",
                                      "sessions"],
@@ -522,16 +568,59 @@ PATHS: dict[str, Any] = {
                             "load": KW,
                             "sessions": {"type": "array", "items": SESSION},
                         },
-                    },
+                    }]},
                 ),
                 "400": error_response("A flag is not 0, 1, true or false, or `after_version`/`wait` is not a "
-                                      "number in range (`invalid_query`, with `field`).",
+                                      "number in range, or `since`/`limit`/`after` is not one "
+                                      "(`invalid_query`, with `field`).",
                                       ["invalid_query"], **FIELD),
+                **operator_errors(SERVICE),
                 "429": error_response("`MAX_LONG_POLLS` long polls already wait (`too_many_long_polls`): "
                                       "retry, or poll without `wait`.", ["too_many_long_polls"],
                                       headers=RETRY_AFTER),
             },
         }
+    },
+    "/sessions/export": {
+        "get": {
+            "operationId": "exportRecords",
+            "tags": ["charging"],
+            "summary": "Every finished record since a time, as CSV or JSON lines (operator only)",
+            "description": "Oldest first, streamed. The CSV columns: " + ", ".join(f"`{c}`" for c in CSV_COLUMNS)
+            + ". Records stay `SESSION_RECORDS_RETENTION_DAYS` (90), at most `SESSION_RECORDS_MAX_ROWS`.",
+            "security": OPERATOR,
+            "parameters": [
+                X_REQUEST_ID,
+                {"name": "format", "in": "query", "required": False, "schema": {"enum": list(EXPORT_FORMATS)},
+                 "description": "`jsonl` (default) or `csv`."},
+                {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "Only sessions that ended at or after this ISO 8601 time."},
+            ],
+            "responses": {
+                "200": {"description": "The records.", "headers": {"X-Request-ID": ref("headers", "X-Request-ID")},
+                        "content": {"text/csv": {"schema": {"type": "string"}},
+                                    "application/x-ndjson": {"schema": {"type": "string"}}}},
+                "400": error_response("`format` or `since` is not one (`invalid_query`, with `field`).",
+                                      ["invalid_query"], **FIELD),
+                **operator_errors(SERVICE),
+            },
+        }
+    },
+    "/sessions/{session_id}": {
+        "parameters": [SESSION_ID_PARAMETER],
+        "get": {
+            "operationId": "showRecord",
+            "tags": ["charging"],
+            "summary": "A session, running or finished (its record, from the state file when it is older)",
+            "security": [],
+            "parameters": [X_REQUEST_ID],
+            "responses": {
+                "200": json_response("The session with its allocation history.",
+                                     {"allOf": [SESSION, {"required": ["history"]}]}),
+                **path_errors(["session_not_found"], "`session_not_found` (with `session_id`): never here, or past "
+                                                     "its retention; or"),
+            },
+        },
     },
     "/status": {
         "get": {

@@ -8,12 +8,16 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from datetime import datetime, timezone
+
 from gridcommon.deadline import DEADLINE_HEADER, parse_deadline
 from gridcommon.timefmt import format_time
 from gridcommon.validation import (
     SESSION_ID_PATTERN,
+    EnergyNeed,
     ValidationError,
     finite_number,
+    parse_energy_need,
     parse_lease_seconds,
     parse_session_terms,
 )
@@ -53,11 +57,16 @@ def substation() -> Substation:
     return current_app.extensions[EXTENSION_KEY]
 
 
-def session_json(report: SessionReport) -> dict[str, Any]:
+# Fields of an energy need: read here against the substation's own clock, not by charge_from_body.
+NEED_FIELDS = ("energy_kwh", "departure")
+
+
+def session_json(report: SessionReport, substation_id: str | None = None) -> dict[str, Any]:
+    """A session's answer; ``substation_id`` where no request is being served (a streamed export)."""
     session = report.session
     body: dict[str, Any] = {
         "session_id": session.session_id,
-        "substation": substation().settings.substation_id,
+        "substation": substation_id or substation().settings.substation_id,
         "vehicle_id": session.vehicle_id,
         "amount": session.amount_kw,
         "state": report.state.value,
@@ -70,6 +79,19 @@ def session_json(report: SessionReport) -> dict[str, Any]:
         "duration_seconds": session.duration_seconds,
         "remaining_seconds": None if report.remaining_seconds is None else round(report.remaining_seconds, 3),
     }
+    if report.need_kwh is not None or report.ended_at is not None:
+        body["delivered_kwh"] = round(report.energy_kwh, 6)
+    if report.departure is not None:
+        body["departure"] = format_time(report.departure)
+    if report.need_kwh is not None:
+        # energy_kwh is the need here; what it got so far is delivered_kwh (without a need, energy_kwh is that).
+        body["energy_kwh"] = report.need_kwh
+        body["still_needed_kwh"] = round(report.still_needed_kwh, 6)
+        body["expected_energy_kwh"] = round(report.expected_kwh, 6)
+        body["expected_shortfall_kwh"] = round(report.expected_shortfall_kwh, 6)
+        body["feasible"] = report.feasible
+        if report.ended_at is not None:
+            body["need_met"] = report.need_met
     if report.lease_seconds is not None:
         body["lease_seconds"] = report.lease_seconds
         body["lease_expires_at"] = report.lease_expires_at
@@ -126,10 +148,15 @@ def start_charging() -> tuple[Response, int]:
     current = substation()
     body = json_object_body()
     charge = charge_from_body(
-        body, current.settings.max_amount_kw, current.settings.max_session_seconds, accept_session_id=True
+        {key: value for key, value in body.items() if key not in NEED_FIELDS},
+        current.settings.max_amount_kw, current.settings.max_session_seconds, accept_session_id=True,
     )
     try:
         terms = parse_session_terms(body, charge, current.settings.min_charge_kw)
+        need = _need_of(body, current.ledger)
+        if need.energy_kwh is not None and need.departure is None and charge.duration_seconds is None:
+            raise ValidationError("departure", "energy_kwh needs a departure (or a duration_seconds): by when "
+                                               "should the energy be delivered?")
     except ValidationError as exc:
         raise ApiError(400, "invalid_field", exc.message, field=exc.field) from None
     try:
@@ -137,7 +164,10 @@ def start_charging() -> tuple[Response, int]:
             charge.vehicle_id, charge.amount_kw, charge.duration_seconds, charge.session_id,
             deadline=parse_deadline(request.headers.get(DEADLINE_HEADER)),
             lease_seconds=terms.lease_seconds, minimum_kw=terms.minimum_kw,
+            energy_kwh=need.energy_kwh, departure=None if need.departure is None else need.departure.timestamp(),
         )
+    except ValidationError as exc:
+        raise ApiError(400, "invalid_field", exc.message, field=exc.field) from None
     except DeadlinePassed as late:
         # Its caller has given up on the answer: a session admitted now would charge with nobody told.
         log.info("refused session %s for vehicle %s: its deadline passed %.3f s ago",
@@ -164,12 +194,17 @@ def start_charging() -> tuple[Response, int]:
         body = {**session_json(admission.report), **capacity_json(admission.snapshot), "replayed": True}
         return jsonify(body), 201
     current.metrics.admitted.inc()
+    report = admission.report
+    if report.need_kwh is not None:
+        log.info("session %s needs %g kWh by %s: %.3g kWh expected under the current plan (%s)",
+                 session.session_id, report.need_kwh, format_time(report.departure or 0.0), report.expected_kwh,
+                 "feasible" if report.feasible else "it cannot be met: the driver is told")
     log.info(
         "admitted session %s: vehicle %s, up to %g kW %s, %g kW now (load %g of %g kW)",
         session.session_id,
         session.vehicle_id,
         session.amount_kw,
-        f"on a {terms.lease_seconds:g} s lease" if session.leased else f"for {session.duration_seconds:g} s",
+        f"on a {terms.lease_seconds:g} s lease" if session.leased else f"for up to {session.duration_seconds:g} s",
         admission.report.allocated_kw,
         admission.snapshot.load_kw,
         admission.snapshot.limit_kw,
@@ -194,8 +229,13 @@ def change_session(session_id: str) -> Response:
     current = substation()
     body = json_object_body()
     amount = minimum = None
-    if body.get("amount") is None and body.get("minimum_kw") is None:
-        raise ApiError(400, "invalid_field", "Send amount (kW), minimum_kw (kW) or both.", field="amount")
+    if all(body.get(name) is None for name in ("amount", "minimum_kw", *NEED_FIELDS)):
+        raise ApiError(400, "invalid_field", "Send amount (kW), minimum_kw (kW), energy_kwh (kWh) with departure "
+                       "(ISO 8601 UTC), or any of them together.", field="amount")
+    try:
+        need = _need_of(body, current.ledger)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid_field", exc.message, field=exc.field) from None
     if body.get("amount") is not None:
         amount = finite_number(body["amount"])
         if amount is None or not 0 < amount <= current.settings.max_amount_kw:
@@ -210,7 +250,10 @@ def change_session(session_id: str) -> Response:
         if minimum is None:
             raise ApiError(400, "invalid_field", "minimum_kw must be a number of kW.", field="minimum_kw")
     try:
-        change = current.ledger.change(session_id, amount_kw=amount, minimum_kw=minimum)
+        change = current.ledger.change(
+            session_id, amount_kw=amount, minimum_kw=minimum, energy_kwh=need.energy_kwh,
+            departure=None if need.departure is None else need.departure.timestamp(),
+        )
     except UnknownSession:
         raise _not_active(session_id) from None
     except ValidationError as exc:
@@ -225,6 +268,11 @@ def change_session(session_id: str) -> Response:
              session_id, report.session.amount_kw, report.minimum_kw, report.allocated_kw,
              change.snapshot.load_kw, change.snapshot.limit_kw)
     return jsonify({**session_json(report), **capacity_json(change.snapshot)})
+
+
+def _need_of(body: dict[str, Any], ledger: Ledger) -> EnergyNeed:
+    """``energy_kwh`` and ``departure`` of a request, a departure judged by this substation's clock."""
+    return parse_energy_need(body, datetime.fromtimestamp(ledger.now(), tz=timezone.utc))
 
 
 def _not_active(session_id: str) -> ApiError:

@@ -39,6 +39,7 @@ from the energy it integrates, is what catches up with them.
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -220,6 +221,7 @@ class DeadlineSet:
         self._tie: dict[str, int] = {}  # the sessions sharing the rest where it runs out, and their power
         self._free = ChargingSet()  # charging sessions without a need
         self._free_minimums = 0
+        self._changed: set[str] = set()  # see take_changed
 
     # ----- reading ---------------------------------------------------------------------------
 
@@ -258,38 +260,131 @@ class DeadlineSet:
     def allocations(self) -> dict[str, int]:
         return {key: self.allocation_of(key) for key in self._members}
 
+    @property
+    def suspended_in_order(self) -> list[str]:
+        return self._set.suspended_in_order
+
+    def queue(self) -> list[Member]:
+        """The charging sessions with a need, in the order they are served: the most urgent first."""
+        return [self._members[key] for key in self._queue_keys]
+
+    def has_need(self, key: str) -> bool:
+        return key in self._keys
+
+    @property
+    def level_mw(self) -> int | None:
+        """The max-min fair level of the sessions without a need (None: each gets its maximum)."""
+        return self._free.level_mw
+
+    @property
+    def allocated_mw(self) -> int:
+        """The sum of every session's power: O(sessions sharing where the power runs out)."""
+        tie_extra = sum(power - self._members[key].minimum_mw for key, power in self._tie.items())
+        return (self._set.charging_minimum_total_mw + self._full_total + tie_extra
+                + self._free.allocated_mw - self._free_minimums)
+
+    @property
+    def minimum_total_mw(self) -> int:
+        return self._set.minimum_total_mw
+
+    @property
+    def charging_minimum_total_mw(self) -> int:
+        return self._set.charging_minimum_total_mw
+
+    @property
+    def suspended_count(self) -> int:
+        return self._set.suspended_count
+
+    @property
+    def curtailed_count(self) -> int:
+        """Charging sessions that get less than their maximum."""
+        with_need_short = len(self._queue) - self._full - sum(
+            1 for key, power in self._tie.items() if power >= self._members[key].amount_mw
+        )
+        return with_need_short + self._free.curtailed_count
+
+    def take_changed(self) -> set[str]:
+        """Sessions with a need whose power may have changed since the last call.
+
+        The owner keeps each one's own power history from these: O(sessions that crossed the point
+        where the power runs out), not O(n). The powers of sessions without a need follow
+        :attr:`level_mw`.
+        """
+        changed, self._changed = self._changed, set()
+        return changed
+
     def __len__(self) -> int:
         return len(self._members)
 
     # ----- changing --------------------------------------------------------------------------
 
     def add(self, key: str, amount_mw: int, minimum_mw: int, departure: float | None = None,
-            remaining_kwh: float | None = None) -> None:
+            remaining_kwh: float | None = None, order: int | None = None) -> None:
         """Admit a session as charging; the caller checked :meth:`admits`.
 
         ``remaining_kwh`` None: no need, a max-min fair share of what the others leave.
-        A session with a need but no departure comes after every departure.
+        A session with a need but no departure comes after every departure. ``order`` is the
+        admission order when the owner keeps its own (the larger, the newer; suspended first).
         """
-        self._order += 1
-        member = Member(key, amount_mw, min(amount_mw, minimum_mw), self._order)
+        self._order = max(self._order + 1, order or 0)
+        member = Member(key, amount_mw, min(amount_mw, minimum_mw), order or self._order)
         self._members[key] = member
         if remaining_kwh is not None:
-            value = priority_value(self._priority, remaining_kwh, amount_mw / 1_000_000, departure)
-            self._keys[key] = (True, value, self._order)
+            self._keys[key] = self._key_of(member, departure, remaining_kwh)
         self._set.add(_copy(member))
         self._start(key)
         self._replan()
 
-    def remove(self, key: str) -> None:
-        """A session ended (departed, done or stopped)."""
+    def restore(self, sessions: list[tuple[Member, float | None, float | None]], suspended_in_order: list[str],
+                limit_mw: int) -> None:
+        """Take back ``(member, departure, remaining_kwh)`` of sessions kept elsewhere, into an empty set.
+
+        The suspended ones in the order they were suspended, as :meth:`ChargingSet.restore` takes them.
+        """
+        for member, departure, remaining in sessions:
+            member = _copy(member)
+            self._members[member.key] = member
+            self._order = max(self._order, member.order)
+            if remaining is not None:
+                self._keys[member.key] = self._key_of(member, departure, remaining)
+        self._set.restore([_copy(member) for member, _, _ in sessions], suspended_in_order, limit_mw)
+        for member, _, _ in sessions:
+            if self._set.is_charging(member.key):
+                self._start(member.key)
+        self._replan()
+
+    def set_need(self, key: str, departure: float | None, remaining_kwh: float | None) -> None:
+        """A session's need is stated, changed or dropped (None): it takes its place again by the new one.
+
+        Its admission order stays: who is suspended first does not change.
+        """
+        charging = self._set.is_charging(key)
+        if charging:
+            self._stop(key)
+        if remaining_kwh is None:
+            self._keys.pop(key, None)
+        else:
+            self._keys[key] = self._key_of(self._members[key], departure, remaining_kwh)
+        if charging:
+            self._start(key)
+        self._replan()
+
+    def _key_of(self, member: Member, departure: float | None, remaining_kwh: float) -> tuple[bool, float, int]:
+        value = priority_value(self._priority, remaining_kwh, member.amount_mw / 1_000_000, departure)
+        return True, value, member.order
+
+    def remove(self, key: str) -> tuple[list[str], list[str]]:
+        """A session ended (departed, done or stopped); returns ``(suspended, resumed)`` as ChargingSet does."""
         if self._set.is_charging(key):
             self._stop(key)
         _, resumed = self._set.remove(key)
         del self._members[key]
         self._keys.pop(key, None)
+        self._changed.discard(key)
         self._sync([], resumed)
+        return [], resumed
 
-    def change(self, key: str, amount_mw: int, minimum_mw: int | None = None) -> None:
+    def change(self, key: str, amount_mw: int, minimum_mw: int | None = None) -> tuple[list[str], list[str]]:
         """A session's maximum changes (it tapers, or its need fits within one period); its key stays.
 
         The caller checked :meth:`fits_change` for a higher minimum.
@@ -304,6 +399,7 @@ class DeadlineSet:
         if charging and key not in suspended:
             self._start(key)
         self._sync([k for k in suspended if k != key], resumed)
+        return suspended, resumed
 
     def set_urgent(self, key: str, urgent: bool) -> None:
         """The session must charge at full power from now on to meet its need (or no longer must)."""
@@ -318,10 +414,11 @@ class DeadlineSet:
             self._start(key)
         self._replan()
 
-    def fit(self, limit_mw: int) -> None:
-        """A new limit: suspend or resume as fair_share does, then re-plan."""
+    def fit(self, limit_mw: int) -> tuple[list[str], list[str]]:
+        """A new limit: suspend or resume as fair_share does, then re-plan; returns ``(suspended, resumed)``."""
         suspended, resumed = self._set.fit(limit_mw)
         self._sync(suspended, resumed)
+        return suspended, resumed
 
     # ----- inside ----------------------------------------------------------------------------
 
@@ -340,6 +437,7 @@ class DeadlineSet:
             self._free.add(_copy(member))
             self._free_minimums += member.minimum_mw
             return
+        self._changed.add(key)
         priority = self._keys[key]
         index = bisect.bisect_left(self._queue, priority)
         extra = member.amount_mw - member.minimum_mw
@@ -356,6 +454,7 @@ class DeadlineSet:
             self._free.remove(key)
             self._free_minimums -= member.minimum_mw
             return
+        self._changed.add(key)
         index = bisect.bisect_left(self._queue, self._keys[key])
         if index < self._full:
             self._full -= 1
@@ -367,6 +466,8 @@ class DeadlineSet:
         budget = self._set.limit_mw - self._set.charging_minimum_total_mw
         extras, count = self._extras, len(self._extras)
         full, total = self._full, self._full_total
+        was_full = full
+        self._changed.update(key for key in self._tie if key in self._members)
         while full and total > budget:
             full -= 1
             total -= extras[full]
@@ -388,6 +489,9 @@ class DeadlineSet:
             full = first
             total = before
         self._full, self._full_total = full, total
+        # Served in full before and not now, or the other way round; and who shares where it runs out.
+        self._changed.update(self._queue_keys[min(was_full, full):max(was_full, full)])
+        self._changed.update(self._tie)
         # Sessions without a need share only what every session with one leaves over.
         self._free.fit(self._free_minimums + (0 if self._tie else budget - total))
 
@@ -407,3 +511,62 @@ class DeadlineSet:
 def _copy(member: Member) -> Member:
     """A member of its own for an inner set: the sets change their members' fields."""
     return Member(member.key, member.amount_mw, member.minimum_mw, member.order)
+
+
+@dataclass(frozen=True)
+class Projected:
+    """One charging session with a need, as :func:`project` sees it: in milliwatts and mW·s."""
+
+    key: str
+    minimum_mw: int
+    maximum_mw: int
+    remaining_mws: float
+    deadline: float
+
+
+def project(queue: list[Projected], budget_mw: int, now: float) -> dict[str, float]:
+    """The energy (mW·s) each session of ``queue`` is expected to get from ``now`` to its deadline.
+
+    The model: the plan stays as it is (no arrivals, the same limit, the same order). ``queue`` is
+    in the order the plan serves the sessions, most urgent first; ``budget_mw`` is what the limit
+    leaves above every charging session's minimum. Sessions ahead are served first: each session
+    gets its minimum throughout, and above it what the sessions ahead of it leave, which grows as
+    they finish (need delivered, or deadline come) and give back their power, minimum included, up
+    to its maximum. What the model does not foresee: sessions turning urgent (or hopeless) later,
+    which moves them in the order; and sessions without a need, which only take what is left.
+    O(n log n): a session's power changes only when one ahead of it finishes.
+    """
+    expected: dict[str, float] = {}
+    # (when it gives power back, the power it holds above its minimum then, its minimum), soonest first
+    holding: list[tuple[float, int, int]] = []
+    used = 0
+    budget = max(0, budget_mw)
+    clock = now  # a session behind gets more than its minimum no earlier than one ahead of it did
+    for session in queue:
+        want = session.maximum_mw - session.minimum_mw
+        left, at, deadline = session.remaining_mws, now, session.deadline
+        rate = session.minimum_mw
+        while True:
+            if at < clock:
+                until = clock  # the sessions ahead take every bit above the minimums until then
+            else:
+                rate = session.minimum_mw + max(0, min(want, budget - used))
+                until = holding[0][0] if holding and rate < session.maximum_mw else math.inf
+            step_end = min(until, deadline)
+            if rate * (step_end - at) >= left:
+                at, left = at + left / rate, 0.0
+                break
+            left -= rate * max(0.0, step_end - at)
+            at = step_end
+            if at >= deadline:
+                break
+            if at >= clock and holding and holding[0][0] <= at:
+                released_at, released, minimum = heapq.heappop(holding)
+                used -= released
+                budget += minimum
+                clock = max(clock, released_at)
+        expected[session.key] = session.remaining_mws - left
+        holds = rate - session.minimum_mw
+        heapq.heappush(holding, (at, holds, session.minimum_mw))
+        used += holds
+    return expected

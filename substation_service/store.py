@@ -18,8 +18,15 @@ records, the retired ids, the limit's history and the counters
 under another ``SUBSTATION_ID`` is refused.
 
 Schema 2 added leased sessions (no fixed end: ``ends_at`` may be null), each
-session's own minimum and the changes of its amount. A file of schema 1 is
-migrated when it is opened, in one transaction.
+session's own minimum and the changes of its amount. Schema 3 added energy
+needs (``need``: the need, and under the deadline policy the session's own
+power history). A file of an older schema is migrated when it is opened, in
+one transaction.
+
+Finished sessions are records, not a cache: they stay in the file for a
+retention (``SESSION_RECORDS_RETENTION_DAYS``) and up to a number of rows
+(``SESSION_RECORDS_MAX_ROWS``), the oldest forgotten first; the operator pages
+through them by end time (:meth:`LedgerStore.records`).
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from gridcommon import jsonfast
 from gridcommon.groupcommit import GroupCommit, Statement
 from gridcommon.sqlitestate import StateFileError, open_state_file
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SESSIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS {name} (
@@ -49,7 +56,8 @@ CREATE TABLE IF NOT EXISTS {name} (
     report TEXT,
     lease_seconds REAL,
     minimum_kw REAL,
-    amounts TEXT
+    amounts TEXT,
+    need TEXT
 );
 """
 
@@ -80,6 +88,8 @@ class StoredSession:
     minimum_kw: float | None = None
     # (time, kW, own minimum kW or None) at admission and every change of either.
     amounts: list[tuple[float, float, float | None]] = field(default_factory=list)
+    # The ledger's record of its energy need (JSON), None for a session without one.
+    need: str | None = None
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,9 @@ class LedgerStore:
 
     # ----- reading ---------------------------------------------------------------------------
 
-    def load(self) -> StoredState:
+    def load(self, ended_kept: int) -> StoredState:
+        """What the file holds; of the finished sessions only the newest ``ended_kept`` (the others stay
+        in the file, read when asked for)."""
         db = self._db
         row = db.execute("SELECT value FROM meta WHERE key = 'state'").fetchone()
         meta = json.loads(row[0]) if row else {}
@@ -166,16 +178,18 @@ class LedgerStore:
                           [(at, bool(charging)) for at, charging in json.loads(row[7])],
                           lease_seconds=row[8], minimum_kw=row[9],
                           amounts=([(at, kw, minimum) for at, kw, minimum in json.loads(row[10])] if row[10]
-                                   else [(row[3], row[2], None)]))
+                                   else [(row[3], row[2], None)]),
+                          need=row[11])
             for row in db.execute(
                 "SELECT session_id, vehicle_id, amount_kw, started_at, ends_at, admitted, start_position, "
-                "state_changes, lease_seconds, minimum_kw, amounts FROM sessions WHERE ended_at IS NULL "
+                "state_changes, lease_seconds, minimum_kw, amounts, need FROM sessions WHERE ended_at IS NULL "
                 "ORDER BY admitted"
             )
         ]
         levels = list(db.execute("SELECT position, at, level_mw FROM levels ORDER BY position"))
         ended = [json.loads(row[0]) for row in db.execute(
-            "SELECT report FROM sessions WHERE ended_at IS NOT NULL ORDER BY ended_at, admitted"
+            "SELECT report FROM (SELECT report, ended_at, admitted FROM sessions WHERE ended_at IS NOT NULL "
+            "ORDER BY ended_at DESC, admitted DESC LIMIT ?) ORDER BY ended_at, admitted", (ended_kept,)
         )]
         retired = list(db.execute("SELECT session_id, forget_at FROM retired ORDER BY forget_at"))
         limits = list(db.execute("SELECT at, limit_kw, source FROM limits ORDER BY id"))
@@ -189,11 +203,33 @@ class LedgerStore:
             ).fetchone()
         return None if row is None else row[0].encode()
 
-    def ended_reports(self) -> dict[str, bytes]:
-        """Every ended session's final record in the file, by session id, in one read."""
+    def ended_reports(self, session_ids: list[str]) -> dict[str, bytes]:
+        """These ended sessions' final records, by session id (those the file has)."""
+        found: dict[str, bytes] = {}
         with self._group.file_lock:
-            rows = self._db.execute("SELECT session_id, report FROM sessions WHERE ended_at IS NOT NULL").fetchall()
-        return {session_id: report.encode() for session_id, report in rows}
+            for start in range(0, len(session_ids), 500):  # SQLite's limit on parameters is far above
+                chunk = session_ids[start:start + 500]
+                rows = self._db.execute(
+                    f"SELECT session_id, report FROM sessions WHERE ended_at IS NOT NULL AND session_id IN "
+                    f"({','.join('?' * len(chunk))})", chunk).fetchall()
+                found.update((session_id, report.encode()) for session_id, report in rows)
+        return found
+
+    def records(self, since: float | None, after: tuple[float, str] | None, limit: int) -> list[bytes]:
+        """A page of finished records by (end time, id): ended at or after ``since``, past ``after``."""
+        query = "SELECT report FROM sessions WHERE ended_at IS NOT NULL"
+        parameters: list[Any] = []
+        if since is not None:
+            query += " AND ended_at >= ?"
+            parameters.append(since)
+        if after is not None:
+            query += " AND (ended_at > ? OR (ended_at = ? AND session_id > ?))"
+            parameters += [after[0], after[0], after[1]]
+        query += " ORDER BY ended_at, session_id LIMIT ?"
+        parameters.append(limit)
+        with self._group.file_lock:
+            rows = self._db.execute(query, parameters).fetchall()
+        return [row[0].encode() for row in rows]
 
     # ----- writing: queued by the ledger during one change, committed at its end ------------
 
@@ -201,11 +237,11 @@ class LedgerStore:
         # The id may be that of a session ended long ago, past what the ledger still refuses: its row goes.
         self._pending.append((
             "INSERT OR REPLACE INTO sessions (session_id, vehicle_id, amount_kw, started_at, ends_at, admitted, "
-            "start_position, state_changes, lease_seconds, minimum_kw, amounts) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "start_position, state_changes, lease_seconds, minimum_kw, amounts, need) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (session.session_id, session.vehicle_id, session.amount_kw, session.started_at, session.ends_at,
              session.admitted, session.start_position, jsonfast.dumps_text(session.state_changes),
-             session.lease_seconds, session.minimum_kw, jsonfast.dumps_text(session.amounts)),
+             session.lease_seconds, session.minimum_kw, jsonfast.dumps_text(session.amounts), session.need),
         ))
 
     def amount_changed(self, session_id: str, amount_kw: float, minimum_kw: float | None,
@@ -214,6 +250,9 @@ class LedgerStore:
             "UPDATE sessions SET amount_kw = ?, minimum_kw = ?, amounts = ? WHERE session_id = ?",
             (amount_kw, minimum_kw, jsonfast.dumps_text(amounts), session_id),
         ))
+
+    def need_changed(self, session_id: str, need_json: str | None) -> None:
+        self._pending.append(("UPDATE sessions SET need = ? WHERE session_id = ?", (need_json, session_id)))
 
     def lease_changed(self, session_id: str, lease_seconds: float) -> None:
         """A renewal with another lease length; renewals of the same length write nothing (the lease
@@ -257,12 +296,14 @@ class LedgerStore:
         """The counters, all in one row: one statement per change, however many there are."""
         self._meta = jsonfast.dumps_text(values)
 
-    def trim(self, now: float, ended_kept: int, limits_kept: int) -> None:
-        """Forget what no longer needs keeping: old ended sessions and limits, retired ids past their time."""
+    def trim(self, now: float, retention_seconds: float, max_records: int, limits_kept: int) -> None:
+        """Forget what no longer needs keeping: records past their retention or beyond the row bound (the
+        oldest first), old limits, retired ids past their time."""
         self._pending += [
             ("DELETE FROM retired WHERE forget_at <= ?", (now,)),
+            ("DELETE FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?", (now - retention_seconds,)),
             ("DELETE FROM sessions WHERE ended_at IS NOT NULL AND session_id IN (SELECT session_id FROM sessions "
-             "WHERE ended_at IS NOT NULL ORDER BY ended_at DESC LIMIT -1 OFFSET ?)", (ended_kept,)),
+             "WHERE ended_at IS NOT NULL ORDER BY ended_at DESC LIMIT -1 OFFSET ?)", (max_records,)),
             ("DELETE FROM limits WHERE id <= (SELECT MAX(id) FROM limits) - ?", (limits_kept,)),
         ]
 
@@ -306,5 +347,13 @@ def _schema_1_to_2(db: sqlite3.Connection) -> int:
     return 2
 
 
+def _schema_2_to_3(db: sqlite3.Connection) -> int:
+    """Energy needs: one column more (a file migrated from schema 1 has it already, from today's table)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
+    if "need" not in columns:
+        db.execute("ALTER TABLE sessions ADD COLUMN need TEXT")
+    return 3
+
+
 # Schema version -> the step that brings a file of it one version further.
-MIGRATIONS = {1: _schema_1_to_2}
+MIGRATIONS = {1: _schema_1_to_2, 2: _schema_2_to_3}

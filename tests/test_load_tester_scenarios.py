@@ -31,6 +31,7 @@ def test_the_presets_are_the_ones_of_the_design_documents():
         "high": (500, 50, 120.0),
         "burst": (200, 20, 0.0),
         "derate": (100, 100, 0.0),  # rush hour, with one substation's limit halved for a while
+        "workplace-day": (60, 100, 0.0),  # arrivals as the seeded day has them, not a ramp
     }
     assert [name for name, s in SCENARIOS.items() if s.derate] == ["derate"]
     assert SCENARIOS["sustained"].arrival_rate is not None

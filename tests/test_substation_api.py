@@ -569,7 +569,7 @@ def test_the_allocation_policy_can_be_switched_by_the_operator(shared: FlaskClie
     charge(shared, 20)
     charge(shared, 20, vehicle_id="ev-2")
     body = shared.put("/allocation-policy", json={"policy": "strict"}, headers=operator()).get_json()
-    assert (body["policy"], body["previous"]) == ("strict", "fair_share")
+    assert (body["policy"], body["previous"]) == ("strict", "deadline")  # the default
     assert shared.get("/status").get_json()["suspended"] == 1
     assert shared.put("/allocation-policy", json={"policy": "lottery"}, headers=operator()).status_code == 400
     assert shared.get("/allocation-policy").get_json()["policy"] == "strict"

@@ -510,7 +510,7 @@ def test_a_file_of_schema_1_is_migrated_and_keeps_every_session(tmp_path: Path) 
     columns = {row[1]: row for row in db.execute("PRAGMA table_info(sessions)")}
     assert {"lease_seconds", "minimum_kw", "amounts"} <= set(columns)
     assert columns["ends_at"][3] == 0  # nullable: a leased session has no end
-    assert json.loads(db.execute("SELECT value FROM meta").fetchone()[0])["schema_version"] == 2
+    assert json.loads(db.execute("SELECT value FROM meta").fetchone()[0])["schema_version"] == 3
     db.close()
 
     again = open_ledger(path, clock)

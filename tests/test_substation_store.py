@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from substation_service import ledger as ledger_module
-from substation_service.ledger import CapacityExceeded, Ledger, SessionIdRetired, SessionState
+from substation_service.ledger import CapacityExceeded, Ledger, SessionIdRetired, SessionState, UnknownSession
 from substation_service.peering.power import LocalPower, parse_profile
 from substation_service.store import LedgerStore, StoreError
 from tests.harness import REPO_ROOT, all_at_once, free_port
@@ -111,11 +111,11 @@ def test_ids_of_sessions_whose_copies_all_had_deadlines_do_not_pile_up(tmp_path:
         ledger.admit("ev-1", 30.0, session_id="s-1998")
 
 
-def test_the_id_of_a_session_no_longer_kept_can_start_again_and_survives_a_restart(
+def test_a_finished_record_outlives_the_memory_and_its_id_is_never_used_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ledger_module, "ENDED_SESSIONS_KEPT", 3)
-    monkeypatch.setattr(ledger_module, "TRIM_EVERY_FINISHES", 100)  # the file keeps more than the memory
+    monkeypatch.setattr(ledger_module, "TRIM_EVERY_FINISHES", 1)
     path, clock = tmp_path / "ledger.sqlite3", FakeClock()
     ledger = open_ledger(path, clock, retire_ids_for_seconds=10)
     for index in range(5):
@@ -123,11 +123,41 @@ def test_the_id_of_a_session_no_longer_kept_can_start_again_and_survives_a_resta
         clock.advance(2)
     clock.advance(10)
 
-    again = ledger.admit("ev-2", 7.0, session_id="s-0")  # ended, forgotten by the ledger, still in the file
-
-    assert again.session.vehicle_id == "ev-2"
+    assert ledger.session("s-0").energy_kwh == pytest.approx(5.0 / 3600)  # forgotten by memory, read from the file
+    with pytest.raises(SessionIdRetired):  # starting it again would overwrite what an operator bills from
+        ledger.admit("ev-2", 7.0, session_id="s-0")
     restarted = open_ledger(path, clock)
-    assert (restarted.session("s-0").state, restarted.session("s-0").allocated_kw) == (SessionState.CHARGING, 7.0)
+    assert (restarted.session("s-0").state, restarted.session("s-0").session.vehicle_id) == (SessionState.ENDED, "ev-1")
+
+
+def test_records_past_their_retention_or_the_row_bound_are_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "TRIM_EVERY_FINISHES", 1)
+    path, clock = tmp_path / "ledger.sqlite3", FakeClock()
+    ledger = open_ledger(path, clock, retire_ids_for_seconds=1, records_retention_seconds=100, records_max_rows=3)
+
+    def kept() -> list[str]:
+        ledger.admit("ev-1", 5.0, duration_seconds=1)  # a change: the next one trims
+        clock.advance(2)
+        ledger.snapshot()
+        db = sqlite3.connect(path)
+        return sorted(row[0] for row in db.execute(
+            "SELECT vehicle_id || ':' || session_id FROM sessions "
+            "WHERE ended_at IS NOT NULL AND session_id LIKE 's-%'"))
+
+    for index in range(5):
+        ledger.admit("ev-1", 5.0, duration_seconds=1, session_id=f"s-{index}")
+        clock.advance(2)
+    assert kept() == ["ev-1:s-3", "ev-1:s-4"]  # the row bound: the three newest, the third is unnamed
+    for index in range(5, 7):
+        ledger.admit("ev-2", 5.0, duration_seconds=1, session_id=f"s-{index}")
+        clock.advance(2)
+    assert ledger.session("s-5").session.vehicle_id == "ev-2"
+    clock.advance(200)
+    assert kept() == []  # past their 100 s of retention: gone from the file (memory keeps the newest)
+    with pytest.raises(UnknownSession):
+        open_ledger(path, clock).session("s-6")
 
 
 def test_concurrent_admissions_are_each_in_the_file_when_they_return(tmp_path: Path) -> None:
