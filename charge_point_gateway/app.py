@@ -18,6 +18,7 @@ from gridcommon.sqlitestate import StateFileError
 from charge_point_gateway.config import Settings
 from charge_point_gateway.gateway import Gateway
 from charge_point_gateway.http_api import create_http_app
+from charge_point_gateway.metrics import GatewayMetrics
 from charge_point_gateway.registry import StationSpecError, parse_deployment
 from charge_point_gateway.server import OcppServer
 from charge_point_gateway.store import GatewayStore
@@ -47,6 +48,19 @@ def load_deployment(gateway: Gateway, path: str) -> int:
     return len(stations)
 
 
+# The event loop's lag is sampled this often (gateway_event_loop_lag_seconds).
+LOOP_LAG_PERIOD_SECONDS = 0.1
+
+
+async def watch_loop_lag(metrics: GatewayMetrics) -> None:
+    """How much later than asked a timer fires: the wait every station's frame shares."""
+    loop = asyncio.get_running_loop()
+    while True:
+        asked = loop.time()
+        await asyncio.sleep(LOOP_LAG_PERIOD_SECONDS)
+        metrics.loop_lag.observe(max(0.0, loop.time() - asked - LOOP_LAG_PERIOD_SECONDS))
+
+
 async def run(settings: Settings) -> None:
     try:
         store = GatewayStore(settings.state_file, settings.state_full_sync)
@@ -58,6 +72,7 @@ async def run(settings: Settings) -> None:
             log.info("loaded %d stations from %s", load_deployment(gateway, settings.stations_file),
                      settings.stations_file)
         await gateway.start()
+        lag = asyncio.create_task(watch_loop_lag(gateway.metrics), name="loop lag")
         ocpp = OcppServer(gateway)
         await ocpp.start()
         # A scrape or an operator call in progress gets 2 s to finish when the gateway stops.
@@ -73,6 +88,7 @@ async def run(settings: Settings) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("stopping: closing station connections (their profiles hold) and the HTTP port")
+        lag.cancel()
         await gateway.close()
         await ocpp.close()
         await runner.cleanup()

@@ -10,11 +10,13 @@
 | `STATE_SYNC`               | `normal`    | `normal` survives a killed process; `full` also a power cut             |
 | `STATIONS_FILE`            | (empty)     | JSON file of stations loaded at start (`{"stations": [...]}`, see registry) |
 | `TLS_CERT_FILE` / `TLS_KEY_FILE` | (empty) | Both set: stations connect over TLS (`wss://`, security profile 2)  |
-| `OPEN_TIMEOUT_SECONDS`     | `10`        | A WebSocket handshake not done by then is dropped                       |
+| `OPEN_TIMEOUT_SECONDS`     | `10`        | A connection whose WebSocket handshake is not done by then (at random within its last quarter) is reset |
 | `MAX_MESSAGE_BYTES`        | `65536`     | A larger frame closes the connection (1009)                             |
 | `MAX_CONNECTIONS`          | `5000`      | Past this many stations, new handshakes get HTTP 503                    |
 | `MAX_CONNECTIONS_PER_ADDRESS` | `100`    | Past this many from one client address, HTTP 503                        |
-| `PING_INTERVAL_SECONDS`    | `20`        | WebSocket ping period; a station that does not answer within `PING_TIMEOUT_SECONDS` is dropped |
+| `WRONG_PASSWORD_BURST`     | `5`         | Wrong passwords one client address may send before it is slowed ...     |
+| `WRONG_PASSWORDS_PER_MINUTE` | `6`       | ... to this many a minute; past it, HTTP 429 with Retry-After before any password check |
+| `PING_INTERVAL_SECONDS`    | `20`        | WebSocket ping period (the first ping after up to 1.25 of it); a station that does not answer within `PING_TIMEOUT_SECONDS` is dropped |
 | `PING_TIMEOUT_SECONDS`     | `20`        |                                                                          |
 | `CALLS_PER_SECOND`         | `20`        | A station's CALLs a second past this get a CALLERROR (`GenericError`) ... |
 | `CALL_BURST`               | `40`        | ... after a burst of this many; more than five bursts refused within 10 s close the connection (1008) |
@@ -73,6 +75,8 @@ class Settings:
     max_message_bytes: int = 65536
     max_connections: int = 5000
     max_connections_per_address: int = 100
+    wrong_password_burst: int = 5
+    wrong_passwords_per_minute: float = 6.0
     ping_interval_seconds: float = 20.0
     ping_timeout_seconds: float = 20.0
     calls_per_second: float = 20.0
@@ -126,6 +130,10 @@ class Settings:
             max_connections=env_int(env, "MAX_CONNECTIONS", cls.max_connections, minimum=1),
             max_connections_per_address=env_int(
                 env, "MAX_CONNECTIONS_PER_ADDRESS", cls.max_connections_per_address, minimum=1
+            ),
+            wrong_password_burst=env_int(env, "WRONG_PASSWORD_BURST", cls.wrong_password_burst, minimum=1),
+            wrong_passwords_per_minute=env_float(
+                env, "WRONG_PASSWORDS_PER_MINUTE", cls.wrong_passwords_per_minute, minimum=0.1
             ),
             ping_interval_seconds=env_float(env, "PING_INTERVAL_SECONDS", cls.ping_interval_seconds, minimum=0.1),
             ping_timeout_seconds=env_float(env, "PING_TIMEOUT_SECONDS", cls.ping_timeout_seconds, minimum=0.1),

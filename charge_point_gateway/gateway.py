@@ -25,6 +25,7 @@ from charge_point_gateway.transactions import (
     ActiveTransactions,
     Transaction,
     amps_to_kw,
+    energy_need,
     kw_to_amps,
     session_id_for,
     taper_decision,
@@ -309,7 +310,7 @@ class Gateway:
                 transaction.substation_url, transaction.substation_session_id,
                 vehicle_id_for(transaction.station_id, transaction.connector, transaction.id_tag),
                 transaction.amount_kw, self._minimum_at(transaction, transaction.minimum_kw),
-                self.settings.lease_seconds,
+                self.settings.lease_seconds, need=energy_need(transaction),
             )
         except SubstationUnavailable as exc:
             self.metrics.substation_errors.labels("start").inc()
@@ -412,10 +413,28 @@ class Gateway:
         if station is None:
             return
         self.store.save(transaction)
+        if transaction.admitted and energy_need(transaction):
+            # Apart from the amount: a substation that refuses the need must not keep the vehicle's limits out.
+            self.spawn(self._set_need(transaction))
         if transaction.profile_rejected:
             return  # counted at the station's maximum whatever the vehicle says
         self.spawn(self._change(transaction, amount_kw=self._full_amount(transaction, station),
                                 minimum_kw=self._normal_minimum(transaction, station)))
+
+    async def _set_need(self, transaction: Transaction) -> None:
+        """The vehicle's energy need and departure become its session's (PATCH /charge/<id>)."""
+        need = energy_need(transaction)
+        try:
+            answer = await self.client.change(transaction.substation_url, transaction.substation_session_id,
+                                              need=need)
+        except SubstationUnavailable as exc:
+            self.metrics.substation_errors.labels("change").inc()
+            log.warning("setting the energy need of session %s failed: %s", transaction.substation_session_id, exc)
+            return
+        if answer.status != 200:
+            self.metrics.substation_errors.labels("change").inc()
+            log.warning("%s refused the energy need %s of session %s (%d): %s", transaction.substation_url, need,
+                        transaction.substation_session_id, answer.status, answer.body.get("message", answer.body))
 
     def _minimum_at(self, transaction: Transaction, minimum_kw: float) -> float | None:
         """``minimum_kw`` as the substation takes it: at least its own MIN_CHARGE_KW (6 A on one phase is

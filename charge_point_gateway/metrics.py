@@ -23,6 +23,9 @@ PROFILE_REJECTION_KINDS = ("rejected", "fallback", "not_applied", "offline")
 # From an allocation change at a substation to the station's acceptance: milliseconds to the
 # vehicle response time plus a slow station's answer.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf"))
+# How late the event loop runs a timer: every station's frames wait this long. Sub-millisecond when
+# healthy; tens of milliseconds mean something holds the loop (a burst of handshakes, blocking work).
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, float("inf"))
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,11 @@ class GatewayMetrics:
         self.substation_errors = Counter(
             "gateway_substation_errors", "Calls to a substation that failed or were refused, by call.", ["call"],
             registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "gateway_event_loop_lag_seconds",
+            "How much later than asked the event loop ran a timer, sampled every 0.1 s: what every station waits.",
+            buckets=LOOP_LAG_BUCKETS, registry=self.registry,
         )
         self.registry.register(_SnapshotCollector(snapshot))
 

@@ -33,6 +33,11 @@ log = logging.getLogger("ocpp.station")
 PROFILE_START_OFFSET = timedelta(minutes=1)
 # Frames that are not OCPP at all, tolerated per connection before it is closed.
 MAX_GARBAGE_FRAMES = 10
+# Output a station has not read, past which its connection is reset: a station that sends but never reads
+# (a flood, a broken client) must not make the gateway's sends to it wait, nor hold its memory.
+MAX_UNREAD_BYTES = 256 * 1024
+# How long a station the gateway closes gets to answer the close frame before its connection is reset.
+CLOSE_GRACE_SECONDS = 2.0
 TX_PROFILE_STACK_LEVEL = 1
 FALLBACK_STACK_LEVEL = 0
 
@@ -130,6 +135,11 @@ class _Connection:
         self._response_timeout = settings.response_timeout_seconds
 
     async def route_message(self, raw_msg: str | bytes) -> None:  # type: ignore[override]
+        # One frame per turn of the event loop: websockets hands over every frame already received without
+        # waiting, so a station sending hundreds at once would otherwise hold every other station's for as long.
+        await asyncio.sleep(0)
+        if self._closing is not None:
+            return  # closed for abuse or garbage: what it still sends is dropped unread
         try:
             frame = json.loads(raw_msg)
         except (ValueError, UnicodeDecodeError):
@@ -158,21 +168,37 @@ class _Connection:
         self.gateway.metrics.messages.labels("other", "in", "malformed").inc()
         unique_id = str(frame[1]) if isinstance(frame, list) and len(frame) > 1 else "-1"
         code = "ProtocolError" if self.protocol == "ocpp1.6" else "RpcFrameworkError"
-        log.info("station %s sent a frame that is not an OCPP message (%d so far)", self.station.station_id,
-                 self.garbage)
+        if self.garbage == 1:  # once per connection: a hostile station must not fill the log at its own pace
+            log.info("station %s sent a frame that is not an OCPP message (it is closed after %d of them)",
+                     self.station.station_id, MAX_GARBAGE_FRAMES)
         if self.garbage > MAX_GARBAGE_FRAMES:
             self._close_soon(1002, "too many malformed frames")
             return
         await self._send(json.dumps([4, unique_id, code, "not an OCPP-J message: [type, id, ...] expected", {}]))
 
     async def disconnect(self, code: int, reason: str) -> None:
-        await self._connection.close(code, reason)
+        try:
+            await asyncio.wait_for(self._connection.close(code, reason), CLOSE_GRACE_SECONDS)
+        except asyncio.TimeoutError:
+            self._connection.transport.abort()
 
     def _close_soon(self, code: int, reason: str) -> None:
         """Close from inside the receive loop: in a task of its own, so the loop goes on reading the frames
         already queued and the station's close frame behind them (awaited here, it would wait for itself)."""
         if self._closing is None:
             self._closing = asyncio.create_task(self.disconnect(code, reason))
+
+    async def _send(self, message: str) -> None:
+        """Every frame to the station: never waits on one that does not read (its connection is reset)."""
+        transport = self._connection.transport
+        if transport.get_write_buffer_size() + len(message) > MAX_UNREAD_BYTES:
+            if not transport.is_closing():
+                log.warning("station %s has not read %d bytes sent to it: resetting its connection",
+                            self.station.station_id, transport.get_write_buffer_size())
+                self.gateway.metrics.messages.labels("other", "out", "unread").inc()
+                transport.abort()
+            return
+        await super()._send(message)  # type: ignore[misc]
 
     async def _call(self, payload: Any) -> Any:
         action = payload.__class__.__name__
@@ -403,11 +429,13 @@ class Station201(_Connection, ChargePoint201):
         if transaction is None:
             return result201.NotifyEVChargingNeeds(status="Rejected")
         ac = charging_needs.get("ac_charging_parameters") or {}
+        dc = charging_needs.get("dc_charging_parameters") or {}
         self.gateway.charging_needs(
             transaction,
             max_current_a=ac.get("ev_max_current"),
             min_current_a=ac.get("ev_min_current"),
-            energy_wh=ac.get("energy_amount"),
+            # A DC vehicle states its need too; its currents are the station's business, not a phase's.
+            energy_wh=ac.get("energy_amount", dc.get("energy_amount")),
             departure_time=charging_needs.get("departure_time"),
         )
         return result201.NotifyEVChargingNeeds(status="Accepted")

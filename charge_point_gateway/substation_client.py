@@ -44,14 +44,16 @@ class SubstationClient:
 
     async def start(
         self, base: str, session_id: str, vehicle_id: str, amount_kw: float, minimum_kw: float | None,
-        lease_seconds: float,
+        lease_seconds: float, need: dict[str, object] | None = None,
     ) -> Answer:
-        """A leased session; ``minimum_kw`` None leaves the substation's own minimum."""
+        """A leased session; ``minimum_kw`` None leaves the substation's own minimum; ``need`` its
+        ``energy_kwh`` and ``departure`` when the vehicle told them (``transactions.energy_need``)."""
         body: dict[str, object] = {
             "session_id": session_id,
             "vehicle_id": vehicle_id,
             "amount": round(amount_kw, 3),
             "lease_seconds": lease_seconds,
+            **(need or {}),
         }
         if minimum_kw is not None:
             body["minimum_kw"] = round(minimum_kw, 3)
@@ -64,8 +66,8 @@ class SubstationClient:
         return await self._call("DELETE", f"{base}/charge/{session_id}")
 
     async def change(self, base: str, session_id: str, amount_kw: float | None = None,
-                     minimum_kw: float | None = None) -> Answer:
-        body: dict[str, float] = {}
+                     minimum_kw: float | None = None, need: dict[str, object] | None = None) -> Answer:
+        body: dict[str, object] = {**(need or {})}
         if amount_kw is not None:
             body["amount"] = round(amount_kw, 3)
         if minimum_kw is not None:

@@ -11,12 +11,16 @@ Power is turned between kW (the substations) and A per phase (OCPP).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from gridcommon.validation import VEHICLE_ID_PATTERN
+from gridcommon.timefmt import format_time
+from gridcommon.validation import VEHICLE_ID_PATTERN, ValidationError, parse_departure, parse_energy_kwh
+
+log = logging.getLogger("gateway")
 
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -206,3 +210,24 @@ def taper_decision(
         return TaperDecision(None, transaction.tapered)
     transaction.below_since = None
     return TaperDecision(None, transaction.tapered)
+
+
+def energy_need(transaction: Transaction) -> dict[str, object] | None:
+    """The need a 2.0.1 vehicle reported (NotifyEVChargingNeeds) as a substation takes it, or None.
+
+    ``energyAmount`` (Wh) becomes ``energy_kwh`` and ``departureTime`` ``departure``, by the rules of
+    every charge request (gridcommon.validation). Only both together make a need: an energy without a
+    departure cannot be planned by (a leased session has no end), and a departure alone would end the
+    session there while the vehicle may charge on. A value out of bounds is left out with a warning:
+    the vehicle's limits still apply, only the planning by departure is lost.
+    """
+    if transaction.ev_energy_wh is None or transaction.departure_time is None:
+        return None
+    try:
+        departure = parse_departure(transaction.departure_time)
+        energy_kwh = parse_energy_kwh(transaction.ev_energy_wh / 1000.0)
+    except (ValidationError, TypeError) as exc:
+        log.warning("the energy need station %s reported for transaction %s is left out: %s",
+                    transaction.station_id, transaction.transaction_id, getattr(exc, "message", exc))
+        return None
+    return {"energy_kwh": energy_kwh, "departure": format_time(departure)}
