@@ -134,7 +134,7 @@ SESSION_TOKEN = {
     "to read or stop the session. Only its SHA-256 is kept.",
 }
 
-# A session's energy need and how it is expected to go (issue 23): only for a session that stated one.
+# A session's energy need and how it is expected to go: only for a session that stated one.
 NEED = {
     "energy_kwh": {**KW, "minimum": 0, "description": "The energy the vehicle asked for by `departure`, "
                    "kWh. (From a substation, for a session without a need, the energy delivered so far.)"},
@@ -245,7 +245,10 @@ SESSION_VIEW = {
         "minimum_kw": {**KW, "minimum": 0},
         "suspended_seconds": {**KW, "minimum": 0},
         "ended_at": TIME,
-        "end_reason": {"enum": ["completed", "stopped"]},
+        "end_reason": {"enum": ["completed", "stopped", "lease_expired", "energy_delivered", "departed"],
+                       "description": "As the substation gives it: `completed` ran its duration, `energy_delivered` "
+                       "its need was delivered, `departed` its departure came first, `stopped` by DELETE, "
+                       "`lease_expired` its lease lapsed."},
         "history": {**HISTORY, "description": "With `?history=1`: the allocation's changes."},
         "live": {"type": "boolean", "description": "false: these figures are not current (the substation could "
                  "not be asked, or the session has ended); `expected_energy_kwh` and `feasible` are then those "

@@ -146,7 +146,7 @@ def owner_of(current: ChargeService, session_id: str) -> str | None:
 
 # Fields of the substation's record that say how a session is doing now.
 LIVE_FIELDS = ("state", "allocated_kw", "minimum_kw", "energy_kwh", "suspended_seconds", "ended_at", "end_reason",
-               # and, for a session with an energy need, how that need is doing (issue 23)
+               # and, for a session with an energy need, how that need is doing
                "departure", "delivered_kwh", "still_needed_kwh", "expected_energy_kwh", "expected_shortfall_kwh",
                "feasible", "need_met")
 

@@ -25,7 +25,7 @@ DEFAULT_MAX_DURATION_SECONDS = 3600.0
 # Times are reported in milliseconds: a shorter session (5e-324 s is a valid JSON number) would
 # start and end at the same instant, and its duration would read as 0.
 MIN_DURATION_SECONDS = 0.001
-# An energy need (issue 23): the most a vehicle may ask for (a large truck's battery), and how far
+# An energy need: the most a vehicle may ask for (a large truck's battery), and how far
 # ahead its departure may be. A need beyond these is a typo or a unit error (Wh sent as kWh).
 MAX_ENERGY_KWH = 500.0
 MAX_DEPARTURE_AHEAD_SECONDS = 7 * 24 * 3600.0

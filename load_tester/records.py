@@ -509,7 +509,7 @@ def _session_record(substation: str, entry: Any) -> SessionRecord | None:
         return None
     session_id = _text(entry.get("session_id"))
     amount = _number(entry.get("amount"))
-    # With a need, energy_kwh is the need and delivered_kwh what was delivered (issue 23's contract).
+    # With a need, energy_kwh is the need and delivered_kwh what was delivered (the records' contract with the charge API).
     delivered = _number(entry.get("delivered_kwh"))
     energy = delivered if delivered is not None else _number(entry.get("energy_kwh"))
     need = _number(entry.get("energy_kwh")) if delivered is not None and "feasible" in entry else None

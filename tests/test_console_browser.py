@@ -280,8 +280,9 @@ def test_limit_and_policy_actions_work_from_the_keyboard_after_a_confirmation(
     confirm_with_keyboard(page)
     wait_for(lambda: operator_limit() is None, 5, "the limit cleared from the page is lifted at the substation")
     policy = page.get_by_label("Allocation policy of substation-3")
+    assert policy.input_value() == "deadline"  # the default
     policy.focus()
-    page.keyboard.press("ArrowDown")  # fair_share -> strict, as a keyboard user picks it
+    page.keyboard.press("End")  # deadline -> strict (the last), as a keyboard user picks it
     assert policy.input_value() == "strict"
     page.keyboard.press("Tab")
     page.keyboard.press("Enter")
@@ -290,7 +291,7 @@ def test_limit_and_policy_actions_work_from_the_keyboard_after_a_confirmation(
         wait_for(lambda: requests.get(f"{substation.url}/allocation-policy", timeout=5).json()["policy"] == "strict",
                  5, "the policy switched from the page")
     finally:
-        requests.put(f"{substation.url}/allocation-policy", json={"policy": "fair_share"}, headers=OPERATOR,
+        requests.put(f"{substation.url}/allocation-policy", json={"policy": "deadline"}, headers=OPERATOR,
                      timeout=5)
     assert console.errors == [] and console.failed == []
 

@@ -81,7 +81,7 @@
     policyLabel.htmlFor = policyId;
     const policy = el("select");
     policy.id = policyId;
-    for (const name of ["fair_share", "strict"]) {
+    for (const name of ["deadline", "fair_share", "strict"]) {
       const option = el("option", name);
       option.value = name;
       policy.append(option);
