@@ -1,7 +1,8 @@
 """Energy by departure: the seeded workplace day through our deadline policy and through acnportal, side by side.
 
-No HTTP: our policy runs on a simulated clock (:class:`DeadlineSet` for
-earliest deadline first, :func:`plan` re-planned whole for least laxity), and
+No HTTP: our policy runs on a simulated clock (:class:`DeadlineSet`, kept
+event by event, for least laxity and for earliest deadline first; :func:`plan`,
+re-planned whole at every step, for ``llf-exact``), and
 ACN-Sim (``acnportal`` 0.3.3, the ``energy-bench`` extra) runs the same
 sessions under the same single aggregate limit. Both step every ``PERIOD_MINUTES``;
 every arrival and departure falls on a step, so every event is re-planned at.
@@ -12,15 +13,21 @@ minimum, so ``uninterrupted_charging`` would change nothing: for the runs with
 it, each charging point's minimum is set to ours (``MIN_CHARGE_KW``), which is
 what the option then applies.
 
-Then the same policy through the substation's real :class:`Ledger` (its state file
-included, on a simulated clock): what re-planning costs per event with 1,000
-sessions with deadlines against 10, and what 100,000 finished sessions cost in
+Then the limit halved for part of the day, watched three ways: the policies'
+own steps, the substation's real :class:`Ledger` on a simulated clock (every
+allocation history swept against the limit's history), and real substation
+processes sampled twenty times a second. Then what re-planning costs per event
+through the Ledger with 1,000 sessions with deadlines against 10 (and, apart,
+what an admission's forecast costs), and what 100,000 finished sessions cost in
 memory against 10,000 while any one of them still answers with its energy.
+Every floor is printed with its verdict as it is measured, and again together
+at the end.
 
 ``python -m benchmarks.energy`` runs only this part.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import math
@@ -30,16 +37,22 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import requests
+
+from gridcommon.timefmt import format_time
 from load_tester.energy import jain_index
-from load_tester.workplace_day import SECONDS_PER_HOUR, PlannedSession, workplace_day
+from load_tester.workplace_day import SECONDS_PER_HOUR, PlannedSession, compress, workplace_day
 from substation_service.allocation import AllocationPolicy, amount_to_mw, to_mw
-from substation_service.ledger import Ledger
+from substation_service.ledger import CapacityExceeded, Ledger
 from substation_service.scheduling import DEFAULT_PRIORITY, DeadlineSet, Need, Priority, is_urgent, plan, usable_mw
 from substation_service.store import LedgerStore
+from tests.allocation_audit import Sampler, history_breaches, sweep
+from tests.harness import OPERATOR, OPERATOR_TOKEN, Service, start_all
 
 SEED = 2019
 SESSIONS = 60
@@ -51,6 +64,21 @@ MET_THRESHOLD_KWH = 0.1
 LIMITS_KW = {"tight": 25.0, "moderate": 50.0, "ample": 100.0}
 # The limit is halved for these hours of the day in the check for instants over it.
 HALVED_HOURS = (9.0, 13.0)
+# Against real processes the day is played this much faster: a day in 30 s.
+COMPRESSION = 2880.0
+
+
+@dataclass(frozen=True)
+class Floor:
+    """One of the figures the deadline policy must reach, and whether this run reached it."""
+
+    claim: str
+    measured: str
+    met: bool
+
+    @property
+    def line(self) -> str:
+        return f"  FLOOR {'MET   ' if self.met else 'MISSED'} {self.claim}: {self.measured}"
 
 
 @dataclass(frozen=True)
@@ -208,13 +236,13 @@ def simulate_acn(day: list[PlannedSession], limit_kw: float, name: str, uninterr
     return outcome
 
 
-def quality() -> None:
+def quality() -> list[Floor]:
     day = workplace_day(SEED, SESSIONS)
     infeasible = sum(1 for session in day if not session.feasible)
     print(f"\n## Energy by departure: seeded workplace-day (seed {SEED}, {SESSIONS} sessions, {infeasible} infeasible "
           f"even at full power, {sum(s.energy_kwh for s in day):.0f} kWh asked), one aggregate limit, "
           f"{PERIOD_MINUTES}-min steps")
-    print(f"  {'limit':<9} {'schedule':<34} {'energy':>7} {'met':>7} {'Jain':>6}")
+    print(f"  {'limit, kW':<12} {'schedule':<36} {'energy':>7} {'met':>7} {'Jain':>6}")
     results: dict[str, dict[str, Outcome]] = {}
     for level, limit_kw in LIMITS_KW.items():
         outcomes = [simulate(day, lambda _t, kw=limit_kw: kw, policy) for policy in OUR_POLICIES]
@@ -225,52 +253,204 @@ def quality() -> None:
                 outcomes.append(simulate_acn(day, limit_kw, name, uninterrupted))
         results[level] = {outcome.name: outcome for outcome in outcomes}
         for outcome in outcomes:
-            print(f"  {level} {limit_kw:>3.0f} {outcome.name:<34} {outcome.energy_share:7.2%} "
+            print(f"  {level:<8} {limit_kw:>3.0f} {outcome.name:<36} {outcome.energy_share:7.2%} "
                   f"{outcome.demands_met:7.1%} {outcome.jain:6.4f}")
     print("  (acnportal's Uncontrolled charges every vehicle at full power whatever the limit: it shows the demand)")
     moderate = results["moderate"]
     ours = moderate[f"ours: {DEFAULT}"]
     sorted_runs = [o for name, o in moderate.items() if name.startswith(("acnportal EDF", "acnportal LLF"))]
     robin = [o for name, o in moderate.items() if name.startswith("acnportal RoundRobin")]
-    best_met = max(o.demands_met for o in sorted_runs)
-    best_energy = max(o.energy_share for o in sorted_runs)
-    print(f"  floor (moderate, ours = {DEFAULT}): demands met {ours.demands_met:.1%} >= best sorted {best_met:.1%} -> "
-          f"{'ok' if ours.demands_met >= best_met else 'MISSED'}; energy {ours.energy_share:.2%} >= "
-          f"{best_energy:.2%} -> {'ok' if ours.energy_share >= best_energy else 'MISSED'}; Jain {ours.jain:.4f} >= "
-          f"RoundRobin {max(o.jain for o in robin):.4f} -> "
-          f"{'ok' if ours.jain >= max(o.jain for o in robin) else 'MISSED'}")
+    best_met = max(sorted_runs, key=lambda o: o.demands_met)
+    best_energy = max(sorted_runs, key=lambda o: o.energy_share)
+    best_robin = max(robin, key=lambda o: o.jain)
+    floors = [
+        Floor(f"demands met at the moderate limit: ours ({DEFAULT}) >= the best of acnportal's sorted schedules",
+              f"{ours.demands_met:.1%} vs {best_met.demands_met:.1%} ({best_met.name})",
+              ours.demands_met >= best_met.demands_met),
+        Floor(f"energy delivered at the moderate limit: ours ({DEFAULT}) >= the best of acnportal's sorted schedules",
+              f"{ours.energy_share:.2%} vs {best_energy.energy_share:.2%} ({best_energy.name})",
+              ours.energy_share >= best_energy.energy_share),
+        Floor(f"Jain's index of delivered / requested at the moderate limit: ours ({DEFAULT}) >= RoundRobin's",
+              f"{ours.jain:.4f} vs {best_robin.jain:.4f} ({best_robin.name})", ours.jain >= best_robin.jain),
+    ]
+    for floor in floors:
+        print(floor.line)
+    return floors
 
 
-def over_limit() -> None:
+def limit_halved_at(limit_kw: float) -> Callable[[float], float]:
+    """The limit over the day (seconds since midnight): ``limit_kw``, halved for ``HALVED_HOURS``."""
+    def limit_at(now: float) -> float:
+        halved = HALVED_HOURS[0] * SECONDS_PER_HOUR <= now < HALVED_HOURS[1] * SECONDS_PER_HOUR
+        return limit_kw / 2 if halved else limit_kw
+    return limit_at
+
+
+def ledger_day(day: list[PlannedSession], limit_kw: float) -> tuple[Outcome, int, int]:
+    """The day through the substation's real Ledger on a simulated clock, the limit halved for ``HALVED_HOURS``.
+
+    Arrivals wait first come, first served until their minimum fits, as the charge API's queue
+    has them wait. Returns the outcome, the instants over the limit found by sweeping every
+    session's allocation history against the limit's history (tests/allocation_audit.py, which
+    trusts nothing the ledger says of its load), and the history points swept.
+    """
+    clock = SimulatedClock()
+    midnight = clock.now
+    ledger = Ledger(limit_kw, 60.0, clock=clock, policy=AllocationPolicy.DEADLINE, min_charge_kw=MIN_CHARGE_KW)
+    limit_at = limit_halved_at(limit_kw)
+    period = PERIOD_MINUTES * 60
+    arrivals = sorted(day, key=lambda session: session.arrival)
+    waiting: list[PlannedSession] = []
+    admitted: dict[str, str] = {}  # planned id -> the ledger's session id
+    last = max(session.departure for session in day)
+    for step in range(math.ceil(last / period) + 1):
+        now = step * period
+        clock.now = midnight + now
+        if limit_at(now) != ledger.snapshot().limit_kw:
+            ledger.set_operator_limit(limit_at(now))
+        while arrivals and arrivals[0].arrival <= now:
+            waiting.append(arrivals.pop(0))
+        waiting = [session for session in waiting if session.departure > now]
+        while waiting:
+            session = waiting[0]
+            try:
+                admission = ledger.admit(session.vehicle_id, session.max_kw, session_id=session.session_id,
+                                         energy_kwh=session.energy_kwh, departure=midnight + session.departure)
+            except CapacityExceeded:
+                break
+            admitted[session.session_id] = admission.session.session_id
+            waiting.pop(0)
+    clock.now = midnight + last + period
+    _, reports = ledger.reports(history=True, include_ended=True)
+    energy = {report.session.session_id: report.energy_kwh for report in reports}
+    delivered = [energy.get(admitted.get(session.session_id, ""), 0.0) for session in day]
+    outcome = Outcome(f"Ledger: {DEFAULT}", [session.energy_kwh for session in day], delivered)
+    records = [{"session_id": r.session.session_id, "history": [list(point) for point in r.history]} for r in reports]
+    breaches, points = sweep("bench", records, [list(entry) for entry in ledger.limit_history()])
+    return outcome, len(breaches), points
+
+
+def substation_day(day: list[PlannedSession]) -> tuple[int, int, int, int]:
+    """The day against real substation processes (as deployed), ``COMPRESSION`` times faster from its first arrival.
+
+    One substation per limit of ``LIMITS_KW``; the operator halves each one's limit (``PUT /limit``)
+    for ``HALVED_HOURS`` and lifts it after. A vehicle refused for room (409) waits first come,
+    first served and asks again until it is admitted or departs. The witnesses are
+    tests/allocation_audit.py's: every substation's sessions read twenty times a second, and every
+    session's allocation history swept against the limit's history. Returns ``(samples, samples
+    over, instants over in the histories, history points)``.
+    """
+    day = compress(day, COMPRESSION)
+    first = min(session.arrival for session in day)
+    last = max(session.departure for session in day)
+    halved_at, lifted_at = (hours * SECONDS_PER_HOUR / COMPRESSION for hours in HALVED_HOURS)
+    with tempfile.TemporaryDirectory(prefix="sglb-energy-") as folder:
+        substations = [Service(name=f"substation-{level}", app="substation_service:create_app()",
+                               env={"SUBSTATION_ID": f"substation-{level}", "CAPACITY_KW": str(limit_kw),
+                                    "ADMIN_TOKEN": OPERATOR_TOKEN, "MIN_CHARGE_KW": str(MIN_CHARGE_KW),
+                                    "STATE_DIR": str(Path(folder) / level)},
+                               log_dir=Path(folder))
+                       for level, limit_kw in LIMITS_KW.items()]
+        start_all(substations)
+        try:
+            started = time.time() + 0.5
+            with Sampler(substations) as sampler:
+                with ThreadPoolExecutor(len(substations)) as pool:
+                    list(pool.map(lambda pair: _play_day(pair[0], pair[1], day, started - first,
+                                                         (halved_at, lifted_at)),
+                                  zip(substations, LIMITS_KW.values())))
+                time.sleep(max(0.0, started - first + last - time.time()) + 0.5)
+            breaches, points = 0, 0
+            for substation in substations:
+                found, swept = history_breaches(substation)
+                breaches, points = breaches + len(found), points + swept
+        finally:
+            for substation in substations:
+                substation.stop()
+    return len(sampler.samples), len(sampler.over_limit()), breaches, points
+
+
+def _play_day(substation: Service, limit_kw: float, day: list[PlannedSession], offset: float,
+              halved: tuple[float, float]) -> None:
+    """Each vehicle's request at its arrival (``offset`` + seconds since midnight, epoch), and the operator's limit."""
+    http = requests.Session()
+    arrivals = sorted(day, key=lambda session: session.arrival)
+    limit_changes = [(halved[0], limit_kw / 2), (halved[1], None)]
+    waiting: list[PlannedSession] = []
+    while arrivals or waiting:
+        now = time.time() - offset
+        while limit_changes and limit_changes[0][0] <= now:
+            _, limit = limit_changes.pop(0)
+            if limit is None:
+                answer = http.delete(f"{substation.url}/limit", headers=OPERATOR, timeout=5)
+            else:
+                answer = http.put(f"{substation.url}/limit", json={"limit_kw": limit}, headers=OPERATOR, timeout=5)
+            answer.raise_for_status()
+        while arrivals and arrivals[0].arrival <= now:
+            waiting.append(arrivals.pop(0))
+        waiting = [session for session in waiting if session.departure - now > 0.05]
+        while waiting:
+            session = waiting[0]
+            body = {"vehicle_id": session.vehicle_id, "amount": session.max_kw, "energy_kwh": round(session.energy_kwh, 6),
+                    "departure": format_time(offset + session.departure)}
+            answer = http.post(f"{substation.url}/charge", json=body, timeout=5)
+            if answer.status_code == 409 and answer.json()["error"] == "capacity_exceeded":
+                break
+            if answer.status_code != 201:
+                raise RuntimeError(f"{substation.name} answered {answer.status_code} to {body}: {answer.text}")
+            waiting.pop(0)
+        time.sleep(0.02)
+
+
+def over_limit() -> list[Floor]:
     day = workplace_day(SEED, SESSIONS)
-    print(f"\n## Instants over the limit (checked at every step: sum of powers <= limit), limit halved "
-          f"{HALVED_HOURS[0]:02.0f}:00-{HALVED_HOURS[1]:02.0f}:00")
+    print(f"\n## Instants over the limit, the limit halved {HALVED_HOURS[0]:02.0f}:00-{HALVED_HOURS[1]:02.0f}:00")
+    print("  The policies as they decide (sum of the powers <= the limit at every step):")
+    over = 0
     for level, limit_kw in LIMITS_KW.items():
-        def limit_at(now: float, kw: float = limit_kw) -> float:
-            return kw / 2 if HALVED_HOURS[0] * SECONDS_PER_HOUR <= now < HALVED_HOURS[1] * SECONDS_PER_HOUR else kw
         for policy in OUR_POLICIES:
-            outcome = simulate(day, limit_at, policy)
+            outcome = simulate(day, limit_halved_at(limit_kw), policy)
+            over += outcome.over_limit
             print(f"  {level:<9} {policy:<11} {outcome.over_limit} of {outcome.steps} steps over "
                   f"(energy {outcome.energy_share:.1%}, met {outcome.demands_met:.1%})")
+    print("  The substation's Ledger, every session's allocation history swept against the limit's history:")
+    for level, limit_kw in LIMITS_KW.items():
+        outcome, breaches, points = ledger_day(day, limit_kw)
+        over += breaches
+        print(f"  {level:<9} {DEFAULT:<11} {breaches} instants over in {points} history points "
+              f"(energy {outcome.energy_share:.1%}, met {outcome.demands_met:.1%})")
+    samples, sampled_over, history_over, history_points = substation_day(day)
+    over += sampled_over + history_over
+    print(f"  A real substation process, the day {COMPRESSION:.0f}x faster, each limit on a substation of its own: "
+          f"{sampled_over} of {samples} samples at 20 Hz over, {history_over} instants over in {history_points} "
+          f"history points")
+    floor = Floor("0 instants over the limit in every run, the limit halved during the day (steps, allocation "
+                  "histories, 20 Hz samples)", f"{over} over", over == 0)
+    print(floor.line)
+    return [floor]
 
 
 def replan_cost() -> None:
-    """One event (a change of limit, then a session arriving and leaving) with n sessions with deadlines."""
+    """One event (a change of limit, then a session arriving and leaving) with n sessions with deadlines.
+
+    The plan alone (:class:`DeadlineSet`, what the Ledger keeps) against :func:`plan` re-planned whole.
+    Each count is timed in turn, round after round, and the fastest round kept.
+    """
     print("\n## Re-planning cost per event, by sessions with deadlines (power runs out mid-queue)")
+    counts = (10, 100, 1_000)
+    events = 1_000
     costs: dict[tuple[str, int], float] = {}
-    for count in (10, 100, 1_000):
-        rng = random.Random(5)
-        needs = [Need(f"s{index}", 7.2, MIN_CHARGE_KW, rng.uniform(1, 40), rng.uniform(0, 36_000), index)
-                 for index in range(count)]
-        # Minimums fit; about half the sessions get their maximum.
-        limit = to_mw(count * (MIN_CHARGE_KW + (7.2 - MIN_CHARGE_KW) / 2))
-        schedule = DeadlineSet(limit, DEFAULT_PRIORITY)
-        for need in needs:
-            schedule.add(need.key, amount_to_mw(need.max_kw), amount_to_mw(need.minimum_kw), need.departure,
-                         need.remaining_kwh)
-        events = 2_000
-        timings = []
-        for _ in range(3):
+    for round_ in range(5):
+        for count in counts:
+            rng = random.Random(5)
+            needs = [Need(f"s{index}", 7.2, MIN_CHARGE_KW, rng.uniform(1, 40), rng.uniform(0, 36_000), index)
+                     for index in range(count)]
+            # Minimums fit; about half the sessions get their maximum.
+            limit = to_mw(count * (MIN_CHARGE_KW + (7.2 - MIN_CHARGE_KW) / 2))
+            schedule = DeadlineSet(limit, DEFAULT_PRIORITY)
+            for need in needs:
+                schedule.add(need.key, amount_to_mw(need.max_kw), amount_to_mw(need.minimum_kw), need.departure,
+                             need.remaining_kwh)
             started = time.perf_counter()
             for index in range(events):
                 schedule.fit(limit - (index % 2) * amount_to_mw(3.0))
@@ -278,19 +458,20 @@ def replan_cost() -> None:
                              rng.uniform(1, 40))
                 schedule.allocation_of("arriving")
                 schedule.remove("arriving")
-            timings.append((time.perf_counter() - started) / (3 * events))
-        costs["kept", count] = min(timings)
-        llf_runs = max(5, 2_000 // count)
-        started = time.perf_counter()
-        for _ in range(llf_runs):
-            plan(needs, limit, 0.0, DEFAULT_PRIORITY)
-        costs["whole", count] = (time.perf_counter() - started) / llf_runs
-    for (kind, count), cost in costs.items():
-        label = "DeadlineSet, event by event" if kind == "kept" else "plan(), re-planned whole"
-        print(f"  {label:<26} {count:>5} sessions: {cost / costs[kind, 10]:7.2f}x the cost with 10 ({cost * 1e6:.1f} us)")
-    ratio = costs["kept", 1_000] / costs["kept", 10]
-    print(f"  floor: re-planning with 1000 sessions at most 5x the cost with 10 ({DEFAULT}) -> {ratio:.2f}x "
-          f"{'ok' if ratio <= 5 else 'MISSED'}")
+            cost = (time.perf_counter() - started) / events
+            costs["kept", count] = min(cost, costs.get(("kept", count), math.inf))
+            if round_ < 2:  # slow enough to time steadily in fewer rounds
+                runs = max(2, 200 // count)
+                started = time.perf_counter()
+                for _ in range(runs):
+                    plan(needs, limit, 0.0, DEFAULT_PRIORITY)
+                cost = (time.perf_counter() - started) / runs
+                costs["whole", count] = min(cost, costs.get(("whole", count), math.inf))
+    for kind, label in (("kept", "DeadlineSet, event by event"), ("whole", "plan(), re-planned whole")):
+        for count in counts:
+            cost = costs[kind, count]
+            print(f"  {label:<27} {count:>5} sessions: {cost / costs[kind, 10]:7.2f}x the cost with 10 "
+                  f"({cost * 1e6:.1f} us)")
 
 
 class SimulatedClock:
@@ -303,63 +484,89 @@ class SimulatedClock:
         return self.now
 
 
-def _deadline_ledger(count: int, clock: SimulatedClock) -> tuple[Ledger, float]:
+class PlanOnlyLedger(Ledger):
+    """The Ledger with its answers' forecast left out: what an event costs to re-plan, and nothing else.
+
+    An admission's answer carries the arriving session's forecast (``expected_energy_kwh``),
+    which is a question asked of the plan, not a part of making it; it is timed apart below.
+    """
+
+    def _expected_mws(self, entry, now: float, energy_mws: float) -> float:  # noqa: ANN001 (a private type)
+        return energy_mws
+
+
+def _deadline_ledger(count: int, clock: SimulatedClock, kind: type[Ledger] = Ledger) -> tuple[Ledger, float]:
     """A ledger under the deadline policy with ``count`` sessions with needs; the power runs out mid-queue."""
     rng = random.Random(5)
     limit_kw = count * (MIN_CHARGE_KW + (7.2 - MIN_CHARGE_KW) / 2)
-    ledger = Ledger(limit_kw, 60.0, clock=clock, policy=AllocationPolicy.DEADLINE)
+    ledger = kind(limit_kw, 60.0, clock=clock, policy=AllocationPolicy.DEADLINE)
     for index in range(count):
         ledger.admit(f"ev-{index}", 7.2, energy_kwh=rng.uniform(1, 40), departure=clock() + rng.uniform(2, 10) * 3600)
     return ledger, limit_kw
 
 
-def ledger_replan_cost() -> None:
+REPLANNED_EVENTS = ("a change of limit", "arrival and departure with a need", "arrival and departure, no need")
+ANSWERED = "arrival with a need, answered with its forecast"
+
+
+def _limit_changes(ledger: Ledger, limit_kw: float, events: int) -> None:
+    """The operator's limit moving by 3 kW and back, ``events`` times."""
+    for index in range(events):
+        ledger.set_operator_limit(limit_kw - (index % 2) * 3.0)
+
+
+def _arrivals(ledger: Ledger, clock: SimulatedClock, events: int, needs: random.Random | None) -> None:
+    """A vehicle arriving and leaving, ``events`` times: with a random need, or none when ``needs`` is None."""
+    for _ in range(events):
+        if needs is None:
+            admission = ledger.admit("ev-arriving", 7.2, duration_seconds=3600)
+        else:
+            admission = ledger.admit("ev-arriving", 7.2, energy_kwh=needs.uniform(1, 40),
+                                     departure=clock() + needs.uniform(2, 10) * 3600)
+        ledger.release(admission.session.session_id)
+
+
+def ledger_replan_cost() -> list[Floor]:
     """Events through the real Ledger: a change of the operator's limit, and a vehicle arriving and leaving.
 
-    The clock stands still while it is timed, so no session ends meanwhile. An arrival's answer
-    carries its forecast (``expected_energy_kwh``), which walks every session with a need once per
-    change: its cost is printed apart.
+    The clock stands still while it is timed, so no session ends meanwhile. Each count is timed
+    in turn, round after round, and the fastest round kept: the least disturbed by the other
+    core's work.
     """
-    print("\n## Re-planning through the Ledger (deadline policy), per event, by sessions with deadlines")
+    print("\n## Re-planning through the Ledger (deadline policy), per event, by sessions with deadlines "
+          "(about half get their maximum)")
+    counts = (10, 100, 1_000)
+    events = 400
     costs: dict[tuple[str, int], float] = {}
-    for count in (10, 100, 1_000):
-        clock = SimulatedClock()
-        ledger, limit_kw = _deadline_ledger(count, clock)
-        rng = random.Random(9)
-        events = 1_000
-
-        def limit_changes() -> None:
-            for index in range(events):
-                ledger.set_operator_limit(limit_kw - (index % 2) * 3.0)
-
-        def arrivals_and_departures() -> None:
-            for _ in range(events):
-                admission = ledger.admit("ev-arriving", 7.2, energy_kwh=rng.uniform(1, 40),
-                                         departure=clock() + rng.uniform(2, 10) * 3600)
-                ledger.release(admission.session.session_id)
-
-        def arrivals_without_need() -> None:
-            for _ in range(events):
-                admission = ledger.admit("ev-arriving", 7.2, duration_seconds=3600)
-                ledger.release(admission.session.session_id)
-
-        for kind, run in (("limit", limit_changes), ("arrive+leave, no need", arrivals_without_need),
-                          ("arrive+leave with need, forecast", arrivals_and_departures)):
-            timings = []
-            for _ in range(3):
+    for round_ in range(5):
+        for count in counts:
+            clock = SimulatedClock()
+            planning, limit_kw = _deadline_ledger(count, clock, PlanOnlyLedger)
+            answering, _ = _deadline_ledger(count, clock)
+            runs = {REPLANNED_EVENTS[0]: functools.partial(_limit_changes, planning, limit_kw, events),
+                    REPLANNED_EVENTS[1]: functools.partial(_arrivals, planning, clock, events, random.Random(round_)),
+                    REPLANNED_EVENTS[2]: functools.partial(_arrivals, planning, clock, events, None),
+                    ANSWERED: functools.partial(_arrivals, answering, clock, events, random.Random(round_))}
+            for kind, run in runs.items():
                 started = time.perf_counter()
                 run()
-                timings.append((time.perf_counter() - started) / events)
-            costs[kind, count] = min(timings)
-    for (kind, count), cost in costs.items():
-        print(f"  {kind:<34} {count:>5} sessions: {cost / costs[kind, 10]:6.2f}x the cost with 10 "
-              f"({cost * 1e6:.0f} us)")
-    ratio = max(costs["limit", 1_000] / costs["limit", 10],
-                costs["arrive+leave, no need", 1_000] / costs["arrive+leave, no need", 10])
-    print(f"  floor: re-planning (a change of limit, an arrival and a departure) with 1000 sessions with deadlines "
-          f"at most 5x the cost with 10, through the Ledger -> {ratio:.2f}x {'ok' if ratio <= 5 else 'MISSED'}")
-    print(f"  (an arrival with a need also answers with its forecast, O(n log n): "
-          f"{costs['arrive+leave with need, forecast', 1_000] / costs['arrive+leave with need, forecast', 10]:.1f}x)")
+                cost = (time.perf_counter() - started) / events
+                costs[kind, count] = min(cost, costs.get((kind, count), math.inf))
+    for kind in (*REPLANNED_EVENTS, ANSWERED):
+        for count in counts:
+            cost = costs[kind, count]
+            print(f"  {kind:<48} {count:>5} sessions: {cost / costs[kind, 10]:6.2f}x the cost with 10 "
+                  f"({cost * 1e6:.0f} us)")
+    ratios = {kind: costs[kind, 1_000] / costs[kind, 10] for kind in REPLANNED_EVENTS}
+    worst = max(ratios, key=ratios.get)
+    answered = costs[ANSWERED, 1_000] / costs[ANSWERED, 10]
+    print(f"  The forecast (expected_energy_kwh) is not part of re-planning: the plan never reads it. Only a report "
+          f"asks for it (an admission's answer, GET /charge/<id>, /metrics), and each plan is forecast once, only "
+          f"as far along its queue as asked: O(1) for a session that gets its maximum, O(p log p) for the p-th "
+          f"behind them. An arrival answered with its forecast, with 1000 sessions: {answered:.1f}x the cost "
+          f"with 10 (not a floor).")
+    return [Floor("re-planning at every event with 1000 sessions with deadlines at most 5x the cost with 10 "
+                  f"(the Ledger; worst: {worst})", f"{ratios[worst]:.2f}x", ratios[worst] <= 5)]
 
 
 def _rss_bytes() -> int:
@@ -369,7 +576,7 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def records_memory(total: int = 100_000, first_mark: int = 10_000) -> None:
+def records_memory(total: int = 100_000, first_mark: int = 10_000) -> list[Floor]:
     """Finished sessions are records on disk: memory after 100,000 against after 10,000, and any one answers."""
     print(f"\n## Finished records: {total:,} sessions through a Ledger with its state file, simulated clock")
     clock = SimulatedClock()
@@ -378,7 +585,7 @@ def records_memory(total: int = 100_000, first_mark: int = 10_000) -> None:
         store = LedgerStore(Path(folder) / "records.sqlite3", "substation-bench")
         ledger = Ledger(100.0, 60.0, clock=clock, policy=AllocationPolicy.DEADLINE, store=store,
                         substation_id="substation-bench")
-        energies: dict[str, float] = {}
+        energies: dict[str, float] = {}  # of the sessions looked up that answered with their whole need
         memory: dict[int, int] = {}
         started = time.perf_counter()
         for index in range(total):
@@ -394,21 +601,28 @@ def records_memory(total: int = 100_000, first_mark: int = 10_000) -> None:
         ledger.snapshot()
         memory[total] = _rss_bytes()
         elapsed = time.perf_counter() - started
-        first = "s-0"
-        for key in [first, f"s-{first_mark}", *(f"s-{index}" for index in rng.sample(range(total), 5))]:
+        looked_up = ["s-0", f"s-{first_mark}", *(f"s-{index}" for index in rng.sample(range(total), 5))]
+        for key in looked_up:
             report = ledger.session(key)
-            energies[key] = report.energy_kwh
-            assert report.need_met and abs(report.energy_kwh - report.need_kwh) < 1e-6, report
+            if report.need_met and abs(report.energy_kwh - report.need_kwh) < 1e-6:
+                energies[key] = report.energy_kwh
         size = (Path(folder) / "records.sqlite3").stat().st_size
         store.close()
     ratio = memory[total] / memory[first_mark]
     print(f"  {total:,} sessions in {elapsed:.1f} s; state file {size / 1e6:.0f} MB")
     print(f"  resident memory after {first_mark:,}: {memory[first_mark] / 1e6:.1f} MB; after {total:,}: "
           f"{memory[total] / 1e6:.1f} MB")
-    print(f"  the first session still answers: {energies['s-0']:.4f} kWh delivered ({len(energies)} looked up, "
-          f"every one with its energy)")
-    print(f"  floor: memory after {total:,} at most 1.1x after {first_mark:,} -> {ratio:.3f}x "
-          f"{'ok' if ratio <= 1.1 else 'MISSED'}")
+    print(f"  the first session answers: {energies.get('s-0', math.nan):.4f} kWh delivered")
+    floors = [
+        Floor(f"after {total:,} finished sessions any one of them still answers with its energy",
+              f"{len(energies)} of {len(looked_up)} looked up (the first, the {first_mark:,}th, 5 at random) "
+              f"answered with the energy they needed and got", len(energies) == len(looked_up)),
+        Floor(f"memory after {total:,} finished sessions at most 1.1x what it was after {first_mark:,}",
+              f"{ratio:.3f}x", ratio <= 1.1),
+    ]
+    for floor in floors:
+        print(floor.line)
+    return floors
 
 
 DEFAULT = DEFAULT_PRIORITY.value
@@ -416,11 +630,14 @@ OUR_POLICIES = ("llf", "edf", "llf-exact", "fair_share")
 
 
 def main() -> None:
-    quality()
-    over_limit()
+    floors = quality()
+    floors += over_limit()
     replan_cost()
-    ledger_replan_cost()
-    records_memory()
+    floors += ledger_replan_cost()
+    floors += records_memory()
+    print("\n## Energy by departure: the floors, this run")
+    for floor in floors:
+        print(floor.line)
 
 
 if __name__ == "__main__":

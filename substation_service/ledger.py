@@ -38,7 +38,10 @@ time: its need delivered (it ends, ``energy_delivered``), its laxity reaching
 ``URGENT_WITHIN_SECONDS`` (it must charge at full power) or 0 (it can no
 longer be met). Each report of such a session carries the energy it is
 expected to have by its departure under the current plan
-(:func:`substation_service.scheduling.project`, once per change of state).
+(:class:`substation_service.scheduling.Projection`). The plan never reads it:
+only a report asks for it (an admission's answer, a session looked up, the
+metrics), and each plan is forecast once, only as far along its queue as the
+sessions asked about.
 Under ``fair_share`` and ``strict`` a need is recorded and reported, and the
 session ends at its departure.
 
@@ -73,7 +76,7 @@ from substation_service.allocation import (
     to_mw,
 )
 from substation_service.peering.power import LocalPower
-from substation_service.scheduling import URGENT_WITHIN_SECONDS, DeadlineSet, Projected, project
+from substation_service.scheduling import URGENT_WITHIN_SECONDS, DeadlineSet, Projected, Projection
 from substation_service.store import SCHEMA_VERSION, LedgerStore, StoredSession, StoredState
 
 Clock = Callable[[], float]
@@ -176,7 +179,7 @@ class SessionReport:
     # An energy need: ``need_kwh`` by ``departure`` (seconds since the epoch); None without one.
     need_kwh: float | None = None
     departure: float | None = None
-    # What it is expected to have by its departure under the current plan (scheduling.project);
+    # What it is expected to have by its departure under the current plan (scheduling.Projection);
     # for an ended session, what it got.
     expected_kwh: float | None = None
 
@@ -274,7 +277,7 @@ class Snapshot:
     # Active sessions held by a lease, and leases that lapsed since this process started.
     leased: int = 0
     leases_expired: int = 0
-    # Only when asked for: its forecast costs O(n log n).
+    # Only when asked for: its forecast of every session costs O(n log n).
     needs: NeedFigures | None = None
 
     @property
@@ -657,8 +660,8 @@ class Ledger:
         self._marks: list[tuple[float, str]] = []
         # Of finished sessions with a need: kWh asked, kWh delivered, needs met and missed.
         self._needs = {"requested_kwh": 0.0, "delivered_kwh": 0.0, "met": 0, "missed": 0}
-        # (state_version, expected mW·s by departure of each charging tracked session): see _expected_mws.
-        self._projection: tuple[int, dict[str, float]] = (-1, {})
+        # (state_version, the forecast of that version's plan): see _expected_mws.
+        self._projection: tuple[int, Projection | None] = (-1, None)
         self._finished_since_trim = 0
         self._flushed_version = -1
         state = store.load(ENDED_SESSIONS_KEPT) if store is not None else None
@@ -1360,24 +1363,37 @@ class Ledger:
             return energy_mws  # a suspended one is counted at nothing more: when it resumes is not foreseen
         if not entry.tracked:
             return energy_mws + min(remaining, self._set.allocation_of(key) * max(0.0, entry.due - now))
-        # Each plan is forecast once: between two changes every session charges as it planned, so the
-        # energy it will have by its due time stays what the forecast said.
-        version, expected = self._projection
-        if version != self._state_version:
-            assert isinstance(self._set, DeadlineSet)
-            queue, delivered = [], {}
-            for member in self._set.queue():
-                other = self._sessions.get(member.key)
-                if other is None or other.due is None or other.met:
-                    continue
-                delivered[member.key] = self._delivered_mws(other, now)
-                left = other.need_kwh * MWS_PER_KWH - delivered[member.key]
-                queue.append(Projected(member.key, member.minimum_mw, member.amount_mw, max(0.0, left),
-                                       max(now, other.due)))
-            budget = self._set.limit_mw - self._set.charging_minimum_total_mw
-            expected = {k: delivered[k] + more for k, more in project(queue, budget, now).items()}
-            self._projection = (self._state_version, expected)
-        return expected.get(key, energy_mws)
+        assert isinstance(self._set, DeadlineSet)
+        position = self._set.position(key)
+        if position is None:
+            return energy_mws
+        # Each plan is forecast once, and only as far along its queue as asked: between two changes
+        # every session charges as it planned, so the energy it will have by its due time stays what
+        # the forecast said.
+        version, projection = self._projection
+        if projection is None or version != self._state_version:
+            projection = self._new_projection(now)
+            self._projection = (self._state_version, projection)
+        more = projection.expected(key, position)
+        if more is None:
+            return energy_mws
+        return self._delivered_mws(entry, projection.now) + more
+
+    def _new_projection(self, now: float) -> Projection:
+        """The forecast of the current plan from ``now``, each session described when the fold reaches it."""
+        assert isinstance(self._set, DeadlineSet)
+        plan = self._set
+
+        def describe(key: str) -> Projected | None:
+            entry = self._sessions.get(key)
+            if entry is None or entry.due is None or entry.met or not entry.tracked:
+                return None
+            member = plan.member(key)
+            left = entry.need_kwh * MWS_PER_KWH - self._delivered_mws(entry, now)
+            return Projected(key, member.minimum_mw, member.amount_mw, max(0.0, left), max(now, entry.due))
+
+        budget = plan.limit_mw - plan.charging_minimum_total_mw
+        return Projection(plan.queue_keys(), plan.served_in_full, budget, now, describe)
 
     def _retire(self, session_id: str, now: float, until: float | None = None) -> None:
         forget_at = self._retired.add(session_id, now, until)

@@ -41,8 +41,10 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from substation_service.allocation import ChargingSet, Member, amount_to_mw
 
@@ -264,9 +266,27 @@ class DeadlineSet:
     def suspended_in_order(self) -> list[str]:
         return self._set.suspended_in_order
 
-    def queue(self) -> list[Member]:
-        """The charging sessions with a need, in the order they are served: the most urgent first."""
-        return [self._members[key] for key in self._queue_keys]
+    def queue_keys(self) -> list[str]:
+        """The charging sessions with a need in the order they are served, the most urgent first; a copy.
+
+        O(n), but at the speed of a list copy.
+        """
+        return list(self._queue_keys)
+
+    def position(self, key: str) -> int | None:
+        """Where a charging session with a need is in :meth:`queue_keys`: O(log n). None for any other."""
+        if key not in self._keys or not self._set.is_charging(key):
+            return None
+        return bisect.bisect_left(self._queue, self._keys[key])
+
+    @property
+    def served_in_full(self) -> int:
+        """How many sessions at the head of :meth:`queue_keys` get their maximum."""
+        return self._full
+
+    def member(self, key: str) -> Member:
+        """A session as the plan holds it: its usable maximum and its minimum."""
+        return self._members[key]
 
     def has_need(self, key: str) -> bool:
         return key in self._keys
@@ -513,9 +533,11 @@ def _copy(member: Member) -> Member:
     return Member(member.key, member.amount_mw, member.minimum_mw, member.order)
 
 
-@dataclass(frozen=True)
-class Projected:
-    """One charging session with a need, as :func:`project` sees it: in milliwatts and mW·s."""
+class Projected(NamedTuple):
+    """One charging session with a need, as :class:`Projection` sees it: in milliwatts and mW·s.
+
+    A tuple: the forecast makes one per session it reaches.
+    """
 
     key: str
     minimum_mw: int
@@ -524,34 +546,78 @@ class Projected:
     deadline: float
 
 
-def project(queue: list[Projected], budget_mw: int, now: float) -> dict[str, float]:
-    """The energy (mW·s) each session of ``queue`` is expected to get from ``now`` to its deadline.
+class Projection:
+    """The energy (mW·s) each charging session with a need is expected to get from ``now`` to its deadline.
 
-    The model: the plan stays as it is (no arrivals, the same limit, the same order). ``queue`` is
-    in the order the plan serves the sessions, most urgent first; ``budget_mw`` is what the limit
-    leaves above every charging session's minimum. Sessions ahead are served first: each session
-    gets its minimum throughout, and above it what the sessions ahead of it leave, which grows as
-    they finish (need delivered, or deadline come) and give back their power, minimum included, up
-    to its maximum. What the model does not foresee: sessions turning urgent (or hopeless) later,
-    which moves them in the order; and sessions without a need, which only take what is left.
-    O(n log n): a session's power changes only when one ahead of it finishes.
+    The model: the plan stays as it is (no arrivals, the same limit, the same order). ``keys`` are
+    the sessions in the order the plan serves them, most urgent first; the first ``served_in_full``
+    of them get their maximum now; ``budget_mw`` is what the limit leaves above every charging
+    session's minimum. Sessions ahead are served first: each session gets its minimum throughout,
+    and above it what the sessions ahead of it leave, which grows as they finish (need delivered, or
+    deadline come) and give back their power, minimum included, up to its maximum. What the model
+    does not foresee: sessions turning urgent (or hopeless) later, which moves them in the order;
+    and sessions without a need, which only take what is left.
+
+    A session's forecast depends only on the sessions ahead of it, so the forecast is a fold along
+    the queue that goes only as far as it is asked about (:meth:`expected`): a session served in
+    full keeps its maximum to the end, O(1); one further back costs the sessions ahead of it,
+    O(p log p) for the p-th, once per plan (later questions about the same plan continue the fold
+    where it stopped). Every session's, :meth:`expected_all`: O(n log n). ``describe`` gives a
+    session's figures when the fold reaches it, or None for one that is not forecast (it gets the
+    power the plan gives it, and is not counted as giving any back).
     """
-    expected: dict[str, float] = {}
-    # (when it gives power back, the power it holds above its minimum then, its minimum), soonest first
-    holding: list[tuple[float, int, int]] = []
-    used = 0
-    budget = max(0, budget_mw)
-    clock = now  # a session behind gets more than its minimum no earlier than one ahead of it did
-    for session in queue:
-        want = session.maximum_mw - session.minimum_mw
-        left, at, deadline = session.remaining_mws, now, session.deadline
-        rate = session.minimum_mw
-        while True:
-            if at < clock:
-                until = clock  # the sessions ahead take every bit above the minimums until then
+
+    def __init__(self, keys: list[str], served_in_full: int, budget_mw: int, now: float,
+                 describe: Callable[[str], Projected | None]) -> None:
+        self.now = now
+        self._keys = keys
+        self._served_in_full = served_in_full
+        self._describe = describe
+        self._expected: dict[str, float] = {}
+        self._folded = 0  # how far along ``keys`` the fold has gone
+        # (when it gives power back, the power it holds above its minimum then, its minimum), soonest first
+        self._holding: list[tuple[float, int, int]] = []
+        self._used = 0
+        self._budget = max(0, budget_mw)
+        self._clock = now  # a session behind gets more than its minimum no earlier than one ahead of it did
+
+    def expected(self, key: str, position: int) -> float | None:
+        """What ``key``, at ``position`` in the queue, is expected to get by its deadline; None if not forecast."""
+        if key in self._expected:
+            return self._expected[key]
+        if position < self._served_in_full:
+            # Everyone ahead gets their maximum too: nobody's release can give it more, nor take any.
+            session = self._describe(key)
+            if session is None:
+                return None
+            gets = min(session.remaining_mws, session.maximum_mw * max(0.0, session.deadline - self.now))
+            self._expected[key] = gets
+            return gets
+        while self._folded <= position and self._folded < len(self._keys):
+            self._fold_next()
+        return self._expected.get(key)
+
+    def expected_all(self) -> dict[str, float]:
+        while self._folded < len(self._keys):
+            self._fold_next()
+        return dict(self._expected)
+
+    def _fold_next(self) -> None:
+        key = self._keys[self._folded]
+        self._folded += 1
+        session = self._describe(key)
+        if session is None:
+            return
+        holding = self._holding
+        minimum, maximum, deadline = session.minimum_mw, session.maximum_mw, session.deadline
+        want = maximum - minimum
+        left, at, rate = session.remaining_mws, self.now, minimum
+        while left > 0:
+            if at < self._clock:
+                until = self._clock  # the sessions ahead take every bit above the minimums until then
             else:
-                rate = session.minimum_mw + max(0, min(want, budget - used))
-                until = holding[0][0] if holding and rate < session.maximum_mw else math.inf
+                rate = minimum + max(0, min(want, self._budget - self._used))
+                until = holding[0][0] if holding and rate < maximum else math.inf
             step_end = min(until, deadline)
             if rate * (step_end - at) >= left:
                 at, left = at + left / rate, 0.0
@@ -560,13 +626,11 @@ def project(queue: list[Projected], budget_mw: int, now: float) -> dict[str, flo
             at = step_end
             if at >= deadline:
                 break
-            if at >= clock and holding and holding[0][0] <= at:
-                released_at, released, minimum = heapq.heappop(holding)
-                used -= released
-                budget += minimum
-                clock = max(clock, released_at)
-        expected[session.key] = session.remaining_mws - left
-        holds = rate - session.minimum_mw
-        heapq.heappush(holding, (at, holds, session.minimum_mw))
-        used += holds
-    return expected
+            if at >= self._clock and holding and holding[0][0] <= at:
+                released_at, released, released_minimum = heapq.heappop(holding)
+                self._used -= released
+                self._budget += released_minimum
+                self._clock = max(self._clock, released_at)
+        self._expected[key] = session.remaining_mws - left
+        heapq.heappush(holding, (at, rate - minimum, minimum))
+        self._used += rate - minimum

@@ -370,7 +370,8 @@ def test_rush_hour_on_a_small_grid_serves_every_vehicle_fairly_and_never_over_th
     assert summary["energy_delivered_kwh"] == pytest.approx(
         sum(s["energy_delivered_kwh"] for s in summary["substations"]), abs=1e-5
     )
-    assert results["settings"]["wait"] is True and results["settings"]["allocation_policy"] == "fair_share"
+    # The substations' default policy: deadline, which shares as fair_share does among sessions without a need.
+    assert results["settings"]["wait"] is True and results["settings"]["allocation_policy"] == "deadline"
     assert re.search(r"^Jain's fairness index, served vehicles +0\.9\d\d|1\.000$", run.stdout, re.MULTILINE)
     assert re.search(r"^Capacity violations in allocation histories +0$", run.stdout, re.MULTILINE)
     assert re.search(r"^Capacity violations in substation samples +0$", run.stdout, re.MULTILINE)
@@ -445,7 +446,7 @@ def test_compare_allocation_runs_strict_and_fair_share_and_restores_each_substat
     policies = [
         requests.get(f"{s.url}/allocation-policy", timeout=TIMEOUT).json()["policy"] for s in stack.substations
     ]
-    assert policies == ["strict", "fair_share", "fair_share"]
+    assert policies == ["strict", "deadline", "deadline"]  # the other two had the default
 
 
 def test_requests_still_queued_at_the_time_limit_are_cancelled_and_count_as_rejected(

@@ -7,6 +7,7 @@ test reports about itself.
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -18,6 +19,8 @@ from substation_service.scheduling import (
     DeadlineSet,
     Need,
     Priority,
+    Projected,
+    Projection,
     is_urgent,
     plan,
 )
@@ -258,3 +261,41 @@ def test_a_late_session_keeps_its_place(priority: Priority) -> None:
     later = need_of(2, 7.0, 5.0, 9 * 3600.0)
     powers = plan([late, later], amount_to_mw(7.0 + MIN_KW), 0.0, priority, urgent_within_seconds=WITHIN)
     assert powers["s1"] == amount_to_mw(7.0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_forecast_asked_one_session_at_a_time_is_the_whole_forecast(seed: int) -> None:
+    """The fold stops where it is asked to; what it answers is what folding the whole queue answers."""
+    rng = random.Random(seed)
+    count = rng.randint(1, 60)
+    limit = amount_to_mw(count * rng.uniform(MIN_KW, 8.0))
+    plan_set = DeadlineSet(limit, rng.choice(list(Priority)))
+    sessions: dict[str, Projected] = {}
+    for index in range(count):
+        key, max_kw = f"s{index}", rng.choice([3.7, 7.2, 11.0, 22.0])
+        if not plan_set.admits(amount_to_mw(MIN_KW)):
+            break
+        remaining_kwh, departure = rng.uniform(0.5, 40), rng.uniform(600, 36_000)
+        plan_set.add(key, amount_to_mw(max_kw), amount_to_mw(MIN_KW), departure, remaining_kwh)
+        sessions[key] = Projected(key, amount_to_mw(MIN_KW), amount_to_mw(max_kw), remaining_kwh * 3.6e9, departure)
+    keys = plan_set.queue_keys()
+    budget = plan_set.limit_mw - plan_set.charging_minimum_total_mw
+
+    def projection() -> Projection:
+        return Projection(keys, plan_set.served_in_full, budget, 0.0, sessions.get)
+
+    whole = projection().expected_all()
+    assert set(whole) == set(keys)
+    asked = projection()
+    for key in rng.sample(keys, len(keys)):
+        position = plan_set.position(key)
+        assert keys[position] == key
+        assert asked.expected(key, position) == pytest.approx(whole[key], rel=1e-12)
+    for position, key in enumerate(keys):
+        session = sessions[key]
+        # Never more than it still needs, never less than its minimum to the end (or its need).
+        assert whole[key] <= session.remaining_mws
+        assert whole[key] >= min(session.remaining_mws, session.minimum_mw * session.deadline) * (1 - 1e-12)
+        if position < plan_set.served_in_full:  # served in full now: at its maximum to the end
+            assert plan_set.allocation_of(key) == session.maximum_mw
+            assert whole[key] == pytest.approx(min(session.remaining_mws, session.maximum_mw * session.deadline))

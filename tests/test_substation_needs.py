@@ -141,6 +141,32 @@ def test_the_forecast_is_exact_while_the_order_holds() -> None:
     assert ended.ended_at - ended.session.started_at == pytest.approx((1 + 21 / 11) * HOUR)
 
 
+def test_a_forecast_asked_for_one_session_is_the_one_asked_for_all() -> None:
+    """Each plan is forecast only as far along its queue as asked: in whatever order the sessions are
+    asked about, each answer is what forecasting every session at once gives (the metrics' way)."""
+    def busy_ledger() -> tuple[Ledger, list[str]]:
+        clock = FakeClock()
+        ledger = Ledger(40.0, 60.0, clock=clock, policy=DEADLINE)
+        rng = random.Random(11)
+        keys = [ledger.admit(f"ev-{index}", rng.choice([7.2, 11.0, 22.0]), energy_kwh=rng.uniform(5, 40),
+                             departure=clock() + rng.uniform(1, 8) * HOUR).session.session_id for index in range(20)]
+        clock.advance(HOUR / 3)
+        return ledger, keys
+
+    everyone, keys = busy_ledger()
+    shortfall = everyone.snapshot(needs=True).needs.expected_shortfall_kwh
+    at_once = [everyone.session(key).expected_kwh for key in keys]
+    count = len(keys)
+    for order in (range(count), range(count - 1, -1, -1), random.Random(2).sample(range(count), count)):
+        ledger, its_keys = busy_ledger()  # the same day; its sessions have ids of their own
+        one_by_one = {index: ledger.session(its_keys[index]).expected_kwh for index in order}
+        assert [one_by_one[index] for index in range(count)] == pytest.approx(at_once, rel=1e-12)
+    needs = [everyone.session(key).need_kwh for key in keys]
+    assert shortfall == pytest.approx(sum(max(0.0, need - expected) for need, expected in zip(needs, at_once)))
+    # Some are expected to fall short and some not: the forecast has something to tell.
+    assert 0 < sum(expected < need - 0.1 for need, expected in zip(needs, at_once)) < count
+
+
 def test_without_needs_the_deadline_policy_shares_exactly_as_fair_share() -> None:
     """Why deadline can be the default: sessions without a need see no difference at any instant."""
     rng = random.Random(3)
