@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from benchmarks import console, endtoend, energy, stations
+from benchmarks import charge_db, console, endtoend, energy, stations
 from load_balancer.policies import POLICY_NAMES, make_policy
 from load_balancer.view import GridView, Observation
 from substation_service.ledger import Ledger
@@ -187,6 +187,7 @@ def main() -> None:
         durable_state(Path(tmp))
         memory(Path(tmp))
         endtoend.throughput(Path(tmp))
+        charge_db.main(Path(tmp))
         endtoend.frozen_substation(Path(tmp), hedging=True)
         endtoend.frozen_substation(Path(tmp), hedging=False)
         endtoend.memory_growth(Path(tmp))

@@ -20,7 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from charge_request_service.sessions import PendingSession
+from charge_request_service.sessions import (
+    ChargeSession,
+    PendingSession,
+    SessionTracker,
+    SharedSessionTracker,
+)
 from charge_request_service.store import ChargeStore
 
 from gridcommon.timefmt import format_time, parse_time
@@ -147,8 +152,23 @@ class WaitingQueue:
                 self._forget_gaps_locked()
             return entry
 
-    def expire(self) -> list[QueuedRequest]:
-        """Take out and return every request that waited past its time."""
+    def start(self, session: ChargeSession, tracker: SessionTracker) -> bool:
+        """Take out the request that started as ``session`` and record the session, as one step for readers:
+        whoever looks finds it waiting (they wait for the lock) or active, never neither. False if it had left
+        the queue meanwhile (its client cancelled it): then nothing is recorded."""
+        with self._lock:
+            entry = self._entries.pop(session.session_id, None)
+            if entry is None:
+                return False
+            bisect.insort(self._gaps, entry.sequence)
+            self._forget_gaps_locked()
+            tracker.record(session)
+            return True
+
+    def expire(self, tracker: SessionTracker | None = None) -> list[QueuedRequest]:
+        """Take out and return every request that waited past its time; ``tracker`` records each as expired
+        in the same step for readers (they wait for the lock), so none is ever found neither waiting nor
+        expired."""
         with self._lock:
             now = self._clock()
             expired = []
@@ -166,6 +186,9 @@ class WaitingQueue:
                 bisect.insort(self._gaps, entry.sequence)
                 expired.append(entry)
             self._forget_gaps_locked()
+            for entry in expired if tracker is not None else ():
+                tracker.finish_waiting(entry.session_id, entry.request.vehicle_id, entry.request.amount_kw,
+                                       "expired", entry.queued_at, entry.token_digest, entry.owner)
             return expired
 
     def oldest_wait_seconds(self) -> float:
@@ -191,9 +214,11 @@ class SharedQueue:
     A queued request is its session's row in state ``queued``: its ``sequence``, given under the
     queue's lock, is the one arrival order of every replica, and the bound is counted under the same
     lock. Only the replica that holds the dispatch lease sees a head and expires requests, so one
-    dispatcher at a time offers the head: nobody is overtaken. A request taken out goes back to
-    ``pending`` until its caller records how it ended, so should that replica die meanwhile, the
-    reconciler settles it like any request whose answer never came.
+    dispatcher at a time offers the head: nobody is overtaken. A request that starts or expires
+    leaves the queue in the one update that writes it active or expired, so a client polling it
+    never finds it missing; one taken out otherwise (cancelled, refused) goes back to ``pending``
+    until its caller records how it ended, so should that replica die meanwhile, the reconciler
+    settles it like any request whose answer never came.
     """
 
     LEASE = "dispatch"
@@ -255,13 +280,23 @@ class SharedQueue:
         entry = QueuedRequest.from_record(stored.record, stored.sequence or 0)
         return entry if self._take_out(entry) else None
 
-    def expire(self) -> list[QueuedRequest]:
-        """Take out every request that waited past its time (the dispatch lease's holder only)."""
+    def start(self, session: ChargeSession, tracker: SharedSessionTracker) -> bool:
+        """The request started as ``session``: its row goes from queued to active in one update, so a reader
+        on any replica finds it queued or active, never neither. False if it had left the queue meanwhile."""
+        return tracker.record_started(session)
+
+    def expire(self, tracker: SharedSessionTracker) -> list[QueuedRequest]:
+        """Take out every request that waited past its time (the dispatch lease's holder only), each written
+        ``expired`` by ``tracker`` in one update from ``queued``: a reader on any replica never finds it
+        neither waiting nor expired, and a cancellation on another replica at that moment either wins or
+        finds it gone."""
         if not self._dispatching():
             return []
         expired = self._store.sessions_in("queued", due_by=self._clock().timestamp())
         entries = [QueuedRequest.from_record(row.record, row.sequence or 0) for row in expired]
-        return [entry for entry in entries if self._take_out(entry)]
+        return [entry for entry in entries if tracker.finish_waiting(
+            entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "expired", entry.queued_at,
+            entry.token_digest, entry.owner, from_states=("queued",))]
 
     def oldest_wait_seconds(self) -> float:
         rows = self._store.sessions_in("queued", limit=1)

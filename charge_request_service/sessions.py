@@ -55,7 +55,7 @@ class ChargeSession:
     token_digest: str | None = None
     # Id of the client key that asked for it (charge_request_service.client_keys); None when none was sent.
     owner: str | None = None
-    # The vehicle's need and what the substation expected at admission (issue 23); None without a need.
+    # The vehicle's need and what the substation expected at admission; None without a need.
     energy_kwh: float | None = None
     departure: datetime | None = None
     expected_energy_kwh: float | None = None
@@ -523,6 +523,17 @@ class SharedSessionTracker:
         with self._lock:
             self._recorded += 1
 
+    def record_started(self, session: ChargeSession) -> bool:
+        """A queued request started as ``session``: its row moves from queued to active in one update;
+        False if it had left the queue meanwhile (cancelled), and then nothing is recorded."""
+        now = self._clock()
+        if not self._store.change_session(session.session_id, ("queued",), "active", session.to_record(),
+                                          now.timestamp(), session.ends_at.timestamp()):
+            return False
+        with self._lock:
+            self._recorded += 1
+        return True
+
     def reserve(self, session_id: str, vehicle_id: str, amount_kw: float, owner: str | None = None) -> PendingSession:
         """Claim the vehicle with the request's pending row; ``VehicleBusy`` names the session that holds it."""
         now = self._clock()
@@ -610,14 +621,18 @@ class SharedSessionTracker:
         return True
 
     def finish_waiting(self, session_id: str, vehicle_id: str, amount_kw: float, state: str,
-                       queued_at: datetime, token_digest: str | None, owner: str | None = None) -> None:
-        """How a request that never started left the queue (the shared queue took it out as ``pending``)."""
+                       queued_at: datetime, token_digest: str | None, owner: str | None = None,
+                       from_states: tuple[str, ...] = ("pending", "queued")) -> bool:
+        """How a request that never started left the queue (the shared queue took it out as ``pending``, or
+        expires it straight from ``queued``); whether this call wrote it."""
         entry = FinishedSession(session_id, vehicle_id, amount_kw, state, self._clock(), queued_at=queued_at,
                                 token_digest=token_digest, owner=owner)
-        if self._store.change_session(session_id, ("pending", "queued"), state, entry.to_record(),
-                                      entry.finished_at.timestamp()):
-            with self._lock:
-                self._cache(entry)
+        if not self._store.change_session(session_id, from_states, state, entry.to_record(),
+                                          entry.finished_at.timestamp()):
+            return False
+        with self._lock:
+            self._cache(entry)
+        return True
 
     def finished(self, session_id: str) -> FinishedSession | None:
         with self._lock:

@@ -184,6 +184,7 @@ class ChargeStore:
                 inserted = self._database.execute(insert, params)
             if inserted:
                 return None
+            self._thread.queue_length = None  # read for a request that goes no further: never for a later one
             holder = self._database.rows(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE vehicle_id = :vehicle "
                                          f"AND state IN ({_OPEN})", {"vehicle": vehicle_id})
             if holder:

@@ -69,11 +69,7 @@ class Dispatcher:
 
     def work_once(self) -> bool:
         """Expire what waited too long, then offer the head once; True when it started."""
-        for entry in self._queue.expire():
-            self._tracker.finish_waiting(
-                entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "expired", entry.queued_at,
-                entry.token_digest, entry.owner,
-            )
+        for entry in self._queue.expire(self._tracker):  # recorded as expired as they leave the queue
             self._metrics.left_queue("expired", self._waited(entry))
             log.info("queued request %s of vehicle %s expired after waiting its time",
                      entry.session_id, entry.request.vehicle_id)
@@ -123,11 +119,10 @@ class Dispatcher:
             log.error("the balancer admitted queued request %s but its answer is unusable: %s",
                       entry.session_id, exc)
             return False
-        if self._queue.remove(entry.session_id) is None:
+        if not self._queue.start(session, self._tracker):
             # Cancelled while it was being offered: stop the session it just got.
             self._stop_cancelled(session)
             return True
-        self._tracker.record(session)
         self._metrics.left_queue("started", session.queue_wait_seconds or 0.0)
         log.info("queued request %s started at %s after %.1f s: vehicle %s, %g kW",
                  session.session_id, session.substation, session.queue_wait_seconds or 0.0,

@@ -6,6 +6,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 
@@ -179,3 +180,64 @@ def test_a_request_cancelled_while_it_is_being_started_leaves_no_session(small_g
         assert waiting["session_id"] not in held
     else:  # it had started before the cancel arrived: the cancel stopped it
         assert outcome["status"] == 200 and waiting["session_id"] not in held
+
+
+POLLERS = 4
+STATE_CHANGES = """
+CREATE TABLE state_changes (session_id TEXT, old_state TEXT, new_state TEXT);
+CREATE FUNCTION note_state_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO state_changes VALUES (NEW.session_id, OLD.state, NEW.state);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER state_changes AFTER UPDATE OF state ON sessions FOR EACH ROW
+    WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION note_state_change();
+"""
+
+
+def test_a_request_polled_while_it_starts_or_expires_is_always_found(tmp_path: Path,
+                                                                     charge_records: ChargeRecords) -> None:
+    """Leaving the queue is one step for a reader: waiting, then charging or expired, never "no such session".
+
+    Dozens of requests start or expire while clients poll each of them many times a second.
+    """
+    records = charge_records.env(tmp_path)
+    stack = start_stack(tmp_path, capacities=(3.0,), balancer_env={"POLL_INTERVAL_SECONDS": "0.5"},
+                        charge_env={"QUEUE_RETRY_SECONDS": "0.05", "QUEUE_TIMEOUT_SECONDS": "5", "MAX_QUEUED": "50",
+                                    **records})
+    if "DATABASE_URL" in records:  # every change of a row's state, as PostgreSQL saw it (replicas read the same)
+        with psycopg.connect(records["DATABASE_URL"], autocommit=True, connect_timeout=10) as db:
+            db.execute(STATE_CHANGES)
+    try:
+        answers = [charge(stack, f"ev-poll-{index}", wait=True, duration=0.2) for index in range(42)]
+        assert {answer.status_code for answer in answers} == {201, 202}
+        queued = [answer.json()["session_id"] for answer in answers if answer.status_code == 202]
+        states: dict[str, list[str]] = {session_id: [] for session_id in queued}
+        missing: list[tuple[str, list[str], int, str]] = []
+        deadline = time.monotonic() + 7.0  # every one has started or expired by then
+
+        def poll(share: list[str]) -> None:
+            http = requests.Session()
+            while time.monotonic() < deadline:
+                for session_id in share:
+                    answer = http.get(f"{stack.charge.url}/sessions/{session_id}", headers=OPERATOR, timeout=5)
+                    if answer.status_code != 200:
+                        missing.append((session_id, states[session_id][-3:], answer.status_code, answer.text))
+                    else:
+                        states[session_id].append(answer.json()["state"])
+
+        pollers = [threading.Thread(target=poll, args=(queued[index::POLLERS],)) for index in range(POLLERS)]
+        for poller in pollers:
+            poller.start()
+        for poller in pollers:
+            poller.join()
+        assert missing == []
+        last = [polled[-1] for polled in states.values()]
+        assert set(last) <= {"charging", "ended", "expired"} and "expired" in last and "ended" in last, last
+        if "DATABASE_URL" in records:  # and each left the queue in one update: no step between for anyone to see
+            with psycopg.connect(records["DATABASE_URL"], connect_timeout=10) as db:
+                left = db.execute("SELECT new_state, count(*) FROM state_changes WHERE old_state = 'queued' "
+                                  "GROUP BY new_state").fetchall()
+            assert set(dict(left)) == {"active", "expired"}, left
+    finally:
+        stack.stop()

@@ -261,3 +261,16 @@ def test_the_shared_queue_keeps_one_order_and_one_bound(postgres: PostgresServer
     assert queues[1].head() is None  # the other replica does not dispatch while the lease runs
     assert queues[1].remove(order[0]) is not None and queues[0].remove(order[0]) is None  # taken out once
     assert queues[1].get(order[1])[1] == 1
+
+
+def test_the_queue_length_read_with_a_claim_is_only_for_the_request_that_made_it(postgres: PostgresServer) -> None:
+    """The claim's round trip also counts the queue, for the request that goes on to ask; a refused claim
+    leaves nothing behind for whatever this thread answers next (a /metrics scrape, another request)."""
+    store = ChargeStore(postgres.new_database())
+    store.claim_vehicle("s-queued", "ev-queued", {"session_id": "s-queued"}, 1.0)
+    store.enqueue("s-queued", {"session_id": "s-queued"}, 1.0, 301.0, 10)
+    assert store.claim_vehicle("s-1", "ev-1", {"session_id": "s-1"}, 2.0) is None
+    assert store.noted_queue_length() == 1
+    assert store.noted_queue_length() is None  # read once
+    assert store.claim_vehicle("s-2", "ev-1", {"session_id": "s-2"}, 3.0).session_id == "s-1"
+    assert store.noted_queue_length() is None
