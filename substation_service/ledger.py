@@ -42,8 +42,17 @@ expected to have by its departure under the current plan
 only a report asks for it (an admission's answer, a session looked up, the
 metrics), and each plan is forecast once, only as far along its queue as the
 sessions asked about.
-Under ``fair_share`` and ``strict`` a need is recorded and reported, and the
-session ends at its departure.
+Under ``fair_share`` and ``strict`` the policy alone decides every session's
+power, and a session with a need ends as under ``deadline``:
+``energy_delivered`` at the moment its need is delivered (a leased one stays,
+``met``, and charges on). The ledger integrates each one's power from every
+change of it and plays that moment as an event, planned again whenever its
+power changes. The sessions held at the fair-share level all gain the level's
+integral, so they are ordered once by the integral at which each need is
+delivered and only the first has an event; the others' powers change only
+when they are suspended, resumed or changed, or when the level crosses their
+amount or floor (found by bisection): O(log n + the sessions whose power
+changed otherwise than with the level) per event.
 
 With a state file, finished sessions are records kept on disk for a retention
 and up to a row bound; memory keeps only the newest (``ENDED_SESSIONS_KEPT``).
@@ -54,6 +63,7 @@ import bisect
 import dataclasses
 import heapq
 import math
+import operator
 import threading
 import time
 import uuid
@@ -110,6 +120,7 @@ NEED_MET_MARGIN_KWH = 0.1
 DEFAULT_RECORDS_RETENTION_SECONDS = 90 * 86400.0
 DEFAULT_RECORDS_MAX_ROWS = 1_000_000
 MWS_PER_KWH = 1_000_000 * SECONDS_PER_HOUR
+_FIRST = operator.itemgetter(0)
 
 
 def steady_wall_clock() -> Clock:
@@ -508,6 +519,12 @@ class _Entry:
     power_since: float = 0.0
     delivered_mws: float = 0.0
     points: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS_KEPT))
+    # Under fair_share and strict, while it is held at the fair-share level: the level's integral (mW·s) when
+    # it came to be held there and when its need is delivered (Ledger._follow_needs); its (amount, floor) as
+    # sorted there.
+    water_since: float | None = None
+    water_due: float | None = None
+    followed_terms: tuple[int, int] | None = None
     # Its next planning event: "done" (need delivered), "urgent", "hopeless" (can no longer be met), or
     # "met" (a leased session's need delivered: it stays, behind every need); None when none is due.
     mark_at: float | None = None
@@ -658,6 +675,18 @@ class Ledger:
         self._records_max_rows = records_max_rows
         # (time, session id) of the sessions' next planning events (Entry.mark_at); stale ones are skipped.
         self._marks: list[tuple[float, str]] = []
+        # The active sessions with a need. Under fair_share and strict (see _follow_needs): the level
+        # their powers were last followed at and its integral (mW·s) up to ``_water_at``; (amount, id)
+        # and (floor, id) of each, sorted; (the level's integral at which its need is delivered, id) of
+        # those held at the level, first first (stale ones are skipped), and which of them has a mark.
+        self._with_need: dict[str, _Entry] = {}
+        self._followed_level: int | None = None
+        self._water_mws = 0.0
+        self._water_at = now
+        self._need_amounts: list[tuple[int, str]] = []
+        self._need_floors: list[tuple[int, str]] = []
+        self._level_dues: list[tuple[float, str]] = []
+        self._level_marked: str | None = None
         # Of finished sessions with a need: kWh asked, kWh delivered, needs met and missed.
         self._needs = {"requested_kwh": 0.0, "delivered_kwh": 0.0, "met": 0, "missed": 0}
         # (state_version, the forecast of that version's plan): see _expected_mws.
@@ -767,7 +796,11 @@ class Ledger:
             else:
                 self._set.add(member)
             self._sessions[session.session_id] = entry
-            self._track_powers(now)
+            if energy_kwh is not None:
+                self._with_need[session.session_id] = entry
+                if not isinstance(self._set, DeadlineSet):
+                    self._start_following(entry, now, 0.0)
+            self._track_powers(now, [session.session_id])
             self._levels.record(now, self._set.level_mw)
             entry.start_position = self._levels.last_position
             if self._store is not None:
@@ -876,7 +909,7 @@ class Ledger:
             entry.minimum_kw = new_minimum
             suspended, resumed = self._set.change(session_id, amount_mw, minimum)
             member.amount_mw, member.minimum_mw = amount_mw, minimum  # a DeadlineSet keeps members of its own
-            self._record_state_changes(now, suspended, resumed)
+            self._record_state_changes(now, suspended, resumed, changed=session_id)
             if self._store is not None:
                 self._store.amount_changed(session_id, new_amount, new_minimum, entry.amounts)
             self._state_version += 1
@@ -1017,6 +1050,8 @@ class Ledger:
             else:
                 self._set.rebuild_minimums()
             self._apply_limit(now)
+            if not isinstance(self._set, DeadlineSet):
+                self._follow_needs(now, list(self._with_need))  # every floor moved with the policy
             self._state_version += 1
             return self._snapshot(now)
 
@@ -1138,6 +1173,9 @@ class Ledger:
     def _finish(self, entry: _Entry, now: float, reason: str) -> SessionReport:
         session = entry.session
         del self._sessions[session.session_id]
+        self._with_need.pop(session.session_id, None)
+        if entry.followed_terms is not None:
+            self._unsort_terms(entry)
         self._requested_mw -= entry.member.amount_mw
         self._leased -= entry.lease_seconds is not None
         ended = self._report(entry, now, with_history=True, ended_at=now, end_reason=reason)
@@ -1159,14 +1197,16 @@ class Ledger:
         self._prune_levels()
         return ended
 
-    def _record_state_changes(self, at: float, suspended: list[str], resumed: list[str]) -> bool:
-        """Record suspensions, resumptions and the powers they leave; True when a tracked power changed."""
+    def _record_state_changes(self, at: float, suspended: list[str], resumed: list[str],
+                              changed: str | None = None) -> bool:
+        """Record suspensions, resumptions and the powers they leave (``changed``: the session whose amount or
+        minimum changed); True when a tracked power changed."""
         for key, charging in [*((key, False) for key in suspended), *((key, True) for key in resumed)]:
             entry = self._sessions[key]
             entry.state_changes.append((at, charging))
             if self._store is not None:
                 self._store.state_changed(key, entry.state_changes)
-        replanned = self._track_powers(at)
+        replanned = self._track_powers(at, [*suspended, *resumed, *([changed] if changed else [])])
         self._levels.record(at, self._set.level_mw)
         return replanned
 
@@ -1183,10 +1223,16 @@ class Ledger:
         """A tracked session's energy up to ``at`` (not before its last change of power)."""
         return entry.delivered_mws + entry.power_mw * max(0.0, at - entry.power_since)
 
-    def _track_powers(self, at: float) -> bool:
+    def _track_powers(self, at: float, touched: Iterable[str] = ()) -> bool:
         """Follow the deadline plan's changes: each tracked session's power, energy, history and next
-        planning event. O(sessions whose power changed). True when any power changed."""
+        planning event. O(sessions whose power changed). True when any power changed.
+
+        Under fair_share and strict, follow the sessions with a need instead (``touched``: the sessions
+        suspended, resumed, admitted or changed by the event); their powers are the level's, already
+        counted in the level's history, so this returns False.
+        """
         if not isinstance(self._set, DeadlineSet):
+            self._follow_needs(at, touched)
             return False
         moved = False
         while changed := self._set.take_changed():
@@ -1244,9 +1290,13 @@ class Ledger:
         if mark is not None and mark[0] <= at and mark[1] in ("urgent", "hopeless"):
             self._apply_mark(entry, mark[1])  # due now: its power changes, and it is planned again
             return
+        self._set_mark(entry, mark)
+
+    def _set_mark(self, entry: _Entry, mark: tuple[float, str] | None) -> None:
+        """Make ``mark`` (time, kind) the session's next planning event; None: it has none."""
         entry.mark_at, entry.mark_kind = (None, "") if mark is None else mark
         if mark is not None:
-            heapq.heappush(self._marks, (mark[0], key))
+            heapq.heappush(self._marks, (mark[0], entry.session.session_id))
             if len(self._marks) > 2 * len(self._sessions) + 64:
                 self._marks = [(other.mark_at, k) for k, other in self._sessions.items() if other.mark_at is not None]
                 heapq.heapify(self._marks)
@@ -1266,23 +1316,177 @@ class Ledger:
             self._finish(entry, at, reason="energy_delivered")
             return
         self._apply_mark(entry, entry.mark_kind)
-        self._record_state_changes(at, [], [])
-        self._state_version += 1
+        if isinstance(self._set, DeadlineSet):
+            self._record_state_changes(at, [], [])
+            self._state_version += 1
+        else:
+            # A leased session's need met under fair_share or strict: nobody's power changes, only its record;
+            # if it was held at the level, the next one there whose need is delivered first gets the mark.
+            self._advance_water(at)
+            self._mark_the_first_at_level(at)
+            if self._store is not None:
+                self._store.need_changed(entry.session.session_id, _need_json(entry))
 
     def _apply_mark(self, entry: _Entry, kind: str) -> None:
-        assert isinstance(self._set, DeadlineSet)
         key = entry.session.session_id
         entry.mark_at = None
+        if kind == "met":
+            # A leased session's need is delivered but its holder keeps it: under deadline it comes after
+            # every need now; under fair_share and strict it charges on as the policy shares the limit.
+            entry.met = True
+            if isinstance(self._set, DeadlineSet):
+                self._set.set_urgent(key, False)
+                self._set.set_need(key, None, 0.0)  # a need without a departure: after every departure
+            return
+        assert isinstance(self._set, DeadlineSet)
         if kind == "urgent":
             self._set.set_urgent(key, True)
         elif kind == "hopeless":
             entry.hopeless = True
             self._set.set_urgent(key, False)
-        elif kind == "met":
-            # A leased session's need is delivered but its holder keeps it: it comes after every need now.
-            entry.met = True
-            self._set.set_urgent(key, False)
-            self._set.set_need(key, None, 0.0)  # a need without a departure: after every departure
+
+    # ----- needs under fair_share and strict -------------------------------------------------
+
+    def _follow_needs(self, at: float, touched: Iterable[str]) -> None:
+        """Each session with a need whose power changed: its energy so far, and when its need is delivered.
+
+        A charging session's power is ``min(amount, max(floor, level))``. Held at the level, it gains
+        what every session held there gains: the ledger integrates the level once (``_water_mws``) and
+        orders those sessions by the level's integral at which each need is delivered, so only the first
+        of them has a mark. A session's power changes otherwise only when it is suspended, resumed,
+        admitted or changes its amount (``touched``), or when the level crosses its amount or floor: those
+        are found by bisection. O(log n + sessions whose power changed in another way than the level's).
+        Its report counts its energy from the level's history; the same powers are integrated here.
+        """
+        self._advance_water(at)
+        level, previous = self._set.level_mw, self._followed_level
+        self._followed_level = level
+        keys = list(touched)
+        if level != previous:
+            low, high = sorted(math.inf if value is None else value for value in (level, previous))
+            for terms in (self._need_amounts, self._need_floors):
+                first = bisect.bisect_right(terms, low, key=_FIRST)
+                keys += (key for _, key in terms[first:bisect.bisect_right(terms, high, key=_FIRST)])
+        for key in keys:
+            entry = self._with_need.get(key)
+            if entry is not None:
+                self._refollow(entry, at)
+        self._mark_the_first_at_level(at)
+
+    def _advance_water(self, at: float) -> None:
+        self._water_mws, self._water_at = self._water_until(at), at
+
+    def _water_until(self, at: float) -> float:
+        """The integral of the fair-share level up to ``at`` (mW·s): what a session held at it gains."""
+        level = self._followed_level
+        return self._water_mws + (0.0 if level is None else level * max(0.0, at - self._water_at))
+
+    def _followed_mws(self, entry: _Entry, at: float) -> float:
+        if entry.water_since is not None:
+            return entry.delivered_mws + self._water_until(at) - entry.water_since
+        return self._delivered_mws(entry, at)
+
+    def _refollow(self, entry: _Entry, at: float) -> None:
+        """The session's power now: held at the level, or a power of its own (whole amount, floor, nothing)."""
+        self._sort_terms(entry)
+        if entry.met:
+            return  # a leased session's need delivered: nothing more to plan
+        key, member, level = entry.session.session_id, entry.member, self._set.level_mw
+        at_level = (self._set.is_charging(key) and level is not None
+                    and member.minimum_mw <= level < member.amount_mw)
+        power = self._set.allocation_of(key)
+        if at_level:
+            if entry.water_since is not None:
+                return  # held there already: the level's integral counts for it
+        elif entry.water_since is None and power == entry.power_mw:
+            return
+        energy = self._followed_mws(entry, at)
+        entry.delivered_mws = energy
+        if at_level:
+            entry.water_since = self._water_mws
+            entry.water_due = self._water_mws + entry.need_kwh * MWS_PER_KWH - energy
+            heapq.heappush(self._level_dues, (entry.water_due, key))
+            if len(self._level_dues) > 2 * len(self._with_need) + 64:
+                self._level_dues = [(other.water_due, k) for k, other in self._with_need.items()
+                                    if other.water_due is not None]
+                heapq.heapify(self._level_dues)
+            self._set_mark(entry, None)  # the first of those at the level has the mark
+        else:
+            entry.water_since = entry.water_due = None
+            entry.power_mw, entry.power_since = power, at
+            self._plan_delivery(entry, at)
+
+    def _mark_the_first_at_level(self, at: float) -> None:
+        """The session held at the level whose need is delivered first gets the mark: at the level now, when."""
+        dues = self._level_dues
+        while dues:
+            due, key = dues[0]
+            entry = self._with_need.get(key)
+            if entry is not None and not entry.met and entry.water_due == due:
+                break
+            heapq.heappop(dues)
+        first = self._with_need[dues[0][1]] if dues else None
+        marked = self._with_need.get(self._level_marked) if self._level_marked is not None else None
+        if marked is not None and marked is not first and marked.water_since is not None:
+            self._set_mark(marked, None)
+        self._level_marked = None
+        level = self._set.level_mw
+        if first is None or not level:  # held at the level means a level of at least its floor: never 0
+            return
+        mark_at = at + max(0.0, first.water_due - self._water_mws) / level
+        if first.mark_at != mark_at:
+            self._set_mark(first, (mark_at, "done" if first.lease_seconds is None else "met"))
+        self._level_marked = first.session.session_id
+
+    def _sort_terms(self, entry: _Entry) -> None:
+        """Keep the session's amount and floor in the sorted lists the level's crossings are found in."""
+        terms = (entry.member.amount_mw, entry.member.minimum_mw)
+        if entry.followed_terms == terms:
+            return
+        key = entry.session.session_id
+        if entry.followed_terms is not None:
+            self._unsort_terms(entry)
+        bisect.insort(self._need_amounts, (terms[0], key))
+        bisect.insort(self._need_floors, (terms[1], key))
+        entry.followed_terms = terms
+
+    def _unsort_terms(self, entry: _Entry) -> None:
+        key = entry.session.session_id
+        for terms, value in zip((self._need_amounts, self._need_floors), entry.followed_terms):
+            del terms[bisect.bisect_left(terms, (value, key))]
+        entry.followed_terms = None
+
+    def _start_following(self, entry: _Entry, at: float, energy_mws: float | None = None) -> None:
+        """Under fair_share and strict, from ``at`` on: the session's energy (``energy_mws``, else counted
+        from its records) and power now, and when its need is delivered."""
+        if energy_mws is None:
+            energy_mws = self._integrate(entry, at)[1]
+        self._advance_water(at)
+        entry.delivered_mws, entry.power_since = energy_mws, at
+        entry.power_mw = -1  # no power yet: it is planned from whatever it gets now
+        entry.water_since = entry.water_due = None
+        self._refollow(entry, at)
+        self._mark_the_first_at_level(at)
+
+    def _stop_following(self) -> None:
+        """A switch of policy: every session is counted afresh under the new one."""
+        for entry in self._with_need.values():
+            entry.water_since = entry.water_due = entry.followed_terms = None
+        self._need_amounts, self._need_floors, self._level_dues = [], [], []
+        self._level_marked = self._followed_level = None
+
+    def _plan_delivery(self, entry: _Entry, at: float) -> None:
+        """The moment the session's need is delivered at the power of its own it gets now: it ends then
+        ("done"), or for a leased one it is "met" and charges on. None while it gets nothing."""
+        mark = None
+        if not entry.met:
+            remaining = entry.need_kwh * MWS_PER_KWH - self._delivered_mws(entry, at)
+            kind = "done" if entry.lease_seconds is None else "met"
+            if remaining <= 0:
+                mark = (at, kind)
+            elif entry.power_mw > 0:
+                mark = (at + remaining / entry.power_mw, kind)
+        self._set_mark(entry, mark)
 
     def _checkpoint(self, entry: _Entry, at: float) -> None:
         """Count what the session got up to ``at`` as it is counted now, then count on from there."""
@@ -1317,6 +1521,7 @@ class Ledger:
         ends_at = entry.session.ends_at
         entry.due = entry.departure if ends_at is None else min(ends_at, entry.departure)
         entry.hopeless = entry.met = False
+        self._with_need[entry.session.session_id] = entry
         if self.policy is AllocationPolicy.DEADLINE:
             assert isinstance(self._set, DeadlineSet)
             key = entry.session.session_id
@@ -1330,6 +1535,8 @@ class Ledger:
             remaining = max(0.0, entry.need_kwh - entry.delivered_mws / MWS_PER_KWH)
             self._set.set_need(key, entry.due, remaining)
             self._record_state_changes(at, [], [])
+        else:
+            self._start_following(entry, at)
         if self._store is not None:
             self._store.need_changed(entry.session.session_id, _need_json(entry))
         self._state_version += 1
@@ -1337,6 +1544,7 @@ class Ledger:
     def _rebuild_set(self, at: float) -> None:
         """A switch to or from the deadline policy: the sessions go into a new set as they are."""
         suspended = self._set.suspended_in_order
+        self._stop_following()
         for entry in self._sessions.values():
             self._checkpoint(entry, at)
         self._set = self._new_set(self.policy)
@@ -1349,10 +1557,12 @@ class Ledger:
                 if entry.need_kwh is not None:
                     self._start_tracking(entry, at)
                     remaining = max(0.0, entry.need_kwh - entry.delivered_mws / MWS_PER_KWH)
-                needs.append((entry.member, entry.due, remaining))
+                needs.append((entry.member, None if entry.met else entry.due, remaining))
             self._set.restore(needs, suspended, limit)
         else:
             self._set.restore(members, suspended, limit)
+            for entry in self._with_need.values():
+                self._start_following(entry, at, entry.base_mws)
         self._record_state_changes(at, [], [])
 
     def _expected_mws(self, entry: _Entry, now: float, energy_mws: float) -> float:
@@ -1499,6 +1709,8 @@ class Ledger:
             if stored.need is not None:
                 _restore_need(entry, jsonfast.loads(stored.need))
             self._sessions[session.session_id] = entry
+            if entry.need_kwh is not None:
+                self._with_need[session.session_id] = entry
             self._requested_mw += amount
             self._leased += stored.lease_seconds is not None
             heapq.heappush(self._ends, (end_at, session.session_id))
@@ -1522,6 +1734,8 @@ class Ledger:
                 if entry.tracked:
                     self._checkpoint(entry, self._time)  # kept under the deadline policy before the restart
             self._set.restore(members, suspended_in_order, to_mw(self._parts().limit_kw))
+            for entry in self._with_need.values():
+                self._start_following(entry, self._time)
         for record in state.ended[-ENDED_SESSIONS_KEPT:]:
             self._keep_ended(record["session_id"], _packed(record))
         self._retired.restore(state.retired)
@@ -1545,8 +1759,8 @@ class Ledger:
         return None
 
     def _next_event_at(self) -> float | None:
-        """When the next session ends, lease lapses or profile step comes; None when none is due."""
-        times = [at for at in (self._next_end_at(), self._next_step_at) if at is not None]
+        """When the next session ends, lease lapses, planning event or profile step comes; None when none is due."""
+        times = [at for at in (self._next_end_at(), self._next_step_at, self._next_mark_at()) if at is not None]
         return min(times) if times else None
 
     # ----- reports ---------------------------------------------------------------------------

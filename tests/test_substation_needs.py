@@ -1,4 +1,5 @@
-"""Energy by departure in the ledger: the deadline policy on a fake clock (no processes).
+"""Energy by departure in the ledger: the deadline policy, and needs under fair_share and strict, on a fake clock
+(no processes).
 
 Every check comes from the sessions' own records (their allocation histories,
 the limit's history), integrated and summed here, never from the totals the
@@ -8,22 +9,27 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from pathlib import Path
 
 import pytest
 
+from gridcommon.validation import ValidationError
 from substation_service.allocation import AllocationPolicy
 from substation_service.ledger import (
     CapacityExceeded,
     Ledger,
     SessionReport,
     SessionState,
+    steady_wall_clock,
 )
 from substation_service.store import LedgerStore
 from tests.allocation_audit import sweep
 from tests.substation_support import FakeClock
 
 DEADLINE = AllocationPolicy.DEADLINE
+FAIR_SHARE = AllocationPolicy.FAIR_SHARE
+STRICT = AllocationPolicy.STRICT
 HOUR = 3600.0
 ID = "substation-needs"
 
@@ -42,6 +48,19 @@ def energy_from_history(report: SessionReport, until: float) -> float:
         end = points[index + 1][0] if index + 1 < len(points) else until
         total += kw * max(0.0, min(end, until) - at) / HOUR
     return total
+
+
+def when_history_delivers(report: SessionReport, kwh: float) -> float | None:
+    """The moment the integral of the session's allocation history reaches ``kwh`` (to within rounding); None if
+    it never does."""
+    points = list(report.history)
+    total = 0.0
+    for index, (at, kw) in enumerate(points[:-1]):
+        step = kw * (points[index + 1][0] - at) / HOUR
+        if kw > 0 and total + step >= kwh - 1e-9:
+            return at + (kwh - total) / kw * HOUR
+        total += step
+    return None
 
 
 def assert_never_over_the_limit(ledger: Ledger) -> int:
@@ -173,17 +192,18 @@ def test_without_needs_the_deadline_policy_shares_exactly_as_fair_share() -> Non
     clocks = FakeClock(), FakeClock()
     ledgers = [Ledger(40.0, 60.0, clock=c, policy=p) for c, p in zip(clocks, (DEADLINE, AllocationPolicy.FAIR_SHARE))]
     active: list[str] = []
+    busiest = 0
     for step in range(300):
         action = rng.random()
         if action < 0.45:
             amount, minimum = rng.choice([3.7, 7.2, 11.0, 22.0]), rng.choice([None, None, 4.14])
+            duration = rng.uniform(10, 300)
             results = []
             for ledger in ledgers:
                 try:
                     results.append(ledger.admit(f"ev-{step}", amount, session_id=f"s-{step}",
-                                                duration_seconds=rng.Random(step).uniform(10, 300),
-                                                minimum_kw=minimum).session.session_id)
-                except Exception as exc:  # noqa: BLE001 (compared below: both refuse alike)
+                                                duration_seconds=duration, minimum_kw=minimum).session.session_id)
+                except (CapacityExceeded, ValidationError) as exc:  # compared below: both refuse alike
                     results.append(type(exc).__name__)
             assert results[0] == results[1]
             if results[0] == f"s-{step}":
@@ -207,31 +227,32 @@ def test_without_needs_the_deadline_policy_shares_exactly_as_fair_share() -> Non
                 except KeyError:
                     pass
         else:
+            seconds = rng.uniform(0, 40)
             for clock in clocks:
-                clock.advance(rng.uniform(0, 40))
+                clock.advance(seconds)
         shares = [{r.session.session_id: (r.state, r.allocated_kw, round(r.energy_kwh, 9)) for r in ledger.reports()[1]}
                   for ledger in ledgers]
         assert shares[0] == shares[1], step
+        busiest = max(busiest, len(shares[0]))
+    assert busiest >= 5  # the day was busy: sessions shared the limit
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_random_days_never_pass_the_limit_and_every_need_ends_as_it_should(seed: int) -> None:
-    """Arrivals with and without needs, a limit halved and restored, needs stated later, stops."""
-    rng = random.Random(seed)
-    clock = FakeClock()
-    ledger = Ledger(60.0, 600.0, clock=clock, policy=DEADLINE)
+def random_day(ledger: Ledger, clock: FakeClock, rng: random.Random, switch_policies: bool = False) -> None:
+    """Arrivals with and without needs (some with a minimum of their own), a limit halved and restored,
+    needs stated again, amounts changed, stops; with ``switch_policies`` the operator switches policy too.
+    Then the clock runs on until every session has ended."""
     ids: list[str] = []
     for step in range(400):
         action = rng.random()
         try:
             if action < 0.35:
-                need = rng.random() < 0.7
+                need, amount = rng.random() < 0.7, rng.choice([3.7, 7.2, 11.0, 22.0])
                 admission = ledger.admit(
-                    f"ev-{step}", rng.choice([3.7, 7.2, 11.0, 22.0]),
+                    f"ev-{step}", amount,
                     energy_kwh=rng.uniform(0.5, 30) if need else None,
                     departure=clock() + rng.uniform(0.2, 6) * HOUR if need else None,
                     duration_seconds=None if need else rng.uniform(60, 3 * HOUR),
-                    lease_seconds=None,
+                    minimum_kw=rng.choice([None, 4.14]) if amount > 4.14 else None,
                 )
                 ids.append(admission.session.session_id)
             elif action < 0.45:
@@ -242,22 +263,61 @@ def test_random_days_never_pass_the_limit_and_every_need_ends_as_it_should(seed:
                 ledger.change(key, energy_kwh=more, departure=clock() + rng.uniform(0.5, 4) * HOUR)
             elif action < 0.55 and ids:
                 ledger.release(rng.choice(ids))
+            elif action < 0.6 and ids:
+                ledger.change(rng.choice(ids), amount_kw=rng.choice([5.0, 7.2, 16.0, 22.0]))
+            elif action < 0.63 and switch_policies:
+                ledger.set_policy(rng.choice([DEADLINE, FAIR_SHARE, STRICT]))
             else:
                 clock.advance(rng.expovariate(1 / 300))
         except (KeyError, ValueError, CapacityExceeded):
             pass  # a session already ended, a minimum that does not fit: refused, nothing changed
     clock.advance(12 * HOUR)
-    assert_never_over_the_limit(ledger)
-    finished = [r for r in ledger.reports(history=True, include_ended=True)[1] if r.need_kwh is not None]
-    assert len(finished) > 50
+
+
+def assert_every_need_ended_as_it_should(ledger: Ledger, at_least: int) -> None:
+    """From each session's own allocation history: never more than its need; ended ``energy_delivered``
+    exactly when the history delivered it, else at its departure or stop; without a need, at its time."""
+    ended = ledger.reports(history=True, include_ended=True)[1]
+    assert all(report.state is SessionState.ENDED for report in ended)
+    finished = [r for r in ended if r.need_kwh is not None]
+    assert len(finished) > at_least
+    reasons = set()
     for report in finished:
         got = energy_from_history(report, report.ended_at)
         assert got == pytest.approx(report.energy_kwh, abs=1e-6), report.session.session_id
-        assert report.energy_kwh <= report.need_kwh + 1e-6  # never more than it needed
+        assert got <= report.need_kwh + 1e-6  # never more than it needed
+        reasons.add(report.end_reason)
         if report.end_reason == "energy_delivered":
-            assert report.need_met
+            assert report.need_met and got == pytest.approx(report.need_kwh, abs=1e-6)
+            assert report.ended_at == pytest.approx(when_history_delivers(report, report.need_kwh), abs=1e-3)
         elif report.end_reason == "departed":
             assert report.ended_at == min(report.departure, report.session.ends_at)
+    assert {"energy_delivered", "departed"} <= reasons
+    # Sessions without a need run their time (or are stopped), whatever they got.
+    for report in ended:
+        if report.need_kwh is None:
+            assert report.end_reason in ("completed", "stopped"), report.session.session_id
+            if report.end_reason == "completed":
+                assert report.ended_at == report.session.ends_at
+
+
+@pytest.mark.parametrize("policy", [DEADLINE, FAIR_SHARE, STRICT])
+@pytest.mark.parametrize("seed", range(6))
+def test_random_days_never_pass_the_limit_and_every_need_ends_as_it_should(seed: int, policy: AllocationPolicy) -> None:
+    clock = FakeClock()
+    ledger = Ledger(60.0, 600.0, clock=clock, policy=policy)
+    random_day(ledger, clock, random.Random(seed))
+    assert_never_over_the_limit(ledger)
+    assert_every_need_ended_as_it_should(ledger, 20 if policy is STRICT else 40)  # under strict fewer fit whole
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_days_switching_policies_end_every_need_as_it_should(seed: int) -> None:
+    clock = FakeClock()
+    ledger = Ledger(60.0, 600.0, clock=clock, policy=FAIR_SHARE)
+    random_day(ledger, clock, random.Random(100 + seed), switch_policies=True)
+    assert_never_over_the_limit(ledger)
+    assert_every_need_ended_as_it_should(ledger, 30)
 
 
 def test_a_leased_session_states_its_need_later_and_keeps_charging_once_it_is_met() -> None:
@@ -322,4 +382,228 @@ def test_a_switch_to_fair_share_and_back_keeps_every_need_and_its_energy() -> No
     clock.advance(5 * HOUR)
     assert ledger.session(key).end_reason == "energy_delivered"
     assert math.isclose(ledger.session(key).energy_kwh, 8.0, abs_tol=1e-6)
+    assert_never_over_the_limit(ledger)
+
+
+@pytest.mark.parametrize("policy", [FAIR_SHARE, STRICT])
+def test_under_fair_share_and_strict_a_need_ends_its_session_the_moment_its_history_delivers_it(
+        policy: AllocationPolicy) -> None:
+    """The policy alone sets the power, and it changes four times while the need is charged: each time the
+    moment the need will be delivered is planned again. Checked from the session's own allocation history."""
+    clock = FakeClock()
+    ledger = Ledger(20.0, 60.0, clock=clock, policy=policy)
+    need = ledger.admit("ev-need", 11.0, energy_kwh=6.0, departure=clock() + 4 * HOUR).session
+    free = ledger.admit("ev-free", 7.2, duration_seconds=3 * HOUR).session
+    for limit in (12.0, 8.0, None):
+        clock.advance(HOUR / 4)
+        ledger.set_operator_limit(limit)
+    clock.advance(4 * HOUR)
+
+    ended = ledger.session(need.session_id)
+    assert (ended.state, ended.end_reason, ended.need_met) == (SessionState.ENDED, "energy_delivered", True)
+    # Each quarter of an hour: under fair_share 11 kW, then 6 and 4 (the level at 12 and 8 kW), 11 again;
+    # under strict 11, 11 (ev-free, the newest, is suspended at 12 kW), nothing (it no longer fits whole at
+    # 8 kW), 11 again.
+    if policy is FAIR_SHARE:
+        powers, history, free_history = [11.0, 6.0, 4.0], [11.0, 6.0, 4.0, 11.0, 0.0], [7.2, 6.0, 4.0, 7.2, 0.0]
+    else:
+        powers, history, free_history = [11.0, 11.0, 0.0], [11.0, 0.0, 11.0, 0.0], [7.2, 0.0, 7.2, 0.0]
+    assert [kw for _, kw in ended.history] == history
+    before_the_last = sum(powers) / 4
+    assert ended.ended_at - need.started_at == pytest.approx(0.75 * HOUR + (6.0 - before_the_last) / 11.0 * HOUR)
+    assert energy_from_history(ended, ended.ended_at) == pytest.approx(6.0, abs=1e-6)
+    assert ended.ended_at == pytest.approx(when_history_delivers(ended, 6.0), abs=1e-6)
+    assert ended.ended_at < ended.departure
+
+    # The session without a need gets what the policy gives it and runs its time.
+    other = ledger.session(free.session_id)
+    assert (other.end_reason, other.ended_at) == ("completed", free.ends_at)
+    assert [kw for _, kw in other.history] == free_history
+    assert assert_never_over_the_limit(ledger) > 6
+
+
+@pytest.mark.parametrize("policy", [FAIR_SHARE, STRICT])
+def test_under_fair_share_and_strict_a_need_not_yet_delivered_changes_nobodys_power(policy: AllocationPolicy) -> None:
+    """Two ledgers, one seeded day: in one some vehicles state needs too large to be delivered before they
+    leave, in the other the same vehicles state none and stay as long. Every session gets the same at every
+    step; the ones with a need end at their departure, the others when their time is up."""
+    rng = random.Random(5)
+    clocks = FakeClock(), FakeClock()
+    ledgers = [Ledger(40.0, 60.0, clock=c, policy=policy) for c in clocks]
+    active: list[str] = []
+    with_need: set[str] = set()
+    busiest = 0
+    for step in range(300):
+        action = rng.random()
+        if action < 0.4:
+            amount, stay = rng.choice([3.7, 7.2, 11.0, 22.0]), rng.uniform(10, 300)
+            need = rng.random() < 0.5
+            results = []
+            for index, ledger in enumerate(ledgers):
+                stated = need and index == 0
+                try:
+                    results.append(ledger.admit(
+                        f"ev-{step}", amount, session_id=f"s-{step}",
+                        duration_seconds=None if stated else stay,
+                        energy_kwh=500.0 if stated else None,  # more than 22 kW deliver in 300 s
+                        departure=clocks[index]() + stay if stated else None).session.session_id)
+                except CapacityExceeded as exc:
+                    results.append(type(exc).__name__)
+            assert results[0] == results[1]
+            if results[0] == f"s-{step}":
+                active.append(results[0])
+                if need:
+                    with_need.add(results[0])
+        elif action < 0.55 and active:
+            key = active.pop(rng.randrange(len(active)))
+            for ledger in ledgers:
+                try:
+                    ledger.release(key)
+                except KeyError:
+                    pass
+        elif action < 0.7:
+            limit = rng.choice([None, 10.0, 20.0, 30.0])
+            for ledger in ledgers:
+                ledger.set_operator_limit(limit)
+        elif action < 0.8 and active:
+            key, amount = rng.choice(active), rng.choice([2.0, 7.2, 16.0])
+            for ledger in ledgers:
+                try:
+                    ledger.change(key, amount_kw=amount)
+                except (KeyError, CapacityExceeded):
+                    pass
+        else:
+            seconds = rng.uniform(0, 40)
+            for clock in clocks:
+                clock.advance(seconds)
+        shares = [{r.session.session_id: (r.state, r.allocated_kw, round(r.energy_kwh, 9)) for r in ledger.reports()[1]}
+                  for ledger in ledgers]
+        assert shares[0] == shares[1], step
+        busiest = max(busiest, len(shares[0]))
+    for clock in clocks:
+        clock.advance(HOUR)
+    ends = [{r.session.session_id: (r.ended_at, r.end_reason) for r in ledger.reports(include_ended=True)[1]}
+            for ledger in ledgers]
+    assert busiest >= 5 and len(with_need) > 20
+    for key, (ended_at, reason) in ends[1].items():
+        assert ends[0][key][0] == ended_at
+        expected = ("departed" if key in with_need else "completed") if reason == "completed" else reason
+        assert ends[0][key][1] == expected, key
+    for ledger in ledgers:
+        assert_never_over_the_limit(ledger)
+
+
+@pytest.mark.parametrize("policy", [FAIR_SHARE, STRICT])
+def test_under_fair_share_and_strict_a_leased_session_keeps_charging_once_its_need_is_met(
+        policy: AllocationPolicy) -> None:
+    """As under deadline: its holder ends it, not the need (OCPP's open-ended transaction)."""
+    clock = FakeClock()
+    ledger = Ledger(20.0, 60.0, clock=clock, policy=policy)
+    ledger.admit("ev-other", 8.0, session_id="other", duration_seconds=10 * HOUR)
+    ledger.admit("ev-tx", 11.0, session_id="tx", lease_seconds=600)
+    ledger.change("tx", energy_kwh=2.0, departure=clock() + 2 * HOUR)
+    for _ in range(6):
+        clock.advance(300)
+        ledger.renew(["tx"], 600)
+    met = ledger.session("tx")
+    assert (met.state, met.allocated_kw, met.still_needed_kwh) == (SessionState.CHARGING, 11.0, 0.0)
+    ledger.release("tx")
+    ended = ledger.session("tx")
+    assert ended.end_reason == "stopped" and ended.need_met
+    assert energy_from_history(ended, ended.ended_at) == pytest.approx(11.0 / 2)  # 30 min at 11 kW, past its need
+
+
+@pytest.mark.parametrize("policy", [FAIR_SHARE, STRICT])
+def test_under_fair_share_and_strict_a_need_stated_later_ends_its_session_when_delivered(
+        policy: AllocationPolicy) -> None:
+    # Two vehicles of 10 kW: held at a level of 7.5 kW under fair_share (15 kW), each whole under strict (20 kW).
+    power = 7.5 if policy is FAIR_SHARE else 10.0
+    clock = FakeClock()
+    ledger = Ledger(15.0 if policy is FAIR_SHARE else 20.0, 60.0, clock=clock, policy=policy)
+    first = ledger.admit("ev-1", 10.0, duration_seconds=5 * HOUR).session
+    ledger.admit("ev-2", 10.0, duration_seconds=5 * HOUR)
+    clock.advance(HOUR / 2)
+    ledger.change(first.session_id, energy_kwh=8.0, departure=clock() + 4 * HOUR)  # nothing else happens
+    clock.advance(5 * HOUR)
+    ended = ledger.session(first.session_id)
+    assert ended.end_reason == "energy_delivered"
+    assert ended.ended_at - first.started_at == pytest.approx(8.0 / power * HOUR)
+    assert energy_from_history(ended, ended.ended_at) == pytest.approx(8.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("policy", [FAIR_SHARE, STRICT])
+def test_under_fair_share_and_strict_a_need_lowered_below_what_was_delivered_ends_its_session_at_once(
+        policy: AllocationPolicy) -> None:
+    clock = FakeClock()
+    ledger = Ledger(20.0, 60.0, clock=clock, policy=policy)
+    key = ledger.admit("ev-1", 10.0, energy_kwh=20.0, departure=clock() + 4 * HOUR).session.session_id
+    clock.advance(HOUR)
+    ledger.change(key, energy_kwh=9.0)  # 10 kWh so far: more than it now needs
+    ended = ledger.session(key)  # at the next look at the ledger, at the moment of the change
+    assert (ended.end_reason, ended.ended_at) == ("energy_delivered", ended.session.started_at + HOUR)
+    assert energy_from_history(ended, ended.ended_at) == pytest.approx(10.0, abs=1e-6)
+
+
+def test_a_need_under_fair_share_survives_a_restart_and_ends_when_delivered(tmp_path: Path) -> None:
+    path, clock = tmp_path / "needs.sqlite3", FakeClock()
+
+    def open_ledger() -> Ledger:
+        return Ledger(20.0, 60.0, clock=clock, policy=FAIR_SHARE, store=LedgerStore(path, ID), substation_id=ID)
+
+    before = open_ledger()
+    key = before.admit("ev-1", 11.0, energy_kwh=11.0, departure=clock() + 3 * HOUR).session.session_id
+    before.admit("ev-2", 11.0, duration_seconds=5 * HOUR)
+    clock.advance(HOUR / 2)
+    kept = before.session(key)
+
+    after = open_ledger()
+    again = after.session(key)
+    assert (again.need_kwh, again.energy_kwh, again.allocated_kw) == (11.0, pytest.approx(5.0), 10.0)
+    clock.advance(3 * HOUR)
+    ended = after.session(key)
+    assert ended.end_reason == "energy_delivered" and ended.need_met
+    assert energy_from_history(ended, ended.ended_at) == pytest.approx(11.0, abs=1e-6)
+    assert ended.ended_at == pytest.approx(
+        ended.session.started_at + HOUR / 2 + (11.0 - kept.energy_kwh) / 10.0 * HOUR)
+
+
+@pytest.mark.parametrize("policy", [DEADLINE, FAIR_SHARE, STRICT])
+def test_a_watcher_wakes_when_a_need_is_delivered_with_nobody_else_calling(policy: AllocationPolicy) -> None:
+    """A long poll (GET /sessions, the OCPP gateway's) hears of the end when it happens: the watcher plays it."""
+    clock = steady_wall_clock()
+    ledger = Ledger(30.0, 60.0, clock=clock, policy=policy)
+    admitted = ledger.admit("ev-1", 11.0, energy_kwh=11.0 * 0.3 / HOUR, departure=clock() + 10 * HOUR)
+    heard: list[bool] = []
+    watcher = threading.Thread(daemon=True, target=lambda: heard.append(
+        ledger.wait_for_change(admitted.snapshot.state_version, 10 * HOUR)))
+    watcher.start()
+    watcher.join(60)  # it would sleep until the departure, 10 h away, if it did not wake for the need
+    assert heard == [True]
+    ended = ledger.session(admitted.session.session_id)
+    assert ended.end_reason == "energy_delivered"
+    assert ended.ended_at == pytest.approx(admitted.session.started_at + 0.3)
+
+
+def test_under_fair_share_sessions_held_at_the_level_end_in_turn_and_a_met_lease_charges_on() -> None:
+    """Three sessions held at one level, each need delivered at its own moment; the leased one's met first."""
+    clock = FakeClock()
+    ledger = Ledger(30.0, 60.0, clock=clock, policy=FAIR_SHARE)
+    ledger.admit("ev-tx", 22.0, session_id="tx", lease_seconds=2 * HOUR)
+    small = ledger.admit("ev-small", 22.0, energy_kwh=4.0, departure=clock() + 4 * HOUR).session
+    large = ledger.admit("ev-large", 22.0, energy_kwh=7.0, departure=clock() + 4 * HOUR).session
+    ledger.change("tx", energy_kwh=1.0, departure=clock() + 2 * HOUR)
+    assert {r.allocated_kw for r in ledger.reports()[1]} == {10.0}
+    clock.advance(HOUR)
+    # 10 kW each: the lease's 1 kWh at 6 min (it charges on), 4 kWh at 24 min; then 15 kW each: the other's
+    # 7 kWh at 24 min + 3 kWh / 15 kW = 36 min; then the lease alone at 22 kW.
+    first, second = ledger.session(small.session_id), ledger.session(large.session_id)
+    assert (first.end_reason, second.end_reason) == ("energy_delivered", "energy_delivered")
+    assert first.ended_at - small.started_at == pytest.approx(0.4 * HOUR)
+    assert second.ended_at - large.started_at == pytest.approx(0.6 * HOUR)
+    for report in (first, second):
+        assert energy_from_history(report, report.ended_at) == pytest.approx(report.need_kwh, abs=1e-6)
+    lease = ledger.session("tx")
+    assert (lease.state, lease.allocated_kw) == (SessionState.CHARGING, 22.0)
+    assert [kw for _, kw in lease.history] == [10.0, 15.0, 22.0]
+    assert energy_from_history(lease, clock()) == pytest.approx(10.0 * 0.4 + 15.0 * 0.2 + 22.0 * 0.4)
     assert_never_over_the_limit(ledger)
