@@ -13,6 +13,7 @@ import re
 import shlex
 import signal
 import subprocess
+import time
 from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -22,6 +23,7 @@ import requests
 import yaml
 from docker.utils.build import exclude_paths
 
+from load_balancer.config import Settings as BalancerSettings
 from load_balancer.registry import UrlAllowList
 from localrun import procfile
 from tests.harness import REPO_ROOT, free_port, wait_until_healthy
@@ -523,11 +525,18 @@ def test_the_procfile_starts_a_working_stack(local_stack):
     # 75 kW fits only where the Procfile's capacities (80/100/120 kW) allow it; all three do.
     substation = admitted.json()["substation"]
     assert substation in {substation_id for substation_id, _ in SUBSTATIONS.values()}
-    # Both balancers see every substation with its capacity.
+    # Both balancers see every substation with its capacity. Healthy is not yet "polled every substation":
+    # a balancer that started before a substation answered sees it at its next poll (every 5 s).
+    expected = {substation_id: capacity for substation_id, capacity in SUBSTATIONS.values()}
     for balancer in (5002, 5003):
-        status = requests.get(f"http://127.0.0.1:{ports[balancer]}/status", timeout=TIMEOUT).json()
-        capacities = {entry["id"]: entry["total_capacity"] for entry in status["substations"]}
-        assert capacities == {substation_id: capacity for substation_id, capacity in SUBSTATIONS.values()}
+        def capacities(port: int = ports[balancer]) -> dict:
+            status = requests.get(f"http://127.0.0.1:{port}/status", timeout=TIMEOUT).json()
+            return {entry["id"]: entry["total_capacity"] for entry in status["substations"]}
+
+        deadline = time.monotonic() + 3 * BalancerSettings.poll_interval_seconds
+        while capacities() != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert capacities() == expected
     # The durable state went where the Procfile says (moved into the test's folder).
     state = Path(runner.log).parent / "state"
     assert {path.name for path in state.glob("*.sqlite3")} == {
