@@ -44,7 +44,7 @@ RECONCILIATION_WINDOW_SECONDS = 1.0 + REQUEST_TIMEOUT_SECONDS + 1.0 + RECONCILE_
 LONGEST_RUN_SECONDS = 240.0
 # A restarted substation is polled within half a second; the lost-answer sweep follows that poll.
 LOST_ANSWER_FREED_WITHIN_SECONDS = 3.0
-# The balancer stops a hedged forward's unused admission as soon as its answer arrives.
+# The balancer stops a hedged forward's unused admission as soon as its answer arrives (or it runs out first).
 UNUSED_HEDGE_STOPPED_WITHIN_SECONDS = 1.0
 # Attempts of one request: with the back-off, about 25 s, more than a restart and a reconciliation window.
 CLIENT_ATTEMPTS = 16
@@ -229,8 +229,8 @@ def test_killing_every_service_in_turn_never_forgets_duplicates_or_overbooks(gri
         for copy in (s for s in every_session if s["session_id"] == session_id and s["substation"] != record.substation):
             # Stopped by the sweep, or, a short session, run out while its substation was down.
             assert copy["end_reason"] in ("stopped", "completed"), copy
-            unused_hedge = (copy["end_reason"] == "stopped"
-                            and copy["ended_at"] - copy["started_at"] <= UNUSED_HEDGE_STOPPED_WITHIN_SECONDS)
+            # A hedge's unused copy of a short session may run out before the balancer's stop reaches it.
+            unused_hedge = copy["ended_at"] - copy["started_at"] <= UNUSED_HEDGE_STOPPED_WITHIN_SECONDS
             after_restart = copy["ended_at"] - restarted_at.get(copy["substation"], -math.inf)
             assert unused_hedge or after_restart <= LOST_ANSWER_FREED_WITHIN_SECONDS, copy
             freed_copies.append(copy)
