@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -61,6 +62,20 @@ async def watch_loop_lag(metrics: GatewayMetrics) -> None:
         metrics.loop_lag.observe(max(0.0, loop.time() - asked - LOOP_LAG_PERIOD_SECONDS))
 
 
+def keep_out_of_full_collections() -> None:
+    """What is loaded at start (modules, the registry, the servers) lives as long as the process: moved out
+    of the cycle collector's reach, so that its full passes scan only what came later.
+
+    A full pass holds the event loop, and every station's frames with it, for as long as it scans; it runs
+    whenever enough objects have lived through two younger passes, which a burst of connections that last
+    seconds (idle ones until their open timeout, a reconnect storm) brings about every few seconds. Scanning
+    the start's tens of thousands of objects each time made these pauses several times longer (40 ms of a
+    core instead of 5 with a thousand idle connections, measured).
+    """
+    gc.collect()  # what start left behind is freed now, not frozen with the rest
+    gc.freeze()
+
+
 async def run(settings: Settings) -> None:
     try:
         store = GatewayStore(settings.state_file, settings.state_full_sync)
@@ -79,6 +94,7 @@ async def run(settings: Settings) -> None:
         runner = web.AppRunner(create_http_app(gateway), access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         await web.TCPSite(runner, settings.host, settings.http_port).start()
+        keep_out_of_full_collections()
         scheme = "wss" if settings.tls else "ws"
         log.info("listening for stations at %s://%s:%d/<station-id>, HTTP API at http://%s:%d", scheme,
                  settings.host, settings.ocpp_port, settings.host, settings.http_port)

@@ -12,6 +12,7 @@
 | `TLS_CERT_FILE` / `TLS_KEY_FILE` | (empty) | Both set: stations connect over TLS (`wss://`, security profile 2)  |
 | `OPEN_TIMEOUT_SECONDS`     | `10`        | A connection whose WebSocket handshake is not done by then (at random within its last quarter) is reset |
 | `MAX_MESSAGE_BYTES`        | `65536`     | A larger frame closes the connection (1009)                             |
+| `MAX_UNREAD_BYTES`         | `262144`    | Output a station has not read (sent, not taken off the socket) past which its connection is reset: a station that sends but never reads never makes the gateway wait nor holds its memory |
 | `MAX_CONNECTIONS`          | `5000`      | Past this many stations, new handshakes get HTTP 503                    |
 | `MAX_CONNECTIONS_PER_ADDRESS` | `100`    | Past this many from one client address, HTTP 503                        |
 | `WRONG_PASSWORD_BURST`     | `5`         | Wrong passwords one client address may send before it is slowed ...     |
@@ -73,6 +74,7 @@ class Settings:
     tls_key_file: str = ""
     open_timeout_seconds: float = 10.0
     max_message_bytes: int = 65536
+    max_unread_bytes: int = 256 * 1024
     max_connections: int = 5000
     max_connections_per_address: int = 100
     wrong_password_burst: int = 5
@@ -127,6 +129,7 @@ class Settings:
             tls_key_file=key,
             open_timeout_seconds=env_float(env, "OPEN_TIMEOUT_SECONDS", cls.open_timeout_seconds, minimum=0.1),
             max_message_bytes=env_int(env, "MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=1024),
+            max_unread_bytes=env_int(env, "MAX_UNREAD_BYTES", cls.max_unread_bytes, minimum=16 * 1024),
             max_connections=env_int(env, "MAX_CONNECTIONS", cls.max_connections, minimum=1),
             max_connections_per_address=env_int(
                 env, "MAX_CONNECTIONS_PER_ADDRESS", cls.max_connections_per_address, minimum=1

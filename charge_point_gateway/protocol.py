@@ -33,9 +33,6 @@ log = logging.getLogger("ocpp.station")
 PROFILE_START_OFFSET = timedelta(minutes=1)
 # Frames that are not OCPP at all, tolerated per connection before it is closed.
 MAX_GARBAGE_FRAMES = 10
-# Output a station has not read, past which its connection is reset: a station that sends but never reads
-# (a flood, a broken client) must not make the gateway's sends to it wait, nor hold its memory.
-MAX_UNREAD_BYTES = 256 * 1024
 # How long a station the gateway closes gets to answer the close frame before its connection is reset.
 CLOSE_GRACE_SECONDS = 2.0
 TX_PROFILE_STACK_LEVEL = 1
@@ -132,7 +129,7 @@ class _Connection:
         self.station = station
         settings = gateway.settings
         self.budget = CallBudget(settings.calls_per_second, settings.call_burst)
-        self._response_timeout = settings.response_timeout_seconds
+        self._max_unread_bytes = settings.max_unread_bytes
 
     async def route_message(self, raw_msg: str | bytes) -> None:  # type: ignore[override]
         # One frame per turn of the event loop: websockets hands over every frame already received without
@@ -191,7 +188,7 @@ class _Connection:
     async def _send(self, message: str) -> None:
         """Every frame to the station: never waits on one that does not read (its connection is reset)."""
         transport = self._connection.transport
-        if transport.get_write_buffer_size() + len(message) > MAX_UNREAD_BYTES:
+        if transport.get_write_buffer_size() + len(message) > self._max_unread_bytes:
             if not transport.is_closing():
                 log.warning("station %s has not read %d bytes sent to it: resetting its connection",
                             self.station.station_id, transport.get_write_buffer_size())

@@ -53,7 +53,7 @@ CONCURRENT_PASSWORD_CHECKS = max(1, (os.cpu_count() or 2) // 2)
 # Deadlines and first pings land at random within this share of their period (see the module's docstring).
 SPREAD = 0.25
 # websockets' own write high-water mark: above it a send waits for the station to read. The protocol glue
-# drops a station whose unread output passes its own, lower bound (protocol.MAX_UNREAD_BYTES) first, so no
+# drops a station whose unread output passes its own, lower bound (MAX_UNREAD_BYTES) first, so no
 # send ever waits on a station that reads nothing.
 WRITE_LIMIT_BYTES = 4 * 1024 * 1024
 # Connections the kernel holds for the gateway to accept (capped by net.core.somaxconn). asyncio's 100
@@ -63,7 +63,7 @@ WRITE_LIMIT_BYTES = 4 * 1024 * 1024
 LISTEN_BACKLOG = 4096
 # The kernel's send buffer of a station's socket (it doubles it for its bookkeeping). Left to autotuning a
 # socket's grows to 4 MiB on Linux for a station that reads nothing; OCPP's messages are small, and
-# protocol.MAX_UNREAD_BYTES on top of this is when a station is deemed not to read at all.
+# MAX_UNREAD_BYTES on top of this is when a station is deemed not to read at all.
 STATION_SEND_BUFFER_BYTES = 64 * 1024
 # A request head longer than this is handed to websockets unfinished, which refuses it (its own limits are
 # 8 KiB a line and 128 headers).

@@ -140,10 +140,6 @@ class GatewayStore:
             rows = self._db.execute("SELECT record FROM transactions WHERE ended=0 ORDER BY rowid").fetchall()
         return [_load(row[0]) for row in rows]
 
-    def ended_count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM transactions WHERE ended=1").fetchone()[0])
-
 
 def _dump(transaction: Transaction) -> str:
     return json.dumps(dataclasses.asdict(transaction), separators=(",", ":"))
