@@ -186,6 +186,45 @@ def test_a_forecast_asked_for_one_session_is_the_one_asked_for_all() -> None:
     assert 0 < sum(expected < need - 0.1 for need, expected in zip(needs, at_once)) < count
 
 
+def twin_step(ledgers: list[Ledger], clocks: tuple[FakeClock, ...], active: list[str], rng: random.Random,
+              action: float, bounds: tuple[float, float, float],
+              change_refusals: tuple[type[Exception], ...] = (KeyError,)) -> None:
+    """One step of a seeded day played on twin ledgers, past its arrivals: below ``bounds[0]`` a random
+    session leaves, below ``bounds[1]`` the operator limit moves, below ``bounds[2]`` a session's amount
+    changes, else time passes."""
+    release_below, limit_below, change_below = bounds
+    if action < release_below and active:
+        key = active.pop(rng.randrange(len(active)))
+        for ledger in ledgers:
+            try:
+                ledger.release(key)
+            except KeyError:
+                pass
+    elif action < limit_below:
+        limit = rng.choice([None, 10.0, 20.0, 30.0])
+        for ledger in ledgers:
+            ledger.set_operator_limit(limit)
+    elif action < change_below and active:
+        key, amount = rng.choice(active), rng.choice([2.0, 7.2, 16.0])
+        for ledger in ledgers:
+            try:
+                ledger.change(key, amount_kw=amount)
+            except change_refusals:
+                pass
+    else:
+        seconds = rng.uniform(0, 40)
+        for clock in clocks:
+            clock.advance(seconds)
+
+
+def same_shares(ledgers: list[Ledger], step: int) -> dict[str, tuple]:
+    """What every session has (state, allocation, energy), asserted the same on both twins."""
+    shares = [{r.session.session_id: (r.state, r.allocated_kw, round(r.energy_kwh, 9)) for r in ledger.reports()[1]}
+              for ledger in ledgers]
+    assert shares[0] == shares[1], step
+    return shares[0]
+
+
 def test_without_needs_the_deadline_policy_shares_exactly_as_fair_share() -> None:
     """Why deadline can be the default: sessions without a need see no difference at any instant."""
     rng = random.Random(3)
@@ -208,32 +247,9 @@ def test_without_needs_the_deadline_policy_shares_exactly_as_fair_share() -> Non
             assert results[0] == results[1]
             if results[0] == f"s-{step}":
                 active.append(results[0])
-        elif action < 0.6 and active:
-            key = active.pop(rng.randrange(len(active)))
-            for ledger in ledgers:
-                try:
-                    ledger.release(key)
-                except KeyError:
-                    pass
-        elif action < 0.75:
-            limit = rng.choice([None, 10.0, 20.0, 30.0])
-            for ledger in ledgers:
-                ledger.set_operator_limit(limit)
-        elif action < 0.85 and active:
-            key, amount = rng.choice(active), rng.choice([2.0, 7.2, 16.0])
-            for ledger in ledgers:
-                try:
-                    ledger.change(key, amount_kw=amount)
-                except KeyError:
-                    pass
         else:
-            seconds = rng.uniform(0, 40)
-            for clock in clocks:
-                clock.advance(seconds)
-        shares = [{r.session.session_id: (r.state, r.allocated_kw, round(r.energy_kwh, 9)) for r in ledger.reports()[1]}
-                  for ledger in ledgers]
-        assert shares[0] == shares[1], step
-        busiest = max(busiest, len(shares[0]))
+            twin_step(ledgers, clocks, active, rng, action, (0.6, 0.75, 0.85))
+        busiest = max(busiest, len(same_shares(ledgers, step)))
     assert busiest >= 5  # the day was busy: sessions shared the limit
 
 
@@ -454,32 +470,10 @@ def test_under_fair_share_and_strict_a_need_not_yet_delivered_changes_nobodys_po
                 active.append(results[0])
                 if need:
                     with_need.add(results[0])
-        elif action < 0.55 and active:
-            key = active.pop(rng.randrange(len(active)))
-            for ledger in ledgers:
-                try:
-                    ledger.release(key)
-                except KeyError:
-                    pass
-        elif action < 0.7:
-            limit = rng.choice([None, 10.0, 20.0, 30.0])
-            for ledger in ledgers:
-                ledger.set_operator_limit(limit)
-        elif action < 0.8 and active:
-            key, amount = rng.choice(active), rng.choice([2.0, 7.2, 16.0])
-            for ledger in ledgers:
-                try:
-                    ledger.change(key, amount_kw=amount)
-                except (KeyError, CapacityExceeded):
-                    pass
         else:
-            seconds = rng.uniform(0, 40)
-            for clock in clocks:
-                clock.advance(seconds)
-        shares = [{r.session.session_id: (r.state, r.allocated_kw, round(r.energy_kwh, 9)) for r in ledger.reports()[1]}
-                  for ledger in ledgers]
-        assert shares[0] == shares[1], step
-        busiest = max(busiest, len(shares[0]))
+            twin_step(ledgers, clocks, active, rng, action, (0.55, 0.7, 0.8),
+                      change_refusals=(KeyError, CapacityExceeded))
+        busiest = max(busiest, len(same_shares(ledgers, step)))
     for clock in clocks:
         clock.advance(HOUR)
     ends = [{r.session.session_id: (r.ended_at, r.end_reason) for r in ledger.reports(include_ended=True)[1]}
