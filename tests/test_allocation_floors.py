@@ -259,9 +259,15 @@ def test_a_limit_halved_under_load_and_a_whole_solar_day_never_carry_more_than_t
         if set_at <= sample.taken_at <= lifted_at:
             own = min(own, halved)
         assert sample.allocated_kw <= own + 1e-6, sample
+    # The day's steps did happen under load: outside the operator's window, every level the profile held
+    # for a second either side of a sample shows in the substation's limit. Which levels those are depends
+    # on where the wall clock's phase of the 24 s day puts the window; at least two always fall outside it.
     set_at, lifted_at, _ = operator_limits[0]
-    generation_seen = {round(s.limit_kw - 140.0) for s in solar if not set_at - 1 <= s.taken_at <= lifted_at + 1}
-    assert len(generation_seen) >= 3, generation_seen  # the day's steps did happen under load
+    outside = [s for s in solar if not set_at - 1 <= s.taken_at <= lifted_at + 1]
+    generation_seen = {round(s.limit_kw - 140.0) for s in outside}
+    steadily_held = {round(profile.at(s.taken_at)) for s in outside
+                     if profile.at(s.taken_at - 1) == profile.at(s.taken_at) == profile.at(s.taken_at + 1)}
+    assert len(steadily_held) >= 2 and steadily_held <= generation_seen, (steadily_held, generation_seen)
     assert any(s.requested_kw > s.limit_kw for s in solar), "the substation was never loaded"
     print(f"\nhalved limit and a solar day: {len(sampler.samples)} samples at 20 Hz, generation levels seen "
           f"{sorted(generation_seen)}, 0 instants over the limit (samples, histories, the profile's own limit)")
