@@ -11,7 +11,14 @@ from flask import Flask
 from charge_request_service.balancer import BalancerClient
 from charge_request_service.config import Settings
 from charge_request_service.console import install_console
-from charge_request_service.client_keys import REFUSAL_REASONS, ClientKeys, QuotaLedger, SessionState
+from charge_request_service.client_keys import (
+    REFUSAL_REASONS,
+    ClientKeys,
+    QuotaLedger,
+    SessionState,
+    SharedQuotaLedger,
+)
+from charge_request_service.database import OPEN_STATES, booked_kw
 from charge_request_service.key_access import ClientAccess, install_client_access
 from charge_request_service.key_routes import keys_blueprint
 from charge_request_service.limits import RateLimits
@@ -116,11 +123,14 @@ def build_client_access(settings: Settings, service: ChargeService) -> ClientAcc
             return "active", session.remaining_seconds(tracker.now())
         return None
 
-    ledger = QuotaLedger(state_of)
-    for session_id, state, record in store.sessions() if store is not None else []:
-        if record.get("owner") is not None and state in ("active", "pending", "queued"):
-            amount = record["request"]["amount"] if state == "queued" else record["amount_kw"]
-            ledger.restore(record["owner"], session_id, amount, queued=state == "queued")
+    ledger: QuotaLedger | SharedQuotaLedger
+    if store is not None and store.shared:
+        ledger = SharedQuotaLedger(store)  # every replica's sessions, counted in the database
+    else:
+        ledger = QuotaLedger(state_of)
+        for session_id, state, record in store.sessions() if store is not None else []:
+            if record.get("owner") is not None and state in OPEN_STATES:
+                ledger.restore(record["owner"], session_id, booked_kw(state, record), queued=state == "queued")
 
     access = ClientAccess(settings.public_api_auth, keys, ledger, RateLimits(settings), service.metrics,
                           settings.admin_token)

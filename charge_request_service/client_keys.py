@@ -13,7 +13,10 @@ queue, being forwarded or charging), how many kW those may ask for together,
 how many of them may wait in the queue, and how many charge requests a
 second it may send. ``QuotaLedger`` books a request against its key's quotas
 before it is forwarded, under one lock, so two requests racing under one
-key can never pass a quota together.
+key can never pass a quota together. Replicas sharing a database
+(``SharedQuotaLedger``) book in the database instead: a request's pending
+row is inserted only after the key's open sessions on every replica are
+counted under the key's lock (``ChargeStore.claim_vehicle``).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from charge_request_service.store import ChargeStore, StoredClientKey
+from charge_request_service.store import ChargeStore, OwnerQuotas, QuotaExceeded, StoredClientKey
 
 KEY_PREFIX = "sgk_"
 KEY_BYTES = 32
@@ -277,17 +280,6 @@ class ClientKeys:
                 self._store.drop_client_key(key.key_id)
 
 
-class QuotaExceeded(Exception):
-    """A request would take its key past a quota; ``quota`` names it."""
-
-    def __init__(self, quota: str, limit: float, used: float, retry_after: int) -> None:
-        super().__init__(f"{quota} quota of {limit:g} reached ({used:g} in use)")
-        self.quota = quota
-        self.limit = limit
-        self.used = used
-        self.retry_after = retry_after
-
-
 @dataclass
 class Holding:
     """One session (or request about to become one) booked against a key."""
@@ -399,6 +391,10 @@ class QuotaLedger:
                 )
             return figures
 
+    def database_quotas(self, key: ClientKey) -> OwnerQuotas | None:
+        """None: this ledger books in memory, not in the database."""
+        return None
+
     def forget(self, known: Iterable[str]) -> None:
         """Drop the figures of keys no longer kept, so per-key state stays as bounded as the keys."""
         keep = set(known)
@@ -425,3 +421,50 @@ class QuotaLedger:
             if remaining is not None:
                 soonest = remaining if soonest is None else min(soonest, remaining)
         return None if soonest is None else max(1, math.ceil(soonest))
+
+
+class SharedQuotaLedger:
+    """``QuotaLedger``'s methods for replicas that share one database, where the quotas are counted.
+
+    Nothing is booked in memory: every replica's open sessions of a key are rows with its ``owner``,
+    and a new one is inserted (``ChargeStore.claim_vehicle``) or queued (``ChargeStore.enqueue``) only
+    after they are counted under the key's lock, with ``database_quotas``. Refusals are this
+    replica's count, as every counter of a process is.
+    """
+
+    def __init__(self, store: ChargeStore, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._refusals: dict[str, Counter] = {}
+
+    def database_quotas(self, key: ClientKey) -> OwnerQuotas:
+        return OwnerQuotas(key.key_id, key.quotas.sessions, key.quotas.kw, key.quotas.queued)
+
+    def book(self, key: ClientKey, session_id: str, kw: float) -> None:
+        """Nothing to do: the database books the session with its pending row."""
+
+    def queue(self, key: ClientKey, session_id: str, retry_after: int) -> None:
+        """Nothing to do: the database counts the key's queued requests as it queues one."""
+
+    def settle(self, key_id: str, session_id: str, final_session_id: str) -> None:
+        """Nothing to do: a booking is its session's row, for as long as the row is open."""
+
+    def restore(self, key_id: str, session_id: str, kw: float, queued: bool) -> None:
+        """Nothing to do: the database holds every booking."""
+
+    def refused(self, key_id: str, reason: str) -> None:
+        with self._lock:
+            self._refusals.setdefault(key_id, Counter())[reason] += 1
+
+    def usage(self, key_ids: Iterable[str]) -> dict[str, KeyUsage]:
+        holdings = self._store.owner_holdings(self._clock())
+        with self._lock:
+            return {key_id: KeyUsage(*holdings.get(key_id, (0, 0.0, 0)), Counter(self._refusals.get(key_id, ())))
+                    for key_id in key_ids}
+
+    def forget(self, known: Iterable[str]) -> None:
+        keep = set(known)
+        with self._lock:
+            for key_id in [key_id for key_id in self._refusals if key_id not in keep]:
+                del self._refusals[key_id]

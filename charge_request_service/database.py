@@ -42,6 +42,8 @@ POOL_TIMEOUT_SECONDS = 10
 # Any constant: the key of the transaction-level advisory lock under which a replica migrates the schema.
 MIGRATION_LOCK = 2022_0001
 QUEUE_LOCK = 2022_0002
+# The first of the two keys of the advisory lock on one client key's quotas (the second is its id's hash).
+OWNER_LOCK_SPACE = 2022_0003
 
 Row = tuple[Any, ...]
 
@@ -105,6 +107,9 @@ class Database:
 
     def lock_queue(self, tx: Transaction) -> None:
         """Serialise, until ``tx`` ends, every transaction that changes the queue's length or order."""
+
+    def lock_owner(self, tx: Transaction, owner: str) -> None:
+        """Serialise, until ``tx`` ends, every transaction that books against the client key ``owner``."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -312,6 +317,10 @@ class PostgresDatabase(Database):
     def lock_queue(self, tx: Transaction) -> None:
         tx.rows("SELECT pg_advisory_xact_lock(:key)", {"key": QUEUE_LOCK})
 
+    def lock_owner(self, tx: Transaction, owner: str) -> None:
+        # Two 32-bit keys: a key space apart from the single 64-bit keys of the queue and the migration.
+        tx.rows("SELECT pg_advisory_xact_lock(:space, hashtext(:owner))", {"space": OWNER_LOCK_SPACE, "owner": owner})
+
     def close(self) -> None:
         self._engine.dispose()
 
@@ -410,6 +419,24 @@ def _v2(tx: Transaction, dialect: str) -> None:
     tx.execute(f"CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at {types['float']} NOT NULL)")
 
 
+def booked_kw(state: str, record: Mapping[str, Any]) -> float:
+    """The kW a session's client key is charged for while it is open: what its request asked for."""
+    return record["request"]["amount"] if state == "queued" else record["amount_kw"]
+
+
+def _v3(tx: Transaction, dialect: str) -> None:
+    """Client keys' quotas across replicas: each open session's key (``owner``) and the kW booked against it,
+    as columns, so one replica counts every replica's sessions of a key under the key's lock."""
+    tx.execute("ALTER TABLE sessions ADD COLUMN owner TEXT")
+    tx.execute(f"ALTER TABLE sessions ADD COLUMN booked_kw {_types(dialect)['float']}")
+    for session_id, state, record in tx.rows(f"SELECT session_id, state, record FROM sessions WHERE state IN ({_OPEN})"):
+        fields = jsonfast.loads(record)
+        if fields.get("owner") is not None:
+            tx.execute("UPDATE sessions SET owner = :owner, booked_kw = :kw WHERE session_id = :id",
+                       {"owner": fields["owner"], "kw": booked_kw(state, fields), "id": session_id})
+    tx.execute(f"CREATE INDEX open_sessions_by_owner ON sessions (owner, state) WHERE state IN ({_OPEN})")
+
+
 def _timestamp(text: str) -> float:
     from gridcommon.timefmt import parse_time
 
@@ -421,7 +448,7 @@ def _v1(tx: Transaction, dialect: str) -> None:
         tx.execute(statement)
 
 
-MIGRATIONS: tuple[Callable[[Transaction, str], None], ...] = (_v1, _v2)
+MIGRATIONS: tuple[Callable[[Transaction, str], None], ...] = (_v1, _v2, _v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -26,13 +26,16 @@ from charge_request_service.client_keys import (
     API_KEY_HEADER,
     ClientKey,
     ClientKeys,
+    RETRY_AFTER_DEFAULT_SECONDS,
     QuotaExceeded,
     QuotaLedger,
     Rejection,
+    SharedQuotaLedger,
     looks_like_key,
 )
 from charge_request_service.limits import RateLimits
 from charge_request_service.metrics import ChargeMetrics, KeyFigures
+from charge_request_service.store import OwnerQuotas
 from gridcommon.auth import bearer_token, token_matches
 from gridcommon.validation import ChargeRequest
 from gridcommon.web import ApiError
@@ -54,7 +57,7 @@ class ClientAccess:
 
     mode: str
     keys: ClientKeys
-    ledger: QuotaLedger
+    ledger: QuotaLedger | SharedQuotaLedger
     limits: RateLimits
     metrics: ChargeMetrics
     admin_token: str
@@ -172,6 +175,22 @@ def book_session(charge: ChargeRequest) -> None:
     except QuotaExceeded as exc:
         raise quota_refusal(client, exc) from None
     g.booking = (client.key_id, charge.session_id)
+
+
+def database_quotas() -> OwnerQuotas | None:
+    """The request's key's quotas, for a database replicas share to count as it claims or queues; else None."""
+    client = current_client()
+    return client_access().ledger.database_quotas(client) if isinstance(client, ClientKey) else None
+
+
+def over_database_quota(exc: QuotaExceeded, retry_after: int = RETRY_AFTER_DEFAULT_SECONDS) -> ApiError:
+    """The 429 for a quota the database found passed (``database_quotas``), counted as the key's refusal."""
+    client = current_client()
+    assert isinstance(client, ClientKey)
+    client_access().ledger.refused(client.key_id, exc.quota)
+    if exc.retry_after is None:
+        exc.retry_after = retry_after
+    return quota_refusal(client, exc)
 
 
 def book_queued(retry_after: int) -> None:

@@ -26,7 +26,7 @@ from charge_request_service.sessions import (
     SessionTracker,
     SharedSessionTracker,
 )
-from charge_request_service.store import ChargeStore
+from charge_request_service.store import ChargeStore, OwnerQuotas
 
 from gridcommon.timefmt import format_time, parse_time
 from gridcommon.validation import ChargeRequest
@@ -110,8 +110,14 @@ class WaitingQueue:
             return len(self._entries)
 
     def add(self, request: ChargeRequest, token_digest: str | None = None,
-            owner: str | None = None) -> tuple[QueuedRequest, int]:
-        """Queue a request that carries its session id; ``(entry, position)``; raises ``QueueFull``."""
+            owner: str | None = None, quotas: OwnerQuotas | None = None) -> tuple[QueuedRequest, int]:
+        """Queue a request that carries its session id; ``(entry, position)``; raises ``QueueFull``.
+
+        ``quotas`` are for a database replicas share; one process counts its keys' queued requests
+        in its ``QuotaLedger`` and is never given any.
+        """
+        if quotas is not None:
+            raise ValueError("a single process books client keys' quotas in its QuotaLedger, not here")
         if request.session_id is None:
             raise ValueError("a queued request needs its session id")
         with self._lock:
@@ -240,8 +246,9 @@ class SharedQueue:
         return self._store.count_in("queued") if noted is None else noted
 
     def add(self, request: ChargeRequest, token_digest: str | None = None,
-            owner: str | None = None) -> tuple[QueuedRequest, int]:
-        """Queue a pending request (its row); ``(entry, position)``; raises ``QueueFull``."""
+            owner: str | None = None, quotas: OwnerQuotas | None = None) -> tuple[QueuedRequest, int]:
+        """Queue a pending request (its row); ``(entry, position)``; raises ``QueueFull``, and with ``quotas``
+        (its client key's) ``QuotaExceeded`` once the key has its quota of requests waiting on any replica."""
         if request.session_id is None:
             raise ValueError("a queued request needs its session id")
         now = self._clock()
@@ -249,7 +256,7 @@ class SharedQueue:
         expires_at = min(now + self._timeout, request.departure or now + self._timeout)
         entry = QueuedRequest(request, now, expires_at, 0, token_digest, owner)
         placed = self._store.enqueue(entry.session_id, entry.to_record(), now.timestamp(),
-                                     entry.expires_at.timestamp(), self._max_queued)
+                                     entry.expires_at.timestamp(), self._max_queued, quotas)
         if placed is None:
             raise QueueFull(self._max_queued)
         sequence, position = placed

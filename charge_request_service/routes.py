@@ -18,8 +18,10 @@ from charge_request_service.key_access import (
     book_session,
     check_request_rate,
     check_vehicle_rate,
+    database_quotas,
     idempotency_scope,
     may_see,
+    over_database_quota,
     owner_id,
     require_credential,
     require_session_owner,
@@ -27,6 +29,7 @@ from charge_request_service.key_access import (
 from charge_request_service.metrics import ChargeMetrics
 from charge_request_service.queue import QueueFull, WaitingQueue
 from charge_request_service.reconcile import Reconciler
+from charge_request_service.store import QuotaExceeded
 from charge_request_service.sessions import (
     ChargeSession,
     InvalidAdmission,
@@ -207,7 +210,9 @@ def answer_charge(current: ChargeService, body: dict[str, Any]) -> Response:
     charge = replace(charge, session_id=uuid.uuid4().hex)
     book_session(charge)  # the key's quotas, booked before the request goes anywhere
     try:
-        current.tracker.reserve(charge.session_id, charge.vehicle_id, charge.amount_kw, owner_id())
+        current.tracker.reserve(charge.session_id, charge.vehicle_id, charge.amount_kw, owner_id(), database_quotas())
+    except QuotaExceeded as exc:
+        raise over_database_quota(exc) from None
     except VehicleBusy as busy:
         if may_see(owner_of(current, busy.session_id)):
             raise ApiError(
@@ -328,7 +333,10 @@ def queued(current: ChargeService, charge: ChargeRequest, token: str, digest: st
     retry_after = max(1, round(current.settings.queue_retry_seconds))
     try:
         book_queued(retry_after)
-        entry, position = current.queue.add(charge, digest, owner_id())
+        entry, position = current.queue.add(charge, digest, owner_id(), database_quotas())
+    except QuotaExceeded as exc:
+        current.tracker.release(charge.session_id)
+        raise over_database_quota(exc, retry_after) from None
     except QueueFull as exc:
         current.tracker.release(charge.session_id)
         raise ApiError(

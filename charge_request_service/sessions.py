@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from charge_request_service.database import FINISHED_STATES
-from charge_request_service.store import ChargeStore, StoredSession
+from charge_request_service.store import ChargeStore, OwnerQuotas, StoredSession
 from gridcommon.timefmt import format_time, parse_time, utc_now
 from gridcommon.validation import finite_number
 
@@ -313,8 +313,15 @@ class SessionTracker:
             self._put(session.session_id, session.vehicle_id, "active", session.to_record(), now,
                       session.ends_at.timestamp())
 
-    def reserve(self, session_id: str, vehicle_id: str, amount_kw: float, owner: str | None = None) -> PendingSession:
-        """Note a request about to be forwarded; raises ``VehicleBusy`` if the vehicle has a session."""
+    def reserve(self, session_id: str, vehicle_id: str, amount_kw: float, owner: str | None = None,
+                quotas: OwnerQuotas | None = None) -> PendingSession:
+        """Note a request about to be forwarded; raises ``VehicleBusy`` if the vehicle has a session.
+
+        ``quotas`` are for a database replicas share; one process books its keys' quotas in memory
+        (``QuotaLedger``) and is never given any.
+        """
+        if quotas is not None:
+            raise ValueError("a single process books client keys' quotas in its QuotaLedger, not here")
         with self._locked():
             now = self._clock()
             self._drop_expired(now)
@@ -534,12 +541,17 @@ class SharedSessionTracker:
             self._recorded += 1
         return True
 
-    def reserve(self, session_id: str, vehicle_id: str, amount_kw: float, owner: str | None = None) -> PendingSession:
-        """Claim the vehicle with the request's pending row; ``VehicleBusy`` names the session that holds it."""
+    def reserve(self, session_id: str, vehicle_id: str, amount_kw: float, owner: str | None = None,
+                quotas: OwnerQuotas | None = None) -> PendingSession:
+        """Claim the vehicle with the request's pending row; ``VehicleBusy`` names the session that holds it.
+
+        With ``quotas`` (its client key's), ``QuotaExceeded`` if the row would take the key past one,
+        counted over every replica's sessions.
+        """
         now = self._clock()
         pending = PendingSession(session_id, vehicle_id, amount_kw, now, owner)
         for _ in range(2):
-            holder = self._store.claim_vehicle(session_id, vehicle_id, pending.to_record(), now.timestamp())
+            holder = self._store.claim_vehicle(session_id, vehicle_id, pending.to_record(), now.timestamp(), quotas)
             if holder is None:
                 return pending
             if not (holder.state == "active" and holder.due_at is not None and holder.due_at <= now.timestamp()):

@@ -17,6 +17,7 @@ true across replicas.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -33,6 +34,7 @@ from charge_request_service.database import (
     Database,
     DatabaseError,
     PostgresDatabase,
+    booked_kw,
     is_postgres_url,
     open_database,
 )
@@ -52,6 +54,37 @@ StoreError = StateFileError
 _OPEN = ", ".join(f"'{state}'" for state in OPEN_STATES)
 _FINISHED = ", ".join(f"'{state}'" for state in FINISHED_STATES)
 _SESSION_COLUMNS = "session_id, vehicle_id, state, record, due_at, sequence"
+# An open session a key holds: not one past its end that nobody has marked ended yet.
+_NOT_PAST_END = "(state <> 'active' OR due_at IS NULL OR due_at > :now)"
+_HELD_BY_OWNER = f"owner = :owner AND state IN ({_OPEN}) AND {_NOT_PAST_END}"
+
+
+@dataclass(frozen=True)
+class OwnerQuotas:
+    """What one client key (``owner``) may hold at once, for a database that counts it across replicas."""
+
+    owner: str
+    sessions: int
+    kw: float
+    queued: int
+
+
+class QuotaExceeded(Exception):
+    """A request would take its key past a quota; ``quota`` names it."""
+
+    def __init__(self, quota: str, limit: float, used: float, retry_after: int | None) -> None:
+        super().__init__(f"{quota} quota of {limit:g} reached ({used:g} in use)")
+        self.quota = quota
+        self.limit = limit
+        self.used = used
+        self.retry_after = retry_after
+
+
+def _booking(state: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``owner`` and ``booked_kw`` columns of an open session's row (None for a session without a key)."""
+    owner = record.get("owner")
+    kw = booked_kw(state, record) if owner is not None and state in OPEN_STATES else None
+    return {"owner": owner if kw is not None else None, "booked": kw}
 
 
 @dataclass(frozen=True)
@@ -140,12 +173,13 @@ class ChargeStore:
     def put_session(self, session_id: str, vehicle_id: str, state: str, record: dict[str, Any], now: float,
                     due_at: float | None = None) -> None:
         self._write(
-            f"INSERT INTO sessions ({_SESSION_COLUMNS}, updated_at) "
-            "VALUES (:id, :vehicle, :state, :record, :due, NULL, :now) ON CONFLICT (session_id) DO UPDATE SET "
+            f"INSERT INTO sessions ({_SESSION_COLUMNS}, updated_at, owner, booked_kw) "
+            "VALUES (:id, :vehicle, :state, :record, :due, NULL, :now, :owner, :booked) "
+            "ON CONFLICT (session_id) DO UPDATE SET "
             "vehicle_id = excluded.vehicle_id, state = excluded.state, record = excluded.record, "
             "due_at = excluded.due_at, updated_at = excluded.updated_at",
             {"id": session_id, "vehicle": vehicle_id, "state": state, "record": jsonfast.dumps_text(record),
-             "due": due_at, "now": now},
+             "due": due_at, "now": now, **_booking(state, record)},
         )
 
     def drop_session(self, session_id: str) -> None:
@@ -165,18 +199,24 @@ class ChargeStore:
                                    {"id": session_id})
         return _session(rows[0]) if rows else None
 
-    def claim_vehicle(self, session_id: str, vehicle_id: str, record: dict[str, Any], now: float) -> StoredSession | None:
+    def claim_vehicle(self, session_id: str, vehicle_id: str, record: dict[str, Any], now: float,
+                      quotas: OwnerQuotas | None = None) -> StoredSession | None:
         """Insert the ``pending`` row of a request about to be forwarded, committed.
 
         None when it is in; else the session that holds the vehicle (the unique index refused the row).
-        On PostgreSQL the same round trip reads how many requests wait in the queue, which the request
-        asks next (``noted_queue_length``): a round trip less on the public API's hottest path.
+        With ``quotas``, the key's sessions of every replica are counted under the key's lock first,
+        and ``QuotaExceeded`` (nothing inserted) says which quota the row would pass. On PostgreSQL
+        the same round trip reads how many requests wait in the queue, which the request asks next
+        (``noted_queue_length``): a round trip less on the public API's hottest path.
         """
-        insert = (f"INSERT INTO sessions ({_SESSION_COLUMNS}, updated_at) "
-                  "VALUES (:id, :vehicle, 'pending', :record, NULL, NULL, :now) ON CONFLICT DO NOTHING")
-        params = {"id": session_id, "vehicle": vehicle_id, "record": jsonfast.dumps_text(record), "now": now}
+        insert = (f"INSERT INTO sessions ({_SESSION_COLUMNS}, updated_at, owner, booked_kw) "
+                  "VALUES (:id, :vehicle, 'pending', :record, NULL, NULL, :now, :owner, :booked) ON CONFLICT DO NOTHING")
+        params = {"id": session_id, "vehicle": vehicle_id, "record": jsonfast.dumps_text(record), "now": now,
+                  **_booking("pending", record)}
         for _ in range(3):  # the holder may finish between the refused insert and the read of it
-            if isinstance(self._database, PostgresDatabase):  # committed with the next group
+            if quotas is not None:
+                inserted = self._claim_within_quotas(insert, params, quotas, now)
+            elif isinstance(self._database, PostgresDatabase):  # committed with the next group
                 inserted, self._thread.queue_length = self._database.committed([(
                     f"WITH claimed AS ({insert} RETURNING 1) SELECT (SELECT count(*) FROM claimed), "
                     "(SELECT count(*) FROM sessions WHERE state = 'queued')", params)])[0][0]
@@ -192,6 +232,29 @@ class ChargeStore:
         raise DatabaseError(f"session id {session_id} is already taken, or vehicle {vehicle_id}'s session "
                             "keeps changing: retry the request")
 
+    def _claim_within_quotas(self, insert: str, params: Mapping[str, Any], quotas: OwnerQuotas, now: float) -> int:
+        with self._database.transaction() as tx:
+            self._database.lock_owner(tx, quotas.owner)
+            sessions, kw, soonest_end = tx.rows(
+                "SELECT count(*), coalesce(sum(booked_kw), 0), min(CASE WHEN state = 'active' THEN due_at END) "
+                f"FROM sessions WHERE {_HELD_BY_OWNER}", {"owner": quotas.owner, "now": now})[0]
+            retry_after = None if soonest_end is None else max(1, math.ceil(soonest_end - now))
+            if sessions + 1 > quotas.sessions:
+                raise QuotaExceeded("sessions", quotas.sessions, sessions, retry_after)
+            if kw + params["booked"] > quotas.kw + 1e-9:
+                raise QuotaExceeded("kw", quotas.kw, kw, retry_after)
+            inserted = tx.execute(insert, params)
+            self._thread.queue_length = tx.rows("SELECT count(*) FROM sessions WHERE state = 'queued'")[0][0]
+            return inserted
+
+    def owner_holdings(self, now: float) -> dict[str, tuple[int, float, int]]:
+        """``owner -> (sessions, kW, queued)`` of every key's open sessions, on every replica."""
+        rows = self._database.rows(
+            "SELECT owner, count(*), coalesce(sum(booked_kw), 0), sum(CASE WHEN state = 'queued' THEN 1 ELSE 0 END) "
+            f"FROM sessions WHERE owner IS NOT NULL AND state IN ({_OPEN}) AND {_NOT_PAST_END} GROUP BY owner",
+            {"now": now})
+        return {owner: (sessions, kw, queued) for owner, sessions, kw, queued in rows}
+
     def noted_queue_length(self) -> int | None:
         """The queue's length read by this thread's last ``claim_vehicle``, once; None if there is none."""
         length = getattr(self._thread, "queue_length", None)
@@ -201,15 +264,16 @@ class ChargeStore:
     def rename_pending(self, old_session_id: str, new_session_id: str, record: dict[str, Any], now: float) -> None:
         """A pending request is sent again under a new id: one transaction, so its vehicle stays held."""
         with self._database.transaction() as tx:
-            vehicle = tx.rows("SELECT vehicle_id FROM sessions WHERE session_id = :id AND state = 'pending'",
-                              {"id": old_session_id})
+            held = tx.rows("SELECT vehicle_id, owner, booked_kw FROM sessions WHERE session_id = :id "
+                           "AND state = 'pending'", {"id": old_session_id})
             tx.execute("DELETE FROM sessions WHERE session_id = :id", {"id": old_session_id})
-            if vehicle:
+            if held:
+                vehicle, owner, booked = held[0]
                 tx.execute(
-                    f"INSERT INTO sessions ({_SESSION_COLUMNS}, updated_at) "
-                    "VALUES (:id, :vehicle, 'pending', :record, NULL, NULL, :now)",
-                    {"id": new_session_id, "vehicle": vehicle[0][0], "record": jsonfast.dumps_text(record),
-                     "now": now},
+                    f"INSERT INTO sessions ({_SESSION_COLUMNS}, updated_at, owner, booked_kw) "
+                    "VALUES (:id, :vehicle, 'pending', :record, NULL, NULL, :now, :owner, :booked)",
+                    {"id": new_session_id, "vehicle": vehicle, "record": jsonfast.dumps_text(record),
+                     "now": now, "owner": owner, "booked": booked},
                 )
 
     def change_session(self, session_id: str, from_states: tuple[str, ...], state: str, record: dict[str, Any],
@@ -259,16 +323,22 @@ class ChargeStore:
     # ----- the queue (replicas) ------------------------------------------------------------------
 
     def enqueue(self, session_id: str, record: dict[str, Any], now: float, expires_at: float,
-                max_queued: int) -> tuple[int, int] | None:
+                max_queued: int, quotas: OwnerQuotas | None = None) -> tuple[int, int] | None:
         """Move a pending request to the end of the queue: ``(sequence, position)``, or None if the queue is full.
 
-        Under the queue's lock, so the bound holds and arrival order is one order across replicas.
+        Under the queue's lock, so the bound holds and arrival order is one order across replicas;
+        with ``quotas``, ``QuotaExceeded`` once the key has its quota of requests waiting (on any replica).
         """
         with self._database.transaction() as tx:
             self._database.lock_queue(tx)
             waiting = tx.rows("SELECT count(*) FROM sessions WHERE state = 'queued'")[0][0]
             if waiting >= max_queued:
                 return None
+            if quotas is not None:
+                owned = tx.rows("SELECT count(*) FROM sessions WHERE owner = :owner AND state = 'queued'",
+                                {"owner": quotas.owner})[0][0]
+                if owned >= quotas.queued:
+                    raise QuotaExceeded("queued", quotas.queued, owned, None)
             sequence = tx.rows("SELECT coalesce(max(sequence), 0) + 1 FROM sessions")[0][0]
             moved = tx.execute(
                 "UPDATE sessions SET state = 'queued', record = :record, due_at = :due, sequence = :sequence, "

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.harness import OPERATOR, OPERATOR_TOKEN, Service, sessions_at, start_all, wait_for
+from tests.harness import OPERATOR, OPERATOR_TOKEN, Service, all_at_once, sessions_at, start_all, wait_for
 from tests.postgres_support import PostgresServer
 from tests.test_chaos import (
     CLIENT_ATTEMPTS,
@@ -139,6 +139,50 @@ def test_the_same_idempotency_key_sent_to_both_at_once_books_once(replicas: Repl
         busy = [answer.json()["error"] for answer in pair if answer.status_code == 409]
         assert busy in ([], ["idempotency_key_in_use"])
         assert len(admitted) == 1 and bookings[vehicle] == list(admitted), (vehicle, bookings[vehicle], admitted)
+
+
+def test_a_keys_quotas_hold_over_both_replicas_together(tmp_path: Path, postgres: PostgresServer) -> None:
+    """32 threads a round race one key's requests through both replicas at once: what the substations
+    themselves hold for the key stays within its session and kW quotas, summed over both replicas."""
+    running = start_replicas(tmp_path, postgres.new_database(), (60.0, 60.0), PUBLIC_API_AUTH="keys")
+    try:
+        first, second = running.apis
+        made = requests.post(f"{first.url}/client-keys", headers=OPERATOR, timeout=5, json={
+            "name": "racer", "quotas": {"sessions": 5, "kw": 24, "queued": 0, "requests_per_second": 1_000}})
+        assert made.status_code == 201, made.text
+        key = {"X-API-Key": made.json()["api_key"]}
+        # The other replica reads keys another one created within its reload period.
+        wait_for(lambda: requests.get(f"{second.url}/status", headers=key, timeout=5).status_code == 200, 10,
+                 "the second replica to accept the key the first created")
+        statuses: list[int] = []
+        most = (0, 0.0)
+        for round_number in range(4):
+            def race(number: int) -> None:
+                answer = requests.post(f"{running.apis[number % 2].url}/charge", headers=key, timeout=15, json={
+                    "vehicle_id": f"race-{round_number}-{number}", "amount": 3 + number % 4, "duration_seconds": 600})
+                statuses.append(answer.status_code)
+
+            all_at_once(32, race)
+            charging = [s for s in held(running) if s["vehicle_id"].startswith("race-") and s.get("state") != "ended"]
+            sessions, kw = len(charging), sum(s["amount"] for s in charging)
+            most = (max(most[0], sessions), max(most[1], kw))
+            assert sessions <= 5 and kw <= 24, f"round {round_number}: {sessions} sessions, {kw:g} kW at substations"
+            # Free some room through one replica or the other, so each round races for what is left.
+            listed = requests.get(f"{first.url}/sessions", headers=OPERATOR, timeout=5).json()["sessions"]
+            for index, session in enumerate(listed[:2]):
+                stopped = requests.delete(f"{running.apis[index % 2].url}/sessions/{session['session_id']}",
+                                          headers=OPERATOR, timeout=5)
+                assert stopped.status_code == 200, stopped.text
+        print(f"\ntwo replicas, 32 threads x 4 rounds: {statuses.count(201)} admitted, {statuses.count(429)} refused; "
+              f"most held at the substations: {most[0]} sessions, {most[1]:g} kW (quotas 5 and 24)")
+        assert set(statuses) <= {201, 429} and statuses.count(429) >= 100
+        assert most[0] >= 4  # the quota did fill: at most 6 kW a session, so at least four fit in 24 kW
+        figures = requests.get(f"{second.url}/client-keys", headers=OPERATOR, timeout=5).json()
+        racer = next(k for k in figures["client_keys"] if k["name"] == "racer")
+        assert racer["usage"]["sessions"] == len(requests.get(f"{first.url}/sessions", headers=OPERATOR,
+                                                              timeout=5).json()["sessions"])
+    finally:
+        running.stop()
 
 
 def test_the_queue_has_one_order_across_replicas(tmp_path: Path, postgres: PostgresServer) -> None:

@@ -15,7 +15,7 @@ from charge_request_service.database import SCHEMA_VERSION, schema_version
 from charge_request_service.idempotency import Idempotency, KeyBusy, KeyMisused, fingerprint
 from charge_request_service.queue import QueueFull, SharedQueue
 from charge_request_service.sessions import SessionTracker
-from charge_request_service.store import ChargeStore, StoreError, StoredAnswer
+from charge_request_service.store import ChargeStore, OwnerQuotas, QuotaExceeded, StoreError, StoredAnswer
 from gridcommon.validation import ChargeRequest
 from tests.harness import all_at_once
 from tests.postgres_support import ChargeRecords, PostgresServer
@@ -274,3 +274,74 @@ def test_the_queue_length_read_with_a_claim_is_only_for_the_request_that_made_it
     assert store.noted_queue_length() is None  # read once
     assert store.claim_vehicle("s-2", "ev-1", {"session_id": "s-2"}, 3.0).session_id == "s-1"
     assert store.noted_queue_length() is None
+
+
+def test_a_keys_quotas_are_counted_over_every_replica_sharing_the_database(postgres: PostgresServer) -> None:
+    """Two replicas' stores race 32 claims under one key: the sessions and kW the winners asked for stay
+    within the key's quotas, as the claimants themselves counted them."""
+    url = postgres.new_database()
+    stores = [ChargeStore(url) for _ in range(2)]
+    quotas = OwnerQuotas("key-a", sessions=5, kw=24.0, queued=2)
+    won: list[float] = []
+    refused: list[str] = []
+
+    def claim(number: int) -> None:
+        kw = 3.0 + number % 4
+        record = {"session_id": f"s-{number}", "vehicle_id": f"ev-{number}", "amount_kw": kw, "owner": "key-a"}
+        try:
+            assert stores[number % 2].claim_vehicle(f"s-{number}", f"ev-{number}", record, 1.0, quotas) is None
+            won.append(kw)
+        except QuotaExceeded as exc:
+            refused.append(exc.quota)
+
+    all_at_once(32, claim)
+    assert len(won) <= 5 and sum(won) <= 24.0, won
+    assert len(won) + len(refused) == 32 and set(refused) <= {"sessions", "kw"}
+    assert len(won) >= 4  # it did fill up: at most 6 kW each, so at least four fit in 24 kW
+    # Another key is not held back by this one's bookings.
+    other = {"session_id": "s-other", "vehicle_id": "ev-other", "amount_kw": 20.0, "owner": "key-b"}
+    assert stores[0].claim_vehicle("s-other", "ev-other", other, 1.0, OwnerQuotas("key-b", 1, 20.0, 0)) is None
+    assert stores[1].owner_holdings(1.0)["key-b"] == (1, 20.0, 0)
+
+
+def test_a_keys_queued_quota_and_ended_sessions_are_counted_in_the_database(postgres: PostgresServer) -> None:
+    url = postgres.new_database()
+    stores = [ChargeStore(url) for _ in range(2)]
+    quotas = OwnerQuotas("key-a", sessions=10, kw=100.0, queued=2)
+    for number in range(3):
+        record = {"session_id": f"q-{number}", "vehicle_id": f"ev-q{number}", "amount_kw": 5.0, "owner": "key-a"}
+        stores[number % 2].claim_vehicle(f"q-{number}", f"ev-q{number}", record, 1.0, quotas)
+    queued_record = lambda number: {"session_id": f"q-{number}", "request": {"amount": 5.0}, "owner": "key-a"}  # noqa: E731
+    assert stores[0].enqueue("q-0", queued_record(0), 1.0, 301.0, 100, quotas) is not None
+    assert stores[1].enqueue("q-1", queued_record(1), 1.0, 301.0, 100, quotas) is not None
+    with pytest.raises(QuotaExceeded) as refused:
+        stores[0].enqueue("q-2", queued_record(2), 1.0, 301.0, 100, quotas)
+    assert (refused.value.quota, refused.value.limit, refused.value.used) == ("queued", 2, 2)
+    assert stores[1].owner_holdings(1.0)["key-a"] == (3, 15.0, 2)
+
+    # A session past its end counts no more, even before anyone marks it ended; the soonest end is the hint.
+    small = OwnerQuotas("key-c", sessions=1, kw=50.0, queued=0)
+    first = {"session_id": "c-1", "vehicle_id": "ev-c1", "amount_kw": 5.0, "owner": "key-c"}
+    stores[0].claim_vehicle("c-1", "ev-c1", first, 1.0, small)
+    stores[0].change_session("c-1", ("pending",), "active", first, 1.0, due_at=100.0)
+    second = {"session_id": "c-2", "vehicle_id": "ev-c2", "amount_kw": 5.0, "owner": "key-c"}
+    with pytest.raises(QuotaExceeded) as over:
+        stores[1].claim_vehicle("c-2", "ev-c2", second, 40.0, small)
+    assert (over.value.quota, over.value.retry_after) == ("sessions", 60)
+    assert stores[1].claim_vehicle("c-2", "ev-c2", second, 100.0, small) is None
+
+
+def test_the_key_of_each_open_session_becomes_a_column_when_the_schema_moves_to_version_3(tmp_path: Path) -> None:
+    path = tmp_path / "charge.sqlite3"
+    store = ChargeStore(path)
+    store.put_session("p-1", "ev-1", "pending", {"session_id": "p-1", "amount_kw": 7.0, "owner": "key-a"}, 1.0)
+    store.put_session("q-1", "ev-2", "queued", {"session_id": "q-1", "request": {"amount": 11.0}, "owner": "key-a"}, 1.0)
+    store.put_session("a-1", "ev-3", "active", {"session_id": "a-1", "amount_kw": 3.0, "owner": None}, 1.0, 9e9)
+    store.close()
+    with sqlite3.connect(path) as db:  # as version 2 kept them: no key columns
+        db.executescript("DROP INDEX open_sessions_by_owner; ALTER TABLE sessions DROP COLUMN owner; "
+                         "ALTER TABLE sessions DROP COLUMN booked_kw; UPDATE schema_version SET version = 2;")
+    assert schema_version(ChargeStore(path)._database) == SCHEMA_VERSION
+    with sqlite3.connect(path) as db:
+        columns = dict((row[0], row[1:]) for row in db.execute("SELECT session_id, owner, booked_kw FROM sessions"))
+    assert columns == {"p-1": ("key-a", 7.0), "q-1": ("key-a", 11.0), "a-1": (None, None)}
