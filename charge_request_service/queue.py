@@ -22,7 +22,6 @@ from datetime import datetime, timedelta
 
 from charge_request_service.sessions import (
     ChargeSession,
-    PendingSession,
     SessionTracker,
     SharedSessionTracker,
 )
@@ -149,13 +148,19 @@ class WaitingQueue:
         with self._lock:
             return next(iter(self._entries.values()), None)
 
-    def remove(self, session_id: str) -> QueuedRequest | None:
-        """Take a request out (it started, or its client cancelled it); None if it was not waiting."""
+    def finish(self, session_id: str, state: str, tracker: SessionTracker | None = None) -> QueuedRequest | None:
+        """Take out a request that leaves without starting (``cancelled``: by its client, or refused;
+        ``expired``: its offer's answer was lost), ``tracker`` recording it so in the same step for readers;
+        None if it was not waiting."""
         with self._lock:
             entry = self._entries.pop(session_id, None)
-            if entry is not None:
-                bisect.insort(self._gaps, entry.sequence)
-                self._forget_gaps_locked()
+            if entry is None:
+                return None
+            bisect.insort(self._gaps, entry.sequence)
+            self._forget_gaps_locked()
+            if tracker is not None:
+                tracker.finish_waiting(entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, state,
+                                       entry.queued_at, entry.token_digest, entry.owner)
             return entry
 
     def start(self, session: ChargeSession, tracker: SessionTracker) -> bool:
@@ -220,11 +225,10 @@ class SharedQueue:
     A queued request is its session's row in state ``queued``: its ``sequence``, given under the
     queue's lock, is the one arrival order of every replica, and the bound is counted under the same
     lock. Only the replica that holds the dispatch lease sees a head and expires requests, so one
-    dispatcher at a time offers the head: nobody is overtaken. A request that starts or expires
-    leaves the queue in the one update that writes it active or expired, so a client polling it
-    never finds it missing; one taken out otherwise (cancelled, refused) goes back to ``pending``
-    until its caller records how it ended, so should that replica die meanwhile, the reconciler
-    settles it like any request whose answer never came.
+    dispatcher at a time offers the head: nobody is overtaken. A request leaves the queue in the
+    one update that writes how (``active``, ``expired``, ``cancelled``), so a client polling it never
+    finds it missing, and of two replicas racing to take it out (a cancellation and a start, say)
+    one wins and the other finds it gone.
     """
 
     LEASE = "dispatch"
@@ -278,14 +282,16 @@ class SharedQueue:
         rows = self._store.sessions_in("queued", limit=1)
         return QueuedRequest.from_record(rows[0].record, rows[0].sequence or 0) if rows else None
 
-    def remove(self, session_id: str) -> QueuedRequest | None:
-        """Take a request out (it started, or its client cancelled it); None if it was not waiting
-        (or another replica took it out first)."""
+    def finish(self, session_id: str, state: str, tracker: SharedSessionTracker) -> QueuedRequest | None:
+        """Take out a request that leaves without starting, written ``state`` by ``tracker`` in one update from
+        ``queued``; None if it was not waiting (or another replica took it out first)."""
         stored = self._store.session(session_id)
         if stored is None or stored.state != "queued":
             return None
         entry = QueuedRequest.from_record(stored.record, stored.sequence or 0)
-        return entry if self._take_out(entry) else None
+        written = tracker.finish_waiting(entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, state,
+                                         entry.queued_at, entry.token_digest, entry.owner)
+        return entry if written else None
 
     def start(self, session: ChargeSession, tracker: SharedSessionTracker) -> bool:
         """The request started as ``session``: its row goes from queued to active in one update, so a reader
@@ -303,7 +309,7 @@ class SharedQueue:
         entries = [QueuedRequest.from_record(row.record, row.sequence or 0) for row in expired]
         return [entry for entry in entries if tracker.finish_waiting(
             entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "expired", entry.queued_at,
-            entry.token_digest, entry.owner, from_states=("queued",))]
+            entry.token_digest, entry.owner)]
 
     def oldest_wait_seconds(self) -> float:
         rows = self._store.sessions_in("queued", limit=1)
@@ -311,13 +317,6 @@ class SharedQueue:
             return 0.0
         queued_at = QueuedRequest.from_record(rows[0].record, rows[0].sequence or 0).queued_at
         return max(0.0, (self._clock() - queued_at).total_seconds())
-
-    def _take_out(self, entry: QueuedRequest) -> bool:
-        now = self._clock()
-        pending = PendingSession(entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, now,
-                                 entry.owner)
-        return self._store.change_session(entry.session_id, ("queued",), "pending", pending.to_record(),
-                                          now.timestamp())
 
     def _dispatching(self) -> bool:
         return self._store.take_lease(self.LEASE, self._holder, time.time(), self._lease_seconds)

@@ -425,13 +425,9 @@ def stop_session(session_id: str) -> Response:
     waiting = current.queue.get(session_id)
     if waiting is not None:
         require_session_owner(waiting[0].owner, waiting[0].token_digest, no_active_session(session_id))
-    waiting_entry = current.queue.remove(session_id) if waiting is not None else None
+    waiting_entry = current.queue.finish(session_id, "cancelled", current.tracker) if waiting is not None else None
     if waiting_entry is not None:
         waiting = waiting_entry
-        current.tracker.finish_waiting(
-            session_id, waiting.request.vehicle_id, waiting.request.amount_kw, "cancelled", waiting.queued_at,
-            waiting.token_digest, waiting.owner,
-        )
         current.metrics.left_queue("cancelled", max(0.0, (current.tracker.now() - waiting.queued_at).total_seconds()))
         log.info("queued request %s cancelled by its client", session_id)
         return jsonify({"session_id": session_id, "state": "cancelled", "vehicle_id": waiting.request.vehicle_id})

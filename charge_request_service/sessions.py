@@ -633,13 +633,12 @@ class SharedSessionTracker:
         return True
 
     def finish_waiting(self, session_id: str, vehicle_id: str, amount_kw: float, state: str,
-                       queued_at: datetime, token_digest: str | None, owner: str | None = None,
-                       from_states: tuple[str, ...] = ("pending", "queued")) -> bool:
-        """How a request that never started left the queue (the shared queue took it out as ``pending``, or
-        expires it straight from ``queued``); whether this call wrote it."""
+                       queued_at: datetime, token_digest: str | None, owner: str | None = None) -> bool:
+        """How a request that never started left the queue, written in one update from ``queued``; whether this
+        call wrote it (another replica may have started, expired or cancelled it first)."""
         entry = FinishedSession(session_id, vehicle_id, amount_kw, state, self._clock(), queued_at=queued_at,
                                 token_digest=token_digest, owner=owner)
-        if not self._store.change_session(session_id, from_states, state, entry.to_record(),
+        if not self._store.change_session(session_id, ("queued",), state, entry.to_record(),
                                           entry.finished_at.timestamp()):
             return False
         with self._lock:

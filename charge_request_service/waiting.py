@@ -85,11 +85,8 @@ class Dispatcher:
             log.warning("%s while offering queued request %s; stopping it wherever it is", exc, entry.session_id)
             if not self._balancer.stop_everywhere(entry.session_id):
                 return False  # nobody answers: it stays at the head and is offered again later
-            self._queue.remove(entry.session_id)
-            self._tracker.finish_waiting(
-                entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "expired", entry.queued_at,
-                entry.token_digest, entry.owner,
-            )
+            if self._queue.finish(entry.session_id, "expired", self._tracker) is None:
+                return True  # its client cancelled it meanwhile: the cancellation is what is recorded
             self._metrics.left_queue("expired", self._waited(entry))
             return True
         except BalancerUnavailable as exc:
@@ -101,11 +98,8 @@ class Dispatcher:
             # Validated before it was queued, so a refusal now is the balancer's view of it: tell the client.
             # A 409 says it fits under no substation's limit (they fell since it was queued): left at the
             # head it would hold up every request behind it that could start.
-            self._queue.remove(entry.session_id)
-            self._tracker.finish_waiting(
-                entry.session_id, entry.request.vehicle_id, entry.request.amount_kw, "cancelled", entry.queued_at,
-                entry.token_digest, entry.owner,
-            )
+            if self._queue.finish(entry.session_id, "cancelled", self._tracker) is None:
+                return True  # its client cancelled it meanwhile
             self._metrics.left_queue("cancelled", self._waited(entry))
             log.warning("queued request %s was refused (HTTP %s): %s", entry.session_id, reply.status,
                         reply.body.get("message"))

@@ -34,9 +34,9 @@ def test_positions_follow_arrival_and_close_up_when_someone_leaves() -> None:
     queue = WaitingQueue(10, 300, Clock())
     positions = [queue.add(request(index))[1] for index in range(5)]
     assert positions == [1, 2, 3, 4, 5]
-    queue.remove("s-2")  # cancelled in the middle
+    queue.finish("s-2", "cancelled")  # cancelled in the middle
     assert [queue.get(f"s-{index}")[1] for index in (0, 1, 3, 4)] == [1, 2, 3, 4]
-    queue.remove("s-0")  # the head started
+    queue.finish("s-0", "cancelled")  # the head left
     assert queue.head().session_id == "s-1"
     assert [queue.get(f"s-{index}")[1] for index in (1, 3, 4)] == [1, 2, 3]
     assert queue.get("s-2") is None and len(queue) == 3

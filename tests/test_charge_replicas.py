@@ -211,6 +211,29 @@ def test_the_queue_has_one_order_across_replicas(tmp_path: Path, postgres: Postg
                    for entry in waiting[:2]]
         assert started[0]["started_at"] <= started[1]["started_at"], "first come, first served"
         assert state(waiting[2]) == "queued"
+
+        # Cancelled through one replica while the other is polled: it reads queued, then cancelled, never missing.
+        seen: list[tuple[int, str | None]] = []
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                answer = requests.get(f"{second.url}/sessions/{waiting[2]['session_id']}", headers=OPERATOR, timeout=5)
+                seen.append((answer.status_code, answer.json().get("state")))
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            time.sleep(0.3)
+            cancelled = requests.delete(f"{first.url}/sessions/{waiting[2]['session_id']}", headers=OPERATOR, timeout=5)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            poller.join()
+        assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled", cancelled.text
+        assert {status for status, _ in seen} == {200}, seen
+        assert [state for _, state in seen] == sorted((state for _, state in seen), key=["queued", "cancelled"].index)
+        assert seen[0][1] == "queued" and seen[-1][1] == "cancelled"
     finally:
         running.stop()
 

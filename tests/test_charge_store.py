@@ -14,7 +14,7 @@ import pytest
 from charge_request_service.database import SCHEMA_VERSION, schema_version
 from charge_request_service.idempotency import Idempotency, KeyBusy, KeyMisused, fingerprint
 from charge_request_service.queue import QueueFull, SharedQueue
-from charge_request_service.sessions import SessionTracker
+from charge_request_service.sessions import SessionTracker, SharedSessionTracker
 from charge_request_service.store import ChargeStore, OwnerQuotas, QuotaExceeded, StoreError, StoredAnswer
 from gridcommon.validation import ChargeRequest
 from tests.harness import all_at_once
@@ -259,7 +259,11 @@ def test_the_shared_queue_keeps_one_order_and_one_bound(postgres: PostgresServer
     assert [queues[index % 2].get(session_id)[1] for index, session_id in enumerate(order)] == [1, 2, 3, 4, 5]
     assert queues[0].head().session_id == order[0]
     assert queues[1].head() is None  # the other replica does not dispatch while the lease runs
-    assert queues[1].remove(order[0]) is not None and queues[0].remove(order[0]) is None  # taken out once
+    trackers = [SharedSessionTracker(clock, store) for store in stores]
+    # Taken out once, in the one update that writes how it left: a reader finds it queued or cancelled.
+    assert queues[1].finish(order[0], "cancelled", trackers[1]) is not None
+    assert queues[0].finish(order[0], "cancelled", trackers[0]) is None
+    assert queues[0].get(order[0]) is None and trackers[0].finished(order[0]).state == "cancelled"
     assert queues[1].get(order[1])[1] == 1
 
 
