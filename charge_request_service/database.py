@@ -52,6 +52,12 @@ class DatabaseError(StateFileError):
     """The records could not be read or written; the message says what to check."""
 
 
+class PostgresUnavailable(DatabaseError):
+    """PostgreSQL did not answer, or refused a change."""
+
+    operator_check = "the database (DATABASE_URL) and its server"
+
+
 class Transaction(Protocol):
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
         """Run one statement; how many rows it changed."""
@@ -227,7 +233,7 @@ class PostgresDatabase(Database):
         try:
             pooled = self._engine.raw_connection()
         except sa_exc.SQLAlchemyError as exc:
-            raise DatabaseError(
+            raise PostgresUnavailable(
                 f"the database {self.where} did not answer ({_first_line(exc)}): check that it runs and that "
                 "DATABASE_URL names it"
             ) from None
@@ -238,12 +244,12 @@ class PostgresDatabase(Database):
             yield connection
         except psycopg.OperationalError as exc:
             pooled.invalidate()  # a connection the server dropped is not handed out again
-            raise DatabaseError(
+            raise PostgresUnavailable(
                 f"the database {self.where} did not answer ({_first_line(exc)}): check that it runs and that "
                 "DATABASE_URL names it"
             ) from None
         except psycopg.Error as exc:
-            raise DatabaseError(f"the database {self.where} refused a change ({_first_line(exc)})") from None
+            raise PostgresUnavailable(f"the database {self.where} refused a change ({_first_line(exc)})") from None
         finally:
             pooled.close()  # back to the pool
 
@@ -295,7 +301,7 @@ class PostgresDatabase(Database):
                     self._commit_queued()
         for failed_first, failed_last, reason in tuple(self._failed):
             if failed_first <= last and first <= failed_last:
-                raise DatabaseError(reason)
+                raise PostgresUnavailable(reason)
 
     def _commit_queued(self) -> None:
         with self._queue_lock:

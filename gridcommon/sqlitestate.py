@@ -23,6 +23,9 @@ COMPANIONS = ("-wal", "-shm", "-journal")
 class StateFileError(RuntimeError):
     """The state cannot be opened or written; the message says what to do."""
 
+    # What the operator should look at, named in the 503 a client gets (gridcommon.web).
+    operator_check = "the state folder (STATE_DIR)"
+
 
 def open_state_file(path: Path, schema: str, full_sync: bool) -> sqlite3.Connection:
     """Open (or create) ``path`` with ``schema``; autocommit, usable from any thread under the caller's lock."""

@@ -343,7 +343,7 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
             503,
             "state_unavailable",
             f"The service could not record the change, so it did not answer it as made: {exc}. Retry later; "
-            "the operator should check the state folder (STATE_DIR).",
+            f"the operator should check {exc.operator_check}.",
             retry_after_seconds=STATE_RETRY_SECONDS,
         )
         response.headers["Retry-After"] = str(STATE_RETRY_SECONDS)

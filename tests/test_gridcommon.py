@@ -10,12 +10,16 @@ import math
 import socket
 import sqlite3
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from flask import Flask, Response, jsonify, request
 
 from charge_request_service.store import ChargeStore
+from tests.postgres_support import PostgresServer
 from gridcommon import jsonfast
 from gridcommon.logs import SafeFormatter, escape_for_log
 from gridcommon.promtext import parse_metrics
@@ -348,6 +352,18 @@ def test_answers_keep_their_key_order_and_flasks_dates_and_dataclasses() -> None
 
 def test_a_state_file_that_cannot_be_written_is_a_503_saying_so(tmp_path: Path) -> None:
     store = ChargeStore(tmp_path / "charge.sqlite3")
+    assert_records_lost_are_a_503(store, lambda: sqlite3.connect(tmp_path / "charge.sqlite3"),
+                                  "is the disk full?", "the state folder (STATE_DIR)")
+
+
+def test_a_database_that_refuses_a_change_is_a_503_naming_the_database(postgres: PostgresServer) -> None:
+    url = postgres.new_database()
+    store = ChargeStore(url)
+    assert_records_lost_are_a_503(store, lambda: psycopg.connect(url.replace("+psycopg", ""), autocommit=True),
+                                  "refused a change", "the database (DATABASE_URL)")
+
+
+def assert_records_lost_are_a_503(store: ChargeStore, connect: Callable[[], Any], says: str, check: str) -> None:
     app = Flask(__name__)
     install_common(app)
 
@@ -357,10 +373,12 @@ def test_a_state_file_that_cannot_be_written_is_a_503_saying_so(tmp_path: Path) 
         return jsonify(recorded=True), 201
 
     assert app.test_client().post("/record").status_code == 201
-    with sqlite3.connect(tmp_path / "charge.sqlite3") as other:
-        other.execute("DROP TABLE sessions")
+    other = connect()
+    other.execute("DROP TABLE sessions")
+    other.commit()
+    other.close()
     answer = app.test_client().post("/record")
 
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
     body = answer.get_json()
-    assert body["error"] == "state_unavailable" and "is the disk full?" in body["message"]
+    assert body["error"] == "state_unavailable" and says in body["message"] and check in body["message"], body
