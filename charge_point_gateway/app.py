@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -76,7 +77,28 @@ def keep_out_of_full_collections() -> None:
     gc.freeze()
 
 
+# Descriptors besides the stations' and the waiting handshakes' sockets: the HTTP port's clients, the state
+# file, the substations' connections, the password checks' threads.
+OTHER_DESCRIPTORS = 1024
+
+
+def make_room_for_connections(settings: Settings) -> None:
+    """Raise the process's open-file limit to what ``MAX_CONNECTIONS`` and ``MAX_HANDSHAKING`` need, as far as
+    its hard limit allows; say so if that is not enough, since past it no station could connect at all."""
+    needed = settings.max_connections + settings.max_handshaking + OTHER_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("this process may open %d files, and MAX_CONNECTIONS (%d) + MAX_HANDSHAKING (%d) need about "
+                    "%d: a flood of connections could leave no room for stations. Raise the limit (ulimit -n, "
+                    "or the container's nofile ulimit) or lower those settings.", soft, settings.max_connections,
+                    settings.max_handshaking, needed)
+
+
 async def run(settings: Settings) -> None:
+    make_room_for_connections(settings)
     try:
         store = GatewayStore(settings.state_file, settings.state_full_sync)
     except StateFileError as exc:

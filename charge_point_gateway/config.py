@@ -15,6 +15,8 @@
 | `MAX_UNREAD_BYTES`         | `262144`    | Output a station has not read (sent, not taken off the socket) past which its connection is reset: a station that sends but never reads never makes the gateway wait nor holds its memory |
 | `MAX_CONNECTIONS`          | `5000`      | Past this many stations, new handshakes get HTTP 503                    |
 | `MAX_CONNECTIONS_PER_ADDRESS` | `100`    | Past this many from one client address, HTTP 503                        |
+| `MAX_HANDSHAKING`          | `10000`     | Connections waiting for their handshake at once (idle, slow or in it); past it a new one is answered HTTP 503 at once and closed |
+| `MAX_HANDSHAKING_PER_ADDRESS` | `2000`   | The same, from one client address: one address cannot take every file descriptor |
 | `WRONG_PASSWORD_BURST`     | `5`         | Wrong passwords one client address may send before it is slowed ...     |
 | `WRONG_PASSWORDS_PER_MINUTE` | `6`       | ... to this many a minute; past it, HTTP 429 with Retry-After before any password check |
 | `PING_INTERVAL_SECONDS`    | `20`        | WebSocket ping period (the first ping after up to 1.25 of it); a station that does not answer within `PING_TIMEOUT_SECONDS` is dropped |
@@ -77,6 +79,8 @@ class Settings:
     max_unread_bytes: int = 256 * 1024
     max_connections: int = 5000
     max_connections_per_address: int = 100
+    max_handshaking: int = 10_000
+    max_handshaking_per_address: int = 2_000
     wrong_password_burst: int = 5
     wrong_passwords_per_minute: float = 6.0
     ping_interval_seconds: float = 20.0
@@ -133,6 +137,10 @@ class Settings:
             max_connections=env_int(env, "MAX_CONNECTIONS", cls.max_connections, minimum=1),
             max_connections_per_address=env_int(
                 env, "MAX_CONNECTIONS_PER_ADDRESS", cls.max_connections_per_address, minimum=1
+            ),
+            max_handshaking=env_int(env, "MAX_HANDSHAKING", cls.max_handshaking, minimum=1),
+            max_handshaking_per_address=env_int(
+                env, "MAX_HANDSHAKING_PER_ADDRESS", cls.max_handshaking_per_address, minimum=1
             ),
             wrong_password_burst=env_int(env, "WRONG_PASSWORD_BURST", cls.wrong_password_burst, minimum=1),
             wrong_passwords_per_minute=env_float(

@@ -3,12 +3,14 @@
 Refused before any upgrade, with a plain HTTP answer saying why:
 404 for a path that names no registered station (an id over 48 characters or with ':'
 names none), 401 for missing or wrong Basic credentials, 403 for a username that is not
-the station id, 503 past the global or per-address connection cap, 429 for an address past
+the station id, 503 past the global or per-address cap on stations, 429 for an address past
 its budget of wrong passwords (``guesses``), and 400 (websockets' own) without ``ocpp1.6``
 or ``ocpp2.0.1`` among the offered subprotocols.
 
 Idle and slow clients cost a socket and a timer: a connection whose handshake is not done
-within ``OPEN_TIMEOUT_SECONDS`` is reset. Each connection's deadline and first keepalive
+within ``OPEN_TIMEOUT_SECONDS`` is reset, and past ``MAX_HANDSHAKING`` such connections in all,
+or ``MAX_HANDSHAKING_PER_ADDRESS`` from one address, a new one is answered 503 at once
+(``handshakes``). Each connection's deadline and first keepalive
 ping are spread at random over a quarter of their period, so a thousand connections opened
 in one burst do not all expire (or all get pinged, and dropped, and reconnect) in the same
 turn of the event loop, which would hold every connected station's frames for that long.
@@ -41,6 +43,7 @@ from websockets.protocol import State
 
 from charge_point_gateway.gateway import Gateway
 from charge_point_gateway.guesses import GuessBudget
+from charge_point_gateway.handshakes import HandshakeSlots
 from charge_point_gateway.passwords import verify_password
 from charge_point_gateway.protocol import Station16, Station201
 from charge_point_gateway.registry import Station, station_id_problem
@@ -80,10 +83,14 @@ class StationConnection(ServerConnection):
     module's docstring).
     """
 
-    def __init__(self, *args: Any, handshake_seconds: float, on_expired: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, handshake_seconds: float, on_expired: Callable[[], None], slots: HandshakeSlots,
+                 on_refused: Callable[[str], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._handshake_seconds = handshake_seconds
         self._on_expired = on_expired
+        self._slots = slots
+        self._on_refused = on_refused
+        self._slot: str | None = None  # the address whose handshake slot this connection holds, until done
         self._deadline: asyncio.TimerHandle | None = None
         self._accepted: asyncio.Transport | None = None
         self._head: bytearray | None = bytearray()  # None once handed to websockets
@@ -91,10 +98,21 @@ class StationConnection(ServerConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._accepted = transport
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        refused = self._slots.take(address)
+        if refused is not None:
+            self._on_refused(refused)
+            transport.write(self._slots.refusal(refused, address))
+            transport.close()
+            return
+        self._slot = address
         delay = self._handshake_seconds * random.uniform(1 - SPREAD, 1.0)
         self._deadline = asyncio.get_running_loop().call_later(delay, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
+        if self._slot is None and self._head is not None:
+            return  # refused at once: it is being closed
         if self._head is None:
             super().data_received(data)
             return
@@ -122,6 +140,7 @@ class StationConnection(ServerConnection):
 
     def start_keepalive(self) -> None:
         self._cancel_deadline()
+        self._give_back_slot()
         if self.ping_interval is not None:
             self.loop.call_later(random.uniform(0, SPREAD * self.ping_interval), self._start_keepalive_now)
 
@@ -131,8 +150,14 @@ class StationConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        self._give_back_slot()
         if self._head is None:
             super().connection_lost(exc)
+
+    def _give_back_slot(self) -> None:
+        if self._slot is not None:
+            self._slots.give_back(self._slot)
+            self._slot = None
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
@@ -160,6 +185,7 @@ class OcppServer:
         self._verified_key = secrets.token_bytes(32)
         self._guesses = GuessBudget(self.settings.wrong_passwords_per_minute, self.settings.wrong_password_burst)
         self._server: Server | None = None
+        self.handshakes = HandshakeSlots(self.settings.max_handshaking, self.settings.max_handshaking_per_address)
 
     async def start(self) -> Server:
         settings = self.settings
@@ -176,6 +202,7 @@ class OcppServer:
             process_request=self._process_request,
             create_connection=functools.partial(  # type: ignore[arg-type]
                 StationConnection, handshake_seconds=settings.open_timeout_seconds, on_expired=self._expired,
+                slots=self.handshakes, on_refused=self._refused_at_once,
             ),
             # websockets' own deadline only backs up StationConnection's, which always comes first.
             open_timeout=settings.open_timeout_seconds + 1,
@@ -200,6 +227,9 @@ class OcppServer:
 
     def _expired(self) -> None:
         self.gateway.metrics.refused.labels("timeout").inc()
+
+    def _refused_at_once(self, reason: str) -> None:
+        self.gateway.metrics.refused.labels(reason).inc()
 
     def _refuse(self, connection: ServerConnection, status: HTTPStatus, reason: str, text: str,
                 headers: dict[str, str] | None = None) -> Response:

@@ -357,6 +357,63 @@ def test_connection_caps_refuse_with_503(tmp_path: Path, cap: str) -> None:
         gw.stop()
 
 
+def test_connections_waiting_for_their_handshake_are_bounded_per_address_and_in_all(tmp_path: Path) -> None:
+    gw = Gateway(tmp_path / "waiting", env={"MAX_HANDSHAKING": "6", "MAX_HANDSHAKING_PER_ADDRESS": "4",
+                                           "OPEN_TIMEOUT_SECONDS": "30"}).start()
+    idle: list[socket.socket] = []
+
+    def open_from(source: str) -> socket.socket:
+        sock = socket.socket()
+        sock.bind((source, 0))
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", gw.ocpp_port))
+        return sock
+
+    def answer_to(sock: socket.socket) -> bytes:
+        """What the gateway says at once, before any request is sent; b"" if it says nothing within 0.5 s."""
+        sock.settimeout(0.5)
+        try:
+            return sock.recv(4096)
+        except TimeoutError:
+            return b""
+
+    async def station_status() -> int:
+        try:
+            async with await connect(gw.ws_url("waiter"), "waiter", "ocpp1.6"):
+                return 101
+        except InvalidStatus as refused:
+            return refused.response.status_code
+
+    try:
+        gw.register("waiter", NOWHERE)
+        idle += [open_from("127.0.0.2") for _ in range(4)]
+        assert all(answer_to(sock) == b"" for sock in idle)  # waiting for their handshake, as any client may
+        with open_from("127.0.0.2") as fifth:
+            refused = answer_to(fifth)
+        assert refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 5" in refused, refused
+        assert b"127.0.0.2 has 4 connections waiting for their handshake" in refused
+        idle += [open_from("127.0.0.3") for _ in range(2)]
+        with open_from("127.0.0.4") as seventh:
+            refused = answer_to(seventh)
+        assert refused.startswith(b"HTTP/1.1 503 ") and b"gateway has 6 connections waiting" in refused, refused
+        assert asyncio.run(station_status()) == 503  # every place is taken, a station's too
+
+        for sock in idle[:2]:  # two idle clients go: their places are free again
+            sock.close()
+        wait_for(lambda: asyncio.run(station_status()) == 101, 5, "a station to connect once places were free")
+        # A station's handshake done, its place is given back: another client may wait in it.
+        with open_from("127.0.0.4") as another:
+            assert answer_to(another) == b""
+        page = requests.get(f"{gw.http}/metrics", timeout=5).text
+        assert metric_sum(page, "gateway_handshakes_refused_total", reason="address_handshaking_capacity") == 1
+        assert metric_sum(page, "gateway_handshakes_refused_total", reason="handshaking_capacity") >= 2
+        assert "Traceback" not in gw.log_text()
+    finally:
+        for sock in idle:
+            sock.close()
+        gw.stop()
+
+
 def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
     cert, key = make_certificate(tmp_path)
     gw = Gateway(tmp_path / "tls", env={"TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key)}).start()
