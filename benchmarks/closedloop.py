@@ -57,12 +57,13 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 async def _run(
     host: str, port: int, clients: int, seconds: float, max_requests: int, timeout: float, amount_kw: float,
-    duration_seconds: float, prefix: str, keep_admitted: bool, fleet: int | None,
+    duration_seconds: float, prefix: str, keep_admitted: bool, fleet: int | None, headers: dict[str, str],
 ) -> LoopResult:
     result = LoopResult()
     numbers = itertools.count()
     started = time.monotonic()
     stop_at = started + seconds
+    extra_head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
 
     async def client() -> None:
         reader: asyncio.StreamReader | None = None
@@ -75,7 +76,7 @@ async def _run(
             body = json.dumps({"vehicle_id": f"{prefix}-{vehicle}", "amount": amount_kw,
                                "duration_seconds": duration_seconds}).encode()
             head = (f"POST /charge HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+                    f"{extra_head}Content-Length: {len(body)}\r\n\r\n").encode()
             sent = time.monotonic()
             try:
                 if writer is None:
@@ -103,15 +104,15 @@ async def _run(
 def closed_loop(
     url: str, clients: int, seconds: float, *, max_requests: int = 1_000_000, timeout: float = 10.0,
     amount_kw: float = 1.0, duration_seconds: float = 5.0, prefix: str = "EV-loop", keep_admitted: bool = False,
-    fleet: int | None = None,
+    fleet: int | None = None, headers: dict[str, str] | None = None,
 ) -> LoopResult:
     """``clients`` clients sending ``POST /charge`` to ``url`` for ``seconds`` or ``max_requests`` in all.
 
     Every request names a vehicle of its own (``prefix``-number), so none is refused as a repeat;
     with ``fleet``, the vehicles of a fleet that size take turns instead. ``keep_admitted`` keeps
-    the body of every 201.
+    the body of every 201; ``headers`` go with every request (a client key, say).
     """
     host_port = url.split("://", 1)[1].rstrip("/")
     host, _, port = host_port.partition(":")
     return asyncio.run(_run(host, int(port), clients, seconds, max_requests, timeout, amount_kw,
-                            duration_seconds, prefix, keep_admitted, fleet))
+                            duration_seconds, prefix, keep_admitted, fleet, headers or {}))

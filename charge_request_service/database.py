@@ -15,6 +15,7 @@ replicas starting together migrate once. Plain Python, no Flask.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from collections import deque
@@ -42,7 +43,8 @@ POOL_TIMEOUT_SECONDS = 10
 # Any constant: the key of the transaction-level advisory lock under which a replica migrates the schema.
 MIGRATION_LOCK = 2022_0001
 QUEUE_LOCK = 2022_0002
-# The first of the two keys of the advisory lock on one client key's quotas (the second is its id's hash).
+# The first of the two keys of the advisory lock on one client key's quotas (the second: ``owner_lock_key``);
+# two 32-bit keys are a key space apart from the single 64-bit keys of the queue and the migration.
 OWNER_LOCK_SPACE = 2022_0003
 
 Row = tuple[Any, ...]
@@ -64,6 +66,12 @@ class Transaction(Protocol):
 
     def rows(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Row]:
         """Run one query; its rows."""
+
+
+def owner_lock_key(owner: str) -> int:
+    """The second key of the advisory lock on one client key's quotas: a signed 32-bit hash of its id, the same
+    in every replica (Python's own ``hash`` of a string differs from process to process)."""
+    return int.from_bytes(hashlib.sha256(owner.encode()).digest()[:4], "big", signed=True)
 
 
 def is_postgres_url(url: str) -> bool:
@@ -113,9 +121,6 @@ class Database:
 
     def lock_queue(self, tx: Transaction) -> None:
         """Serialise, until ``tx`` ends, every transaction that changes the queue's length or order."""
-
-    def lock_owner(self, tx: Transaction, owner: str) -> None:
-        """Serialise, until ``tx`` ends, every transaction that books against the client key ``owner``."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -277,16 +282,21 @@ class PostgresDatabase(Database):
     # Group commit, as gridcommon.groupcommit does for SQLite: whoever waits for a change that is not
     # committed yet takes the commit lock and commits every change queued so far in one transaction, its
     # statements pipelined (one round trip, one WAL flush), while the other waiters find theirs done.
+    # A change may need advisory locks (``owner_lock_key``): the group takes all its changes' locks first,
+    # in one order for every replica, so two replicas' groups never wait for each other's.
 
-    def submit(self, statements: Sequence[tuple[str, Mapping[str, Any]]], keep_results: bool = False) -> int:
+    def submit(self, statements: Sequence[tuple[str, Mapping[str, Any]]], keep_results: bool = False,
+               locks: Sequence[int] = ()) -> int:
         with self._queue_lock:
-            self._queue.append((statements, keep_results))
+            self._queue.append((statements, keep_results, locks))
             self._submitted += 1
             return self._submitted
 
-    def committed(self, statements: Sequence[tuple[str, Mapping[str, Any]]]) -> list[list[Row]]:
-        """Commit one change with the next group and return each statement's rows (``RETURNING``, or a query's)."""
-        number = self.submit(statements, keep_results=True)
+    def committed(self, statements: Sequence[tuple[str, Mapping[str, Any]]],
+                  locks: Sequence[int] = ()) -> list[list[Row]]:
+        """Commit one change with the next group and return each statement's rows (``RETURNING``, or a query's);
+        ``locks`` are held from the group's start until its commit."""
+        number = self.submit(statements, keep_results=True, locks=locks)
         try:
             self.wait(number, number)
         finally:
@@ -307,12 +317,16 @@ class PostgresDatabase(Database):
         with self._queue_lock:
             group, self._queue = self._queue, []
             first, last = self._tried + 1, self._submitted
+        locks = sorted({key for _, _, change_locks in group for key in change_locks})
         try:
             with self._connection() as connection, connection.transaction():
                 with connection.pipeline():
+                    for key in locks:
+                        connection.execute("SELECT pg_advisory_xact_lock(%(space)s, %(key)s)",
+                                           {"space": OWNER_LOCK_SPACE, "key": key})
                     cursors = [[connection.execute(self._sql(sql), params or {}) for sql, params in statements]
-                               for statements, _ in group]
-                for number, (cursors_of_change, (_, keep)) in enumerate(zip(cursors, group), start=first):
+                               for statements, _, _ in group]
+                for number, (cursors_of_change, (_, keep, _)) in enumerate(zip(cursors, group), start=first):
                     if keep:
                         self._results[number] = [cursor.fetchall() for cursor in cursors_of_change]
         except DatabaseError as exc:
@@ -322,10 +336,6 @@ class PostgresDatabase(Database):
 
     def lock_queue(self, tx: Transaction) -> None:
         tx.rows("SELECT pg_advisory_xact_lock(:key)", {"key": QUEUE_LOCK})
-
-    def lock_owner(self, tx: Transaction, owner: str) -> None:
-        # Two 32-bit keys: a key space apart from the single 64-bit keys of the queue and the migration.
-        tx.rows("SELECT pg_advisory_xact_lock(:space, hashtext(:owner))", {"space": OWNER_LOCK_SPACE, "owner": owner})
 
     def close(self) -> None:
         self._engine.dispose()

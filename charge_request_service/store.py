@@ -36,6 +36,7 @@ from charge_request_service.database import (
     PostgresDatabase,
     booked_kw,
     is_postgres_url,
+    owner_lock_key,
     open_database,
 )
 
@@ -56,7 +57,22 @@ _FINISHED = ", ".join(f"'{state}'" for state in FINISHED_STATES)
 _SESSION_COLUMNS = "session_id, vehicle_id, state, record, due_at, sequence"
 # An open session a key holds: not one past its end that nobody has marked ended yet.
 _NOT_PAST_END = "(state <> 'active' OR due_at IS NULL OR due_at > :now)"
-_HELD_BY_OWNER = f"owner = :owner AND state IN ({_OPEN}) AND {_NOT_PAST_END}"
+# A request's pending row, inserted only if its key's open rows leave room under its quotas; what was counted
+# comes back with it, and the queue's length (which the request asks next).
+_CLAIM_WITHIN_QUOTAS = f"""
+WITH held AS (
+    SELECT count(*) AS sessions, coalesce(sum(booked_kw), 0) AS kw,
+           min(CASE WHEN state = 'active' THEN due_at END) AS soonest_end
+    FROM sessions WHERE owner = :owner AND state IN ({_OPEN}) AND {_NOT_PAST_END}
+), claimed AS (
+    INSERT INTO sessions ({_SESSION_COLUMNS}, updated_at, owner, booked_kw)
+    SELECT :id, :vehicle, 'pending', :record, NULL, NULL, :now, :owner, :booked FROM held
+    WHERE held.sessions + 1 <= :most_sessions AND held.kw + :booked <= :most_kw + 1e-9
+    ON CONFLICT DO NOTHING RETURNING 1
+)
+SELECT (SELECT count(*) FROM claimed), held.sessions, held.kw, held.soonest_end,
+       (SELECT count(*) FROM sessions WHERE state = 'queued')
+FROM held"""
 
 
 @dataclass(frozen=True)
@@ -215,7 +231,7 @@ class ChargeStore:
                   **_booking("pending", record)}
         for _ in range(3):  # the holder may finish between the refused insert and the read of it
             if quotas is not None:
-                inserted = self._claim_within_quotas(insert, params, quotas, now)
+                inserted = self._claim_within_quotas(params, quotas, now)
             elif isinstance(self._database, PostgresDatabase):  # committed with the next group
                 inserted, self._thread.queue_length = self._database.committed([(
                     f"WITH claimed AS ({insert} RETURNING 1) SELECT (SELECT count(*) FROM claimed), "
@@ -232,20 +248,24 @@ class ChargeStore:
         raise DatabaseError(f"session id {session_id} is already taken, or vehicle {vehicle_id}'s session "
                             "keeps changing: retry the request")
 
-    def _claim_within_quotas(self, insert: str, params: Mapping[str, Any], quotas: OwnerQuotas, now: float) -> int:
-        with self._database.transaction() as tx:
-            self._database.lock_owner(tx, quotas.owner)
-            sessions, kw, soonest_end = tx.rows(
-                "SELECT count(*), coalesce(sum(booked_kw), 0), min(CASE WHEN state = 'active' THEN due_at END) "
-                f"FROM sessions WHERE {_HELD_BY_OWNER}", {"owner": quotas.owner, "now": now})[0]
-            retry_after = None if soonest_end is None else max(1, math.ceil(soonest_end - now))
-            if sessions + 1 > quotas.sessions:
-                raise QuotaExceeded("sessions", quotas.sessions, sessions, retry_after)
-            if kw + params["booked"] > quotas.kw + 1e-9:
-                raise QuotaExceeded("kw", quotas.kw, kw, retry_after)
-            inserted = tx.execute(insert, params)
-            self._thread.queue_length = tx.rows("SELECT count(*) FROM sessions WHERE state = 'queued'")[0][0]
-            return inserted
+    def _claim_within_quotas(self, insert_params: Mapping[str, Any], quotas: OwnerQuotas, now: float) -> int:
+        """Insert the pending row if the key's open rows of every replica leave room for it; 0 if the vehicle is
+        held. The key's lock is taken before the count is read and held until the row is committed, with the
+        next group of changes (whose other rows of the key the count includes: one transaction)."""
+        if not isinstance(self._database, PostgresDatabase):
+            raise ValueError("client keys' quotas are counted in the database only where replicas share it")
+        params = {**insert_params, "most_sessions": quotas.sessions, "most_kw": quotas.kw}
+        claimed, sessions, kw, soonest_end, self._thread.queue_length = self._database.committed(
+            [(_CLAIM_WITHIN_QUOTAS, params)], locks=[owner_lock_key(quotas.owner)])[0][0]
+        if claimed:
+            return 1
+        self._thread.queue_length = None
+        retry_after = None if soonest_end is None else max(1, math.ceil(soonest_end - now))
+        if sessions + 1 > quotas.sessions:
+            raise QuotaExceeded("sessions", quotas.sessions, sessions, retry_after)
+        if kw + params["booked"] > quotas.kw + 1e-9:
+            raise QuotaExceeded("kw", quotas.kw, kw, retry_after)
+        return 0  # within the quotas, so the vehicle's own row refused it
 
     def owner_holdings(self, now: float) -> dict[str, tuple[int, float, int]]:
         """``owner -> (sessions, kW, queued)`` of every key's open sessions, on every replica."""

@@ -349,3 +349,36 @@ def test_the_key_of_each_open_session_becomes_a_column_when_the_schema_moves_to_
     with sqlite3.connect(path) as db:
         columns = dict((row[0], row[1:]) for row in db.execute("SELECT session_id, owner, booked_kw FROM sessions"))
     assert columns == {"p-1": ("key-a", 7.0), "q-1": ("key-a", 11.0), "a-1": (None, None)}
+
+
+def test_claims_of_many_keys_racing_on_two_replicas_never_deadlock_and_each_keeps_its_quota(
+        postgres: PostgresServer) -> None:
+    """Each replica's group of claims takes the locks of all its keys: in one order everywhere, so two groups
+    never wait for each other (a deadlock would fail a whole group with a 503)."""
+    url = postgres.new_database()
+    stores = [ChargeStore(url) for _ in range(2)]
+    keys = [f"key-{letter}" for letter in "abcdef"]
+    failed: list[str] = []
+
+    for round_number in range(3):
+        won: dict[str, int] = {key: 0 for key in keys}
+
+        def claim(number: int) -> None:
+            # The two replicas meet the keys in opposite orders.
+            key = keys[(number // 2) % 6] if number % 2 else keys[-1 - (number // 2) % 6]
+            session_id = f"m-{round_number}-{number}"
+            record = {"session_id": session_id, "vehicle_id": f"ev-{session_id}", "amount_kw": 2.0, "owner": key}
+            try:
+                stores[number % 2].claim_vehicle(session_id, f"ev-{session_id}", record, 1.0,
+                                                 OwnerQuotas(key, sessions=4, kw=100.0, queued=0))
+                won[key] += 1
+            except QuotaExceeded:
+                pass
+            except StoreError as exc:
+                failed.append(str(exc))
+
+        all_at_once(64, claim)
+        assert failed == []
+        assert set(won.values()) == {4}, won  # each key got its four sessions, and no more
+        for session_id, _, _ in stores[0].sessions():
+            stores[0].delete_session(session_id, "pending")
