@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,14 +109,19 @@ def grid(tmp_path: Path, charge_records: ChargeRecords):
         service.stop()
 
 
-def run_clients(charge: Service, chaos: Chaos, records: list[ClientRecord], stop: threading.Event) -> None:
-    """A closed loop: each client sends its next request when the last one is answered (or given up).
+def run_clients(send_to: Callable[[random.Random], tuple[Service, float]], blame: Callable[[Service], str | None],
+                records: list[ClientRecord], stop: threading.Event, *, prefix: str, wanted: int,
+                longest_seconds: float, attempted: Callable[[Service, requests.Response | None, float], None] | None
+                = None) -> None:
+    """A closed loop of CLIENTS: each sends its next request when the last one is answered (or given up).
 
-    It runs until ``stop`` is set and at least REQUESTS were sent, so every kill happens under load.
+    Each attempt goes to the charge API ``send_to`` picks (with when it was picked); a request whose first
+    attempt failed is marked with ``blame`` of where it went, and ``attempted`` hears of every attempt. It
+    runs until ``stop`` is set and at least ``wanted`` were sent, so every kill happens under load.
     """
-    counter = iter(range(10 * REQUESTS))
+    counter = iter(range(10 * wanted))
     lock = threading.Lock()
-    deadline = time.monotonic() + LONGEST_RUN_SECONDS
+    deadline = time.monotonic() + longest_seconds
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
@@ -123,20 +129,24 @@ def run_clients(charge: Service, chaos: Chaos, records: list[ClientRecord], stop
         while time.monotonic() < deadline:
             with lock:
                 index = next(counter, None)
-                if index is None or (stop.is_set() and index >= REQUESTS):
+                if index is None or (stop.is_set() and index >= wanted):
                     return
-            record = ClientRecord(vehicle_id=f"ev-chaos-{index:05d}", key=uuid.uuid4().hex)
+            record = ClientRecord(vehicle_id=f"{prefix}-{index:05d}", key=uuid.uuid4().hex)
             body = {"vehicle_id": record.vehicle_id, "amount": round(rng.uniform(5, 20), 1),
                     "duration_seconds": round(rng.uniform(*SESSION_SECONDS), 2)}
             # A client whose request got no answer asks again with the same Idempotency-Key, as the draft says,
             # for as long as a restart and the settling of a request cut off by it take.
             for attempt in range(CLIENT_ATTEMPTS):
                 record.attempts += 1
+                api, sent_at = send_to(rng)
                 try:
-                    answer = http.post(f"{charge.url}/charge", json=body, headers={"Idempotency-Key": record.key},
+                    answer = http.post(f"{api.url}/charge", json=body, headers={"Idempotency-Key": record.key},
                                        timeout=REQUEST_TIMEOUT_SECONDS + 2)
                 except requests.RequestException:
                     answer = None
+                if attempted is not None:
+                    with lock:
+                        attempted(api, answer, sent_at)
                 if answer is not None and answer.status_code in (201, 503):
                     record.status = answer.status_code
                     if answer.status_code == 201:
@@ -145,7 +155,7 @@ def run_clients(charge: Service, chaos: Chaos, records: list[ClientRecord], stop
                     break
                 if attempt == 0:
                     record.first_attempt_failed = True
-                    record.failed_while = chaos.down
+                    record.failed_while = blame(api)
                 time.sleep(min(2.0, 0.3 * (attempt + 1)))
             with lock:
                 records.append(record)
@@ -154,7 +164,7 @@ def run_clients(charge: Service, chaos: Chaos, records: list[ClientRecord], stop
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=LONGEST_RUN_SECONDS + 30)
+        thread.join(timeout=longest_seconds + 30)
 
 
 def substation_records(state: Path, substation_id: str) -> tuple[list[dict], list[list]]:
@@ -183,7 +193,9 @@ def test_killing_every_service_in_turn_never_forgets_duplicates_or_overbooks(gri
     rng = random.Random(2026)
 
     with Sampler(substations) as sampler:
-        loop = threading.Thread(target=run_clients, args=(charge, chaos, records, stop))
+        loop = threading.Thread(target=run_clients, args=(lambda _: (charge, time.time()), lambda _: chaos.down,
+                                                          records, stop),
+                                kwargs={"prefix": "ev-chaos", "wanted": REQUESTS, "longest_seconds": LONGEST_RUN_SECONDS})
         loop.start()
         try:
             for victim in victims:

@@ -10,8 +10,8 @@ import math
 import random
 import threading
 import time
-import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +21,14 @@ import requests
 from tests.harness import OPERATOR, OPERATOR_TOKEN, Service, all_at_once, sessions_at, start_all, wait_for
 from tests.postgres_support import PostgresServer
 from tests.test_chaos import (
-    CLIENT_ATTEMPTS,
+    CLIENTS,
     RECONCILE_SECONDS,
     RECONCILIATION_WINDOW_SECONDS,
     REQUEST_TIMEOUT_SECONDS,
     SESSION_SECONDS,
     ClientRecord,
     hard_kill,
+    run_clients,
     substation_records,
 )
 
@@ -240,7 +241,6 @@ def test_the_queue_has_one_order_across_replicas(tmp_path: Path, postgres: Postg
 
 # ----- SIGKILL of one replica under load ----------------------------------------------------------
 
-CLIENTS = 12
 REQUESTS = 1_200
 LONGEST_RUN_SECONDS = 180.0
 
@@ -276,52 +276,13 @@ class Attempt:
     sent_at: float
 
 
-def run_clients(endpoints: Endpoints, records: list[ClientRecord], attempts: list[Attempt],
-                stop: threading.Event) -> None:
-    counter = iter(range(10 * REQUESTS))
-    lock = threading.Lock()
-    deadline = time.monotonic() + LONGEST_RUN_SECONDS
-
-    def client(seed: int) -> None:
-        rng = random.Random(seed)
-        http = requests.Session()
-        while time.monotonic() < deadline:
-            with lock:
-                index = next(counter, None)
-                if index is None or (stop.is_set() and index >= REQUESTS):
-                    return
-            record = ClientRecord(vehicle_id=f"ev-replica-{index:05d}", key=uuid.uuid4().hex)
-            body = {"vehicle_id": record.vehicle_id, "amount": round(rng.uniform(5, 20), 1),
-                    "duration_seconds": round(rng.uniform(*SESSION_SECONDS), 2)}
-            for attempt in range(CLIENT_ATTEMPTS):
-                record.attempts += 1
-                api, sent_at = endpoints.pick(rng)
-                try:
-                    answer = http.post(f"{api.url}/charge", json=body, headers={"Idempotency-Key": record.key},
-                                       timeout=REQUEST_TIMEOUT_SECONDS + 2)
-                except requests.RequestException:
-                    answer = None
-                with lock:
-                    attempts.append(Attempt(api.name, answer is None or answer.status_code >= 500
-                                            and answer.status_code != 503, sent_at))
-                if answer is not None and answer.status_code in (201, 503):
-                    record.status = answer.status_code
-                    if answer.status_code == 201:
-                        record.session_id = answer.json()["session_id"]
-                        record.substation = answer.json()["substation"]
-                    break
-                if attempt == 0:
-                    record.first_attempt_failed = True
-                    record.failed_while = api.name
-                time.sleep(min(2.0, 0.3 * (attempt + 1)))
-            with lock:
-                records.append(record)
-
-    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=LONGEST_RUN_SECONDS + 30)
+def attempt_recorder(attempts: list[Attempt]) -> Callable[[Service, requests.Response | None, float], None]:
+    """Keeps each attempt: where it went, when, and whether it failed (no answer, or a 5xx but the 503 of a
+    full grid)."""
+    def attempted(api: Service, answer: requests.Response | None, sent_at: float) -> None:
+        attempts.append(Attempt(api.name, answer is None or answer.status_code >= 500 and answer.status_code != 503,
+                                sent_at))
+    return attempted
 
 
 def test_sigkill_of_one_replica_under_load_forgets_nothing_and_books_nothing_twice(
@@ -333,7 +294,9 @@ def test_sigkill_of_one_replica_under_load_forgets_nothing_and_books_nothing_twi
     attempts: list[Attempt] = []
     stop = threading.Event()
     try:
-        loop = threading.Thread(target=run_clients, args=(endpoints, records, attempts, stop))
+        loop = threading.Thread(target=run_clients, args=(endpoints.pick, lambda api: api.name, records, stop), kwargs={
+            "prefix": "ev-replica", "wanted": REQUESTS, "longest_seconds": LONGEST_RUN_SECONDS,
+            "attempted": attempt_recorder(attempts)})
         loop.start()
         try:
             time.sleep(3.0)
