@@ -59,10 +59,11 @@ RELOAD_SECONDS = 2.0
 class KeyRequestError(ValueError):
     """An operator's request about keys that cannot be done; ``error`` names why, the message says what to do."""
 
-    def __init__(self, status: int, error: str, message: str) -> None:
+    def __init__(self, status: int, error: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,11 @@ class Quotas:
     def from_json(cls, body: Any) -> "Quotas":
         """Quotas from an operator's JSON object; a missing one takes its default; ``KeyRequestError`` names
         a bad one."""
-        if body is None:
-            body = {}
-        if not isinstance(body, Mapping):
-            raise KeyRequestError(400, "invalid_field", "quotas, when given, must be a JSON object such as "
-                                  '{"sessions": 10, "kw": 110, "queued": 10, "requests_per_second": 5}.')
+        body = _quota_object({} if body is None else body)
         unknown = sorted(set(body) - set(QUOTA_NAMES))
         if unknown:
             raise KeyRequestError(400, "invalid_field", f"Unknown quota {unknown[0]!r}: the quotas are "
-                                  f"{', '.join(QUOTA_NAMES)}.")
+                                  f"{', '.join(QUOTA_NAMES)}.", field=f"quotas.{unknown[0]}")
         values: dict[str, Any] = {}
         for name, default in DEFAULT_QUOTAS.items():
             value = body.get(name, default)
@@ -93,11 +90,12 @@ class Quotas:
                     or (whole and value != int(value)) or not 0 <= value <= QUOTA_MAXIMA[name]:
                 kind = "a whole number" if whole else "a number"
                 raise KeyRequestError(400, "invalid_field", f"quotas.{name} must be {kind} from 0 to "
-                                      f"{QUOTA_MAXIMA[name]:g}; got {value!r}.")
+                                      f"{QUOTA_MAXIMA[name]:g}; got {value!r}.", field=f"quotas.{name}")
             values[name] = int(value) if whole else float(value)
         if values["requests_per_second"] == 0:
             raise KeyRequestError(400, "invalid_field", "quotas.requests_per_second must be at least 1: a key "
-                                  "that may send nothing is a revoked key (DELETE it instead).")
+                                  "that may send nothing is a revoked key (DELETE it instead).",
+                                  field="quotas.requests_per_second")
         return cls(**values)
 
     def as_json(self) -> dict[str, Any]:
@@ -133,6 +131,20 @@ class ClientKey:
         return {"key_id": self.key_id, "name": self.name, "quotas": self.quotas.as_json(),
                 "created_at": _iso(self.created_at), "rotated_at": _iso(self.rotated_at),
                 "revoked_at": _iso(self.revoked_at), "state": "revoked" if self.revoked else "active"}
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise KeyRequestError(400, "invalid_field", "name must be 1 to 80 letters, digits, spaces or "
+                              ". , : @ ( ) / + - _ such as 'Fleet North': it names the key in the console "
+                              "and the metrics.", field="name")
+
+
+def _quota_object(body: Any) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise KeyRequestError(400, "invalid_field", "quotas, when given, must be a JSON object such as "
+                              '{"sessions": 10, "kw": 110, "queued": 10, "requests_per_second": 5}.', field="quotas")
+    return body
 
 
 def _iso(moment: float | None) -> str | None:
@@ -218,10 +230,7 @@ class ClientKeys:
 
     def create(self, name: str, quotas: Quotas) -> tuple[ClientKey, str]:
         """A new key and the key itself (shown once); ``KeyRequestError`` past ``max_keys`` active keys."""
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-            raise KeyRequestError(400, "invalid_field", "name must be 1 to 80 letters, digits, spaces or "
-                                  ". , : @ ( ) / + - _ such as 'Fleet North': it names the key in the console "
-                                  "and the metrics.")
+        _check_name(name)
         secret, digest = new_key()
         with self._lock:
             if len(self.active()) >= self._max_keys:
@@ -241,6 +250,21 @@ class ClientKeys:
             rotated = replace(key, key_digest=digest, rotated_at=self._clock())
             self._put(rotated)
         return rotated, secret
+
+    def change(self, key_id: str, name: str | None = None, quotas: Mapping[str, Any] | None = None) -> ClientKey:
+        """A new name, or new values of some quotas (the others kept); the key itself and its sessions stay.
+
+        Sessions already held past a lowered quota run on; the key's next request waits until it is under.
+        """
+        if name is not None:
+            _check_name(name)
+        with self._lock:
+            key = self._active(key_id)
+            changed = replace(key, name=key.name if name is None else name,
+                              quotas=key.quotas if quotas is None else Quotas.from_json(
+                                  {**key.quotas.as_json(), **_quota_object(quotas)}))
+            self._put(changed)
+        return changed
 
     def revoke(self, key_id: str) -> ClientKey:
         """The key opens nothing from now on; revoking a revoked key changes nothing."""

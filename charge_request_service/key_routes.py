@@ -1,8 +1,10 @@
-"""The operator's API of client keys: create, list, read, rotate and revoke (``/client-keys``).
+"""The operator's API of client keys: create, list, read, change, rotate and revoke (``/client-keys``).
 
 Every endpoint needs the operator token. The key itself is in the answer to
 its creation and to each rotation, once: only its SHA-256 is kept, so it
-cannot be shown again. Revoking a key leaves its sessions running (the
+cannot be shown again. Changing a key's quotas or name keeps the key and its
+sessions; replicas sharing a database see the change within their reload
+period (2 s). Revoking a key leaves its sessions running (the
 operator may stop them: ``DELETE /sessions/<id>``); it can never be used again.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _operator_only() -> None:
 
 @keys_blueprint.errorhandler(KeyRequestError)
 def _key_request_error(exc: KeyRequestError) -> Response:
-    return error_response(exc.status, exc.error, str(exc))
+    return error_response(exc.status, exc.error, str(exc), **({"field": exc.field} if exc.field else {}))
 
 
 def _described(key: ClientKey, usage: KeyUsage) -> dict[str, object]:
@@ -69,6 +71,18 @@ def list_keys() -> Response:
 @keys_blueprint.get("/client-keys/<key_id>")
 def show_key(key_id: str) -> Response:
     return jsonify(_with_usage(client_access().keys.get(key_id)))
+
+
+@keys_blueprint.patch("/client-keys/<key_id>")
+def change_key(key_id: str) -> Response:
+    body = json_object_body()
+    unknown = sorted(set(body) - {"name", "quotas"})
+    if unknown:
+        raise ApiError(400, "invalid_field", f"Unknown field {unknown[0]!r}: a key's name and quotas can be changed.",
+                       field=unknown[0])
+    key = client_access().keys.change(key_id, body.get("name"), body.get("quotas"))
+    log.info("client key %s (%s) changed: quotas %s", key.key_id, key.name, key.quotas.as_json())
+    return jsonify(_with_usage(key))
 
 
 @keys_blueprint.post("/client-keys/<key_id>/rotate")

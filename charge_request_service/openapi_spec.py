@@ -584,6 +584,38 @@ PATHS: dict[str, Any] = {
                 **KEY_NOT_FOUND,
             },
         },
+        "patch": {
+            "operationId": "changeClientKey",
+            "tags": ["client keys"],
+            "summary": "Change a client key's name or quotas (operator only)",
+            "description": "The quotas given replace the key's values of those quotas; the others stay. The key, "
+            "its secret and its sessions stay: sessions already held past a lowered quota run on, and the key's "
+            "next request is refused until it is under. Replicas sharing a database count the change within 2 s.",
+            "security": [{"operatorToken": []}],
+            "parameters": [X_REQUEST_ID],
+            "requestBody": json_request(
+                {"type": "object", "additionalProperties": False, "properties": {
+                    "name": {"type": "string", "pattern": r"^[\w .,:@()/+-]{1,80}$",
+                             "description": "Who holds it, for the console and the metrics."},
+                    "quotas": QUOTAS}},
+                "What changes: the name, some quotas, or both.",
+            ),
+            "responses": {
+                "200": json_response("The key as it is now.", schema_ref("ClientKey")),
+                **body_errors(),
+                **KEY_NOT_FOUND,
+                "400": error_response(
+                    "The body is not one JSON object (`invalid_json`), a field is wrong (`invalid_field`, with "
+                    "`field`: `name`, `quotas` or `quotas.<name>`), or the decoded path has a control character or "
+                    "a `.`/`..` segment (`invalid_path`).",
+                    ["invalid_json", "invalid_field", "invalid_path"],
+                    **FIELD,
+                ),
+                "409": error_response("The key is revoked (`client_key_revoked`): create a new one.",
+                                      ["client_key_revoked"]),
+                **operator_errors(SERVICE),
+            },
+        },
         "delete": {
             "operationId": "revokeClientKey",
             "tags": ["client keys"],

@@ -87,6 +87,7 @@ def test_every_endpoint_without_a_key_with_a_wrong_a_revoked_and_the_right_one(s
         ("GET", "/client-keys", None, {**refused, "right": 401}),
         ("POST", "/client-keys", lambda: {"name": "sneaky"}, {**refused, "right": 401}),
         ("GET", f"/client-keys/{right_id}", None, {**refused, "right": 401}),
+        ("PATCH", f"/client-keys/{right_id}", lambda: {"quotas": {"kw": 1000}}, {**refused, "right": 401}),
         ("POST", f"/client-keys/{right_id}/rotate", None, {**refused, "right": 401}),
         ("DELETE", f"/client-keys/{right_id}", None, {**refused, "right": 401}),
         ("GET", "/health", None, None),
@@ -236,6 +237,42 @@ def test_a_key_may_queue_its_quota_of_requests_and_no_more(tmp_path: Path) -> No
                  "the queued request to start")
     finally:
         stack.stop()
+
+
+def test_the_operator_changes_a_keys_quotas_and_name_and_the_next_request_is_held_to_them(stack: Stack) -> None:
+    key_id, key = create_key(stack, "growing fleet", sessions=1, kw=50)
+    url = f"{stack.charge.url}/client-keys/{key_id}"
+    assert charge(stack, as_key(key), "ev-grow-1").status_code == 201
+    over = charge(stack, as_key(key), "ev-grow-2")
+    assert over.status_code == 429 and over.json()["quota"] == "sessions"
+
+    changed = requests.patch(url, json={"quotas": {"sessions": 2}, "name": "grown fleet"}, headers=OPERATOR, timeout=5)
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["name"] == "grown fleet"
+    assert changed.json()["quotas"] == {"sessions": 2, "kw": 50.0, "queued": 10, "requests_per_second": 5}
+    assert changed.json()["usage"]["sessions"] == 1
+    assert charge(stack, as_key(key), "ev-grow-2").status_code == 201  # the same key, its new quota
+
+    # Lowered below what it holds: both sessions run on, and the next request waits until it is under.
+    lowered = requests.patch(url, json={"quotas": {"sessions": 1}}, headers=OPERATOR, timeout=5)
+    assert lowered.status_code == 200 and lowered.json()["usage"]["sessions"] == 2
+    assert charge(stack, as_key(key), "ev-grow-3").status_code == 429
+    held = [s for s in requests.get(f"{stack.charge.url}/sessions", headers=OPERATOR, timeout=5).json()["sessions"]
+            if s["vehicle_id"].startswith("ev-grow-")]
+    assert len(held) == 2
+
+    for body, field in [({"quotas": {"kw": -1}}, "quotas.kw"), ({"quotas": {"seats": 3}}, "quotas.seats"),
+                        ({"quotas": [1]}, "quotas"), ({"name": ""}, "name"), ({"colour": "red"}, "colour")]:
+        bad = requests.patch(url, json=body, headers=OPERATOR, timeout=5)
+        assert bad.status_code == 400 and bad.json()["field"] == field, (body, bad.text)
+        assert field.split(".")[-1] in bad.json()["message"]
+    assert requests.get(url, headers=OPERATOR, timeout=5).json()["quotas"]["sessions"] == 1  # unchanged by those
+    missing = requests.patch(f"{stack.charge.url}/client-keys/ck_000000000000", json={}, headers=OPERATOR, timeout=5)
+    assert missing.status_code == 404 and missing.json()["error"] == "client_key_not_found"
+    assert requests.delete(url, headers=OPERATOR, timeout=5).status_code == 200
+    revoked = requests.patch(url, json={"quotas": {"sessions": 5}}, headers=OPERATOR, timeout=5)
+    assert revoked.status_code == 409 and revoked.json()["error"] == "client_key_revoked"
+    stop_everything(stack)
 
 
 def test_the_load_tester_run_by_the_operator_asks_with_the_operator_token(stack: Stack) -> None:
