@@ -51,6 +51,11 @@ class ClientKeyCollector(Collector):
                                labels=["key"])
         queued = GaugeMetricFamily("client_key_queued", "Requests of a client key waiting in the queue.",
                                    labels=["key"])
+        # Each figure's quota beside it, so a dashboard or an alert can tell how near a key is to its quota.
+        sessions_limit = GaugeMetricFamily("client_key_sessions_limit", "A client key's sessions quota.",
+                                           labels=["key"])
+        kw_limit = GaugeMetricFamily("client_key_allocated_kw_limit", "A client key's kW quota, kW.", labels=["key"])
+        queued_limit = GaugeMetricFamily("client_key_queued_limit", "A client key's queued quota.", labels=["key"])
         refusals = CounterMetricFamily("client_key_refusals",
                                        "Charge requests of a client key refused, by the quota or limit they met.",
                                        labels=["key", "reason"])
@@ -59,9 +64,12 @@ class ClientKeyCollector(Collector):
             sessions.add_metric([key.key_id], key.sessions)
             kw.add_metric([key.key_id], key.kw)
             queued.add_metric([key.key_id], key.queued)
+            sessions_limit.add_metric([key.key_id], key.quotas["sessions"])
+            kw_limit.add_metric([key.key_id], key.quotas["kw"])
+            queued_limit.add_metric([key.key_id], key.quotas["queued"])
             for reason in self._reasons:
                 refusals.add_metric([key.key_id, reason], key.refusals.get(reason, 0))
-        yield from (info, sessions, kw, queued, refusals)
+        yield from (info, sessions, kw, queued, sessions_limit, kw_limit, queued_limit, refusals)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

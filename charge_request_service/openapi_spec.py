@@ -525,7 +525,8 @@ PATHS: dict[str, Any] = {
             "`charge_requests_total{status}`, `requests_duration_seconds`, `failed_requests_total`, "
             "`active_sessions`, the queue's gauges, `charge_queue_wait_seconds{outcome}`, "
             "`client_key_rejections_total{reason}` and, per active client key (at most `MAX_CLIENT_KEYS`), "
-            "`client_key_info{key,name}`, `client_key_sessions`, `client_key_allocated_kw`, `client_key_queued` "
+            "`client_key_info{key,name}`, `client_key_sessions`, `client_key_allocated_kw`, `client_key_queued`, "
+            "their quotas (`client_key_sessions_limit`, `client_key_allocated_kw_limit`, `client_key_queued_limit`) "
             "and `client_key_refusals_total{key,reason}`."
         )
     },

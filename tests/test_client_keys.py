@@ -195,6 +195,8 @@ def test_each_quota_refuses_with_429_naming_it(stack: Stack) -> None:
     metrics = scrape(stack.charge)
     assert metrics.value("client_key_sessions", key=key_id) == 2
     assert metrics.value("client_key_allocated_kw", key=key_id) == 10
+    assert metrics.value("client_key_allocated_kw_limit", key=key_id) == 10
+    assert metrics.value("client_key_sessions_limit", key=key_id) == 2
     assert metrics.value("client_key_refusals_total", key=key_id, reason="kw") == 1
     # The console's table shows the same figures.
     browser = requests.Session()

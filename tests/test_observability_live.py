@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.harness import REPO_ROOT, Service, Stack
+from tests.harness import OPERATOR, REPO_ROOT, Service, Stack
 from tests.test_gateway_observability_live import GATEWAY_DASHBOARD, GATEWAY_RULE_FILE
 from tests.observability_support import (
     DASHBOARD_FILES,
@@ -115,8 +115,9 @@ def set_operator_limit(substation: Service, limit_kw: float) -> None:
 
 def drive_load(stack: Stack) -> None:
     """Short sessions that finish (charging durations), a bad request, then a grid full for
-    admission with every session curtailed, sessions suspended under an operator limit, and
-    vehicles in the charge API's queue: one waiting, one cancelled (a queue wait observed)."""
+    admission with every session curtailed, sessions suspended under an operator limit,
+    vehicles in the charge API's queue: one waiting, one cancelled (a queue wait observed), and a
+    client key refused past its quota beside a key nobody issued."""
     assert [charge(stack, f"ev-short-{i}", 1.0, 1).status_code for i in range(3)] == [201] * 3
     assert charge(stack, "", -1.0, 1).status_code == 400
     wait_until_balancer_sees_no_load(stack)  # the short sessions end before the grid fills up
@@ -131,6 +132,16 @@ def drive_load(stack: Stack) -> None:
         headers={"Authorization": f"Bearer {queued[1].json()['session_token']}"},
     )
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled", cancelled.text
+    # A client key past its kW quota, and a key nobody issued: the client key panels' series.
+    made = requests.post(f"{stack.charge.url}/client-keys", headers=OPERATOR, timeout=5,
+                         json={"name": "small fleet", "quotas": {"kw": 1}})
+    assert made.status_code == 201, made.text
+    over = requests.post(f"{stack.charge.url}/charge", headers={"X-API-Key": made.json()["api_key"]}, timeout=10,
+                         json={"vehicle_id": "ev-keyed", "amount": FILL_KW, "duration_seconds": 600})
+    assert over.status_code == 429 and over.json()["quota"] == "kw", over.text
+    guessed = requests.post(f"{stack.charge.url}/charge", headers={"X-API-Key": "sgk_" + "A" * 43}, timeout=10,
+                            json={"vehicle_id": "ev-guess", "amount": FILL_KW})
+    assert guessed.status_code == 401, guessed.text
 
 
 def alerts(prometheus: Prometheus, state: str = "firing") -> set[str]:
