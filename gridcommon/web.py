@@ -301,11 +301,12 @@ def install_common(app: Flask, routine_paths: frozenset[str] = ROUTINE_PATHS) ->
             token = set_request_logged(True) if always else None
             access_log.log(
                 level,
-                "%s %s -> %s in %.1f ms",
+                "%s %s -> %s in %.1f ms from %s",
                 request.method,
                 request.path,
                 response.status_code,
                 elapsed * 1000,
+                request.remote_addr or "-",  # the client's own address, behind the edge too (gridcommon.serve)
             )
             if token is not None:
                 reset_request_logged(token)

@@ -123,6 +123,9 @@ def test_every_endpoint_without_a_key_with_a_wrong_a_revoked_and_the_right_one(s
     assert after["unknown"] - before["unknown"] == 4
     assert after["revoked"] - before["revoked"] == 4
     assert after["missing"] - before["missing"] == 2
+    # Each refusal is in the log with the address it came from, for the operator to find who sends wrong keys.
+    assert re.search(r"access: POST /charge -> 401 in [0-9.]+ ms from 127\.0\.0\.1$", stack.charge.log_text(),
+                     re.MULTILINE)
     stop_everything(stack)
 
 
