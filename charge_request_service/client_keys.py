@@ -315,6 +315,35 @@ class Holding:
     in_flight: bool = True
 
 
+class Bookings:
+    """One key's bookings by session id, their kW summed as they come and go: booking a request costs the
+    same however many sessions the key holds (a drop of the finished ones sums them again, exactly)."""
+
+    def __init__(self) -> None:
+        self.by_session: dict[str, Holding] = {}
+        self.kw = 0.0
+
+    def __len__(self) -> int:
+        return len(self.by_session)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self.by_session
+
+    def add(self, session_id: str, holding: Holding) -> None:
+        self.pop(session_id)
+        self.by_session[session_id] = holding
+        self.kw += holding.kw
+
+    def pop(self, session_id: str) -> Holding | None:
+        holding = self.by_session.pop(session_id, None)
+        if holding is not None:
+            self.kw -= holding.kw
+        return holding
+
+    def resum(self) -> None:
+        self.kw = math.fsum(holding.kw for holding in self.by_session.values())
+
+
 @dataclass
 class KeyUsage:
     sessions: int = 0
@@ -341,23 +370,23 @@ class QuotaLedger:
     def __init__(self, state_of: Callable[[str], SessionState]) -> None:
         self._state_of = state_of
         self._lock = threading.Lock()
-        self._held: dict[str, dict[str, Holding]] = {}
+        self._held: dict[str, Bookings] = {}
         self._refusals: dict[str, Counter] = {}
 
     def book(self, key: ClientKey, session_id: str, kw: float) -> None:
         """Count a new session against the key; ``QuotaExceeded`` (and nothing booked) if it would not fit."""
         with self._lock:
-            held = self._held.setdefault(key.key_id, {})
+            held = self._held.setdefault(key.key_id, Bookings())
             retry_after = None
             for attempt in range(2):
-                sessions, total_kw = len(held), sum(holding.kw for holding in held.values())
+                sessions, total_kw = len(held), held.kw
                 over = None
                 if sessions + 1 > key.quotas.sessions:
                     over = ("sessions", key.quotas.sessions, sessions)
                 elif total_kw + kw > key.quotas.kw + 1e-9:
                     over = ("kw", key.quotas.kw, total_kw)
                 if over is None:
-                    held[session_id] = Holding(kw)
+                    held.add(session_id, Holding(kw))
                     return
                 if attempt == 0:  # only bookings of sessions since over can make room: look, once
                     retry_after = self._drop_finished(held)
@@ -367,11 +396,11 @@ class QuotaLedger:
     def queue(self, key: ClientKey, session_id: str, retry_after: int) -> None:
         """The booked session is about to wait in the queue; ``QuotaExceeded`` past the key's queued quota."""
         with self._lock:
-            held = self._held.setdefault(key.key_id, {})
+            held = self._held.setdefault(key.key_id, Bookings())
             for attempt in range(2):
-                waiting = sum(1 for other, holding in held.items() if holding.queued and other != session_id)
+                waiting = sum(1 for other, holding in held.by_session.items() if holding.queued and other != session_id)
                 if waiting < key.quotas.queued:
-                    held[session_id].queued = True
+                    held.by_session[session_id].queued = True
                     return
                 if attempt == 0:
                     self._drop_finished(held)
@@ -390,8 +419,9 @@ class QuotaLedger:
             if held is None or session_id not in held:
                 return
             holding = held.pop(session_id)
+            assert holding is not None
             holding.in_flight = False
-            held[final_session_id] = holding
+            held.add(final_session_id, holding)
 
     def refused(self, key_id: str, reason: str) -> None:
         """Count a refusal that is not a quota of this ledger (the key's request rate, its vehicle's)."""
@@ -406,11 +436,10 @@ class QuotaLedger:
         with self._lock:
             figures = {}
             for key_id in key_ids:
-                held = self._held.get(key_id, {})
+                held = self._held.get(key_id, Bookings())
                 self._drop_finished(held)
                 figures[key_id] = KeyUsage(
-                    len(held), sum(holding.kw for holding in held.values()),
-                    sum(1 for holding in held.values() if holding.queued),
+                    len(held), held.kw, sum(1 for holding in held.by_session.values() if holding.queued),
                     Counter(self._refusals.get(key_id, ())),
                 )
             return figures
@@ -430,20 +459,21 @@ class QuotaLedger:
     def restore(self, key_id: str, session_id: str, kw: float, queued: bool) -> None:
         """Book again a session a previous process had booked (from the service's own records)."""
         with self._lock:
-            self._held.setdefault(key_id, {})[session_id] = Holding(kw, queued, in_flight=False)
+            self._held.setdefault(key_id, Bookings()).add(session_id, Holding(kw, queued, in_flight=False))
 
-    def _drop_finished(self, held: dict[str, Holding]) -> int | None:
+    def _drop_finished(self, held: Bookings) -> int | None:
         """Drop bookings whose session is over; the seconds until the first held session ends, if known."""
         soonest: float | None = None
-        for session_id in [session_id for session_id, holding in held.items() if not holding.in_flight]:
+        for session_id in [session_id for session_id, holding in held.by_session.items() if not holding.in_flight]:
             state = self._state_of(session_id)
             if state is None:
-                del held[session_id]
+                del held.by_session[session_id]
                 continue
             kind, remaining = state
-            held[session_id].queued = kind == "queued"
+            held.by_session[session_id].queued = kind == "queued"
             if remaining is not None:
                 soonest = remaining if soonest is None else min(soonest, remaining)
+        held.resum()
         return None if soonest is None else max(1, math.ceil(soonest))
 
 
